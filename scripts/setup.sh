@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything btns-vici needs on Debian 12, as root:
+# Debian packages, the Python virtualenv (.venv) with btns-vici and its plugins,
+# and (with --vm / --libreswan / --compose) the extra parts of those test tiers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  ca-certificates python3 python3-venv iproute2 procps kmod
+  strongswan-charon strongswan-swanctl openssl libcharon-extra-plugins libstrongswan-extra-plugins
+  qemu-system-x86 busybox-static cpio
+  podman runc debootstrap
+  gcc pkg-config
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/pip install -q -e '.[test]'
+if [ -f plugins/btns-libreswan/pyproject.toml ]; then
+  .venv/bin/pip install -q -e plugins/btns-libreswan
+fi
+
+for tier in "$@"; do
+  case "$tier" in
+    --vm) [ -x scripts/vm/setup.sh ] && scripts/vm/setup.sh ;;
+    --libreswan) [ -x plugins/btns-libreswan/scripts/fetch-libreswan.sh ] && plugins/btns-libreswan/scripts/fetch-libreswan.sh >/dev/null ;;
+    --compose) [ -x scripts/compose/setup.sh ] && scripts/compose/setup.sh ;;
+    *) echo "setup: unknown option $tier" >&2; exit 2 ;;
+  esac
+done
+echo "setup: ready"

@@ -1,0 +1,116 @@
+"""A selected backend: the core's one handle on an IKE daemon and its data plane.
+
+:class:`Backend` calls the hooks of :mod:`btns_vici.hookspecs` on exactly one
+plugin and adds the rule every backend shares: a flow is protected only when the
+daemon has an installed CHILD_SA for it AND the data plane proves it carries it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import pluggy
+
+from .constants import AuthMethod
+from .errors import BackendError
+from .records import ChildSA, IkeSA, Protection
+from .selectors import Flow
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    daemon: str
+    summary: str
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    auth_methods: frozenset[AuthMethod]
+    modes: frozenset[str]  # {"TUNNEL", "TRANSPORT"}
+    dataplane: str  # "kernel-xfrm" | "kernel-libipsec" | "unknown"
+    enforce: bool = False
+
+
+@dataclass(frozen=True)
+class Enforcement:
+    """What set_socket_pToken arranged: the daemon's connection and the data-plane guard."""
+
+    connection: str
+    dataplane_guard: str
+    details: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SAEvent:
+    kind: str  # "ike-up", "ike-down", "child-up", "child-down", "ike-rekey", "child-rekey", "reset"
+    ike_name: str = ""
+    child_name: str = ""
+    ike_uniqueid: str = ""
+    child_uniqueid: str = ""
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Backend:
+    """One backend plugin with its options, e.g. ``Backend(pm, "strongswan", {...})``."""
+
+    def __init__(self, pm: pluggy.PluginManager, name: str, options: Mapping[str, str]) -> None:
+        if pm.get_plugin(name) is None:
+            raise BackendError(f"no backend named {name!r} is installed")
+        self.name = name
+        self.options: Mapping[str, str] = MappingProxyType(dict(options))
+        others = [p for n, p in pm.list_name_plugin() if n != name and p is not None]
+        self._pm = pm
+        self._others = others
+
+    def _call(self, hook: str, **kwargs: Any) -> Any:
+        caller = self._pm.subset_hook_caller(hook, remove_plugins=self._others)
+        return caller(options=self.options, **kwargs)
+
+    def probe(self) -> bool:
+        return bool(self._call("btns_probe"))
+
+    def capabilities(self) -> Capabilities:
+        caps = self._call("btns_capabilities")
+        if caps is None:
+            raise BackendError(f"backend {self.name!r} does not report capabilities")
+        return caps
+
+    def list_sas(self) -> list[IkeSA]:
+        sas = self._call("btns_list_sas")
+        if sas is None:
+            raise BackendError(f"backend {self.name!r} cannot list SAs")
+        return sas
+
+    def find_sa(self, flow: Flow) -> tuple[IkeSA, ChildSA] | None:
+        return self._call("btns_find_sa", flow=flow)
+
+    def find_protection(self, flow: Flow) -> Protection | None:
+        """The verified protection of ``flow``: daemon SA and data-plane proof, or None."""
+        found = self.find_sa(flow)
+        if found is None:
+            return None
+        ike, child = found
+        proof = self._call("btns_verify_dataplane", flow=flow, ike_sa=ike, child_sa=child)
+        if proof is None:
+            return None
+        return Protection(flow=flow, ike_sa=ike, child_sa=child, proof=proof)
+
+    def enforce(self, sock: Any, ptoken: Any) -> Enforcement:
+        result = self._call("btns_enforce", sock=sock, ptoken=ptoken)
+        if result is None:
+            from .errors import NotSupportedError
+
+            raise NotSupportedError(f"backend {self.name!r} cannot enforce pTokens")
+        return result
+
+    def watch(self, callback: Callable[[SAEvent], None]) -> Callable[[], None]:
+        stop = self._call("btns_watch", callback=callback)
+        if stop is None:
+            from .errors import NotSupportedError
+
+            raise NotSupportedError(f"backend {self.name!r} has no event stream")
+        return stop

@@ -1,0 +1,210 @@
+"""The draft's C bindings under their exact names, mirrored the way ``socket`` mirrors C.
+
+Same names and value encodings as draft-ietf-btns-c-api-04 (figures 2-12):
+2-octet integers in host byte order, NUL-terminated strings, binary pubKeyID,
+serialized iTokens for the object-valued pToken attributes. Where C returns 0
+these return 0; where C returns -1 and sets errno these raise OSError with
+that errno (see README "Errors"). Out-parameters become return values
+(``ipsec_dup_pToken``) or are filled in place (``ipsec_get_*_pToken``), as the
+draft says.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from . import api, msg
+from .derive import fill
+from .errors import BtnsError
+from .msg import MsgHdr
+from .sockets import FileDescriptorLike, resolve_fd
+from .tokens import IToken, PToken
+
+__all__ = [
+    "ipsec_cmp_pToken",
+    "ipsec_create_iToken",
+    "ipsec_create_pToken",
+    "ipsec_dup_pToken",
+    "ipsec_free_iToken",
+    "ipsec_free_pToken",
+    "ipsec_get_msg_pToken",
+    "ipsec_get_socket_pToken",
+    "ipsec_get_token_attr",
+    "ipsec_set_msg_pToken",
+    "ipsec_set_socket_pToken",
+    "ipsec_set_token_attr",
+]
+
+# -- constants (figures 4 and 8), values chosen in constants.py (README "Constant values") --
+IPSEC_API_ATTR_auditString = 1
+IPSEC_API_ATTR_authenticationMethod = 2
+IPSEC_API_ATTR_certificateAuthorityDN = 3
+IPSEC_API_ATTR_certificateDN = 4
+IPSEC_API_ATTR_pubKeyID = 5
+IPSEC_API_ATTR_channelBinding = 6
+IPSEC_API_ATTR_authMeth_NONE = 16
+IPSEC_API_ATTR_authMeth_BTNS = 17
+IPSEC_API_ATTR_authMeth_LEAPOFFAITH = 18
+IPSEC_API_ATTR_authMeth_PRESHAREDKEY = 19
+IPSEC_API_ATTR_authMeth_GROUPKEY = 20
+IPSEC_API_ATTR_authMeth_XAUTH = 21
+IPSEC_API_ATTR_authMeth_EAP = 22
+IPSEC_API_ATTR_authMeth_PKIX_TRUSTED = 23
+IPSEC_API_ATTR_authMeth_PKIX_INLINE = 24
+IPSEC_API_ATTR_authMeth_PKIX_OFFLINE = 25
+IPSEC_API_ATTR_privacyProtected = 32
+IPSEC_API_ATTR_integrityProtected = 33
+IPSEC_API_ATTR_compressionAvailable = 34
+IPSEC_API_ATTR_policyName = 35
+IPSEC_API_ATTR_iToken = 36
+IPSEC_API_ATTR_remote_iToken = 37
+IPSEC_API_ATTR_tunnelMode = 38
+IPSEC_API_ATTR_ipoptionsProtected = 39
+IPSEC_API_ATTR_informationString = 40
+#: As printed in figure 4 (a typo of LEAPOFFAITH); both spellings are the same value.
+IPSEC_API_ATTR_authMeth_LEAPOFFFAITH = 18
+IPSEC_API_ATTR_DISABLE = 0
+IPSEC_API_ATTR_ENABLE = 1
+IPSEC_API_ATTR_ANY = 2
+IPSEC_API_ATTR_LEVEL_LOW = 3
+IPSEC_API_ATTR_LEVEL_MEDIUM = 4
+IPSEC_API_ATTR_LEVEL_HIGH = 5
+
+CONSTANTS = {
+    "IPSEC_API_ATTR_auditString": IPSEC_API_ATTR_auditString,
+    "IPSEC_API_ATTR_authenticationMethod": IPSEC_API_ATTR_authenticationMethod,
+    "IPSEC_API_ATTR_certificateAuthorityDN": IPSEC_API_ATTR_certificateAuthorityDN,
+    "IPSEC_API_ATTR_certificateDN": IPSEC_API_ATTR_certificateDN,
+    "IPSEC_API_ATTR_pubKeyID": IPSEC_API_ATTR_pubKeyID,
+    "IPSEC_API_ATTR_channelBinding": IPSEC_API_ATTR_channelBinding,
+    "IPSEC_API_ATTR_authMeth_NONE": IPSEC_API_ATTR_authMeth_NONE,
+    "IPSEC_API_ATTR_authMeth_BTNS": IPSEC_API_ATTR_authMeth_BTNS,
+    "IPSEC_API_ATTR_authMeth_LEAPOFFAITH": IPSEC_API_ATTR_authMeth_LEAPOFFAITH,
+    "IPSEC_API_ATTR_authMeth_PRESHAREDKEY": IPSEC_API_ATTR_authMeth_PRESHAREDKEY,
+    "IPSEC_API_ATTR_authMeth_GROUPKEY": IPSEC_API_ATTR_authMeth_GROUPKEY,
+    "IPSEC_API_ATTR_authMeth_XAUTH": IPSEC_API_ATTR_authMeth_XAUTH,
+    "IPSEC_API_ATTR_authMeth_EAP": IPSEC_API_ATTR_authMeth_EAP,
+    "IPSEC_API_ATTR_authMeth_PKIX_TRUSTED": IPSEC_API_ATTR_authMeth_PKIX_TRUSTED,
+    "IPSEC_API_ATTR_authMeth_PKIX_INLINE": IPSEC_API_ATTR_authMeth_PKIX_INLINE,
+    "IPSEC_API_ATTR_authMeth_PKIX_OFFLINE": IPSEC_API_ATTR_authMeth_PKIX_OFFLINE,
+    "IPSEC_API_ATTR_privacyProtected": IPSEC_API_ATTR_privacyProtected,
+    "IPSEC_API_ATTR_integrityProtected": IPSEC_API_ATTR_integrityProtected,
+    "IPSEC_API_ATTR_compressionAvailable": IPSEC_API_ATTR_compressionAvailable,
+    "IPSEC_API_ATTR_policyName": IPSEC_API_ATTR_policyName,
+    "IPSEC_API_ATTR_iToken": IPSEC_API_ATTR_iToken,
+    "IPSEC_API_ATTR_remote_iToken": IPSEC_API_ATTR_remote_iToken,
+    "IPSEC_API_ATTR_tunnelMode": IPSEC_API_ATTR_tunnelMode,
+    "IPSEC_API_ATTR_ipoptionsProtected": IPSEC_API_ATTR_ipoptionsProtected,
+    "IPSEC_API_ATTR_informationString": IPSEC_API_ATTR_informationString,
+    "IPSEC_API_ATTR_authMeth_LEAPOFFFAITH": IPSEC_API_ATTR_authMeth_LEAPOFFFAITH,
+    "IPSEC_API_ATTR_DISABLE": IPSEC_API_ATTR_DISABLE,
+    "IPSEC_API_ATTR_ENABLE": IPSEC_API_ATTR_ENABLE,
+    "IPSEC_API_ATTR_ANY": IPSEC_API_ATTR_ANY,
+    "IPSEC_API_ATTR_LEVEL_LOW": IPSEC_API_ATTR_LEVEL_LOW,
+    "IPSEC_API_ATTR_LEVEL_MEDIUM": IPSEC_API_ATTR_LEVEL_MEDIUM,
+    "IPSEC_API_ATTR_LEVEL_HIGH": IPSEC_API_ATTR_LEVEL_HIGH,
+}
+__all__ += list(CONSTANTS)
+
+
+def _token(token: object) -> IToken | PToken:
+    if not isinstance(token, (IToken, PToken)):
+        raise TypeError(f"token must be an iToken or a pToken, not {type(token).__name__}")
+    return token
+
+
+def _ptoken(p: object, what: str = "pToken") -> PToken:
+    if not isinstance(p, PToken):
+        raise TypeError(f"{what} must be a pToken, not {type(p).__name__}")
+    p._check_live()
+    return p
+
+
+# -- figure 3 / figure 7: constructors and destructors -----------------------------
+def ipsec_create_iToken() -> IToken:
+    """Figure 3: a new iToken, every authentication-method switch ANY."""
+    return IToken()
+
+
+def ipsec_free_iToken(p: IToken) -> int:
+    """Figure 3: free an iToken; EBADF if it was already freed."""
+    if not isinstance(p, IToken):
+        raise TypeError(f"expected an iToken, not {type(p).__name__}")
+    p.free()
+    return 0
+
+
+def ipsec_create_pToken() -> PToken:
+    """Figure 7: a new pToken, every switch and level ANY, no strings, no iTokens."""
+    return PToken()
+
+
+def ipsec_free_pToken(p: PToken) -> int:
+    """Figure 7: free a pToken; EBADF if it was already freed."""
+    if not isinstance(p, PToken):
+        raise TypeError(f"expected a pToken, not {type(p).__name__}")
+    p.free()
+    return 0
+
+
+# -- figure 5: attributes -------------------------------------------------------------
+def ipsec_get_token_attr(token: IToken | PToken, attr_type: int, attr_len: int | None = None) -> bytes:
+    """Figure 5: the attribute's value in the C encoding.
+
+    ``attr_len``, like getsockopt's buflen, is the caller's buffer size: if the
+    value needs more, OSError(ERANGE) is raised (the C library reports the size needed).
+    """
+    value = _token(token).get_attr_bytes(attr_type)
+    if attr_len is not None and len(value) > attr_len:
+        raise BtnsError(f"attr_len {attr_len} too small, {len(value)} bytes needed", errno.ERANGE)
+    return value
+
+
+def ipsec_set_token_attr(token: IToken | PToken, attr_type: int, attr_val: bytes) -> int:
+    """Figure 5: set an attribute from its C encoding (attr_len is len(attr_val))."""
+    if attr_val is None:
+        raise BtnsError("attr_val must not be NULL", errno.EINVAL)
+    _token(token).set_attr_bytes(attr_type, attr_val)
+    return 0
+
+
+# -- figure 9: sockets ----------------------------------------------------------------
+def ipsec_set_socket_pToken(fd: FileDescriptorLike, pToken: PToken) -> int:
+    """Figure 9: attach a pToken to a socket; its requirements are enforced (see README)."""
+    resolve_fd(fd)
+    api.set_socket_ptoken(fd, _ptoken(pToken))
+    return 0
+
+
+def ipsec_get_socket_pToken(fd: FileDescriptorLike, pToken: PToken) -> int:
+    """Figure 9: fill the caller's pToken with the socket's verified protection."""
+    resolve_fd(fd)
+    target = _ptoken(pToken)
+    fill(target, api.get_socket_ptoken(fd))
+    return 0
+
+
+# -- figure 10: datagrams -------------------------------------------------------------
+def ipsec_set_msg_pToken(msg_: MsgHdr, pToken: PToken) -> int:
+    """Figure 10: put the pToken into msg's ancillary data for btns_vici.sendmsg()."""
+    msg.attach(msg_, _ptoken(pToken))
+    return 0
+
+
+def ipsec_get_msg_pToken(msg_: MsgHdr, pToken: PToken) -> int:
+    """Figure 10: fill the caller's pToken with the protection of a datagram from btns_vici.recvmsg()."""
+    target = _ptoken(pToken)
+    flow = msg.flow_of_msg(msg_)
+    fill(target, api.ptoken_for_flow(flow))
+    return 0
+
+
+# -- figures 11 and 12: comparison and duplication -----------------------------------
+def ipsec_cmp_pToken(p1: PToken, p2: PToken) -> int:
+    """Figure 11: 0 when equivalent per section 2.3.5 (README: "Equivalence"), else 1."""
+    return 0 if _ptoken(p1, "p1").equivalent(_ptoken(p2, "p2")) else 1
+
+
+def ipsec_dup_pToken(p: PToken) -> PToken:
+    """Figure 12: a new, independent copy of ``p`` (the C out-parameter p_dup is the return value)."""
+    return _ptoken(p).copy()

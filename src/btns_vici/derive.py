@@ -1,0 +1,178 @@
+"""Normalized SA records -> iTokens and pTokens (draft 2.1.2 and 2.3.2). Pure.
+
+The mapping from algorithms to LEVEL_LOW/MEDIUM/HIGH and the channel-binding
+format are documented in README.md ("Protection levels", "Channel bindings").
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from .constants import Attr, AuthMethod, Setting
+from .records import ChildSA, Identity, IkeSA, Protection
+from .selectors import Flow
+from .tokens import IToken, PToken
+
+_AUTH_WORDS = {
+    AuthMethod.NONE: "no authentication",
+    AuthMethod.BTNS: "unauthenticated raw public key (BTNS)",
+    AuthMethod.LEAPOFFAITH: "pinned raw public key (leap of faith)",
+    AuthMethod.PRESHAREDKEY: "pre-shared key",
+    AuthMethod.GROUPKEY: "group key",
+    AuthMethod.XAUTH: "XAuth",
+    AuthMethod.EAP: "EAP",
+    AuthMethod.PKIX_TRUSTED: "X.509 certificate from a trusted CA",
+    AuthMethod.PKIX_INLINE: "X.509 certificate received inline",
+    AuthMethod.PKIX_OFFLINE: "X.509 certificate obtained offline",
+}
+
+_AEAD_PREFIXES = ("AES_GCM", "AES_CCM", "CHACHA20_POLY1305", "AES_GMAC", "CAMELLIA_CCM")
+_NULL_ENCR = {None, "", "NULL", "AES_GMAC", "NULL_AES_GMAC"}  # GMAC authenticates only
+_WEAK_ENCR = ("DES", "3DES", "DES_IV64", "DES_IV32", "BLOWFISH", "CAST", "RC5", "IDEA", "3IDEA")
+
+
+def privacy_level(child: ChildSA) -> Setting:
+    """Confidentiality strength of a CHILD_SA's encryption (README: "Protection levels")."""
+    alg = (child.encr_alg or "").upper()
+    if child.protocol.upper() != "ESP" or alg in _NULL_ENCR:
+        return Setting.DISABLE
+    if alg.startswith(_WEAK_ENCR):
+        return Setting.LEVEL_LOW
+    if alg.startswith("CHACHA20"):
+        return Setting.LEVEL_HIGH
+    bits = child.encr_keysize or 0
+    if bits >= 192:
+        return Setting.LEVEL_HIGH
+    if bits >= 128:
+        return Setting.LEVEL_MEDIUM
+    return Setting.LEVEL_LOW
+
+
+def integrity_level(child: ChildSA) -> Setting:
+    """Integrity strength: AEAD ICV length, or the HMAC/MAC output length."""
+    encr = (child.encr_alg or "").upper()
+    if encr.startswith(_AEAD_PREFIXES):
+        if encr.startswith(("CHACHA20_POLY1305", "AES_GMAC")) or encr.endswith("_16"):
+            return Setting.LEVEL_HIGH
+        if encr.endswith("_12"):
+            return Setting.LEVEL_MEDIUM
+        return Setting.LEVEL_LOW
+    integ = (child.integ_alg or "").upper()
+    if integ in ("", "NONE", "NULL"):
+        return Setting.DISABLE
+    if integ.startswith(("HMAC_SHA2_384", "HMAC_SHA2_512")):
+        return Setting.LEVEL_HIGH
+    if integ.startswith(("HMAC_SHA2_256", "AES_CMAC")):
+        return Setting.LEVEL_MEDIUM
+    return Setting.LEVEL_LOW  # HMAC_MD5_96, HMAC_SHA1_96, AES_XCBC_96, ...
+
+
+def channel_binding(identity: Identity) -> str | None:
+    """A stable, memcmp()-comparable string naming what authenticated the peer.
+
+    Key-based methods bind to the SHA-256 of the peer's DER SubjectPublicKeyInfo;
+    PSK/group keys can only bind to the claimed IKE identity; NULL/BTNS without a
+    key has nothing authenticated to bind to (no channel binding).
+    """
+    if identity.public_key:
+        return "btns-cb-v1:spki-sha256:" + hashlib.sha256(identity.public_key).hexdigest()
+    if identity.auth_method in (AuthMethod.PRESHAREDKEY, AuthMethod.GROUPKEY):
+        digest = hashlib.sha256(identity.ike_id.encode("utf-8")).hexdigest()
+        return "btns-cb-v1:psk-id-sha256:" + digest
+    return None
+
+
+def itoken_for(identity: Identity) -> IToken:
+    """The iToken of one end of an IKE_SA (draft 2.1.2)."""
+    what = _AUTH_WORDS.get(identity.auth_method, identity.auth_class)
+    audit = f"id '{identity.ike_id}' authenticated by {what}"
+    if identity.public_key:
+        audit += ", key spki-sha256:" + hashlib.sha256(identity.public_key).hexdigest()[:16]
+    return IToken.from_identity(
+        authentication_method=identity.auth_method,
+        pub_key_id=identity.public_key or None,
+        certificate_dn=identity.certificate_dn,
+        certificate_authority_dn=identity.ca_dn,
+        channel_binding=channel_binding(identity),
+        audit_string=audit,
+    )
+
+
+def _on(flag: bool) -> int:
+    return int(Setting.ENABLE if flag else Setting.DISABLE)
+
+
+def _alg_text(child: ChildSA) -> str:
+    encr = child.encr_alg or "none"
+    if child.encr_keysize:
+        encr += f"-{child.encr_keysize}"
+    return encr + (f"/{child.integ_alg}" if child.integ_alg else "")
+
+
+def ptoken_for(protection: Protection) -> PToken:
+    """The pToken of a flow verified to run through an SA (draft 2.3.2)."""
+    ike, child, proof, flow = protection.ike_sa, protection.child_sa, protection.proof, protection.flow
+    tok = PToken()
+    tunnel = child.mode.upper() == "TUNNEL"
+    tok._set_internal(Attr.privacyProtected, int(privacy_level(child)))
+    tok._set_internal(Attr.integrityProtected, int(integrity_level(child)))
+    tok._set_internal(Attr.compressionAvailable, _on(child.ipcomp))
+    tok._set_internal(Attr.tunnelMode, _on(tunnel))
+    # Tunnel mode protects the whole inner header; in transport mode only AH covers options.
+    tok._set_internal(Attr.ipoptionsProtected, _on(tunnel or child.protocol.upper() == "AH"))
+    tok._set_internal(Attr.policyName, f"{ike.name}/{child.name}")
+    tok._set_internal(Attr.iToken, itoken_for(ike.remote))
+    tok._set_internal(Attr.remote_iToken, itoken_for(ike.local))
+    tok._set_internal(
+        Attr.auditString,
+        f"backend={ike.backend} ike_sa={ike.name}#{ike.uniqueid} child_sa={child.name}#{child.uniqueid} "
+        f"reqid={child.reqid} spi_in={child.spi_in:08x} spi_out={child.spi_out:08x} "
+        f"proto={child.protocol} mode={child.mode} alg={_alg_text(child)} "
+        f"peer_id={ike.remote.ike_id!r} dataplane={proof.dataplane} flow={flow}",
+    )
+    tok._set_internal(
+        Attr.informationString,
+        f"{flow} is protected by IPsec {child.protocol} in {child.mode.lower()} mode "
+        f"({_alg_text(child)}{', IPComp' if child.ipcomp else ''}) with peer '{ike.remote.ike_id}', "
+        f"authenticated by {_AUTH_WORDS.get(ike.remote.auth_method, ike.remote.auth_class)}; "
+        f"data plane {proof.dataplane}: {proof.detail}",
+    )
+    tok.local_ts, tok.remote_ts = child.local_ts, child.remote_ts
+    return tok
+
+
+def unprotected_ptoken(flow: Flow | None, reason: str) -> PToken:
+    """The pToken of a flow no verified SA covers: everything DISABLE, no iToken (fail closed)."""
+    tok = PToken()
+    for attr in (
+        Attr.privacyProtected,
+        Attr.integrityProtected,
+        Attr.compressionAvailable,
+        Attr.tunnelMode,
+        Attr.ipoptionsProtected,
+    ):
+        tok._set_internal(attr, int(Setting.DISABLE))
+    where = str(flow) if flow else "this socket"
+    tok._set_internal(Attr.auditString, f"unprotected flow={where} reason={reason}")
+    tok._set_internal(Attr.informationString, f"{where} is NOT protected by IPsec: {reason}")
+    return tok
+
+
+def fill(target: PToken, source: PToken) -> None:
+    """Copy ``source`` into the caller-allocated ``target`` (the draft's get-into semantics)."""
+    target._check_live()
+    copy = source.copy()
+    target._attrs = copy._attrs
+    target.local_ts, target.remote_ts = copy.local_ts, copy.remote_ts
+
+
+__all__ = [
+    "IkeSA",
+    "channel_binding",
+    "fill",
+    "integrity_level",
+    "itoken_for",
+    "privacy_level",
+    "ptoken_for",
+    "unprotected_ptoken",
+]

@@ -1,0 +1,90 @@
+"""The backend contract: one pluggy hook per operation. Each docstring is the contract.
+
+A backend is a pluggy plugin registered under its name (``strongswan``,
+``libreswan``, ...). The core calls a hook on exactly one backend at a time
+(``PluginManager.subset_hook_caller``), so every operation hook is
+``firstresult``. ``options`` is a read-only mapping of backend settings (for
+example ``{"vici_socket": "/run/x.vici"}``); a backend caches its daemon
+sessions per distinct options. A backend raises :class:`btns_vici.errors.BackendError`
+(ECONNREFUSED) when its daemon does not answer and
+:class:`btns_vici.errors.ProtocolError` (EPROTO) when the reply is malformed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .backend import BackendInfo, Capabilities, Enforcement, SAEvent
+    from .records import ChildSA, DataplaneProof, IkeSA
+    from .selectors import Flow
+    from .tokens import PToken
+
+PROJECT = "btns_vici"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def btns_backend_info() -> BackendInfo:
+    """Describe this backend: its name (as registered), its daemon and a one-line summary.
+
+    Called on every plugin to list them; must not contact the daemon.
+    """
+
+
+@hookspec(firstresult=True)
+def btns_probe(options: Mapping[str, str]) -> bool | None:
+    """True when this backend's daemon answers with the given options, False otherwise.
+
+    Must not raise for a daemon that is simply down; used for default selection.
+    """
+
+
+@hookspec(firstresult=True)
+def btns_capabilities(options: Mapping[str, str]) -> Capabilities | None:
+    """What this backend can establish and enforce: auth methods, modes, data plane."""
+
+
+@hookspec(firstresult=True)
+def btns_list_sas(options: Mapping[str, str]) -> list[IkeSA] | None:
+    """Every IKE_SA of the daemon with its CHILD_SAs, normalized, fresh from the daemon."""
+
+
+@hookspec(firstresult=True)
+def btns_find_sa(options: Mapping[str, str], flow: Flow) -> tuple[IkeSA, ChildSA] | None:
+    """The established IKE_SA and installed CHILD_SA covering ``flow``, or None.
+
+    Should answer from an index kept current by the daemon's events; must never
+    answer from state older than the last event it processed.
+    """
+
+
+@hookspec(firstresult=True)
+def btns_verify_dataplane(
+    options: Mapping[str, str], flow: Flow, ike_sa: IkeSA, child_sa: ChildSA
+) -> DataplaneProof | None:
+    """Proof that the kernel carries ``flow`` through ``child_sa``, or None (fail closed)."""
+
+
+@hookspec(firstresult=True)
+def btns_enforce(
+    options: Mapping[str, str], sock: Any, ptoken: PToken
+) -> Enforcement | None:
+    """Make the daemon and the data plane demand ``ptoken``'s requirements for ``sock``.
+
+    Raise NotSupportedError (EOPNOTSUPP) for a requirement the backend cannot meet.
+    """
+
+
+@hookspec(firstresult=True)
+def btns_watch(
+    options: Mapping[str, str], callback: Callable[[SAEvent], None]
+) -> Callable[[], None] | None:
+    """Deliver SA events (up, down, rekey) to ``callback`` from a background thread.
+
+    Returns a function that stops the watch.
+    """

@@ -1,0 +1,122 @@
+"""Normalized SA records: what every backend yields, whatever its IKE daemon. Pure data.
+
+A backend (strongSwan over VICI, libreswan over whack, ...) turns its daemon's
+view into these frozen dataclasses; :mod:`btns_vici.derive` turns them into tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .constants import AuthMethod
+from .selectors import Flow, IPAddress, TrafficSelector, flow_covered
+
+
+@dataclass(frozen=True)
+class Identity:
+    """One end of an IKE_SA as authenticated (or configured to be authenticated)."""
+
+    ike_id: str  # the IKE identity as the daemon prints it
+    auth_method: AuthMethod  # normalized from the daemon's auth class / authby
+    public_key: bytes | None = None  # DER SubjectPublicKeyInfo of the authenticated key
+    certificate_dn: str | None = None  # subject DN of the end-entity certificate
+    ca_dn: str | None = None  # DN of the CA that vouched for it
+    auth_class: str = ""  # the daemon's own word ("public key", "pre-shared key", "null", ...)
+
+
+@dataclass(frozen=True)
+class ChildSA:
+    """One CHILD_SA (an ESP/AH SA pair)."""
+
+    name: str
+    uniqueid: str
+    reqid: int
+    state: str  # "INSTALLED", "REKEYING", ...
+    mode: str  # "TUNNEL" | "TRANSPORT" | "BEET"
+    protocol: str  # "ESP" | "AH"
+    spi_in: int
+    spi_out: int
+    encr_alg: str | None  # e.g. "AES_GCM_16", "AES_CBC", "NULL"; None for AH
+    encr_keysize: int | None  # bits
+    integ_alg: str | None  # e.g. "HMAC_SHA2_256_128"; None for AEAD
+    local_ts: tuple[TrafficSelector, ...]
+    remote_ts: tuple[TrafficSelector, ...]
+    encap: bool = False  # UDP encapsulation (NAT-T)
+    ipcomp_cpi_in: int | None = None
+    ipcomp_cpi_out: int | None = None
+    dh_group: str | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    packets_in: int = 0
+    packets_out: int = 0
+    install_time: int | None = None  # seconds since installation
+    rekey_time: int | None = None
+    life_time: int | None = None
+
+    @property
+    def installed(self) -> bool:
+        return self.state.upper() in {"INSTALLED", "REKEYING", "REKEYED"}
+
+    @property
+    def ipcomp(self) -> bool:
+        return self.ipcomp_cpi_in is not None or self.ipcomp_cpi_out is not None
+
+    def covers(self, flow: Flow) -> bool:
+        return flow_covered(flow, self.local_ts, self.remote_ts)
+
+
+@dataclass(frozen=True)
+class IkeSA:
+    """One IKE_SA with its CHILD_SAs, normalized."""
+
+    backend: str  # name of the backend plugin that produced it
+    name: str  # connection name
+    uniqueid: str
+    version: int  # IKE version (1 or 2)
+    state: str  # "ESTABLISHED", ...
+    local_host: IPAddress
+    remote_host: IPAddress
+    local: Identity
+    remote: Identity
+    children: tuple[ChildSA, ...] = ()
+    encr_alg: str | None = None
+    integ_alg: str | None = None
+    prf_alg: str | None = None
+    dh_group: str | None = None
+    established: int | None = None  # seconds since establishment
+    local_spi: str = ""
+    remote_spi: str = ""
+    extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def is_established(self) -> bool:
+        return self.state.upper() == "ESTABLISHED"
+
+    def child_for(self, flow: Flow) -> ChildSA | None:
+        """The installed CHILD_SA covering ``flow``, if any."""
+        if not self.is_established:
+            return None
+        for child in self.children:
+            if child.installed and child.covers(flow):
+                return child
+        return None
+
+
+@dataclass(frozen=True)
+class DataplaneProof:
+    """Evidence that the kernel really carries a flow through a given SA."""
+
+    dataplane: str  # "kernel-xfrm" | "kernel-libipsec"
+    detail: str  # human-readable: which state/policy/route proved it
+    spi_out: int | None = None
+    reqid: int | None = None
+
+
+@dataclass(frozen=True)
+class Protection:
+    """A verified answer for one flow: the SA pair and the data-plane proof."""
+
+    flow: Flow
+    ike_sa: IkeSA
+    child_sa: ChildSA
+    proof: DataplaneProof

@@ -1,0 +1,104 @@
+"""Does an actual protection satisfy a demanded one? Pure (used by send checks and latching).
+
+A pToken used as a template (``ipsec_set_socket_pToken``, ``ipsec_set_msg_pToken``)
+demands, per attribute (README: "Requirements"):
+
+* ANY: the system default, no demand;
+* DISABLE: the property must be absent (e.g. tunnelMode DISABLE = transport mode);
+* ENABLE: present, at any level; LEVEL_LOW/MEDIUM/HIGH: present at that level or stronger.
+
+Its iToken demands a peer identity (every identity attribute it carries must be
+equal: peer pinning, section 2.1) and authentication methods: the actual
+method's switch must not be DISABLE, and if any switch is ENABLE the actual
+method must be one of the enabled ones.
+"""
+
+from __future__ import annotations
+
+from .constants import Attr, AuthMethod, Setting
+from .tokens import IToken, PToken
+
+_LEVELLED = (Attr.privacyProtected, Attr.integrityProtected)
+_SWITCHES = (Attr.compressionAvailable, Attr.tunnelMode, Attr.ipoptionsProtected)
+_IDENTITY = (
+    Attr.pubKeyID,
+    Attr.certificateDN,
+    Attr.certificateAuthorityDN,
+    Attr.channelBinding,
+    Attr.authenticationMethod,
+)
+
+
+def _level_ok(demand: int, actual: int | None) -> bool:
+    if demand == Setting.ANY:
+        return True
+    present = actual is not None and actual not in (Setting.DISABLE, Setting.ANY)
+    if demand == Setting.DISABLE:
+        return not present
+    if not present:
+        return False
+    assert actual is not None
+    # A read pToken reports ENABLE only for switches; levels are LEVEL_*.
+    floor = Setting.LEVEL_LOW if demand == Setting.ENABLE else demand
+    return actual == Setting.ENABLE or actual >= floor
+
+
+def _switch_ok(demand: int, actual: int | None) -> bool:
+    if demand == Setting.ANY:
+        return True
+    return actual == demand
+
+
+def unmet_identity(demand: IToken, actual: IToken | None, who: str = "peer") -> list[str]:
+    """Why ``actual`` does not satisfy the identity and auth methods ``demand`` asks for."""
+    problems: list[str] = []
+    demanded = demand.attributes()
+    pinned = [a for a in _IDENTITY if a in demanded]
+    switches = {m: Setting(demanded.get(Attr(m), Setting.ANY)) for m in AuthMethod}
+    constrained = pinned or any(s != Setting.ANY for s in switches.values())
+    if not constrained:
+        return problems
+    if actual is None:
+        return [f"no authenticated {who} identity"]
+    have = actual.attributes()
+    for attr in pinned:
+        if have.get(attr) != demanded[attr]:
+            problems.append(f"{who} {attr.name} differs from the required one")
+    method = have.get(Attr.authenticationMethod)
+    if method is None:
+        problems.append(f"{who} authentication method unknown")
+        return problems
+    m = AuthMethod(method)
+    enabled = {k for k, s in switches.items() if s == Setting.ENABLE}
+    if switches[m] == Setting.DISABLE:
+        problems.append(f"{who} authenticated by {m.name}, which is disabled")
+    elif enabled and m not in enabled:
+        problems.append(f"{who} authenticated by {m.name}, not one of {sorted(e.name for e in enabled)}")
+    return problems
+
+
+def unmet(demand: PToken, actual: PToken) -> list[str]:
+    """Every way ``actual`` falls short of ``demand``; empty when it satisfies it."""
+    want, have = demand.attributes(), actual.attributes()
+    problems = []
+    for attr in _LEVELLED:
+        d = want.get(attr, Setting.ANY)
+        if not _level_ok(d, have.get(attr)):  # type: ignore[arg-type]
+            problems.append(f"{attr.name}: required {Setting(d).name}, have {_name(have.get(attr))}")
+    for attr in _SWITCHES:
+        d = want.get(attr, Setting.ANY)
+        if not _switch_ok(d, have.get(attr)):  # type: ignore[arg-type]
+            problems.append(f"{attr.name}: required {Setting(d).name}, have {_name(have.get(attr))}")
+    for attr, who in ((Attr.iToken, "peer"), (Attr.remote_iToken, "local")):
+        tok = want.get(attr)
+        if isinstance(tok, IToken):
+            problems += unmet_identity(tok, have.get(attr), who)  # type: ignore[arg-type]
+    return problems
+
+
+def satisfies(demand: PToken, actual: PToken) -> bool:
+    return not unmet(demand, actual)
+
+
+def _name(value: object) -> str:
+    return "nothing" if value is None else Setting(value).name  # type: ignore[arg-type]

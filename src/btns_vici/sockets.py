@@ -1,0 +1,109 @@
+"""Socket descriptors -> flows: validation and address lookup at the I/O edge.
+
+Accepts what Python's socket module accepts for a descriptor: an int or any
+object with ``fileno()``. Errors carry the errno the kernel would give the C
+call (EBADF closed fd, ENOTSOCK not a socket, EAFNOSUPPORT not IPv4/IPv6,
+ENOTCONN not connected).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+from .errors import BtnsError
+from .selectors import Flow
+
+
+class HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+FileDescriptorLike = int | HasFileno
+
+
+def resolve_fd(fd: FileDescriptorLike) -> int:
+    """The descriptor number of ``fd``, checked to be an open socket."""
+    if isinstance(fd, bool):
+        raise TypeError("a file descriptor must be an int or have fileno(), not bool")
+    if isinstance(fd, int):
+        num = fd
+    elif hasattr(fd, "fileno"):
+        num = fd.fileno()
+    else:
+        raise TypeError(f"a file descriptor must be an int or have fileno(), not {type(fd).__name__}")
+    if num < 0:
+        raise BtnsError("bad file descriptor (closed socket)", errno.EBADF)
+    try:
+        mode = os.fstat(num).st_mode
+    except OSError as exc:
+        raise BtnsError(f"bad file descriptor {num}: {exc.strerror}", exc.errno) from None
+    if not stat.S_ISSOCK(mode):
+        raise BtnsError(f"file descriptor {num} is not a socket", errno.ENOTSOCK)
+    return num
+
+
+@contextmanager
+def borrowed_socket(fd: FileDescriptorLike) -> Iterator[socket.socket]:
+    """A socket object on a duplicate of ``fd``, closed afterwards; the caller's fd is untouched."""
+    num = resolve_fd(fd)
+    sock = socket.socket(fileno=os.dup(num))
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def socket_key(fd: FileDescriptorLike) -> tuple[int, int]:
+    """An identity for the open socket itself (device, inode), stable across dup()."""
+    st = os.fstat(resolve_fd(fd))
+    return (st.st_dev, st.st_ino)
+
+
+def _proto(sock: socket.socket) -> int:
+    proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+    if proto:
+        return proto
+    return socket.IPPROTO_TCP if sock.type == socket.SOCK_STREAM else socket.IPPROTO_UDP
+
+
+def endpoint(addr: tuple) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """(address, port) from a sockaddr tuple; the IPv6 scope id is dropped."""
+    host = addr[0].split("%", 1)[0]
+    return ipaddress.ip_address(host), int(addr[1])
+
+
+def check_inet(sock: socket.socket) -> None:
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        raise BtnsError("IPsec protects only IPv4 and IPv6 sockets", errno.EAFNOSUPPORT)
+    if sock.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        raise BtnsError("only stream and datagram sockets are supported", errno.EPROTONOSUPPORT)
+
+
+def flow_of(fd: FileDescriptorLike) -> Flow:
+    """The flow of a connected TCP or UDP socket (ENOTCONN when it has no peer)."""
+    with borrowed_socket(fd) as sock:
+        check_inet(sock)
+        try:
+            peer = sock.getpeername()
+        except OSError as exc:
+            err = exc.errno or errno.ENOTCONN
+            raise BtnsError("socket is not connected: it has no flow yet", err) from None
+        local_addr, local_port = endpoint(sock.getsockname())
+        remote_addr, remote_port = endpoint(peer)
+        return Flow(_proto(sock), local_addr, local_port, remote_addr, remote_port)
+
+
+def is_connected(fd: FileDescriptorLike) -> bool:
+    with borrowed_socket(fd) as sock:
+        try:
+            sock.getpeername()
+        except OSError:
+            return False
+        return True

@@ -73,6 +73,11 @@ def get_socket_ptoken(sock: FileDescriptorLike, backend: BackendLike = None) -> 
         if attached is None:
             raise BtnsError("socket is not connected and has no pToken attached", errno.ENOTCONN)
         return attached.copy()
+    from .latch import latched  # latch builds on this module
+
+    lt = latched(sock)
+    if lt is not None:
+        return lt.check()  # ProtectionLostError once the latch broke
     return ptoken_for_flow(flow_of(sock), backend)
 
 

@@ -1,0 +1,160 @@
+"""Connection latching (the RFC 5660 model; draft section 3's downgrade attack).
+
+Once a socket is protected, :func:`latch` records its verified pToken. From then
+on the protection must stay at least as good, with the same peer identity: the
+latched pToken is used as a demand (:mod:`btns_vici.requirements`). SA events
+from the backend trigger a re-check; so does every :func:`check`. When the SA
+disappears, or is replaced by one with another peer identity or weaker
+protection, the latch breaks for good: the callback runs once, every later
+query raises :class:`~btns_vici.errors.ProtectionLostError` (ECONNABORTED), and
+if asked, the socket is shut down. A rekey to an equivalent SA does not break it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .api import BackendLike, ptoken_for_flow, resolve_backend
+from .backend import Backend, SAEvent
+from .errors import BtnsError, ProtectionLostError
+from .requirements import unmet
+from .selectors import Flow
+from .sockets import FileDescriptorLike, flow_of, resolve_fd, socket_key
+from .tokens import PToken
+
+log = logging.getLogger(__name__)
+
+#: Re-check delays after an event (seconds): the index may see the event a moment later.
+RECHECK_DELAYS = (0.0, 0.05, 0.25)
+
+
+@dataclass(frozen=True)
+class LatchBroken:
+    """Why a latch broke: delivered to the callback."""
+
+    flow: Flow
+    reasons: tuple[str, ...]
+    latched: PToken
+    current: PToken
+
+
+class Latch:
+    """The latched protection of one connected socket."""
+
+    def __init__(
+        self,
+        sock: FileDescriptorLike,
+        backend: Backend,
+        on_break: Callable[[LatchBroken], None] | None = None,
+        shutdown: bool = False,
+    ) -> None:
+        self.fd = resolve_fd(sock)
+        self.key = socket_key(sock)
+        self.flow = flow_of(sock)
+        self.backend = backend
+        self.on_break = on_break
+        self.shutdown = shutdown
+        self.latched = ptoken_for_flow(self.flow, backend)
+        if not self.latched.protected:
+            raise BtnsError(f"cannot latch {self.flow}: it is not protected", errno.EACCES)
+        self.broken: LatchBroken | None = None
+        self._lock = threading.Lock()
+
+    def check(self) -> PToken:
+        """Re-verify now: the current pToken, or ProtectionLostError once the latch is broken."""
+        with self._lock:
+            if self.broken is None:
+                current = ptoken_for_flow(self.flow, self.backend)
+                reasons = unmet(self.latched, current)
+                if reasons:
+                    self._break(LatchBroken(self.flow, tuple(reasons), self.latched.copy(), current))
+                else:
+                    return current
+            assert self.broken is not None
+            raise ProtectionLostError(f"protection of {self.flow} changed: " + "; ".join(self.broken.reasons))
+
+    def _break(self, info: LatchBroken) -> None:
+        self.broken = info
+        log.warning("latch broken for %s: %s", info.flow, "; ".join(info.reasons))
+        if self.shutdown:
+            with contextlib.suppress(OSError):
+                dup = socket.socket(fileno=os.dup(self.fd))
+                try:
+                    if socket_key(dup) == self.key:  # still the same socket, not a reused fd
+                        dup.shutdown(socket.SHUT_RDWR)
+                finally:
+                    dup.close()
+        if self.on_break is not None:
+            try:
+                self.on_break(info)
+            except Exception:  # the application's callback must not kill the watcher
+                log.exception("latch callback failed")
+
+
+class _Watcher:
+    """One backend event watch shared by every latch on that backend."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.latches: dict[tuple[int, int], Latch] = {}
+        self.lock = threading.Lock()
+        self.stop = backend.watch(self._on_event)
+
+    def _on_event(self, event: SAEvent) -> None:
+        for delay in RECHECK_DELAYS:
+            if delay:
+                time.sleep(delay)
+            with self.lock:
+                latches = [latch for latch in self.latches.values() if latch.broken is None]
+            for latch in latches:
+                with contextlib.suppress(OSError):
+                    latch.check()
+
+
+_watchers: dict[int, _Watcher] = {}
+_registry: dict[tuple[int, int], Latch] = {}
+_reg_lock = threading.Lock()
+
+
+def latch(
+    sock: FileDescriptorLike,
+    backend: BackendLike = None,
+    on_break: Callable[[LatchBroken], None] | None = None,
+    shutdown: bool = False,
+) -> Latch:
+    """Latch a connected, protected socket; see the module docstring."""
+    be = resolve_backend(backend)
+    lt = Latch(sock, be, on_break, shutdown)
+    with _reg_lock:
+        watcher = _watchers.get(id(be))
+        if watcher is None:
+            watcher = _watchers[id(be)] = _Watcher(be)
+        with watcher.lock:
+            watcher.latches[lt.key] = lt
+        _registry[lt.key] = lt
+    return lt
+
+
+def latched(sock: FileDescriptorLike) -> Latch | None:
+    """The latch of ``sock``, if it has one."""
+    return _registry.get(socket_key(sock))
+
+
+def unlatch(sock: FileDescriptorLike) -> None:
+    key = socket_key(sock)
+    with _reg_lock:
+        lt = _registry.pop(key, None)
+        if lt is None:
+            return
+        watcher = _watchers.get(id(lt.backend))
+        if watcher is not None:
+            with watcher.lock:
+                watcher.latches.pop(key, None)

@@ -8,16 +8,18 @@ carries it. Anything less yields a pToken with privacy and integrity DISABLE.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import socket
 import threading
 from collections.abc import Mapping
 
 from .backend import Backend
 from .derive import ptoken_for, unprotected_ptoken
-from .errors import BackendError, BtnsError, NotSupportedError
+from .errors import BackendError, BtnsError
 from .plugins import get_backend
 from .selectors import Flow
-from .sockets import FileDescriptorLike, flow_of, is_connected, resolve_fd, socket_key
+from .sockets import FileDescriptorLike, endpoint, flow_of, is_connected, resolve_fd, socket_key, source_address
 from .tokens import PToken
 
 BackendLike = Backend | str | None
@@ -85,14 +87,15 @@ def set_socket_ptoken(sock: FileDescriptorLike, ptoken: PToken, backend: Backend
     """Attach ``ptoken`` to a socket so its requirements are enforced (draft 2.3.3)."""
     resolve_fd(sock)
     ptoken._check_live()
+    if is_connected(sock):
+        raise BtnsError(
+            "socket is already connected: a pToken must be set before connect()/listen()", errno.EISCONN
+        )
     try:
         be = resolve_backend(backend)
     except BackendError as exc:
         raise BackendError(f"ipsec_set_socket_pToken needs a running IKE daemon: {exc.strerror}") from None
-    try:
-        be.enforce(sock, ptoken)
-    except NotSupportedError:
-        raise
+    be.enforce(sock, ptoken)
     _attached[socket_key(sock)] = ptoken.copy()
 
 
@@ -100,3 +103,82 @@ def attached_ptoken(sock: FileDescriptorLike) -> PToken | None:
     """The pToken attached to ``sock`` with set_socket_ptoken, if any (a copy)."""
     tok = _attached.get(socket_key(sock))
     return tok.copy() if tok else None
+
+
+def _demand_or_none(sock: FileDescriptorLike) -> PToken | None:
+    return _attached.get(socket_key(sock))
+
+
+def connect(sock: socket.socket, address: tuple, backend: BackendLike = None, latch_: bool = True) -> None:
+    """connect() for a socket with a pToken: establish an SA meeting it, connect, verify, latch.
+
+    Without an attached pToken this is ``sock.connect(address)``. With one, the
+    backend negotiates an SA for the flow first; after connecting, the actual
+    protection is checked against the pToken: a shortfall shuts the socket down
+    and raises EACCES. The connection is then latched (see :mod:`btns_vici.latch`).
+    """
+    demand = _demand_or_none(sock)
+    if demand is None:
+        sock.connect(address)
+        return
+    be = resolve_backend(backend)
+    remote, rport = endpoint(address)
+    local = source_address(sock, remote)
+    proto = socket.IPPROTO_TCP if sock.type == socket.SOCK_STREAM else socket.IPPROTO_UDP
+    prospective = Flow(proto, local, 0, remote, rport)
+    if be.find_protection(prospective) is None or not _meets(demand, prospective, be):
+        be.establish(prospective, demand)
+    sock.connect(address)
+    _verify_or_abort(sock, demand, be)
+    if latch_:
+        from .latch import latch
+
+        latch(sock, be, shutdown=True)
+
+
+def listen(sock: socket.socket, backlog: int = 128, backend: BackendLike = None) -> None:
+    """listen() for a socket with a pToken: the backend accepts peers that meet it."""
+    demand = _demand_or_none(sock)
+    if demand is not None:
+        be = resolve_backend(backend)
+        be.serve(endpoint(sock.getsockname())[0], demand)
+    sock.listen(backlog)
+
+
+def accept(sock: socket.socket, backend: BackendLike = None, latch_: bool = True) -> tuple[socket.socket, tuple]:
+    """accept() held to the listening socket's pToken: a connection that does not meet it is
+    closed and EACCES raised; an accepted one is latched."""
+    conn, addr = sock.accept()
+    demand = _demand_or_none(sock)
+    if demand is None:
+        return conn, addr
+    be = resolve_backend(backend)
+    try:
+        _verify_or_abort(conn, demand, be)
+    except BtnsError:
+        conn.close()
+        raise
+    _attached[socket_key(conn)] = demand.copy()
+    if latch_:
+        from .latch import latch
+
+        latch(conn, be, shutdown=True)
+    return conn, addr
+
+
+def _meets(demand: PToken, flow: Flow, be: Backend) -> bool:
+    from .requirements import satisfies
+
+    return satisfies(demand, ptoken_for_flow(flow, be))
+
+
+def _verify_or_abort(sock: socket.socket, demand: PToken, be: Backend) -> PToken:
+    from .requirements import unmet
+
+    actual = ptoken_for_flow(flow_of(sock), be)
+    problems = unmet(demand, actual)
+    if problems:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        raise BtnsError("protection does not meet the socket's pToken: " + "; ".join(problems), errno.EACCES)
+    return actual

@@ -107,6 +107,22 @@ class Backend:
             raise NotSupportedError(f"backend {self.name!r} cannot enforce pTokens")
         return result
 
+    def establish(self, flow: Flow, ptoken: Any) -> str:
+        name = self._call("btns_establish", flow=flow, ptoken=ptoken)
+        if name is None:
+            from .errors import NotSupportedError
+
+            raise NotSupportedError(f"backend {self.name!r} cannot establish SAs on demand")
+        return name
+
+    def serve(self, local_addr: Any, ptoken: Any) -> str:
+        name = self._call("btns_serve", local_addr=local_addr, ptoken=ptoken)
+        if name is None:
+            from .errors import NotSupportedError
+
+            raise NotSupportedError(f"backend {self.name!r} cannot accept peers on demand")
+        return name
+
     def watch(self, callback: Callable[[SAEvent], None]) -> Callable[[], None]:
         stop = self._call("btns_watch", callback=callback)
         if stop is None:

@@ -88,3 +88,19 @@ def btns_watch(
 
     Returns a function that stops the watch.
     """
+
+
+@hookspec(firstresult=True)
+def btns_establish(options: Mapping[str, str], flow: Flow, ptoken: PToken) -> str | None:
+    """Bring up (as initiator) an SA covering ``flow`` that meets ``ptoken``; return its connection name.
+
+    Called by ``btns_vici.connect`` before the socket connects; ``flow.local_port``
+    and ``flow.remote_port`` may be 0 (not known yet). Raise NotSupportedError
+    (EOPNOTSUPP) when the demand cannot be built, BtnsError(EHOSTUNREACH) when the
+    peer does not agree.
+    """
+
+
+@hookspec(firstresult=True)
+def btns_serve(options: Mapping[str, str], local_addr: Any, ptoken: PToken) -> str | None:
+    """Accept (as responder) peers of ``local_addr`` that meet ``ptoken``; return the connection name."""

@@ -10,7 +10,8 @@ demands, per attribute (README: "Requirements"):
 Its iToken demands a peer identity (every identity attribute it carries must be
 equal: peer pinning, section 2.1) and authentication methods: the actual
 method's switch must not be DISABLE, and if any switch is ENABLE the actual
-method must be one of the enabled ones.
+method must be one of the enabled ones. A raw-key (BTNS) peer whose key equals the
+pinned pubKeyID also counts as LEAPOFFAITH.
 """
 
 from __future__ import annotations
@@ -69,10 +70,14 @@ def unmet_identity(demand: IToken, actual: IToken | None, who: str = "peer") -> 
         problems.append(f"{who} authentication method unknown")
         return problems
     m = AuthMethod(method)
+    effective = {m}
+    # A raw key that matches the pinned one is also a leap of faith (section 2.1.2).
+    if m == AuthMethod.BTNS and Attr.pubKeyID in pinned and have.get(Attr.pubKeyID) == demanded[Attr.pubKeyID]:
+        effective.add(AuthMethod.LEAPOFFAITH)
     enabled = {k for k, s in switches.items() if s == Setting.ENABLE}
-    if switches[m] == Setting.DISABLE:
+    if all(switches[e] == Setting.DISABLE for e in effective):
         problems.append(f"{who} authenticated by {m.name}, which is disabled")
-    elif enabled and m not in enabled:
+    elif enabled and not (effective & enabled):
         problems.append(f"{who} authenticated by {m.name}, not one of {sorted(e.name for e in enabled)}")
     return problems
 

@@ -107,3 +107,44 @@ def is_connected(fd: FileDescriptorLike) -> bool:
         except OSError:
             return False
         return True
+
+
+SIOCGSKNS = 0x894C  # ioctl: a new fd for the socket's network namespace
+
+
+def source_address(
+    fd: FileDescriptorLike, remote: ipaddress.IPv4Address | ipaddress.IPv6Address
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The local address ``fd`` uses (or would use, by the routing of its own netns) towards ``remote``."""
+    import fcntl
+    import threading
+
+    from .netns import setns
+
+    with borrowed_socket(fd) as sock:
+        check_inet(sock)
+        bound = endpoint(sock.getsockname())[0]
+        if not bound.is_unspecified:
+            return bound
+        family = sock.family
+        ns_fd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
+    result: list[object] = []
+
+    def probe() -> None:  # setns() moves only this short-lived thread
+        try:
+            setns(ns_fd)
+            with socket.socket(family, socket.SOCK_DGRAM) as p:
+                p.connect((str(remote), 9))
+                result.append(endpoint(p.getsockname())[0])
+        except OSError as exc:
+            result.append(exc)
+
+    try:
+        t = threading.Thread(target=probe, name="btns-source-probe")
+        t.start()
+        t.join()
+    finally:
+        os.close(ns_fd)
+    if isinstance(result[0], OSError):
+        raise result[0]
+    return result[0]  # type: ignore[return-value]

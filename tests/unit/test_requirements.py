@@ -57,3 +57,14 @@ def test_auth_method_switches() -> None:
     t2.set_auth_method(AuthMethod.BTNS, Setting.ENABLE)
     p.itoken = t2
     assert satisfies(p, token(child()))
+
+
+def test_pinned_raw_key_counts_as_leap_of_faith() -> None:
+    p = PToken()
+    t = IToken.from_identity(authentication_method=AuthMethod.BTNS, pub_key_id=KEY_B)
+    for m in AuthMethod:
+        t._set_internal(__import__("btns_vici.constants").constants.Attr(m), Setting.ANY)
+    t.set_auth_method(AuthMethod.LEAPOFFAITH, Setting.ENABLE)
+    p.itoken = t
+    assert satisfies(p, token(child()))
+    assert not satisfies(p, token(child(), remote_key=b"0" * 44))

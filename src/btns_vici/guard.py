@@ -1,0 +1,60 @@
+"""Data-plane guards: after ipsec_set_socket_pToken nothing leaves a socket unprotected, ever.
+
+* ``kernel-libipsec``: the socket is bound to the TUN device (SO_BINDTODEVICE
+  ``ipsec0``). Everything it sends enters charon's userspace ESP, which drops
+  packets no installed SA covers; it only receives what arrived decrypted
+  through ``ipsec0``. With no route via ``ipsec0`` Linux still sends a bound
+  socket's packets to that device ("assume on link"), so there is no path
+  around it.
+* ``kernel-xfrm``: per-socket policies (IP_XFRM_POLICY / IPV6_XFRM_POLICY) in
+  both directions requiring ESP: without an SA the kernel refuses to send
+  (EAGAIN on connect) instead of sending in clear.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from .errors import BtnsError, NotSupportedError
+from .sockets import FileDescriptorLike, borrowed_socket, check_inet
+
+LIBIPSEC = "kernel-libipsec"
+XFRM = "kernel-xfrm"
+LIBIPSEC_DEVICE = "ipsec0"
+
+
+def bound_device(sock: socket.socket) -> str:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 64)
+    return raw.split(b"\0", 1)[0].decode()
+
+
+def apply(fd: FileDescriptorLike, dataplane: str, reqid: int = 0) -> str:
+    """Arm the guard of ``dataplane`` on ``fd``; returns a description for Enforcement."""
+    with borrowed_socket(fd) as sock:
+        check_inet(sock)
+        if dataplane == LIBIPSEC:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, LIBIPSEC_DEVICE.encode())
+            except OSError as exc:
+                if exc.errno == errno.ENODEV:
+                    raise BtnsError(
+                        f"no {LIBIPSEC_DEVICE} device in this socket's network namespace: is charon "
+                        "with kernel-libipsec running there?",
+                        errno.ENODEV,
+                    ) from None
+                raise
+            return f"SO_BINDTODEVICE {LIBIPSEC_DEVICE}"
+        if dataplane == XFRM:
+            from . import xfrm
+
+            for direction in ("out", "in"):
+                xfrm.set_socket_policy(sock, direction, ["esp"], level="required", reqid=reqid)
+            return "per-socket XFRM policy in/out, ESP required"
+    raise NotSupportedError(f"no data-plane guard for {dataplane!r}")
+
+
+def is_armed(fd: FileDescriptorLike) -> bool:
+    """True when the libipsec guard is in place (XFRM socket policies cannot be read back)."""
+    with borrowed_socket(fd) as sock:
+        return bound_device(sock) == LIBIPSEC_DEVICE

@@ -1,0 +1,257 @@
+"""ipsec_set_socket_pToken for strongSwan: VICI connections whose auth and proposals meet a pToken.
+
+What the library builds itself are raw-key connections (README "Enforcement"):
+our host key (:mod:`btns_vici.hostkey`) against the peer's bare public key, no
+certificate, no CA. strongSwan cannot accept a raw key it does not know, so the
+peer key comes either from the demanded iToken (a pinned key: leap of faith)
+or from the directory of peer keys ``options["peer_keys"]`` / ``$BTNS_PEER_KEYS``
+(BTNS in strongSwan terms: keys exchanged out of band, anchored nowhere).
+PSK and X.509 protection is accepted when an operator-configured connection
+already provides it; methods strongSwan lacks (NULL auth, group keys) are EOPNOTSUPP.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import ipaddress
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..constants import Attr, AuthMethod, Setting
+from ..errors import BtnsError, NotSupportedError
+from ..guard import LIBIPSEC
+from ..hostkey import HostIdentity
+from ..requirements import _level_ok
+from ..tokens import IToken, PToken
+
+#: ESP proposals the library offers, strongest first, with their (privacy, integrity) levels.
+CANDIDATES: tuple[tuple[str, Setting, Setting], ...] = (
+    ("aes256gcm16", Setting.LEVEL_HIGH, Setting.LEVEL_HIGH),
+    ("chacha20poly1305", Setting.LEVEL_HIGH, Setting.LEVEL_HIGH),
+    ("aes128gcm16", Setting.LEVEL_MEDIUM, Setting.LEVEL_HIGH),
+    ("aes256-sha384", Setting.LEVEL_HIGH, Setting.LEVEL_HIGH),
+    ("aes256-sha256", Setting.LEVEL_HIGH, Setting.LEVEL_MEDIUM),
+    ("aes128-sha256", Setting.LEVEL_MEDIUM, Setting.LEVEL_MEDIUM),
+    ("aes128-sha1", Setting.LEVEL_MEDIUM, Setting.LEVEL_LOW),
+)
+RAW_KEY_METHODS = frozenset({AuthMethod.BTNS, AuthMethod.LEAPOFFAITH})
+#: Methods strongSwan can authenticate with when the operator configured them.
+OPERATOR_METHODS = frozenset({AuthMethod.PRESHAREDKEY, AuthMethod.PKIX_TRUSTED, AuthMethod.EAP})
+CONN_PREFIX = "btns-"
+
+
+def _get(p: PToken, attr: Attr) -> int:
+    return int(p.attributes().get(attr, Setting.ANY))  # type: ignore[arg-type]
+
+
+def esp_proposals(demand: PToken) -> list[str]:
+    """The ESP proposals meeting the demanded privacy and integrity levels (EOPNOTSUPP if none)."""
+    want_p, want_i = _get(demand, Attr.privacyProtected), _get(demand, Attr.integrityProtected)
+    found = [name for name, p, i in CANDIDATES if _level_ok(want_p, p) and _level_ok(want_i, i)]
+    if not found:
+        raise NotSupportedError(
+            f"no ESP proposal meets privacy {Setting(want_p).name} and integrity {Setting(want_i).name} "
+            "(ESP without encryption is not offered)"
+        )
+    return found
+
+
+def allowed_methods(demand: PToken) -> frozenset[AuthMethod]:
+    """The authentication methods the demanded iToken's switches allow."""
+    tok = demand.itoken
+    if tok is None:
+        return frozenset(AuthMethod)
+    switches = {m: tok.auth_method(m) for m in AuthMethod}
+    enabled = {m for m, s in switches.items() if s == Setting.ENABLE}
+    if enabled:
+        return frozenset(enabled)
+    return frozenset(m for m, s in switches.items() if s != Setting.DISABLE)
+
+
+def child_mode(demand: PToken, dataplane: str) -> str:
+    """"tunnel" or "transport" for the demanded tunnelMode/ipoptionsProtected on ``dataplane``."""
+    tunnel, ipopts = _get(demand, Attr.tunnelMode), _get(demand, Attr.ipoptionsProtected)
+    if tunnel == Setting.DISABLE and ipopts == Setting.ENABLE:
+        raise NotSupportedError("IP options are protected only in tunnel mode (AH is not offered)")
+    if dataplane == LIBIPSEC:
+        if tunnel == Setting.DISABLE:
+            raise NotSupportedError("kernel-libipsec supports tunnel mode only; transport mode needs kernel ESP")
+        return "tunnel"
+    if tunnel == Setting.ENABLE or ipopts == Setting.ENABLE:
+        return "tunnel"
+    return "transport"
+
+
+def check_supported(demand: PToken, dataplane: str) -> None:
+    """Raise EOPNOTSUPP for any requirement this backend on ``dataplane`` cannot meet."""
+    esp_proposals(demand)
+    child_mode(demand, dataplane)
+    if _get(demand, Attr.compressionAvailable) == Setting.ENABLE and dataplane == LIBIPSEC:
+        raise NotSupportedError("kernel-libipsec has no IPComp")
+    methods = allowed_methods(demand)
+    if not methods & (RAW_KEY_METHODS | OPERATOR_METHODS):
+        names = ", ".join(sorted(m.name for m in methods)) or "none"
+        raise NotSupportedError(f"strongSwan cannot authenticate with any allowed method ({names})")
+
+
+def pinned_key(demand: PToken) -> bytes | None:
+    tok = demand.itoken
+    return tok.pub_key_id if tok is not None else None
+
+
+def peer_keys(demand: PToken, options: Mapping[str, str]) -> list[bytes]:
+    """DER SPKI keys the peer may authenticate with: the pinned one, else the peer-key directory."""
+    pinned = pinned_key(demand)
+    if pinned is not None:
+        return [pinned]
+    directory = options.get("peer_keys") or os.environ.get("BTNS_PEER_KEYS")
+    keys = []
+    if directory and Path(directory).is_dir():
+        for path in sorted(Path(directory).iterdir()):
+            if path.suffix in (".pem", ".pub") and path.is_file():
+                keys.append(_der_of(path.read_bytes(), path))
+    if not keys:
+        raise BtnsError(
+            "strongSwan cannot accept an unknown raw key: pin the peer with an iToken or put its public "
+            "key (PEM) into the peer-key directory ($BTNS_PEER_KEYS)",
+            errno.ENOKEY,
+        )
+    return keys
+
+
+def _der_of(data: bytes, where: Path) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        key = serialization.load_pem_public_key(data) if b"-----BEGIN" in data else (
+            serialization.load_der_public_key(data)
+        )
+    except ValueError as exc:
+        raise BtnsError(f"{where}: not a public key ({exc})", errno.EINVAL) from None
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _pem(der: bytes) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_der_public_key(der)
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _host_ts(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    return f"{addr}/{addr.max_prefixlen}"
+
+
+def conn_name(role: str, local: str, remote: str, demand: PToken, keys: list[bytes], dataplane: str) -> str:
+    """A stable name per (role, endpoints, demand): the same demand reuses its connection."""
+    h = hashlib.sha256()
+    for part in (role, local, remote, dataplane, *esp_proposals(demand), child_mode(demand, dataplane), *keys):
+        h.update(part if isinstance(part, bytes) else part.encode())
+        h.update(b"\0")
+    return f"{CONN_PREFIX}{role}-{h.hexdigest()[:12]}"
+
+
+def conn_config(
+    name: str,
+    local_addr: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    remote_addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+    host: HostIdentity,
+    keys: list[bytes],
+    demand: PToken,
+    dataplane: str,
+) -> dict[str, Any]:
+    """The VICI load-conn message: initiator when ``remote_addr`` is given, else responder for any peer."""
+    child: dict[str, Any] = {
+        "local_ts": [_host_ts(local_addr)],
+        "remote_ts": [_host_ts(remote_addr)] if remote_addr is not None else ["dynamic"],
+        "mode": child_mode(demand, dataplane),
+        "esp_proposals": esp_proposals(demand),
+        "start_action": "none",
+        "dpd_action": "clear",
+    }
+    if _get(demand, Attr.compressionAvailable) == Setting.ENABLE:
+        child["ipcomp"] = "yes"
+    return {
+        name: {
+            "version": "2",
+            "local_addrs": [str(local_addr)],
+            "remote_addrs": [str(remote_addr) if remote_addr is not None else "%any"],
+            "proposals": ["default"],
+            "unique": "never",
+            "local-1": {"auth": "pubkey", "pubkeys": [host.public_pem]},
+            "remote-1": {"auth": "pubkey", "pubkeys": [_pem(k) for k in keys]},
+            "children": {name: child},
+        }
+    }
+
+
+def demand_allows_raw_keys(demand: PToken) -> bool:
+    return bool(allowed_methods(demand) & RAW_KEY_METHODS)
+
+
+def identity_template(demand: PToken) -> IToken | None:
+    return demand.itoken
+
+
+# -- talking to charon (the I/O edge of this module) ------------------------------------------
+
+
+def _load_host_key(session: Any, host: HostIdentity) -> None:
+    session.request("load-key", {"type": "any", "data": host.private_pem.decode()})
+
+
+def establish(
+    session: Any,
+    dataplane: str,
+    options: Mapping[str, str],
+    local_addr: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    remote_addr: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    demand: PToken,
+    timeout_ms: int = 10000,
+) -> str:
+    """Load and initiate a raw-key connection to ``remote_addr`` meeting ``demand``; its name."""
+    from ..hostkey import load_or_create
+
+    check_supported(demand, dataplane)
+    if not demand_allows_raw_keys(demand):
+        raise NotSupportedError(
+            "the demanded authentication methods need a connection the operator configured "
+            "(the library builds raw-key connections only), and no such SA covers this flow"
+        )
+    host = load_or_create(options.get("key_dir"))
+    keys = peer_keys(demand, options)
+    name = conn_name("init", str(local_addr), str(remote_addr), demand, keys, dataplane)
+    _load_host_key(session, host)
+    session.request("load-conn", conn_config(name, local_addr, remote_addr, host, keys, demand, dataplane))
+    msg = {"ike": name, "child": name, "timeout": str(timeout_ms), "init-limits": "no"}
+    try:
+        session.streamed("initiate", "control-log", msg)
+    except BtnsError as exc:
+        raise BtnsError(
+            f"no SA meeting the pToken could be negotiated with {remote_addr}: {exc.strerror}", errno.EHOSTUNREACH
+        ) from None
+    return name
+
+
+def serve(
+    session: Any,
+    dataplane: str,
+    options: Mapping[str, str],
+    local_addr: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    demand: PToken,
+) -> str:
+    """Load a responder connection for ``local_addr`` accepting peers that meet ``demand``; its name."""
+    from ..hostkey import load_or_create
+
+    check_supported(demand, dataplane)
+    if not demand_allows_raw_keys(demand):
+        raise NotSupportedError("the library builds raw-key responder connections only")
+    host = load_or_create(options.get("key_dir"))
+    keys = peer_keys(demand, options)
+    name = conn_name("resp", str(local_addr), "%any", demand, keys, dataplane)
+    _load_host_key(session, host)
+    session.request("load-conn", conn_config(name, local_addr, None, host, keys, demand, dataplane))
+    return name

@@ -68,6 +68,14 @@ class Latch:
         self.broken: LatchBroken | None = None
         self._lock = threading.Lock()
 
+    def alive(self) -> bool:
+        """False once the socket was closed (its fd gone or reused by another file)."""
+        try:
+            st = os.fstat(self.fd)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.key
+
     def check(self) -> PToken:
         """Re-verify now: the current pToken, or ProtectionLostError once the latch is broken."""
         with self._lock:
@@ -113,6 +121,9 @@ class _Watcher:
             if delay:
                 time.sleep(delay)
             with self.lock:
+                for key in [k for k, lt in self.latches.items() if not lt.alive()]:
+                    self.latches.pop(key, None)
+                    _registry.pop(key, None)
                 latches = [latch for latch in self.latches.values() if latch.broken is None]
             for latch in latches:
                 with contextlib.suppress(OSError):
@@ -149,6 +160,7 @@ def latched(sock: FileDescriptorLike) -> Latch | None:
 
 
 def unlatch(sock: FileDescriptorLike) -> None:
+    """Stop latching ``sock`` (closed sockets are dropped by themselves at the next event)."""
     key = socket_key(sock)
     with _reg_lock:
         lt = _registry.pop(key, None)

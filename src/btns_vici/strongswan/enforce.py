@@ -20,21 +20,24 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..backend import Enforcement
 from ..constants import Attr, AuthMethod, Setting
 from ..errors import BtnsError, NotSupportedError
 from ..guard import LIBIPSEC
+from ..hookspecs import hookimpl
 from ..hostkey import HostIdentity
 from ..requirements import _level_ok
 from ..tokens import IToken, PToken
 
-#: ESP proposals the library offers, strongest first, with their (privacy, integrity) levels.
+#: ESP proposals the library offers, in preference order, with their (privacy, integrity) levels.
+#: Non-GCM first: kernel-libipsec has no AES-GCM unless charon loads the gcm plugin.
 CANDIDATES: tuple[tuple[str, Setting, Setting], ...] = (
-    ("aes256gcm16", Setting.LEVEL_HIGH, Setting.LEVEL_HIGH),
     ("chacha20poly1305", Setting.LEVEL_HIGH, Setting.LEVEL_HIGH),
-    ("aes128gcm16", Setting.LEVEL_MEDIUM, Setting.LEVEL_HIGH),
     ("aes256-sha384", Setting.LEVEL_HIGH, Setting.LEVEL_HIGH),
+    ("aes256gcm16", Setting.LEVEL_HIGH, Setting.LEVEL_HIGH),
     ("aes256-sha256", Setting.LEVEL_HIGH, Setting.LEVEL_MEDIUM),
     ("aes128-sha256", Setting.LEVEL_MEDIUM, Setting.LEVEL_MEDIUM),
+    ("aes128gcm16", Setting.LEVEL_MEDIUM, Setting.LEVEL_HIGH),
     ("aes128-sha1", Setting.LEVEL_MEDIUM, Setting.LEVEL_LOW),
 )
 RAW_KEY_METHODS = frozenset({AuthMethod.BTNS, AuthMethod.LEAPOFFAITH})
@@ -255,3 +258,30 @@ def serve(
     _load_host_key(session, host)
     session.request("load-conn", conn_config(name, local_addr, None, host, keys, demand, dataplane))
     return name
+
+
+class EnforceHooks:
+    """The enforcement hooks of the strongSwan plugin (mixed into StrongswanPlugin)."""
+
+    def context(self, options: Mapping[str, str]) -> Any:  # provided by the plugin
+        raise NotImplementedError
+
+    @hookimpl
+    def btns_enforce(self, options: Mapping[str, str], sock: Any, ptoken: PToken) -> Enforcement:
+        from .. import guard
+
+        ctx = self.context(options)
+        dataplane = ctx.dataplane()
+        check_supported(ptoken, dataplane)
+        how = guard.apply(sock, dataplane)
+        return Enforcement(connection="(established on connect/listen)", dataplane_guard=how)
+
+    @hookimpl
+    def btns_establish(self, options: Mapping[str, str], flow: Any, ptoken: PToken) -> str:
+        ctx = self.context(options)
+        return establish(ctx.session, ctx.dataplane(), options, flow.local_addr, flow.remote_addr, ptoken)
+
+    @hookimpl
+    def btns_serve(self, options: Mapping[str, str], local_addr: Any, ptoken: PToken) -> str:
+        ctx = self.context(options)
+        return serve(ctx.session, ctx.dataplane(), options, local_addr, ptoken)

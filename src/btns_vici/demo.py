@@ -1,9 +1,12 @@
-"""The two-peer demo: a TCP connection protected by BTNS raw keys, and both ends' tokens.
+"""The two-peer demo: a TCP connection that demands IPsec, and both ends' tokens.
 
 Runs on the network-namespace testbed (:mod:`btns_vici.testbed`): two charons,
-each in its own namespace, with unauthenticated raw public keys. Prints each
-end's pToken and iToken and checks that they agree: A's peer iToken is B's own
-identity (B's remote_iToken) and vice versa, and the channel bindings match.
+each in its own namespace. Each end gets a host key made on first use; the raw
+public keys are exchanged out of band (BTNS: no certificates, no CA). The
+server's listening socket and the client's socket get a pToken demanding
+encryption and BTNS (ipsec_set_socket_pToken); the library has charon
+negotiate the SA, arms the data-plane guard, connects and verifies. Then it
+prints each end's pToken and iToken and checks that they agree.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import os
 import shutil
 import socket
 import sys
+import threading
 from typing import TextIO
 
-from .api import get_socket_ptoken
-from .constants import Attr, Setting
+from .api import accept, connect, get_socket_ptoken, listen, set_socket_ptoken
+from .constants import Attr, AuthMethod, Setting
+from .hostkey import load_or_create
 from .plugins import get_backend
 from .tokens import IToken, PToken
 
@@ -61,40 +66,90 @@ def preflight() -> str | None:
     return None
 
 
+def btns_demand() -> PToken:
+    """What the demo asks for: encryption (at least MEDIUM), integrity, BTNS raw keys."""
+    p = PToken()
+    p.privacy_protected = Setting.LEVEL_MEDIUM
+    p.integrity_protected = Setting.ENABLE
+    t = IToken()
+    t.set_auth_method(AuthMethod.BTNS, Setting.ENABLE)
+    p.itoken = t
+    return p
+
+
 def run(out: TextIO = sys.stdout, family: int = 4) -> int:
-    """Bring up the testbed, connect, print and compare both ends' tokens. Exit code 0 on success."""
+    """Bring up the testbed, connect with demanded protection, print and compare both ends' tokens."""
     problem = preflight()
     if problem:
         print(f"btns demo: {problem}", file=sys.stderr)
         return 2
-    from .testbed import Testbed, connected_pair
+    from .testbed import Testbed
 
     with Testbed() as tb:
-        print(f"testbed: namespaces {tb.a.netns} ({tb.a.v4}) and {tb.b.netns} ({tb.b.v4})", file=out)
-        tb.up("demo", "rawkey", family)
-        print("IKE_SA 'demo' up: raw public keys, no certificates (BTNS)", file=out)
-        client, server = connected_pair(tb, socket.IPPROTO_TCP, family)
-        with client, server:
-            ta = get_socket_ptoken(client, get_backend("strongswan", tb.a.options))
-            tb_ = get_socket_ptoken(server, get_backend("strongswan", tb.b.options))
-            for line in describe_ptoken(f"peer A, client socket {client.getsockname()[:2]}", ta):
-                print(line, file=out)
-            for line in describe_ptoken(f"peer B, server socket {server.getsockname()[:2]}", tb_):
-                print(line, file=out)
-            checks = {
-                "A's connection is encrypted": ta.privacy_protected >= Setting.LEVEL_LOW,
-                "B's connection is encrypted": tb_.privacy_protected >= Setting.LEVEL_LOW,
-                "A's peer iToken is B's own identity": ta.itoken is not None and ta.itoken == tb_.remote_itoken,
-                "B's peer iToken is A's own identity": tb_.itoken is not None and tb_.itoken == ta.remote_itoken,
-                "channel bindings agree": ta.itoken is not None
-                and tb_.remote_itoken is not None
-                and ta.itoken.channel_binding == tb_.remote_itoken.channel_binding,
-                "both pTokens equivalent (ipsec_cmp_pToken)": _mirror_equal(ta, tb_),
-            }
-            print("checks:", file=out)
-            for what, ok in checks.items():
-                print(f"  [{'ok' if ok else 'FAIL'}] {what}", file=out)
-            return 0 if all(checks.values()) else 1
+        print(
+            f"testbed: {tb.a.netns} ({tb.a.addr(family)}) <-> {tb.b.netns} ({tb.b.addr(family)}), "
+            "one charon each (kernel-libipsec)",
+            file=out,
+        )
+        ends = {}
+        for me in tb.peers:
+            keys = tb.workdir / f"{me.name}-keys"
+            ends[me.name] = (load_or_create(keys), tb.workdir / f"{me.name}-peers")
+            ends[me.name][1].mkdir()
+        for me, peer in (("a", "b"), ("b", "a")):  # raw keys exchanged out of band: BTNS
+            (ends[me][1] / f"{peer}.pem").write_bytes(ends[peer][0].public_pem)
+        opts = {
+            p.name: {**p.options, "key_dir": str(ends[p.name][0].path.parent), "peer_keys": str(ends[p.name][1])}
+            for p in tb.peers
+        }
+        be_a, be_b = get_backend("strongswan", opts["a"]), get_backend("strongswan", opts["b"])
+        fam = socket.AF_INET if family == 4 else socket.AF_INET6
+        with tb.in_netns(tb.b):
+            srv = socket.socket(fam, socket.SOCK_STREAM)
+        with tb.in_netns(tb.a):
+            cli = socket.socket(fam, socket.SOCK_STREAM)
+        with srv, cli:
+            for s in (srv, cli):
+                s.settimeout(15)
+            set_socket_ptoken(srv, btns_demand(), be_b)
+            srv.bind((str(tb.b.addr(family)), 7777))
+            listen(srv, 1, be_b)
+            print("B: listening with a pToken demanding encryption and BTNS", file=out)
+            set_socket_ptoken(cli, btns_demand(), be_a)
+            accepted: list = []
+            thread = threading.Thread(target=lambda: accepted.append(accept(srv, be_b, latch_=False)))
+            thread.start()
+            connect(cli, (str(tb.b.addr(family)), 7777), be_a, latch_=False)
+            thread.join(15)
+            if not accepted:
+                print("btns demo: the server did not accept the connection", file=sys.stderr)
+                return 1
+            server, _ = accepted[0]
+            with server:
+                cli.sendall(b"hello over IPsec")
+                print(f"A -> B: {server.recv(64)!r}", file=out)
+                ta = get_socket_ptoken(cli, be_a)
+                tb_ = get_socket_ptoken(server, be_b)
+                for line in describe_ptoken(f"peer A, client socket {cli.getsockname()[:2]}", ta):
+                    print(line, file=out)
+                for line in describe_ptoken(f"peer B, server socket {server.getsockname()[:2]}", tb_):
+                    print(line, file=out)
+                checks = {
+                    "A's connection is encrypted": ta.privacy_protected >= Setting.LEVEL_MEDIUM,
+                    "B's connection is encrypted": tb_.privacy_protected >= Setting.LEVEL_MEDIUM,
+                    "A's peer key is B's host key": ta.itoken is not None
+                    and ta.itoken.pub_key_id == ends["b"][0].public_der,
+                    "A's peer iToken is B's own identity": ta.itoken is not None and ta.itoken == tb_.remote_itoken,
+                    "B's peer iToken is A's own identity": tb_.itoken is not None and tb_.itoken == ta.remote_itoken,
+                    "channel bindings agree": ta.itoken is not None
+                    and tb_.remote_itoken is not None
+                    and ta.itoken.channel_binding == tb_.remote_itoken.channel_binding,
+                    "both pTokens equivalent (ipsec_cmp_pToken)": _mirror_equal(ta, tb_),
+                }
+        print("checks:", file=out)
+        for what, ok in checks.items():
+            print(f"  [{'ok' if ok else 'FAIL'}] {what}", file=out)
+        return 0 if all(checks.values()) else 1
 
 
 def _mirror_equal(a: PToken, b: PToken) -> bool:

@@ -15,6 +15,7 @@ ancillary data. So (README: "Datagrams"):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import itertools
@@ -22,11 +23,12 @@ import socket
 import struct
 import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .errors import BtnsError
 from .selectors import Flow
-from .sockets import FileDescriptorLike, borrowed_socket, check_inet, endpoint
+from .sockets import FileDescriptorLike, borrowed_socket, check_inet, endpoint, resolve_fd, source_address
 from .tokens import PToken
 
 #: Private cmsg level/type: never passed to the kernel ("BT", 1).
@@ -117,17 +119,26 @@ def _local_from_pktinfo(sock: socket.socket, ancdata: list) -> tuple | None:
     return None
 
 
+@contextlib.contextmanager
+def _as_socket(sock: FileDescriptorLike) -> Iterator[socket.socket]:
+    """The caller's socket object itself (keeping its timeout), or one borrowed for a bare fd."""
+    if isinstance(sock, socket.socket):
+        resolve_fd(sock)
+        yield sock
+    else:
+        with borrowed_socket(sock) as s:
+            yield s
+
+
 def recvmsg(sock: FileDescriptorLike, bufsize: int, ancbufsize: int = 256, flags: int = 0) -> MsgHdr:
     """Receive one datagram like socket.recvmsg, recording both addresses for get_msg_pToken."""
-    with borrowed_socket(sock) as s:
+    with _as_socket(sock) as s:
         check_inet(s)
         _enable_pktinfo(s)
         data, ancdata, msg_flags, address = s.recvmsg(bufsize, max(ancbufsize, 64), flags)
         local = _local_from_pktinfo(s, ancdata) or s.getsockname()
         proto = s.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) or socket.IPPROTO_UDP
-    return MsgHdr(
-        iov=[data], name=address, control=list(ancdata), flags=msg_flags, local=local, proto=proto
-    )
+    return MsgHdr(iov=[data], name=address, control=list(ancdata), flags=msg_flags, local=local, proto=proto)
 
 
 def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: object = None) -> int:
@@ -137,12 +148,15 @@ def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: obje
 
     demand = attached(msg)
     control = [c for c in msg.control if c[0] != SOL_BTNS]
-    with borrowed_socket(sock) as s:
+    with _as_socket(sock) as s:
         check_inet(s)
         if demand is not None:
             dest = msg.name if msg.name is not None else s.getpeername()
-            laddr, lport = _source_for(s, dest)
             raddr, rport = endpoint(dest)
+            if endpoint(s.getsockname())[1] == 0:  # bind now as send would: the check needs the port
+                s.bind(("::" if s.family == socket.AF_INET6 else "0.0.0.0", 0))
+            laddr = source_address(s, raddr)
+            lport = endpoint(s.getsockname())[1]
             proto = s.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) or socket.IPPROTO_UDP
             actual = ptoken_for_flow(Flow(proto, laddr, lport, raddr, rport), backend)  # type: ignore[arg-type]
             problems = unmet(demand, actual)
@@ -150,13 +164,3 @@ def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: obje
                 raise BtnsError("datagram refused, pToken not met: " + "; ".join(problems), errno.EACCES)
         args = (msg.iov, control, flags) + ((msg.name,) if msg.name is not None else ())
         return s.sendmsg(*args)
-
-
-def _source_for(s: socket.socket, dest: tuple) -> tuple:
-    """The local address the kernel would use towards ``dest`` (a connected probe socket)."""
-    addr, port = endpoint(s.getsockname())
-    if not addr.is_unspecified:
-        return addr, port
-    with socket.socket(s.family, socket.SOCK_DGRAM) as probe:
-        probe.connect(dest)
-        return endpoint(probe.getsockname())[0], port

@@ -10,7 +10,7 @@ APT_PACKAGES=(
   strongswan-charon strongswan-swanctl openssl libcharon-extra-plugins libstrongswan-extra-plugins
   qemu-system-x86 busybox-static cpio
   podman runc debootstrap
-  gcc pkg-config
+  gcc pkg-config libpython3.11-dev valgrind
 )
 
 missing=()

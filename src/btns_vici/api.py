@@ -19,7 +19,17 @@ from .derive import ptoken_for, unprotected_ptoken
 from .errors import BackendError, BtnsError
 from .plugins import get_backend
 from .selectors import Flow
-from .sockets import FileDescriptorLike, endpoint, flow_of, is_connected, resolve_fd, socket_key, source_address
+from .sockets import (
+    FileDescriptorLike,
+    borrowed_socket,
+    check_inet,
+    endpoint,
+    flow_of,
+    is_connected,
+    resolve_fd,
+    socket_key,
+    source_address,
+)
 from .tokens import PToken
 
 BackendLike = Backend | str | None
@@ -57,9 +67,7 @@ def ptoken_for_flow(flow: Flow, backend: BackendLike = None) -> PToken:
     be = resolve_backend(backend)
     protection = be.find_protection(flow)
     if protection is None:
-        return unprotected_ptoken(
-            flow, f"no CHILD_SA verified in both {be.name} and the data plane covers it"
-        )
+        return unprotected_ptoken(flow, f"no CHILD_SA verified in both {be.name} and the data plane covers it")
     return ptoken_for(protection)
 
 
@@ -69,7 +77,8 @@ def get_socket_ptoken(sock: FileDescriptorLike, backend: BackendLike = None) -> 
     A connected socket gets the pToken of its flow, verified now. An unconnected
     socket gets the pToken attached with :func:`set_socket_ptoken`, or ENOTCONN.
     """
-    resolve_fd(sock)
+    with borrowed_socket(sock) as s:
+        check_inet(s)
     if not is_connected(sock):
         attached = _attached.get(socket_key(sock))
         if attached is None:
@@ -88,9 +97,7 @@ def set_socket_ptoken(sock: FileDescriptorLike, ptoken: PToken, backend: Backend
     resolve_fd(sock)
     ptoken._check_live()
     if is_connected(sock):
-        raise BtnsError(
-            "socket is already connected: a pToken must be set before connect()/listen()", errno.EISCONN
-        )
+        raise BtnsError("socket is already connected: a pToken must be set before connect()/listen()", errno.EISCONN)
     try:
         be = resolve_backend(backend)
     except BackendError as exc:

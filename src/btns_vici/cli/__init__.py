@@ -1,0 +1,37 @@
+"""The ``btns`` command: sockets, SAs, events and tokens from the shell (the ``ss`` of IPsec).
+
+Console script ``btns = btns_vici.cli:main``; also ``python -m btns_vici.cli``.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from importlib import import_module
+
+from . import exits
+from .parser import build
+
+#: command -> module with ``run(args) -> int`` (imported on use: `btns sas` loads no sock_diag)
+_COMMANDS = {name: f"{__name__}.cmd_{name}" for name in ("sockets", "sas", "watch", "token", "testbed", "demo")}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``btns`` command; returns the exit code (see ``btns --help``)."""
+    args = build().parse_args(argv)
+    run: Callable = import_module(_COMMANDS[args.command]).run
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        return exits.INTERRUPTED
+    except Exception as exc:  # every failure becomes one line on stderr and a documented exit code
+        if isinstance(exc, exits.CliError):
+            message = exc.message
+        elif isinstance(exc, OSError):
+            message = exc.strerror or str(exc)
+        else:  # a bug: keep the traceback, but never exit 1 (which means "not protected")
+            traceback.print_exc()
+            message = f"internal error: {exc!r}"
+        print(f"btns {args.command}: {message}", file=sys.stderr)
+        return exits.code_for(exc)

@@ -1,0 +1,7 @@
+"""``python -m btns_vici.cli``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

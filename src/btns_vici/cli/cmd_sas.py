@@ -1,0 +1,38 @@
+"""``btns sas``: the active backend's IKE and CHILD SAs, normalized (Backend.list_sas)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..records import IkeSA
+from . import exits
+from .context import open_backend
+from .describe import alg_text, spis
+from .output import emit_json, table
+
+HEADERS = ("IKE_SA", "STATE", "LOCAL", "REMOTE", "PEER-ID", "AUTH", "CHILD_SA", "CHILD-STATE", "MODE",
+           "SPI-IN/OUT", "ALG", "LOCAL-TS", "REMOTE-TS")
+
+
+def rows(sas: list[IkeSA]) -> list[list[Any]]:
+    """One row per CHILD_SA; an IKE_SA without children gets one row of its own."""
+    out = []
+    for ike in sas:
+        head = [f"{ike.name}#{ike.uniqueid}", ike.state, str(ike.local_host), str(ike.remote_host),
+                ike.remote.ike_id, ike.remote.auth_method.name]
+        if not ike.children:
+            out.append([*head, "", "", "", "", "", "", ""])
+        for c in ike.children:
+            out.append([*head, f"{c.name}#{c.uniqueid}", c.state, f"{c.protocol}/{c.mode}".lower(), spis(c),
+                        alg_text(c), ",".join(map(str, c.local_ts)), ",".join(map(str, c.remote_ts))])
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    sas = open_backend(args).list_sas()
+    if args.json:
+        emit_json(sas)
+    else:
+        table(HEADERS, rows(sas))
+    return exits.OK

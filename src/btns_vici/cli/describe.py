@@ -1,0 +1,112 @@
+"""Records and tokens as the ``btns`` command shows them: JSON dicts and table cells."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from ..backend import Backend
+from ..constants import Setting
+from ..derive import ptoken_for, unprotected_ptoken
+from ..records import ChildSA, IkeSA, Protection
+from ..selectors import Flow
+from ..tokens import IToken, PToken
+
+PROTO_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
+
+
+def verify_flow(flow: Flow, backend: Backend) -> tuple[Protection | None, PToken]:
+    """The verified protection of ``flow`` and its pToken (as api.ptoken_for_flow, keeping the SA pair)."""
+    protection = backend.find_protection(flow)
+    if protection is None:
+        reason = f"no CHILD_SA verified in both {backend.name} and the data plane covers it"
+        return None, unprotected_ptoken(flow, reason)
+    return protection, ptoken_for(protection)
+
+
+def flow_dict(flow: Flow) -> dict[str, Any]:
+    return {
+        "proto": PROTO_NAMES.get(flow.proto, str(flow.proto)),
+        "local_addr": str(flow.local_addr), "local_port": flow.local_port,
+        "remote_addr": str(flow.remote_addr), "remote_port": flow.remote_port,
+    }
+
+
+def itoken_dict(tok: IToken | None) -> dict[str, Any] | None:
+    """An iToken's identity attributes (draft 2.1.2); the public key as hex DER SPKI."""
+    if tok is None:
+        return None
+    method = tok.authentication_method
+    key = tok.pub_key_id
+    return {
+        "authenticationMethod": method.name if method else None,
+        "pubKeyID": key.hex() if key else None,
+        "certificateDN": tok.certificate_dn,
+        "certificateAuthorityDN": tok.certificate_authority_dn,
+        "channelBinding": tok.channel_binding,
+        "auditString": tok.audit_string,
+    }
+
+
+def _setting(value: Setting) -> str:
+    return value.name
+
+
+def ptoken_dict(tok: PToken) -> dict[str, Any]:
+    """A pToken's attributes (draft 2.3.2) plus the selectors it covers."""
+    return {
+        "protected": tok.protected,
+        "privacyProtected": _setting(tok.privacy_protected),
+        "integrityProtected": _setting(tok.integrity_protected),
+        "compressionAvailable": _setting(tok.compression_available),
+        "tunnelMode": _setting(tok.tunnel_mode),
+        "ipoptionsProtected": _setting(tok.ipoptions_protected),
+        "policyName": tok.policy_name,
+        "informationString": tok.information_string,
+        "auditString": tok.audit_string,
+        "iToken": itoken_dict(tok.itoken),
+        "remote_iToken": itoken_dict(tok.remote_itoken),
+        "local_ts": [str(t) for t in tok.local_ts],
+        "remote_ts": [str(t) for t in tok.remote_ts],
+    }
+
+
+def alg_text(child: ChildSA) -> str:
+    """``CHACHA20_POLY1305-256``, ``AES_CBC-128/HMAC_SHA2_256_128``, ..."""
+    encr = child.encr_alg or "none"
+    if child.encr_keysize:
+        encr += f"-{child.encr_keysize}"
+    return encr + (f"/{child.integ_alg}" if child.integ_alg else "")
+
+
+def sa_name(ike: IkeSA, child: ChildSA) -> str:
+    return f"{ike.name}/{child.name}"
+
+
+def spis(child: ChildSA) -> str:
+    return f"{child.spi_in:08x}/{child.spi_out:08x}"
+
+
+def protection_dict(p: Protection) -> dict[str, Any]:
+    """The SA pair carrying a flow, as ``sockets`` and ``token`` report it."""
+    ike, child = p.ike_sa, p.child_sa
+    return {
+        "sa": sa_name(ike, child),
+        "ike_sa": {"name": ike.name, "uniqueid": ike.uniqueid, "local_host": str(ike.local_host),
+                   "remote_host": str(ike.remote_host)},
+        "child_sa": {"name": child.name, "uniqueid": child.uniqueid, "reqid": child.reqid},
+        "spi_in": f"{child.spi_in:08x}", "spi_out": f"{child.spi_out:08x}",
+        "protocol": child.protocol, "mode": child.mode, "algorithms": alg_text(child),
+        "ipcomp": child.ipcomp, "encap": child.encap,
+        "peer_id": ike.remote.ike_id, "auth_method": ike.remote.auth_method.name,
+        "dataplane": p.proof.dataplane, "proof": p.proof.detail,
+    }
+
+
+def protection_cells(p: Protection | None) -> list[str]:
+    """Table cells SA, SPI-IN/OUT, MODE, ALG, PEER-ID, AUTH; ``clear`` when nothing protects the flow."""
+    if p is None:
+        return ["clear", "", "", "", "", ""]
+    ike, child = p.ike_sa, p.child_sa
+    return [sa_name(ike, child), spis(child), f"{child.protocol}/{child.mode}".lower(), alg_text(child),
+            ike.remote.ike_id, ike.remote.auth_method.name]

@@ -1,0 +1,56 @@
+"""Output of the ``btns`` command: aligned tables for people, JSON for programs."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, TextIO
+
+from ..selectors import TrafficSelector
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON values from records: dataclasses, enums (by name), addresses, bytes (hex)."""
+    if obj is None or isinstance(obj, bool | str):
+        return obj
+    if isinstance(obj, enum.Enum):
+        return obj.name
+    if isinstance(obj, int | float):
+        return obj
+    if isinstance(obj, bytes):
+        return obj.hex()
+    if isinstance(obj, ipaddress.IPv4Address | ipaddress.IPv6Address | TrafficSelector):
+        return str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, Sequence | set | frozenset):
+        return [jsonable(v) for v in obj]
+    return str(obj)
+
+
+def emit_json(obj: Any, out: TextIO | None = None, *, line: bool = False) -> None:
+    """One JSON document (indented), or one JSON line (``line``), flushed."""
+    out = out or sys.stdout
+    text = json.dumps(jsonable(obj), separators=(",", ":")) if line else json.dumps(jsonable(obj), indent=2)
+    out.write(text + "\n")
+    out.flush()
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], out: TextIO | None = None) -> None:
+    """An aligned table; the last column is not padded. ``None`` cells print as ``-``."""
+    out = out or sys.stdout
+    cells = [[("-" if c is None or c == "" else str(c)) for c in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, c in enumerate(row):
+            widths[i] = max(widths[i], len(c))
+    for row in [list(headers), *cells]:
+        padded = [c.ljust(widths[i]) for i, c in enumerate(row[:-1])] + [row[-1]]
+        out.write("  ".join(padded).rstrip() + "\n")
+    out.flush()

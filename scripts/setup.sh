@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   ca-certificates python3 python3-venv iproute2 procps kmod
   strongswan-charon strongswan-swanctl openssl libcharon-extra-plugins libstrongswan-extra-plugins
-  qemu-system-x86 busybox-static cpio
+  qemu-system-x86 qemu-system-data busybox-static cpio linux-libc-dev
   podman runc debootstrap
   gcc pkg-config libpython3.11-dev valgrind
 )

@@ -1,0 +1,129 @@
+"""A VICI event stream read without blocking: the SA index drains it before each answer.
+
+A dedicated connection registers for the SA events; :meth:`EventStream.poll`
+returns the complete events already received (``select`` with a zero timeout, a
+few microseconds when nothing is pending) so the index never answers from state
+older than the last event charon has sent.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+from typing import Any
+
+from vici.protocol import Packet
+
+from ..errors import BackendError, ProtocolError
+from .session import HEADER, MAX_PACKET, connect, decode_packet, recv_packet
+
+SA_EVENTS = ("ike-updown", "ike-rekey", "child-updown", "child-rekey")
+
+
+class EventStream:
+    """A registered event connection. Raises ConnectionError once charon goes away."""
+
+    def __init__(self, path: str, events: tuple[str, ...] = SA_EVENTS, timeout: float = 10.0) -> None:
+        self.path = path
+        self.sock: socket.socket = connect(path, timeout)
+        self._buf = bytearray()
+        self._early: list[tuple[str, dict[str, Any]]] = []
+        try:
+            for name in events:
+                pkt = Packet.register_event(name)
+                self.sock.sendall(HEADER.pack(len(pkt)) + pkt)
+                while True:
+                    kind, ev, msg = decode_packet(recv_packet(self.sock))
+                    if kind == Packet.EVENT:
+                        self._early.append((ev, msg))
+                        continue
+                    if kind != Packet.EVENT_CONFIRM:
+                        raise ProtocolError(f"charon refused event {name!r} (packet type {kind})")
+                    break
+        except OSError as exc:
+            self.close()
+            raise BackendError(f"VICI event registration on {path} failed: {exc}") from exc
+        self.sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def poll(self, timeout: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
+        """Every complete event received so far (waiting up to ``timeout`` for the first)."""
+        out, self._early = self._early, []
+        out.extend(self._packets())  # complete packets a barrier() left in the buffer
+        if not out and timeout > 0:
+            ready, _, _ = select.select([self.sock], [], [], timeout)
+            if not ready:
+                return out
+        while True:  # with timeout 0 the first recv is the only syscall when nothing is pending
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                # Nothing more now. A packet charon is still writing stays buffered for the
+                # next call: never wait for it here (charon's writer may be stalled behind
+                # busy worker threads, and waiting could deadlock with our own caller).
+                break
+            if not chunk:
+                raise ConnectionResetError("charon closed the VICI event connection")
+            self._buf += chunk
+            out.extend(self._packets())
+        return out
+
+    def barrier(self, timeout: float = 5.0) -> list[tuple[str, dict[str, Any]]]:
+        """Every event charon raised before now: a ``version`` round trip on this connection.
+
+        charon answers a command on the connection that carries the events, after every
+        event it queued there before reading the command, so once the answer is in, all
+        earlier events are too.
+        """
+        pkt = Packet.request("version")
+        self.sock.setblocking(True)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.sendall(HEADER.pack(len(pkt)) + pkt)
+            out, self._early = self._early, []
+            while True:
+                raw = self._take_packet()
+                kind, name, msg = decode_packet(raw)
+                if kind == Packet.EVENT:
+                    out.append((name, msg))
+                elif kind == Packet.CMD_RESPONSE:
+                    return out
+                else:
+                    raise ProtocolError(f"unexpected VICI packet type {kind} on the event connection")
+        finally:
+            self.sock.setblocking(False)
+
+    def _take_packet(self) -> bytes:
+        while True:
+            if len(self._buf) >= HEADER.size:
+                (length,) = HEADER.unpack_from(self._buf)
+                if length == 0 or length > MAX_PACKET:
+                    raise ProtocolError(f"VICI packet of bad length {length}")
+                if len(self._buf) >= HEADER.size + length:
+                    raw = bytes(self._buf[HEADER.size : HEADER.size + length])
+                    del self._buf[: HEADER.size + length]
+                    return raw
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionResetError("charon closed the VICI event connection")
+            self._buf += chunk
+
+    def _packets(self) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        while len(self._buf) >= HEADER.size:
+            (length,) = HEADER.unpack_from(self._buf)
+            if length == 0 or length > MAX_PACKET:
+                raise ProtocolError(f"VICI event packet of bad length {length}")
+            if len(self._buf) < HEADER.size + length:
+                break
+            raw = bytes(self._buf[HEADER.size : HEADER.size + length])
+            del self._buf[: HEADER.size + length]
+            kind, name, msg = decode_packet(raw)
+            if kind == Packet.EVENT:
+                out.append((name, msg))
+        return out

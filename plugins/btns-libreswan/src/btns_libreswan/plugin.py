@@ -1,0 +1,160 @@
+"""The ``libreswan`` backend: pluto over the ``whack`` binary, as a btns_vici pluggy plugin.
+
+Options (each also from the environment):
+
+* ``pluto_ctl`` (``BTNS_PLUTO_CTL``): pluto's control socket, default /run/pluto/pluto.ctl.
+* ``whack`` (``BTNS_WHACK``): the whack binary; default ``whack``/``ipsec whack`` on PATH or
+  the extracted root's (``libreswan_root``, ``BTNS_LIBRESWAN_ROOT``, /var/cache/btns-libreswan/root).
+* ``ipsec_conf`` (``BTNS_IPSEC_CONF``): the config whose ``rightrsasigkey``/``rightpubkey`` give
+  peers' raw keys; default: the ``configfile=`` pluto reports in ``--status``.
+* ``nssdir``: pluto's NSS database, for ``leftckaid=`` keys; default: from ``--status``.
+* ``netns``: the network namespace whose kernel XFRM proves the data plane.
+* ``ike``, ``timeout``, ``ckaid``, ``conf_dir``: for conns built from pTokens (see :mod:`.enforce`).
+* ``poll_interval``: seconds between ``--showstates`` polls of :meth:`btns_watch` (default 0.5).
+
+pluto has no event stream, so every answer is read fresh from pluto (~2 ms a whack call):
+:meth:`btns_find_sa` can never answer from stale state.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
+
+from btns_vici.backend import BackendInfo, Capabilities, Enforcement, SAEvent
+from btns_vici.constants import AuthMethod
+from btns_vici.dataplane import XFRM, verify
+from btns_vici.errors import BackendError
+from btns_vici.hookspecs import hookimpl
+from btns_vici.records import ChildSA, DataplaneProof, IkeSA
+from btns_vici.selectors import Flow
+from btns_vici.tokens import PToken
+
+from . import enforce, ipsecconf, whack
+from .normalize import BACKEND, ike_sas
+from .parse import parse_listpubkeys, parse_showstates, parse_status, parse_trafficstatus
+from .rsakey import KeyFormatError, spki_from_pubkey
+from .watch import watch
+
+DEFAULT_NSSDIR = "/var/lib/ipsec/nss"
+
+
+def _conf_keys(options: Mapping[str, str], configfile: str | None) -> dict[str, ipsecconf.ConnKeys]:
+    path = options.get("ipsec_conf") or os.environ.get("BTNS_IPSEC_CONF") or configfile
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        return ipsecconf.load(path)
+    except OSError:
+        return {}
+
+
+_ckaid_cache: dict[tuple[str, str], bytes | None] = {}
+
+
+def _key_by_ckaid(options: Mapping[str, str], ckaid: str, nssdir: str) -> bytes | None:
+    """A key of pluto's NSS database (``leftckaid=``) as SPKI DER; cached, a key never changes."""
+    if (nssdir, ckaid) not in _ckaid_cache:
+        text = whack.showhostkey_pubkey(options, ckaid, nssdir)
+        try:
+            _ckaid_cache[(nssdir, ckaid)] = spki_from_pubkey(text) if text else None
+        except KeyFormatError:
+            _ckaid_cache[(nssdir, ckaid)] = None
+    return _ckaid_cache[(nssdir, ckaid)]
+
+
+def _with_ckaid_keys(
+    options: Mapping[str, str], keys: dict[str, ipsecconf.ConnKeys], nssdir: str
+) -> dict[str, ipsecconf.ConnKeys]:
+    out = {}
+    for name, k in keys.items():
+        if k.left_key is None and k.left_ckaid:
+            k = replace(k, left_key=_key_by_ckaid(options, k.left_ckaid, nssdir))
+        if k.right_key is None and k.right_ckaid:
+            k = replace(k, right_key=_key_by_ckaid(options, k.right_ckaid, nssdir))
+        out[name] = k
+    return out
+
+
+def list_sas(options: Mapping[str, str]) -> list[IkeSA]:
+    """Every IKE SA pluto holds, normalized (four whack calls, no cache)."""
+    status = parse_status(whack.run(options, "--status"))
+    states = parse_showstates(whack.run(options, "--showstates"))
+    traffic = parse_trafficstatus(whack.run(options, "--trafficstatus"))
+    pubkeys = parse_listpubkeys(whack.run(options, "--listpubkeys"))
+    nssdir = options.get("nssdir") or status.nssdir or DEFAULT_NSSDIR
+    keys = _with_ckaid_keys(options, _conf_keys(options, status.configfile), nssdir)
+    return ike_sas(status, states, traffic, keys, pubkeys)
+
+
+def find_in(sas: list[IkeSA], flow: Flow) -> tuple[IkeSA, ChildSA] | None:
+    """The first established IKE SA with an installed IPsec SA covering ``flow``."""
+    for ike in sas:
+        child = ike.child_for(flow)
+        if child is not None:
+            return ike, child
+    return None
+
+
+class LibreswanBackend:
+    """The pluggy plugin object (entry point ``libreswan = btns_libreswan.plugin:plugin``)."""
+
+    @hookimpl
+    def btns_backend_info(self) -> BackendInfo:
+        return BackendInfo(BACKEND, "pluto (libreswan)", "libreswan's pluto through the whack binary")
+
+    @hookimpl
+    def btns_probe(self, options: Mapping[str, str]) -> bool:
+        try:
+            whack.run(options, "--trafficstatus", timeout=3)
+        except BackendError:
+            return False
+        return True
+
+    @hookimpl
+    def btns_capabilities(self, options: Mapping[str, str]) -> Capabilities:
+        status = whack.run(options, "--status")
+        parse_status(status)  # raises ProtocolError on nonsense
+        dataplane = XFRM if "kernel interface: xfrm" in status else "unknown"
+        methods = frozenset({AuthMethod.BTNS, AuthMethod.PRESHAREDKEY, AuthMethod.PKIX_TRUSTED, AuthMethod.EAP})
+        return Capabilities(auth_methods=methods, modes=frozenset({"TUNNEL", "TRANSPORT"}),
+                            dataplane=dataplane, enforce=dataplane == XFRM)
+
+    @hookimpl
+    def btns_list_sas(self, options: Mapping[str, str]) -> list[IkeSA]:
+        return list_sas(options)
+
+    @hookimpl
+    def btns_find_sa(self, options: Mapping[str, str], flow: Flow) -> tuple[IkeSA, ChildSA] | None:
+        return find_in(list_sas(options), flow)
+
+    @hookimpl
+    def btns_verify_dataplane(
+        self, options: Mapping[str, str], flow: Flow, ike_sa: IkeSA, child_sa: ChildSA
+    ) -> DataplaneProof | None:
+        return verify(flow, ike_sa, child_sa, XFRM, options.get("netns") or None)
+
+    @hookimpl
+    def btns_enforce(self, options: Mapping[str, str], sock: Any, ptoken: PToken) -> Enforcement:
+        return enforce.enforce(sock, ptoken)
+
+    @hookimpl
+    def btns_establish(self, options: Mapping[str, str], flow: Flow, ptoken: PToken) -> str:
+        return enforce.establish(options, flow, ptoken)
+
+    @hookimpl
+    def btns_serve(self, options: Mapping[str, str], local_addr: Any, ptoken: PToken) -> str:
+        return enforce.serve(options, local_addr, ptoken)
+
+    @hookimpl
+    def btns_watch(
+        self, options: Mapping[str, str], callback: Callable[[SAEvent], None]
+    ) -> Callable[[], None]:
+        return watch(options, callback)
+
+
+plugin = LibreswanBackend()
+
+__all__ = ["LibreswanBackend", "find_in", "list_sas", "plugin"]

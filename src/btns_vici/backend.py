@@ -65,9 +65,12 @@ class Backend:
         others = [p for n, p in pm.list_name_plugin() if n != name and p is not None]
         self._pm = pm
         self._others = others
+        self._callers: dict[str, Any] = {}
 
     def _call(self, hook: str, **kwargs: Any) -> Any:
-        caller = self._pm.subset_hook_caller(hook, remove_plugins=self._others)
+        caller = self._callers.get(hook)
+        if caller is None:  # pluggy's subset callers filter at call time: safe to keep
+            caller = self._callers[hook] = self._pm.subset_hook_caller(hook, remove_plugins=self._others)
         return caller(options=self.options, **kwargs)
 
     def probe(self) -> bool:

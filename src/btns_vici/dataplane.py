@@ -11,8 +11,8 @@ Two data planes exist (README "Data planes"):
   (written separately). It registers itself with :func:`register` under that name.
 
 The route lookup uses pyroute2 in the backend's network namespace; answers are cached
-per (local, remote) address and dropped on every rtnetlink route/rule/link/address
-notification, which is drained without blocking before each answer.
+per remote address and dropped on every rtnetlink route/rule/link/address notification
+(or lost notification, ENOBUFS), which is drained without blocking before each answer.
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ class RouteProber:
             self._mon = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, 0)
         self._mon.bind((0, _GROUPS))
         self._cache: dict[tuple[Any, Any], tuple[int | None, int | None, str | None]] = {}
+        self._paths: dict[Any, str] = {}
+        self.proofs: dict[tuple[Any, ...], DataplaneProof] = {}  # see verify_libipsec
         self._ifindex: int | None = None
 
     def close(self) -> None:
@@ -87,8 +89,12 @@ class RouteProber:
                 changed = True
             except BlockingIOError:
                 break
+            except OSError:  # ENOBUFS: notifications were lost, so assume everything changed
+                changed = True
         if changed:
             self._cache.clear()
+            self._paths.clear()
+            self.proofs.clear()
             self._ifindex = None
 
     def tun_index(self) -> int | None:
@@ -117,6 +123,29 @@ class RouteProber:
                 self._cache[key] = hit
             return hit
 
+    def via_tun(self, remote: Any) -> str | None:
+        """Where an unmarked packet to ``remote`` goes, if through ipsec0 from table 220; else None.
+
+        One lock, one non-blocking drain and a dict lookup when nothing changed (the hot path).
+        """
+        with self._lock:
+            self._drain()
+            hit = self._paths.get(remote)
+            if hit is None:
+                with netns.entered(self.netns):  # pyroute2 opens its socket per thread
+                    if self._ifindex is None:
+                        links = self._ipr.link_lookup(ifname=LIBIPSEC_DEVICE)
+                        self._ifindex = links[0] if links else 0
+                    table, oif, src = self._lookup(remote)
+                ok = bool(self._ifindex) and oif == self._ifindex and table == LIBIPSEC_TABLE
+                hit = self._paths[remote] = (
+                    f"route to {remote} via {LIBIPSEC_DEVICE} (ifindex {oif}) in table {table}"
+                    + (f" src {src}" if src else "")
+                    if ok
+                    else ""
+                )
+            return hit or None
+
     def _lookup(self, remote: Any) -> tuple[int | None, int | None, str | None]:
         try:
             msg = self._ipr.route("get", dst=str(remote))[0]
@@ -141,11 +170,14 @@ _probers_lock = threading.Lock()
 
 
 def prober(netns_name: str | None) -> RouteProber:
-    with _probers_lock:
-        p = _probers.get(netns_name)
-        if p is None:
-            p = _probers[netns_name] = RouteProber(netns_name)
-        return p
+    """The (cached) prober of a network namespace."""
+    p = _probers.get(netns_name)
+    if p is None:
+        with _probers_lock:
+            p = _probers.get(netns_name)
+            if p is None:
+                p = _probers[netns_name] = RouteProber(netns_name)
+    return p
 
 
 def forget(netns_name: str | None) -> None:
@@ -157,23 +189,30 @@ def forget(netns_name: str | None) -> None:
 
 
 def verify_libipsec(flow: Flow, ike: IkeSA, child: ChildSA, netns_name: str | None) -> DataplaneProof | None:
-    """kernel-libipsec: tunnel-mode SA installed and the flow's route leaves via ipsec0, table 220."""
+    """kernel-libipsec: tunnel-mode SA installed and the flow's route leaves via ipsec0, table 220.
+
+    While nothing changes, the same DataplaneProof object is returned for the same
+    route and CHILD_SA (callers may memoize on its identity).
+    """
     if child.mode.upper() != "TUNNEL":
         return None
     p = prober(netns_name)
-    tun = p.tun_index()
     remote = normalize_address(flow.remote_addr)
-    table, oif, src = p.route(normalize_address(flow.local_addr), remote)
-    if tun is None or oif != tun or table != LIBIPSEC_TABLE:
+    path = p.via_tun(remote)
+    if path is None:
         return None
-    return DataplaneProof(
-        dataplane=LIBIPSEC,
-        detail=f"route to {remote} via {LIBIPSEC_DEVICE} (ifindex {tun}) in table {table}"
-        + (f" src {src}" if src else "")
-        + f"; charon reports CHILD_SA {child.name}#{child.uniqueid} {child.state} in tunnel mode",
-        spi_out=child.spi_out,
-        reqid=child.reqid,
-    )
+    key = (remote, child.uniqueid, child.spi_out, child.state)
+    proof = p.proofs.get(key)
+    if proof is None:
+        if len(p.proofs) > 4096:  # rekeyed CHILD_SAs leave old keys behind
+            p.proofs.clear()
+        proof = p.proofs[key] = DataplaneProof(
+            dataplane=LIBIPSEC,
+            detail=f"{path}; charon reports CHILD_SA {child.name}#{child.uniqueid} {child.state} in tunnel mode",
+            spi_out=child.spi_out,
+            reqid=child.reqid,
+        )
+    return proof
 
 
 register(LIBIPSEC, verify_libipsec)

@@ -134,22 +134,33 @@ def run(out: TextIO = sys.stdout, family: int = 4) -> int:
                     print(line, file=out)
                 for line in describe_ptoken(f"peer B, server socket {server.getsockname()[:2]}", tb_):
                     print(line, file=out)
-                checks = {
-                    "A's connection is encrypted": ta.privacy_protected >= Setting.LEVEL_MEDIUM,
-                    "B's connection is encrypted": tb_.privacy_protected >= Setting.LEVEL_MEDIUM,
-                    "A's peer key is B's host key": ta.itoken is not None
-                    and ta.itoken.pub_key_id == ends["b"][0].public_der,
-                    "A's peer iToken is B's own identity": ta.itoken is not None and ta.itoken == tb_.remote_itoken,
-                    "B's peer iToken is A's own identity": tb_.itoken is not None and tb_.itoken == ta.remote_itoken,
-                    "channel bindings agree": ta.itoken is not None
-                    and tb_.remote_itoken is not None
-                    and ta.itoken.channel_binding == tb_.remote_itoken.channel_binding,
-                    "both pTokens equivalent (ipsec_cmp_pToken)": _mirror_equal(ta, tb_),
-                }
-        print("checks:", file=out)
-        for what, ok in checks.items():
-            print(f"  [{'ok' if ok else 'FAIL'}] {what}", file=out)
+                checks = agreement_checks(ta, tb_, ends["b"][0].public_der)
+        print_checks(checks, out)
         return 0 if all(checks.values()) else 1
+
+
+def agreement_checks(a: PToken, b: PToken, b_host_key: bytes) -> dict[str, bool]:
+    """Whether the client's (A's) and the server's (B's) views of one connection agree.
+
+    ``b_host_key`` is B's host key (DER SubjectPublicKeyInfo), which A must see as its peer's key.
+    """
+    return {
+        "A's connection is encrypted": a.privacy_protected >= Setting.LEVEL_MEDIUM,
+        "B's connection is encrypted": b.privacy_protected >= Setting.LEVEL_MEDIUM,
+        "A's peer key is B's host key": a.itoken is not None and a.itoken.pub_key_id == b_host_key,
+        "A's peer iToken is B's own identity": a.itoken is not None and a.itoken == b.remote_itoken,
+        "B's peer iToken is A's own identity": b.itoken is not None and b.itoken == a.remote_itoken,
+        "channel bindings agree": a.itoken is not None
+        and b.remote_itoken is not None
+        and a.itoken.channel_binding == b.remote_itoken.channel_binding,
+        "both pTokens equivalent (ipsec_cmp_pToken)": _mirror_equal(a, b),
+    }
+
+
+def print_checks(checks: dict[str, bool], out: TextIO) -> None:
+    print("checks:", file=out)
+    for what, ok in checks.items():
+        print(f"  [{'ok' if ok else 'FAIL'}] {what}", file=out)
 
 
 def _mirror_equal(a: PToken, b: PToken) -> bool:
@@ -162,8 +173,15 @@ def _mirror_equal(a: PToken, b: PToken) -> bool:
     return a.equivalent(m)
 
 
-def main() -> None:
-    sys.exit(run())
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m btns_vici.demo", description="The two-peer demo on the network-namespace testbed."
+    )
+    parser.add_argument("--ipv6", action="store_true", help="connect over IPv6")
+    args = parser.parse_args(argv)
+    sys.exit(run(family=6 if args.ipv6 else 4))
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ format are documented in README.md ("Protection levels", "Channel bindings").
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 from .constants import Attr, AuthMethod, Setting
-from .records import ChildSA, Identity, IkeSA, Protection
+from .records import ChildSA, DataplaneProof, Identity, IkeSA, Protection
 from .selectors import Flow
 from .tokens import IToken, PToken
 
@@ -84,6 +85,12 @@ def channel_binding(identity: Identity) -> str | None:
 
 def itoken_for(identity: Identity) -> IToken:
     """The iToken of one end of an IKE_SA (draft 2.1.2)."""
+    return _itoken_memo(identity).copy()
+
+
+@functools.lru_cache(maxsize=4096)
+def _itoken_memo(identity: Identity) -> IToken:
+    """itoken_for is pure in the (frozen) Identity: build each iToken once (hot path of get_socket_pToken)."""
     what = _AUTH_WORDS.get(identity.auth_method, identity.auth_class)
     audit = f"id '{identity.ike_id}' authenticated by {what}"
     if identity.public_key:
@@ -110,8 +117,33 @@ def _alg_text(child: ChildSA) -> str:
 
 
 def ptoken_for(protection: Protection) -> PToken:
-    """The pToken of a flow verified to run through an SA (draft 2.3.2)."""
+    """The pToken of a flow verified to run through an SA (draft 2.3.2).
+
+    Everything but the flow's own text depends only on (IKE_SA, CHILD_SA, proof); the
+    backends hand out the same record objects until the SA changes, so that part is
+    built once per SA and copied (get_socket_pToken's hot path).
+    """
     ike, child, proof, flow = protection.ike_sa, protection.child_sa, protection.proof, protection.flow
+    key = (id(ike), id(child), id(proof))
+    hit = _TEMPLATES.get(key)
+    if hit is None or hit[0] is not ike or hit[1] is not child or hit[2] is not proof:
+        if len(_TEMPLATES) >= 1024:
+            _TEMPLATES.clear()
+        hit = _TEMPLATES[key] = (ike, child, proof, _ptoken_template(ike, child, proof))
+    tmpl = hit[3]
+    tok = tmpl.copy()
+    where = str(flow)
+    tok._set_internal(Attr.auditString, f"{tmpl.audit_string} flow={where}")
+    tok._set_internal(Attr.informationString, f"{where} {tmpl.information_string}")
+    return tok
+
+
+#: (id(ike), id(child), id(proof)) -> (ike, child, proof, template); the strong references keep ids unique.
+_TEMPLATES: dict[tuple[int, int, int], tuple[IkeSA, ChildSA, DataplaneProof, PToken]] = {}
+
+
+def _ptoken_template(ike: IkeSA, child: ChildSA, proof: DataplaneProof) -> PToken:
+    """ptoken_for without the flow: audit and information strings lack the flow's text."""
     tok = PToken()
     tunnel = child.mode.upper() == "TUNNEL"
     tok._set_internal(Attr.privacyProtected, int(privacy_level(child)))
@@ -128,11 +160,11 @@ def ptoken_for(protection: Protection) -> PToken:
         f"backend={ike.backend} ike_sa={ike.name}#{ike.uniqueid} child_sa={child.name}#{child.uniqueid} "
         f"reqid={child.reqid} spi_in={child.spi_in:08x} spi_out={child.spi_out:08x} "
         f"proto={child.protocol} mode={child.mode} alg={_alg_text(child)} "
-        f"peer_id={ike.remote.ike_id!r} dataplane={proof.dataplane} flow={flow}",
+        f"peer_id={ike.remote.ike_id!r} dataplane={proof.dataplane}",
     )
     tok._set_internal(
         Attr.informationString,
-        f"{flow} is protected by IPsec {child.protocol} in {child.mode.lower()} mode "
+        f"is protected by IPsec {child.protocol} in {child.mode.lower()} mode "
         f"({_alg_text(child)}{', IPComp' if child.ipcomp else ''}) with peer '{ike.remote.ike_id}', "
         f"authenticated by {_AUTH_WORDS.get(ike.remote.auth_method, ike.remote.auth_class)}; "
         f"data plane {proof.dataplane}: {proof.detail}",

@@ -129,10 +129,17 @@ def source_address(
         family = sock.family
         ns_fd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
     result: list[object] = []
+    try:
+        own = os.stat("/proc/thread-self/ns/net")
+        theirs = os.fstat(ns_fd)
+        same_netns = (own.st_dev, own.st_ino) == (theirs.st_dev, theirs.st_ino)
+    except OSError:
+        same_netns = False
 
     def probe() -> None:  # setns() moves only this short-lived thread
         try:
-            setns(ns_fd)
+            if not same_netns:  # setns needs CAP_SYS_ADMIN, which e.g. a container may lack
+                setns(ns_fd)
             with socket.socket(family, socket.SOCK_DGRAM) as p:
                 p.connect((str(remote), 9))
                 result.append(endpoint(p.getsockname())[0])

@@ -16,7 +16,10 @@ pinned pubKeyID also counts as LEAPOFFAITH.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from .constants import Attr, AuthMethod, Setting
+from .errors import NotSupportedError
 from .tokens import IToken, PToken
 
 _LEVELLED = (Attr.privacyProtected, Attr.integrityProtected)
@@ -107,3 +110,37 @@ def satisfies(demand: PToken, actual: PToken) -> bool:
 
 def _name(value: object) -> str:
     return "nothing" if value is None else Setting(value).name  # type: ignore[arg-type]
+
+
+# -- helpers for backends that build connections from a demand (enforcement) -----------------
+
+
+def demanded(demand: PToken, attr: Attr) -> int:
+    """The value ``demand`` asks for ``attr`` (ANY when unset)."""
+    return int(demand.attributes().get(attr, Setting.ANY))  # type: ignore[arg-type]
+
+
+def allowed_methods(demand: PToken) -> frozenset[AuthMethod]:
+    """The authentication methods the demanded iToken's switches allow."""
+    tok = demand.itoken
+    if tok is None:
+        return frozenset(AuthMethod)
+    switches = {m: tok.auth_method(m) for m in AuthMethod}
+    enabled = {m for m, s in switches.items() if s == Setting.ENABLE}
+    if enabled:
+        return frozenset(enabled)
+    return frozenset(m for m, s in switches.items() if s != Setting.DISABLE)
+
+
+def choose_proposals(demand: PToken, candidates: Iterable[tuple[str, Setting, Setting]]) -> list[str]:
+    """The proposals (name, privacy level, integrity level) meeting the demanded levels, in order.
+
+    Raises NotSupportedError (EOPNOTSUPP) when none does.
+    """
+    want_p, want_i = demanded(demand, Attr.privacyProtected), demanded(demand, Attr.integrityProtected)
+    found = [name for name, p, i in candidates if _level_ok(want_p, p) and _level_ok(want_i, i)]
+    if not found:
+        raise NotSupportedError(
+            f"no ESP proposal meets privacy {Setting(want_p).name} and integrity {Setting(want_i).name}"
+        )
+    return found

@@ -23,10 +23,10 @@ from typing import Any
 from ..backend import Enforcement
 from ..constants import Attr, AuthMethod, Setting
 from ..errors import BtnsError, NotSupportedError
-from ..guard import LIBIPSEC
+from ..guard import LIBIPSEC, XFRM
 from ..hookspecs import hookimpl
 from ..hostkey import HostIdentity
-from ..requirements import _level_ok
+from ..requirements import allowed_methods, choose_proposals, demanded
 from ..tokens import IToken, PToken
 
 #: ESP proposals the library offers, in preference order, with their (privacy, integrity) levels.
@@ -44,39 +44,22 @@ RAW_KEY_METHODS = frozenset({AuthMethod.BTNS, AuthMethod.LEAPOFFAITH})
 #: Methods strongSwan can authenticate with when the operator configured them.
 OPERATOR_METHODS = frozenset({AuthMethod.PRESHAREDKEY, AuthMethod.PKIX_TRUSTED, AuthMethod.EAP})
 CONN_PREFIX = "btns-"
-
-
-def _get(p: PToken, attr: Attr) -> int:
-    return int(p.attributes().get(attr, Setting.ANY))  # type: ignore[arg-type]
+#: kernel-xfrm: the reqid of every CHILD_SA the library negotiates, and of the guard's per-socket
+#: policy templates. The kernel's outbound SA lookup matches a template's reqid exactly (0 is not
+#: a wildcard there), so a guard with reqid 0 never finds charon's SAs: both must agree. A fixed
+#: (static) reqid is shared by all of the library's CHILD_SAs; charon keeps them apart by address.
+#: Chosen far above charon's dynamic reqids (1, 2, 3, ...); ASCII "btns".
+XFRM_REQID = 0x62746E73
 
 
 def esp_proposals(demand: PToken) -> list[str]:
     """The ESP proposals meeting the demanded privacy and integrity levels (EOPNOTSUPP if none)."""
-    want_p, want_i = _get(demand, Attr.privacyProtected), _get(demand, Attr.integrityProtected)
-    found = [name for name, p, i in CANDIDATES if _level_ok(want_p, p) and _level_ok(want_i, i)]
-    if not found:
-        raise NotSupportedError(
-            f"no ESP proposal meets privacy {Setting(want_p).name} and integrity {Setting(want_i).name} "
-            "(ESP without encryption is not offered)"
-        )
-    return found
-
-
-def allowed_methods(demand: PToken) -> frozenset[AuthMethod]:
-    """The authentication methods the demanded iToken's switches allow."""
-    tok = demand.itoken
-    if tok is None:
-        return frozenset(AuthMethod)
-    switches = {m: tok.auth_method(m) for m in AuthMethod}
-    enabled = {m for m, s in switches.items() if s == Setting.ENABLE}
-    if enabled:
-        return frozenset(enabled)
-    return frozenset(m for m, s in switches.items() if s != Setting.DISABLE)
+    return choose_proposals(demand, CANDIDATES)
 
 
 def child_mode(demand: PToken, dataplane: str) -> str:
     """"tunnel" or "transport" for the demanded tunnelMode/ipoptionsProtected on ``dataplane``."""
-    tunnel, ipopts = _get(demand, Attr.tunnelMode), _get(demand, Attr.ipoptionsProtected)
+    tunnel, ipopts = demanded(demand, Attr.tunnelMode), demanded(demand, Attr.ipoptionsProtected)
     if tunnel == Setting.DISABLE and ipopts == Setting.ENABLE:
         raise NotSupportedError("IP options are protected only in tunnel mode (AH is not offered)")
     if dataplane == LIBIPSEC:
@@ -92,7 +75,7 @@ def check_supported(demand: PToken, dataplane: str) -> None:
     """Raise EOPNOTSUPP for any requirement this backend on ``dataplane`` cannot meet."""
     esp_proposals(demand)
     child_mode(demand, dataplane)
-    if _get(demand, Attr.compressionAvailable) == Setting.ENABLE and dataplane == LIBIPSEC:
+    if demanded(demand, Attr.compressionAvailable) == Setting.ENABLE and dataplane == LIBIPSEC:
         raise NotSupportedError("kernel-libipsec has no IPComp")
     methods = allowed_methods(demand)
     if not methods & (RAW_KEY_METHODS | OPERATOR_METHODS):
@@ -175,8 +158,10 @@ def conn_config(
         "start_action": "none",
         "dpd_action": "clear",
     }
-    if _get(demand, Attr.compressionAvailable) == Setting.ENABLE:
+    if demanded(demand, Attr.compressionAvailable) == Setting.ENABLE:
         child["ipcomp"] = "yes"
+    if dataplane == XFRM:
+        child["reqid"] = str(XFRM_REQID)
     return {
         name: {
             "version": "2",
@@ -273,7 +258,7 @@ class EnforceHooks:
         ctx = self.context(options)
         dataplane = ctx.dataplane()
         check_supported(ptoken, dataplane)
-        how = guard.apply(sock, dataplane)
+        how = guard.apply(sock, dataplane, reqid=XFRM_REQID if dataplane == XFRM else 0)
         return Enforcement(connection="(established on connect/listen)", dataplane_guard=how)
 
     @hookimpl

@@ -34,7 +34,7 @@ from btns_vici.backend import Enforcement
 from btns_vici.constants import Attr, AuthMethod, Setting
 from btns_vici.dataplane import XFRM
 from btns_vici.errors import BtnsError, NotSupportedError
-from btns_vici.requirements import _level_ok
+from btns_vici.requirements import allowed_methods, choose_proposals, demanded
 from btns_vici.selectors import Flow
 from btns_vici.tokens import PToken
 
@@ -55,34 +55,14 @@ CONN_PREFIX = "btns-"
 RAW_KEY_METHODS = frozenset({AuthMethod.BTNS, AuthMethod.LEAPOFFAITH})
 
 
-def _get(p: PToken, attr: Attr) -> int:
-    return int(p.attributes().get(attr, Setting.ANY))  # type: ignore[arg-type]
-
-
 def esp_proposals(demand: PToken) -> list[str]:
     """libreswan ``esp=`` proposals meeting the demanded levels (EOPNOTSUPP if none)."""
-    want_p, want_i = _get(demand, Attr.privacyProtected), _get(demand, Attr.integrityProtected)
-    found = [name for name, p, i in CANDIDATES if _level_ok(want_p, p) and _level_ok(want_i, i)]
-    if not found:
-        raise NotSupportedError(
-            f"no ESP proposal meets privacy {Setting(want_p).name} and integrity {Setting(want_i).name}"
-        )
-    return found
-
-
-def allowed_methods(demand: PToken) -> frozenset[AuthMethod]:
-    """The authentication methods the demanded iToken's switches allow."""
-    tok = demand.itoken
-    if tok is None:
-        return frozenset(AuthMethod)
-    switches = {m: tok.auth_method(m) for m in AuthMethod}
-    enabled = {m for m, s in switches.items() if s == Setting.ENABLE}
-    return frozenset(enabled) if enabled else frozenset(m for m, s in switches.items() if s != Setting.DISABLE)
+    return choose_proposals(demand, CANDIDATES)
 
 
 def mode(demand: PToken) -> str:
     """``transport``; tunnel mode and IP-options protection cannot be guarded per socket (EOPNOTSUPP)."""
-    tunnel, ipopts = _get(demand, Attr.tunnelMode), _get(demand, Attr.ipoptionsProtected)
+    tunnel, ipopts = demanded(demand, Attr.tunnelMode), demanded(demand, Attr.ipoptionsProtected)
     if Setting.ENABLE in (tunnel, ipopts):
         raise NotSupportedError("the libreswan backend builds transport-mode ESP only (per-socket guard)")
     return "transport"
@@ -150,7 +130,7 @@ def conn_text(
         f"\treqid={demand_reqid(demand)}",
         "\tauto=add",
     ]
-    if _get(demand, Attr.compressionAvailable) == Setting.ENABLE:
+    if demanded(demand, Attr.compressionAvailable) == Setting.ENABLE:
         lines.append("\tcompress=yes")
     if ike:
         lines.append(f"\tike={ike}")

@@ -339,17 +339,7 @@ def test_socket_ptoken_is_protected_with_expected_peer_itoken(
         assert f"'{other}.btns.test'" in tok["info"], tok["info"]
 
 
-def test_x509_peer_itoken_has_certificate_dn(
-    request: pytest.FixtureRequest, testbed: ComposeTestbed, tcp_tokens: dict[str, dict]
-) -> None:
-    if testbed.auth == "x509":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="strongswan/parse.py finds the peer certificate by subject == IKE id; the testbed's "
-                "IDs are the certificates' FQDN subjectAltNames (bob.btns.test), not their DNs",
-            )
-        )
+def test_x509_peer_itoken_has_certificate_dn(testbed: ComposeTestbed, tcp_tokens: dict[str, dict]) -> None:
     for service, other in (("alice", "bob"), ("bob", "alice")):
         peer = tcp_tokens[service]["itoken"]
         expected = f"CN={other}.btns.test" if testbed.auth == "x509" else None

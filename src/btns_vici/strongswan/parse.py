@@ -230,15 +230,15 @@ def single_section(msg: Section, what: str) -> tuple[str, Section]:
 
 @dataclass(frozen=True)
 class CertStore:
-    """list-certs, indexed: raw keys by subject, X.509 certificates by subject DN."""
+    """list-certs, indexed: raw keys by subject, X.509 certificates by subject DN and subjectAltNames."""
 
     pubkeys: Mapping[str, bytes]  # subject (identity or key id) -> DER SPKI
-    certs: Mapping[str, tuple[str, bytes]]  # subject DN -> (issuer DN, DER SPKI)
+    certs: Mapping[str, tuple[str, str, bytes]]  # subject DN or SAN -> (subject DN, issuer DN, DER SPKI)
 
     @classmethod
     def from_vici(cls, entries: Iterable[Section]) -> CertStore:
         pubkeys: dict[str, bytes] = {}
-        certs: dict[str, tuple[str, bytes]] = {}
+        certs: dict[str, tuple[str, str, bytes]] = {}
         for e in entries:
             kind, data = _get(e, "type", ""), e.get("data")
             if not isinstance(data, bytes):
@@ -251,7 +251,10 @@ class CertStore:
                 pubkeys.setdefault(_keyid(data), data)
             elif kind == "X509" and _get(e, "flag", "NONE") != "CA":
                 info = parse_certificate(data)
-                certs[info.subject] = (info.issuer, info.spki)
+                entry = (info.subject, info.issuer, info.spki)
+                certs[info.subject] = entry
+                for alt in info.alt_names:  # IKE identities are often a SAN, not the DN
+                    certs.setdefault(alt, entry)
         return cls(pubkeys, certs)
 
 
@@ -284,10 +287,10 @@ def identity(ike_id: str, auth: Section | None, store: CertStore) -> Identity:
     named = [text(x, "certs") for x in auth.get("certs", []) or []]
     cert = store.certs.get(ike_id) or next((store.certs[n] for n in named if n in store.certs), None)
     if cls.strip().lower() == "public key" and (cert is not None or cacerts):
-        issuer, spki = cert if cert is not None else (cacerts[0], None)
+        subject, issuer, spki = cert if cert is not None else (None, cacerts[0], None)
         return Identity(
             ike_id=ike_id, auth_method=AuthMethod.PKIX_TRUSTED, public_key=spki,
-            certificate_dn=ike_id if cert is not None else None, ca_dn=issuer, auth_class=cls,
+            certificate_dn=subject, ca_dn=issuer, auth_class=cls,
         )
     key = store.pubkeys.get(ike_id) or next((store.pubkeys[n] for n in named if n in store.pubkeys), None)
     return Identity(

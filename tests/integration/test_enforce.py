@@ -23,11 +23,11 @@ pytestmark = pytest.mark.testbed
 
 
 class Side:
-    def __init__(self, tb: Testbed, peer, root: Path) -> None:
+    def __init__(self, tb: Testbed, peer, root: Path, tag: str = "") -> None:
         self.peer = peer
         self.tb = tb
-        self.key_dir = root / f"{peer.name}-keys"
-        self.peer_dir = root / f"{peer.name}-peers"
+        self.key_dir = root / f"{peer.name}{tag}-keys"
+        self.peer_dir = root / f"{peer.name}{tag}-peers"
         self.peer_dir.mkdir(parents=True)
         self.host: HostIdentity = load_or_create(self.key_dir)
         self.options = {**peer.options, "key_dir": str(self.key_dir), "peer_keys": str(self.peer_dir)}
@@ -248,3 +248,35 @@ def test_bad_input_errnos(tb, sides, tmp_path):
             with pytest.raises(OSError) as e:
                 btns_vici.set_socket_ptoken(s, btns_demand(), a.backend)
             assert e.value.errno == errno.EISCONN
+
+
+def test_latch_breaks_when_the_peer_key_is_swapped(tb, sides, tmp_path):
+    """The SA under a latched connection is replaced by one whose peer proves another key."""
+    import ipaddress
+
+    from btns_vici.latch import Latch
+    from btns_vici.selectors import Flow
+
+    a, b = sides
+    b2 = Side(tb, tb.b, tmp_path, tag="2")  # B again, with a new host key
+    b2.trust(a)
+    a.trust(b2, "peer-new")  # A's BTNS peer-key directory accepts both of B's keys
+    srv, got = serve(b, btns_demand(), 25008)
+    cli = a.socket()
+    btns_vici.set_socket_ptoken(cli, btns_demand(), a.backend)
+    connect(cli, (str(b.peer.v4), 25008), a.backend, latch_=False)
+    conn, _ = wait_accept(got)
+    broken: list[LatchBroken] = []
+    lt = Latch(cli, a.backend, on_break=broken.append)  # checked by hand below, not by events
+    assert lt.latched.itoken.pub_key_id == b.host.public_der
+    # B swaps its key: the old responder connection goes, a new one with the new key comes.
+    _cleanup(tb)
+    b2.backend.serve(ipaddress.ip_address(str(b.peer.v4)), btns_demand())
+    a.backend.establish(Flow(6, a.peer.v4, 0, b.peer.v4, 25008), btns_demand())
+    assert btns_vici.ptoken_for_flow(lt.flow, a.backend).itoken.pub_key_id == b2.host.public_der
+    with pytest.raises(ProtectionLostError):
+        lt.check()
+    assert broken and any("pubKeyID differs" in r for r in broken[0].reasons), broken
+    unlatch(conn)
+    for s in (cli, conn, srv):
+        s.close()

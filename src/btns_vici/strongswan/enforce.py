@@ -170,10 +170,18 @@ def conn_config(
             "proposals": ["default"],
             "unique": "never",
             "local-1": {"auth": "pubkey", "pubkeys": [host.public_pem]},
-            "remote-1": {"auth": "pubkey", "pubkeys": [_pem(k) for k in keys]},
+            "remote-1": _remote_auth(keys),
             "children": {name: child},
         }
     }
+
+
+def _remote_auth(keys: list[bytes]) -> dict[str, Any]:
+    """Peer authentication by any of ``keys``; with several, no IDr is sent (any of them may answer)."""
+    auth: dict[str, Any] = {"auth": "pubkey", "pubkeys": [_pem(k) for k in keys]}
+    if len(keys) > 1:
+        auth["id"] = "%any"
+    return auth
 
 
 def demand_allows_raw_keys(demand: PToken) -> bool:

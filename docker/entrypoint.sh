@@ -8,6 +8,9 @@
 #   BTNS_DATAPLANE=xfrm|libipsec    kernel ESP in transport mode | userspace ESP in tunnel mode
 #   BTNS_AUTH=pubkey|psk|x509       BTNS raw public keys | pre-shared key | certificates from a testbed CA
 #   BTNS_PSK                        optional fixed PSK (else one is made and kept on the shared volume)
+#   BTNS_CONN=yes|no                yes: load (and, on the initiator, bring up) the operator conn `btns`;
+#                                   no: charon only, no credentials or conn: programs build their own
+#                                   connections with btns_vici (set_socket_pToken), as the demo does
 #
 # Credentials are made at first start and exchanged through the shared volume (/shared);
 # the conn is (re)loaded whenever what it needs from the peer appears or changes.
@@ -19,6 +22,7 @@ BTNS_INITIATOR="${BTNS_INITIATOR:-no}"
 BTNS_DATAPLANE="${BTNS_DATAPLANE:-xfrm}"
 BTNS_AUTH="${BTNS_AUTH:-pubkey}"
 BTNS_PSK="${BTNS_PSK:-}"
+BTNS_CONN="${BTNS_CONN:-yes}"
 SHARED="${BTNS_SHARED:-/shared}"
 CONF=/etc/btns/conf
 SWANCTL=/etc/swanctl
@@ -71,6 +75,10 @@ case "${BTNS_AUTH}" in
     pubkey | psk | x509) ;;
     *) die "BTNS_AUTH must be pubkey, psk or x509, not '${BTNS_AUTH}'" ;;
 esac
+case "${BTNS_CONN}" in
+    yes | no) ;;
+    *) die "BTNS_CONN must be yes or no, not '${BTNS_CONN}'" ;;
+esac
 case "${BTNS_PSK}" in *'"'* | *$'\n'* | *\\*) die "BTNS_PSK must not contain quotes, backslashes or newlines" ;; esac
 if [ "${BTNS_INITIATOR}" = yes ]; then dpd_action=restart; else dpd_action=clear; fi
 
@@ -81,55 +89,57 @@ rm -f "${SHARED}/ready/${BTNS_NAME}"
 install -m 0644 "${CONF}/strongswan/strongswan-${BTNS_DATAPLANE}.conf" /etc/strongswan.conf
 
 # --- credentials made at first start -------------------------------------------------------
-key="${SWANCTL}/private/${BTNS_NAME}.key.pem"
-if [ ! -s "${key}" ]; then
-    pki --gen --type ed25519 --outform pem | publish "${key}"
-    chmod 0600 "${key}"
-    log "made key ${key}"
+if [ "${BTNS_CONN}" = yes ]; then
+    key="${SWANCTL}/private/${BTNS_NAME}.key.pem"
+    if [ ! -s "${key}" ]; then
+        pki --gen --type ed25519 --outform pem | publish "${key}"
+        chmod 0600 "${key}"
+        log "made key ${key}"
+    fi
+    case "${BTNS_AUTH}" in
+        pubkey)
+            pki --pub --in "${key}" --outform pem | publish "${SWANCTL}/pubkey/${BTNS_NAME}.pub.pem"
+            publish "${SHARED}/pubkeys/${BTNS_NAME}.pub.pem" <"${SWANCTL}/pubkey/${BTNS_NAME}.pub.pem"
+            peer_input="${SHARED}/pubkeys/${BTNS_PEER}.pub.pem"   # the conn waits for this
+            my_offer="${SWANCTL}/pubkey/${BTNS_NAME}.pub.pem"      # what the peer's conn needs from us
+            ;;
+        psk)
+            if [ -n "${BTNS_PSK}" ]; then
+                printf '%s' "${BTNS_PSK}" | publish /run/btns-psk
+            else
+                # The first peer to get here makes the key; ln is the atomic "create if absent".
+                tmp="${SHARED}/psk.tmp.$$"
+                printf '0x%s' "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" >"${tmp}"
+                ln "${tmp}" "${SHARED}/psk" 2>/dev/null || true
+                rm -f "${tmp}"
+                cp "${SHARED}/psk" /run/btns-psk
+            fi
+            chmod 0600 /run/btns-psk
+            peer_input=/run/btns-psk
+            my_offer=/run/btns-psk
+            ;;
+        x509)
+            ca="${SHARED}/ca/btns-ca.cert.pem"
+            if [ ! -s "${ca}" ] && mkdir "${SHARED}/ca/lock" 2>/dev/null; then
+                pki --gen --type ed25519 --outform pem | publish "${SHARED}/ca/btns-ca.key.pem"
+                pki --self --ca --lifetime 3650 --type priv --in "${SHARED}/ca/btns-ca.key.pem" \
+                    --dn "CN=btns-vici testbed CA" --outform pem | publish "${ca}"
+                log "made the testbed CA"
+            fi
+            await_file "${ca}" 60 || die "no CA appeared at ${ca}"
+            if [ ! -s "${SWANCTL}/x509/${BTNS_NAME}.cert.pem" ] \
+                || ! cmp -s "${ca}" "${SWANCTL}/x509ca/btns-ca.cert.pem"; then
+                pki --issue --cacert "${ca}" --cakey "${SHARED}/ca/btns-ca.key.pem" --type priv --in "${key}" \
+                    --dn "CN=${BTNS_NAME}.btns.test" --san "${BTNS_NAME}.btns.test" --lifetime 365 --outform pem \
+                    | publish "${SWANCTL}/x509/${BTNS_NAME}.cert.pem"
+                log "issued ${BTNS_NAME}.btns.test"
+            fi
+            publish "${SWANCTL}/x509ca/btns-ca.cert.pem" <"${ca}"
+            peer_input="${SWANCTL}/x509ca/btns-ca.cert.pem"
+            my_offer="${SWANCTL}/x509ca/btns-ca.cert.pem"
+            ;;
+    esac
 fi
-case "${BTNS_AUTH}" in
-    pubkey)
-        pki --pub --in "${key}" --outform pem | publish "${SWANCTL}/pubkey/${BTNS_NAME}.pub.pem"
-        publish "${SHARED}/pubkeys/${BTNS_NAME}.pub.pem" <"${SWANCTL}/pubkey/${BTNS_NAME}.pub.pem"
-        peer_input="${SHARED}/pubkeys/${BTNS_PEER}.pub.pem"   # the conn waits for this
-        my_offer="${SWANCTL}/pubkey/${BTNS_NAME}.pub.pem"      # what the peer's conn needs from us
-        ;;
-    psk)
-        if [ -n "${BTNS_PSK}" ]; then
-            printf '%s' "${BTNS_PSK}" | publish /run/btns-psk
-        else
-            # The first peer to get here makes the key; ln is the atomic "create if absent".
-            tmp="${SHARED}/psk.tmp.$$"
-            printf '0x%s' "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" >"${tmp}"
-            ln "${tmp}" "${SHARED}/psk" 2>/dev/null || true
-            rm -f "${tmp}"
-            cp "${SHARED}/psk" /run/btns-psk
-        fi
-        chmod 0600 /run/btns-psk
-        peer_input=/run/btns-psk
-        my_offer=/run/btns-psk
-        ;;
-    x509)
-        ca="${SHARED}/ca/btns-ca.cert.pem"
-        if [ ! -s "${ca}" ] && mkdir "${SHARED}/ca/lock" 2>/dev/null; then
-            pki --gen --type ed25519 --outform pem | publish "${SHARED}/ca/btns-ca.key.pem"
-            pki --self --ca --lifetime 3650 --type priv --in "${SHARED}/ca/btns-ca.key.pem" \
-                --dn "CN=btns-vici testbed CA" --outform pem | publish "${ca}"
-            log "made the testbed CA"
-        fi
-        await_file "${ca}" 60 || die "no CA appeared at ${ca}"
-        if [ ! -s "${SWANCTL}/x509/${BTNS_NAME}.cert.pem" ] \
-            || ! cmp -s "${ca}" "${SWANCTL}/x509ca/btns-ca.cert.pem"; then
-            pki --issue --cacert "${ca}" --cakey "${SHARED}/ca/btns-ca.key.pem" --type priv --in "${key}" \
-                --dn "CN=${BTNS_NAME}.btns.test" --san "${BTNS_NAME}.btns.test" --lifetime 365 --outform pem \
-                | publish "${SWANCTL}/x509/${BTNS_NAME}.cert.pem"
-            log "issued ${BTNS_NAME}.btns.test"
-        fi
-        publish "${SWANCTL}/x509ca/btns-ca.cert.pem" <"${ca}"
-        peer_input="${SWANCTL}/x509ca/btns-ca.cert.pem"
-        my_offer="${SWANCTL}/x509ca/btns-ca.cert.pem"
-        ;;
-esac
 
 # --- charon ---------------------------------------------------------------------------------
 rm -f /var/run/charon.pid /var/run/charon.vici
@@ -149,6 +159,17 @@ for ((i = 0; i < 100; i++)); do
     sleep 0.1
 done
 swanctl --stats >/dev/null 2>&1 || die "charon's VICI socket did not answer"
+boot_id="$(cat /proc/sys/kernel/random/uuid)"
+if [ "${BTNS_CONN}" = no ]; then
+    log "charon up (${BTNS_DATAPLANE}), no operator conn (BTNS_CONN=no): waiting for btns_vici programs"
+    echo "none ${boot_id}" | publish "${SHARED}/ready/${BTNS_NAME}"
+    while kill -0 "${charon_pid}" 2>/dev/null; do
+        sleep 1 &
+        wait $! || true
+    done
+    wait "${charon_pid}" || true
+    die "charon exited"
+fi
 log "charon up (${BTNS_DATAPLANE}, ${mode} mode, auth ${BTNS_AUTH}, initiator ${BTNS_INITIATOR})"
 
 load_conn() {
@@ -165,7 +186,6 @@ load_conn() {
 
 child_installed() { swanctl --list-sas --ike btns 2>/dev/null | grep -q 'INSTALLED'; }
 
-boot_id="$(cat /proc/sys/kernel/random/uuid)"
 loaded=""
 last_check=-10
 peer_boot=""

@@ -19,6 +19,9 @@ The same demo as :mod:`btns_vici.demo`, with each peer in its own container:
 The data plane is ``$BTNS_DATAPLANE`` (``xfrm``: kernel ESP, transport mode;
 ``libipsec``: userspace ESP, tunnel mode); by default ``xfrm`` when the host kernel can do
 ESP, else ``libipsec``.
+
+Exit codes: 0 every check passed; 1 a check or the connection failed; 2 the demo cannot run
+here (not root, no TUN, no checkout, no usable engine); 3 the compose testbed did not come up.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ MESSAGE = b"hello over IPsec"
 KEY_DIR = "/var/lib/btns-vici"
 EXCHANGE = "/shared/btns-demo"
 ENGINES = ("podman", "docker")
+#: Exit codes besides 0 (every check passed) and 1 (a check or the connection failed).
+CANNOT_RUN = 2  # not root, no TUN, no checkout, no usable engine, bad option
+TESTBED_DOWN = 3  # the compose testbed could not be brought up (build, start, charons)
 DATAPLANES = ("xfrm", "libipsec")
 
 
@@ -297,12 +303,14 @@ class Engine:
             return _run([self.script("down.sh")], self.env, timeout=300)
         return _run(self._compose("down", "--volumes", "--timeout", "5"), self.env, timeout=300)
 
-    def container(self, service: str) -> str | None:
+    def container(self, service: str, stopped_too: bool = False) -> str | None:
+        """The id of the service's running container (or of a stopped one too), or None."""
         out = _run(
             [
                 self.name,
                 "ps",
                 "-q",
+                *(["-a"] if stopped_too else []),
                 "--filter",
                 f"label=com.docker.compose.project={PROJECT}",
                 "--filter",
@@ -324,9 +332,9 @@ class Engine:
         return _run(self.exec_argv(service, *argv), self.env, timeout)
 
     def logs(self, service: str, tail: int = 30) -> str:
-        cid = self.container(service)
+        cid = self.container(service, stopped_too=True)
         if cid is None:
-            return f"(no running container for {service})"
+            return f"(no container for {service})"
         res = _run([self.name, "logs", "--tail", str(tail), cid], self.env, timeout=60)
         return (res.stdout + res.stderr).strip()
 
@@ -348,7 +356,7 @@ def choose_engine(repo: Path, dataplane: str, wanted: str | None) -> Engine:
     """``wanted`` (or ``$BTNS_ENGINE``), else podman when usable, else docker; DemoError when none is."""
     wanted = wanted or os.environ.get("BTNS_ENGINE") or None
     if wanted is not None and wanted not in ENGINES:
-        raise DemoError(f"unknown container engine {wanted!r} (podman or docker)", 2)
+        raise DemoError(f"unknown container engine {wanted!r} (podman or docker)", CANNOT_RUN)
     problems = []
     for name in (wanted,) if wanted else ENGINES:
         engine = make_engine(name, repo, dataplane)
@@ -356,7 +364,7 @@ def choose_engine(repo: Path, dataplane: str, wanted: str | None) -> Engine:
         if problem is None:
             return engine
         problems.append(f"{name}: {problem}")
-    raise DemoError("no usable container engine:\n  " + "\n  ".join(problems), 2)
+    raise DemoError("no usable container engine:\n  " + "\n  ".join(problems), CANNOT_RUN)
 
 
 @contextlib.contextmanager
@@ -375,7 +383,7 @@ def testbed_lock(timeout: float, out: TextIO) -> Iterator[None]:
                     print(f"waiting for another compose testbed run to finish (lock {lock.name})", file=out)
                     said = True
                 if time.monotonic() > deadline:
-                    raise DemoError(f"another run has held {lock.name} for {timeout:.0f} s") from None
+                    raise DemoError(f"another run has held {lock.name} for {timeout:.0f} s", TESTBED_DOWN) from None
                 time.sleep(1)
         yield
 
@@ -398,8 +406,10 @@ def _wait_for_charons(engine: Engine, timeout: float) -> None:
                 and _run([engine.name, "exec", cid, "swanctl", "--stats"], engine.env, 30).returncode == 0
             ):
                 break
+            if cid is None and engine.container(service, stopped_too=True) is not None:
+                raise DemoError(f"{service}'s container stopped", TESTBED_DOWN)
             if time.monotonic() > deadline:
-                raise DemoError(f"{service}'s charon did not answer within {timeout:.0f} s:\n{engine.logs(service)}")
+                raise DemoError(f"{service}'s charon did not answer within {timeout:.0f} s", TESTBED_DOWN)
             time.sleep(0.2)
 
 
@@ -444,6 +454,8 @@ def run_ends(engine: Engine, timeout: float) -> tuple[dict[str, Any], dict[str, 
     results: dict[str, tuple[str, str]] = {}
     try:
         for name, proc in ((CLIENT, client), (SERVER, server)):
+            if name == SERVER and client.returncode != 0:
+                proc.kill()  # the client gave up: do not wait for the server's accept() to time out
             try:
                 results[name] = proc.communicate(timeout=timeout + 30)
             except subprocess.TimeoutExpired:
@@ -454,7 +466,12 @@ def run_ends(engine: Engine, timeout: float) -> tuple[dict[str, Any], dict[str, 
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    return _tokens(CLIENT, client, *results[CLIENT]), _tokens(SERVER, server, *results[SERVER])
+    try:
+        return _tokens(CLIENT, client, *results[CLIENT]), _tokens(SERVER, server, *results[SERVER])
+    except DemoError as exc:
+        raise DemoError(
+            f"{exc}\n" + "\n".join(f"--- {name}'s program ---\n{(o + e).strip()}" for name, (o, e) in results.items())
+        ) from None
 
 
 def run(
@@ -475,13 +492,14 @@ def run(
         problem = "the compose demo runs from a checkout of btns-vici (docker/, scripts/compose/ not found)"
     if problem:
         print(f"btns compose demo: {problem}", file=sys.stderr)
-        return 2
+        return CANNOT_RUN
     assert repo is not None
     dataplane = dataplane or default_dataplane()
     if dataplane not in DATAPLANES:
         print(f"btns compose demo: BTNS_DATAPLANE must be xfrm or libipsec, not {dataplane!r}", file=sys.stderr)
-        return 2
+        return CANNOT_RUN
     timings: dict[str, float] = {}
+    started = time.monotonic()
     try:
         engine = choose_engine(repo, dataplane, engine_name)
         with testbed_lock(lock_timeout, out):
@@ -490,9 +508,12 @@ def run(
             timings["up"] = time.monotonic() - t0
             try:
                 if up.returncode != 0:
-                    raise DemoError(f"bringing the compose testbed up failed:\n{(up.stdout + up.stderr).strip()}")
+                    raise DemoError(
+                        f"bringing the compose testbed up failed:\n{(up.stdout + up.stderr).strip()}", TESTBED_DOWN
+                    )
+                t1 = time.monotonic()
                 _wait_for_charons(engine, timeout=60)
-                timings["charons"] = time.monotonic() - t0
+                timings["charons"] = time.monotonic() - t1
                 mode = "transport" if dataplane == "xfrm" else "tunnel"
                 print(
                     f"testbed: compose project {PROJECT} ({engine.name}), {CLIENT} {PEERS[CLIENT]} <-> "
@@ -504,9 +525,9 @@ def run(
                     "demanding encryption (privacy >= LEVEL_MEDIUM) and BTNS",
                     file=out,
                 )
-                t1 = time.monotonic()
+                t2 = time.monotonic()
                 a, b = run_ends(engine, timeout)
-                timings["connection"] = time.monotonic() - t1
+                timings["connection"] = time.monotonic() - t2
             except DemoError as exc:
                 for service in (CLIENT, SERVER):
                     print(f"--- {service}: last log lines ---\n{engine.logs(service)}", file=sys.stderr)
@@ -514,15 +535,16 @@ def run(
             finally:
                 if keep:
                     print(
-                        f"testbed kept up (--keep): take it down with {engine.script('down.sh')}"
+                        f"testbed kept up (--keep): take it down (and restore the host sysctls podman changed) "
+                        f"with {engine.script('down.sh')}"
                         if engine.name == "podman"
                         else f"testbed kept up (--keep): docker compose -p {PROJECT} down --volumes",
                         file=out,
                     )
                 else:
-                    t2 = time.monotonic()
+                    t3 = time.monotonic()
                     down = engine.down()
-                    timings["down"] = time.monotonic() - t2
+                    timings["down"] = time.monotonic() - t3
                     if down.returncode != 0:
                         print(
                             f"btns compose demo: taking the testbed down failed:\n{down.stdout}{down.stderr}",
@@ -542,6 +564,7 @@ def run(
     checks["B received what A sent"] = b["received"] == MESSAGE.decode()
     checks["A got B's answer"] = a["received"] == MESSAGE.decode()[::-1]
     print_checks(checks, out)
+    timings["total"] = time.monotonic() - started
     print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()), file=out)
     return 0 if all(checks.values()) else 1
 

@@ -14,10 +14,12 @@ import socket
 import threading
 from collections.abc import Mapping
 
+from . import guard
 from .backend import Backend
 from .derive import ptoken_for, unprotected_ptoken
 from .errors import BackendError, BtnsError
 from .plugins import get_backend
+from .requirements import satisfies, unmet
 from .selectors import Flow
 from .sockets import (
     FileDescriptorLike,
@@ -133,7 +135,12 @@ def connect(sock: socket.socket, address: tuple, backend: BackendLike = None, la
     local = source_address(sock, remote)
     proto = socket.IPPROTO_TCP if sock.type == socket.SOCK_STREAM else socket.IPPROTO_UDP
     prospective = Flow(proto, local, 0, remote, rport)
-    if be.find_protection(prospective) is None or not _meets(demand, prospective, be):
+    existing = be.find_protection(prospective)
+    if existing is not None and satisfies(demand, ptoken_for(existing)):
+        if existing.proof.dataplane == guard.XFRM:
+            # The kernel matches a socket policy's reqid exactly: name the SA that will carry us.
+            guard.apply(sock, guard.XFRM, reqid=existing.child_sa.reqid)
+    else:
         be.establish(prospective, demand)
     sock.connect(address)
     _verify_or_abort(sock, demand, be)
@@ -173,15 +180,7 @@ def accept(sock: socket.socket, backend: BackendLike = None, latch_: bool = True
     return conn, addr
 
 
-def _meets(demand: PToken, flow: Flow, be: Backend) -> bool:
-    from .requirements import satisfies
-
-    return satisfies(demand, ptoken_for_flow(flow, be))
-
-
 def _verify_or_abort(sock: socket.socket, demand: PToken, be: Backend) -> PToken:
-    from .requirements import unmet
-
     actual = ptoken_for_flow(flow_of(sock), be)
     problems = unmet(demand, actual)
     if problems:

@@ -46,11 +46,11 @@ charon {{
 class Charon:
     """One running charon; ``session()`` gives a VICI session to it."""
 
-    def __init__(self, netns: str, workdir: Path) -> None:
+    def __init__(self, netns: str, workdir: Path, plugins: str = PLUGINS) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.netns, self.vici_path, self.log = netns, workdir / "charon.vici", workdir / "charon.log"
         conf = workdir / "strongswan.conf"
-        conf.write_text(CONF.format(plugins=PLUGINS, log=self.log, vici=self.vici_path))
+        conf.write_text(CONF.format(plugins=plugins, log=self.log, vici=self.vici_path))
         cmd = ["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private",
                "sh", "-c", f"mount -t tmpfs btns-run /run && exec {CHARON}"]
         # Every step execs, so this pid is charon's.
@@ -93,8 +93,8 @@ class Charon:
 
 
 @contextlib.contextmanager
-def charon(netns: str, workdir: Path) -> Iterator[Charon]:
-    c = Charon(netns, workdir)
+def charon(netns: str, workdir: Path, plugins: str = PLUGINS) -> Iterator[Charon]:
+    c = Charon(netns, workdir, plugins)
     try:
         yield c
     finally:

@@ -3,10 +3,12 @@
 # Loads virtio/9p/overlay, mounts the host's / read-only over virtio-9p under a tmpfs
 # overlay, mounts the run.sh output share, switches root to it, runs $btns_out/cmd.sh, writes its
 # exit status to $btns_out/rc and powers off. Kernel parameters arrive as environment:
-# btns_out (host path of the shared output dir), btns_modules (host path of the kernel's modules).
+# btns_out (host path of the shared output dir), btns_modules (host path of the kernel's modules),
+# btns_work (optional: a host checkout under a path that is tmpfs in the guest, e.g. /tmp/x,
+# shared separately and overlaid at the same path).
 /bin/busybox --install -s /bin
 export PATH=/bin
-: "${btns_out:=}" "${btns_modules:=}"
+: "${btns_out:=}" "${btns_modules:=}" "${btns_work:=}"
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
@@ -29,6 +31,13 @@ mount -t devpts -o newinstance,ptmxmode=666 devpts $R/dev/pts
 mount -t tmpfs -o mode=1777 shm $R/dev/shm
 mount -t tmpfs -o mode=1777 tmp $R/tmp
 mount -t tmpfs -o mode=755 run $R/run
+if [ -n "$btns_work" ]; then  # the checkout lives where the guest has a fresh tmpfs
+    mkdir -p /wlower /rw/wupper /rw/wwork "$R$btns_work"
+    mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose,ro btnswork /wlower \
+        || die "cannot mount the work share"
+    mount -t overlay -o lowerdir=/wlower,upperdir=/rw/wupper,workdir=/rw/wwork overlay "$R$btns_work" \
+        || die "cannot overlay the work share"
+fi
 # The kernel's modules live in the host's cache dir; make modprobe find them.
 KVER=$(uname -r)
 [ -n "$btns_modules" ] || die "no btns_modules= on the kernel command line"

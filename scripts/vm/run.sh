@@ -45,14 +45,25 @@ quote() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
     echo
 } > "$BTNS_VM_OUT/cmd.sh"
 
+# The guest mounts fresh tmpfs on /tmp, /run and /dev/shm: a checkout there (CI may clone into /tmp)
+# is shared on its own and overlaid at the same path.
+WORK=$(git -C "$PWD" rev-parse --show-toplevel 2>/dev/null || printf '%s' "$PWD")
+set --
+case "$WORK" in
+    /tmp|/tmp/*|/run|/run/*|/dev/shm|/dev/shm/*)
+        set -- -virtfs "local,path=$WORK,mount_tag=btnswork,security_model=none,readonly=on,multidevs=remap"
+        WORK_ARG=" btns_work=$WORK" ;;
+    *) WORK_ARG= ;;
+esac
+
 set +e
 timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
     -accel tcg,thread=multi,tb-size=256 -cpu max -m "${BTNS_VM_MEM:-512}" -smp "${BTNS_VM_SMP:-2}" \
     -nodefaults -no-user-config -nographic -no-reboot -serial stdio -nic none ${BTNS_VM_BIOS:+-bios "$BTNS_VM_BIOS"} \
     -kernel "$CACHE/vmlinuz" -initrd "$CACHE/initramfs.cpio.gz" \
-    -append "console=ttyS0 quiet loglevel=3 panic=-1 btns_out=$BTNS_VM_OUT btns_modules=$(readlink -f "$CACHE/modules")" \
+    -append "console=ttyS0 quiet loglevel=3 panic=-1 btns_out=$BTNS_VM_OUT btns_modules=$(readlink -f "$CACHE/modules")$WORK_ARG" \
     -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
-    -virtfs "local,path=$BTNS_VM_OUT,mount_tag=btnsout,security_model=none"
+    -virtfs "local,path=$BTNS_VM_OUT,mount_tag=btnsout,security_model=none" "$@"
 qrc=$?
 set -e
 if [ $qrc -eq 124 ] || [ $qrc -eq 137 ]; then

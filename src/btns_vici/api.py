@@ -23,10 +23,9 @@ from .requirements import satisfies, unmet
 from .selectors import Flow
 from .sockets import (
     FileDescriptorLike,
-    borrowed_socket,
-    check_inet,
     endpoint,
     flow_of,
+    inspect,
     is_connected,
     resolve_fd,
     socket_key,
@@ -79,19 +78,18 @@ def get_socket_ptoken(sock: FileDescriptorLike, backend: BackendLike = None) -> 
     A connected socket gets the pToken of its flow, verified now. An unconnected
     socket gets the pToken attached with :func:`set_socket_ptoken`, or ENOTCONN.
     """
-    with borrowed_socket(sock) as s:
-        check_inet(s)
-    if not is_connected(sock):
-        attached = _attached.get(socket_key(sock))
+    key, flow = inspect(sock)  # one dup/fstat: this is the hot path
+    if flow is None:
+        attached = _attached.get(key)
         if attached is None:
             raise BtnsError("socket is not connected and has no pToken attached", errno.ENOTCONN)
         return attached.copy()
-    from .latch import latched  # latch builds on this module
+    from .latch import latch_of  # latch builds on this module
 
-    lt = latched(sock)
+    lt = latch_of(key)
     if lt is not None:
         return lt.check()  # ProtectionLostError once the latch broke
-    return ptoken_for_flow(flow_of(sock), backend)
+    return ptoken_for_flow(flow, backend)
 
 
 def set_socket_ptoken(sock: FileDescriptorLike, ptoken: PToken, backend: BackendLike = None) -> None:

@@ -116,6 +116,21 @@ def _emit(**record: Any) -> None:
     print(json.dumps(record), flush=True)
 
 
+def _emit_tokens(role: str, name: str, host_key: bytes, sock: socket.socket, received: bytes, be: Any) -> None:
+    """One end's verified tokens, as the host side reads them."""
+    from .api import get_socket_ptoken
+
+    _emit(
+        event="tokens",
+        role=role,
+        name=name,
+        host_key=host_key.hex(),
+        socket=list(sock.getsockname()[:2]),
+        received=received.decode(errors="replace"),
+        ptoken=ptoken_to_json(get_socket_ptoken(sock, be)),
+    )
+
+
 def _publish(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # no .pem suffix: never read as a key
     tmp.write_bytes(data)
@@ -132,7 +147,7 @@ def _await(path: Path, timeout: float, what: str) -> None:
 
 def peer_main(role: str, name: str, peer: str, timeout: float) -> int:
     """One end inside its container; prints JSON lines (events, then its tokens or an error)."""
-    from .api import accept, connect, get_socket_ptoken, listen, set_socket_ptoken
+    from .api import accept, connect, listen, set_socket_ptoken
     from .demo import btns_demand
     from .hostkey import load_or_create
     from .plugins import get_backend
@@ -161,16 +176,7 @@ def peer_main(role: str, name: str, peer: str, timeout: float) -> int:
                     conn.settimeout(timeout)
                     received = conn.recv(64)
                     conn.sendall(received[::-1])
-                    tok = get_socket_ptoken(conn, be)
-                    _emit(
-                        event="tokens",
-                        role=role,
-                        name=name,
-                        host_key=host.public_der.hex(),
-                        socket=list(conn.getsockname()[:2]),
-                        received=received.decode(errors="replace"),
-                        ptoken=ptoken_to_json(tok),
-                    )
+                    _emit_tokens(role, name, host.public_der, conn, received, be)
                     conn.recv(1)  # until the client closes
         else:
             _await(theirs / "listening", timeout, f"{peer}'s listening socket")
@@ -180,16 +186,7 @@ def peer_main(role: str, name: str, peer: str, timeout: float) -> int:
                 connect(cli, (peer_addr, PORT), be, latch_=False)
                 cli.sendall(MESSAGE)
                 echo = cli.recv(64)
-                tok = get_socket_ptoken(cli, be)
-                _emit(
-                    event="tokens",
-                    role=role,
-                    name=name,
-                    host_key=host.public_der.hex(),
-                    socket=list(cli.getsockname()[:2]),
-                    received=echo.decode(errors="replace"),
-                    ptoken=ptoken_to_json(tok),
-                )
+                _emit_tokens(role, name, host.public_der, cli, echo, be)
     except (OSError, DemoError) as exc:
         _emit(event="error", error=f"{type(exc).__name__}: {exc}")
         return 1

@@ -156,7 +156,12 @@ def latch(
 
 def latched(sock: FileDescriptorLike) -> Latch | None:
     """The latch of ``sock``, if it has one."""
-    return _registry.get(socket_key(sock))
+    return latch_of(socket_key(sock))
+
+
+def latch_of(key: tuple[int, int]) -> Latch | None:
+    """The latch of the socket whose identity (sockets.socket_key) is ``key``."""
+    return _registry.get(key)
 
 
 def unlatch(sock: FileDescriptorLike) -> None:

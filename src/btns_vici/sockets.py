@@ -86,18 +86,32 @@ def check_inet(sock: socket.socket) -> None:
         raise BtnsError("only stream and datagram sockets are supported", errno.EPROTONOSUPPORT)
 
 
+def _flow(sock: socket.socket) -> Flow | None:
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return None
+    local_addr, local_port = endpoint(sock.getsockname())
+    remote_addr, remote_port = endpoint(peer)
+    return Flow(_proto(sock), local_addr, local_port, remote_addr, remote_port)
+
+
+def inspect(fd: FileDescriptorLike) -> tuple[tuple[int, int], Flow | None]:
+    """One pass over an IPv4/IPv6 socket: its identity (see socket_key) and its flow, None if unconnected."""
+    with borrowed_socket(fd) as sock:
+        check_inet(sock)
+        st = os.fstat(sock.fileno())
+        return (st.st_dev, st.st_ino), _flow(sock)
+
+
 def flow_of(fd: FileDescriptorLike) -> Flow:
     """The flow of a connected TCP or UDP socket (ENOTCONN when it has no peer)."""
     with borrowed_socket(fd) as sock:
         check_inet(sock)
-        try:
-            peer = sock.getpeername()
-        except OSError as exc:
-            err = exc.errno or errno.ENOTCONN
-            raise BtnsError("socket is not connected: it has no flow yet", err) from None
-        local_addr, local_port = endpoint(sock.getsockname())
-        remote_addr, remote_port = endpoint(peer)
-        return Flow(_proto(sock), local_addr, local_port, remote_addr, remote_port)
+        flow = _flow(sock)
+    if flow is None:
+        raise BtnsError("socket is not connected: it has no flow yet", errno.ENOTCONN)
+    return flow
 
 
 def is_connected(fd: FileDescriptorLike) -> bool:

@@ -27,7 +27,7 @@ from ..guard import LIBIPSEC, XFRM
 from ..hookspecs import hookimpl
 from ..hostkey import HostIdentity
 from ..requirements import allowed_methods, choose_proposals, demanded
-from ..tokens import IToken, PToken
+from ..tokens import PToken
 
 #: ESP proposals the library offers, in preference order, with their (privacy, integrity) levels.
 #: Non-GCM first: kernel-libipsec has no AES-GCM unless charon loads the gcm plugin.
@@ -187,9 +187,6 @@ def _remote_auth(keys: list[bytes]) -> dict[str, Any]:
 def demand_allows_raw_keys(demand: PToken) -> bool:
     return bool(allowed_methods(demand) & RAW_KEY_METHODS)
 
-
-def identity_template(demand: PToken) -> IToken | None:
-    return demand.itoken
 
 
 # -- talking to charon (the I/O edge of this module) ------------------------------------------

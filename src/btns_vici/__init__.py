@@ -21,7 +21,7 @@ from .errors import (
     TokenAttributeError,
     TokenFreedError,
 )
-from .msg import MsgHdr, recvmsg, sendmsg
+from .msg import MsgHdr, enable_pktinfo, recvmsg, sendmsg
 from .plugins import backends, get_backend
 from .requirements import satisfies, unmet
 from .selectors import Flow, TrafficSelector
@@ -59,6 +59,7 @@ __all__ = [
     "get_backend",
     "get_socket_ptoken",
     "ptoken_for_flow",
+    "enable_pktinfo",
     "recvmsg",
     "satisfies",
     "sendmsg",

@@ -6,7 +6,9 @@ so every policy installed here is remembered, per socket object, until the socke
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
+import os
 import socket
 import threading
 import weakref
@@ -33,7 +35,31 @@ class SocketPolicy:
 
 
 _records: weakref.WeakKeyDictionary[socket.socket, dict[str, SocketPolicy]] = weakref.WeakKeyDictionary()
+#: The same record by socket identity (st_dev, st_ino): (the socket object, its netns id).
+_by_key: dict[tuple[int, int], tuple[weakref.ref[socket.socket], tuple[int, int] | None]] = {}
 _records_lock = threading.Lock()
+SIOCGSKNS = 0x894C
+
+
+def _identity(sock: socket.socket) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    st = os.fstat(sock.fileno())
+    try:
+        ns_fd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
+    except OSError:
+        return (st.st_dev, st.st_ino), None
+    try:
+        ns = os.fstat(ns_fd)
+    finally:
+        os.close(ns_fd)
+    return (st.st_dev, st.st_ino), (ns.st_dev, ns.st_ino)
+
+
+def _prune() -> None:
+    """Drop records of sockets that were closed or collected (caller holds the lock)."""
+    for key, (ref, _ns) in list(_by_key.items()):
+        sock = ref()
+        if sock is None or sock.fileno() == -1 or sock not in _records:
+            del _by_key[key]
 
 
 def socket_template(
@@ -108,6 +134,9 @@ def set_socket_policy(
     with _records_lock:
         _install(sock, policy)
         _records.setdefault(sock, {})[direction] = policy
+        key, ns = _identity(sock)
+        _prune()
+        _by_key[key] = (weakref.ref(sock), ns)
     return policy
 
 
@@ -128,6 +157,43 @@ def clear_socket_policy(sock: socket.socket, direction: str | None = None) -> No
             _records[sock] = keep
         else:
             _records.pop(sock, None)
+
+
+def policies_by_key(key: tuple[int, int]) -> dict[str, SocketPolicy] | None:
+    """The policies this process installed on the open socket with identity ``key``, if any.
+
+    Works for any descriptor of that socket (a dup, a bare int); None when we never set one
+    or the socket object we set it through is gone (the kernel drops it with the socket).
+    """
+    with _records_lock:
+        entry = _by_key.get(key)
+        if entry is None:
+            return None
+        sock = entry[0]()
+        if sock is None or sock.fileno() == -1:
+            return None
+        try:
+            st = os.fstat(sock.fileno())
+        except OSError:
+            return None
+        if (st.st_dev, st.st_ino) != key:
+            return None
+        mine = _records.get(sock)
+        return dict(mine) if mine else None
+
+
+def recorded_in_netns(netns_id: tuple[int, int] | None) -> dict[str, int]:
+    """How many sockets of the namespace ``netns_id`` carry a policy of ours, per direction."""
+    counts = {"in": 0, "out": 0}
+    with _records_lock:
+        _prune()
+        for ref, ns in _by_key.values():
+            sock = ref()
+            if sock is None or ns != netns_id:
+                continue
+            for direction in _records.get(sock, {}):
+                counts[direction] += 1
+    return counts
 
 
 def socket_policies(sock: socket.socket) -> dict[str, SocketPolicy]:

@@ -16,20 +16,22 @@ from collections.abc import Mapping
 
 from . import guard
 from .backend import Backend
-from .derive import ptoken_for, unprotected_ptoken
+from .derive import ptoken_for
 from .errors import BackendError, BtnsError
 from .plugins import get_backend
-from .requirements import satisfies, unmet
+from .protection import ptoken_of, ptoken_of_flow, shortfall
+from .records import Protection
+from .requirements import satisfies
 from .selectors import Flow
 from .sockets import (
     FileDescriptorLike,
     endpoint,
-    flow_of,
     inspect,
     is_connected,
     resolve_fd,
     socket_key,
     source_address,
+    view_of,
 )
 from .tokens import PToken
 
@@ -64,12 +66,9 @@ def set_default_backend(backend: BackendLike, options: Mapping[str, str] | None 
 
 
 def ptoken_for_flow(flow: Flow, backend: BackendLike = None) -> PToken:
-    """The verified pToken of one flow (used for sockets and datagrams alike)."""
-    be = resolve_backend(backend)
-    protection = be.find_protection(flow)
-    if protection is None:
-        return unprotected_ptoken(flow, f"no CHILD_SA verified in both {be.name} and the data plane covers it")
-    return ptoken_for(protection)
+    """The verified pToken of a bare flow, judged as an unbound, unmarked socket of the backend's
+    namespace. For a real socket use :func:`get_socket_ptoken`: it judges that very socket."""
+    return ptoken_of_flow(flow, resolve_backend(backend))
 
 
 def get_socket_ptoken(sock: FileDescriptorLike, backend: BackendLike = None) -> PToken:
@@ -78,8 +77,8 @@ def get_socket_ptoken(sock: FileDescriptorLike, backend: BackendLike = None) -> 
     A connected socket gets the pToken of its flow, verified now. An unconnected
     socket gets the pToken attached with :func:`set_socket_ptoken`, or ENOTCONN.
     """
-    key, flow = inspect(sock)  # one dup/fstat: this is the hot path
-    if flow is None:
+    key, view = inspect(sock)  # one dup/fstat: this is the hot path
+    if view is None:
         attached = _attached.get(key)
         if attached is None:
             raise BtnsError("socket is not connected and has no pToken attached", errno.ENOTCONN)
@@ -89,7 +88,7 @@ def get_socket_ptoken(sock: FileDescriptorLike, backend: BackendLike = None) -> 
     lt = latch_of(key)
     if lt is not None:
         return lt.check()  # ProtectionLostError once the latch broke
-    return ptoken_for_flow(flow, backend)
+    return ptoken_of(view, resolve_backend(backend))
 
 
 def set_socket_ptoken(sock: FileDescriptorLike, ptoken: PToken, backend: BackendLike = None) -> None:
@@ -133,8 +132,8 @@ def connect(sock: socket.socket, address: tuple, backend: BackendLike = None, la
     local = source_address(sock, remote)
     proto = socket.IPPROTO_TCP if sock.type == socket.SOCK_STREAM else socket.IPPROTO_UDP
     prospective = Flow(proto, local, 0, remote, rport)
-    existing = be.find_protection(prospective)
-    if existing is not None and satisfies(demand, ptoken_for(existing)):
+    existing = be.protect(view_of(sock, prospective))  # this socket's device, mark, policies
+    if isinstance(existing, Protection) and satisfies(demand, ptoken_for(existing)):
         if existing.proof.dataplane == guard.XFRM:
             # The kernel matches a socket policy's reqid exactly: name the SA that will carry us.
             guard.apply(sock, guard.XFRM, reqid=existing.child_sa.reqid)
@@ -179,8 +178,7 @@ def accept(sock: socket.socket, backend: BackendLike = None, latch_: bool = True
 
 
 def _verify_or_abort(sock: socket.socket, demand: PToken, be: Backend) -> PToken:
-    actual = ptoken_for_flow(flow_of(sock), be)
-    problems = unmet(demand, actual)
+    actual, problems = shortfall(demand, view_of(sock), be)
     if problems:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)

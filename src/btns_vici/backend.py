@@ -7,6 +7,7 @@ daemon has an installed CHILD_SA for it AND the data plane proves it carries it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -14,9 +15,10 @@ from typing import Any
 
 import pluggy
 
+from . import netns
 from .constants import AuthMethod
 from .errors import BackendError
-from .records import ChildSA, IkeSA, Protection
+from .records import ChildSA, IkeSA, NotCarried, Protection, SocketView
 from .selectors import Flow
 
 
@@ -66,6 +68,21 @@ class Backend:
         self._pm = pm
         self._others = others
         self._callers: dict[str, Any] = {}
+        st = os.stat("/proc/thread-self/ns/net")
+        self._own_netns = (st.st_dev, st.st_ino)
+
+    @property
+    def netns_id(self) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the namespace this backend speaks for: option ``netns``, else the
+        one the process was in when the backend was made; None when that namespace is gone."""
+        name = self.options.get("netns")
+        if not name:
+            return self._own_netns
+        try:
+            st = os.stat(netns.netns_path(name))
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
 
     def _call(self, hook: str, **kwargs: Any) -> Any:
         caller = self._callers.get(hook)
@@ -91,16 +108,38 @@ class Backend:
     def find_sa(self, flow: Flow) -> tuple[IkeSA, ChildSA] | None:
         return self._call("btns_find_sa", flow=flow)
 
-    def find_protection(self, flow: Flow) -> Protection | None:
-        """The verified protection of ``flow``: daemon SA and data-plane proof, or None."""
+    def protect(self, view: SocketView) -> Protection | NotCarried:
+        """The verified protection of the socket ``view``: daemon SA and data-plane proof, or why not.
+
+        The socket must live in the namespace this backend speaks for, the daemon must
+        have an installed CHILD_SA covering its flow, and the data plane must carry THIS
+        socket's packets through it (README "Socket-exact truth").
+        """
+        mine = self.netns_id
+        if mine is None:
+            return NotCarried(f"the network namespace {self.options.get('netns')!r} of backend {self.name} is gone")
+        if view.netns != mine:
+            theirs = f"net:[{view.netns[1]}]" if view.netns else "an unreadable namespace"
+            return NotCarried(
+                f"the socket lives in {theirs}, not in net:[{mine[1]}] whose IKE daemon and data plane "
+                f"backend {self.name} speaks for"
+            )
+        flow = view.flow
         found = self.find_sa(flow)
         if found is None:
-            return None
+            return NotCarried(f"{self.name} has no installed CHILD_SA covering {flow}")
         ike, child = found
-        proof = self._call("btns_verify_dataplane", flow=flow, ike_sa=ike, child_sa=child)
-        if proof is None:
-            return None
-        return Protection(flow=flow, ike_sa=ike, child_sa=child, proof=proof)
+        verdict = self._call("btns_verify_dataplane", flow=flow, ike_sa=ike, child_sa=child, view=view)
+        if verdict is None:
+            return NotCarried(f"the data plane gives no proof that CHILD_SA {child.name}#{child.uniqueid} carries it")
+        if isinstance(verdict, NotCarried):
+            return verdict
+        return Protection(flow=flow, ike_sa=ike, child_sa=child, proof=verdict)
+
+    def find_protection(self, flow: Flow) -> Protection | None:
+        """:meth:`protect` for a bare flow, judged as an unbound, unmarked socket of this namespace."""
+        verdict = self.protect(SocketView(flow=flow, netns=self.netns_id))
+        return verdict if isinstance(verdict, Protection) else None
 
     def enforce(self, sock: Any, ptoken: Any) -> Enforcement:
         result = self._call("btns_enforce", sock=sock, ptoken=ptoken)

@@ -17,6 +17,7 @@ from . import api, msg
 from .derive import fill
 from .errors import BtnsError
 from .msg import MsgHdr
+from .protection import ptoken_of
 from .sockets import FileDescriptorLike, resolve_fd
 from .tokens import IToken, PToken
 
@@ -194,8 +195,7 @@ def ipsec_set_msg_pToken(msg_: MsgHdr, pToken: PToken) -> int:
 def ipsec_get_msg_pToken(msg_: MsgHdr, pToken: PToken) -> int:
     """Figure 10: fill the caller's pToken with the protection of a datagram from btns_vici.recvmsg()."""
     target = _ptoken(pToken)
-    flow = msg.flow_of_msg(msg_)
-    fill(target, api.ptoken_for_flow(flow))
+    fill(target, ptoken_of(msg.view_of_msg(msg_), api.resolve_backend()))
     return 0
 
 

@@ -147,7 +147,9 @@ def _ptoken_template(ike: IkeSA, child: ChildSA, proof: DataplaneProof) -> PToke
     tok = PToken()
     tunnel = child.mode.upper() == "TUNNEL"
     tok._set_internal(Attr.privacyProtected, int(privacy_level(child)))
-    tok._set_internal(Attr.integrityProtected, int(integrity_level(child)))
+    # Integrity is a property of both directions: if clear packets from the peer's address
+    # can reach the socket (proof.inbound False), what it receives is not integrity-protected.
+    tok._set_internal(Attr.integrityProtected, int(integrity_level(child) if proof.inbound else Setting.DISABLE))
     tok._set_internal(Attr.compressionAvailable, _on(child.ipcomp))
     tok._set_internal(Attr.tunnelMode, _on(tunnel))
     # Tunnel mode protects the whole inner header; in transport mode only AH covers options.
@@ -160,14 +162,16 @@ def _ptoken_template(ike: IkeSA, child: ChildSA, proof: DataplaneProof) -> PToke
         f"backend={ike.backend} ike_sa={ike.name}#{ike.uniqueid} child_sa={child.name}#{child.uniqueid} "
         f"reqid={child.reqid} spi_in={child.spi_in:08x} spi_out={child.spi_out:08x} "
         f"proto={child.protocol} mode={child.mode} alg={_alg_text(child)} "
-        f"peer_id={ike.remote.ike_id!r} dataplane={proof.dataplane}",
+        f"peer_id={ike.remote.ike_id!r} dataplane={proof.dataplane} inbound={'sa' if proof.inbound else 'open'} "
+        f"proof={proof.detail!r}",
     )
     tok._set_internal(
         Attr.informationString,
         f"is protected by IPsec {child.protocol} in {child.mode.lower()} mode "
         f"({_alg_text(child)}{', IPComp' if child.ipcomp else ''}) with peer '{ike.remote.ike_id}', "
         f"authenticated by {_AUTH_WORDS.get(ike.remote.auth_method, ike.remote.auth_class)}; "
-        f"data plane {proof.dataplane}: {proof.detail}",
+        + ("" if proof.inbound else "received data is NOT integrity-protected (clear packets could reach it); ")
+        + f"data plane {proof.dataplane}: {proof.detail}",
     )
     tok.local_ts, tok.remote_ts = child.local_ts, child.remote_ts
     return tok

@@ -19,7 +19,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .backend import BackendInfo, Capabilities, Enforcement, SAEvent
-    from .records import ChildSA, DataplaneProof, IkeSA
+    from .records import ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
     from .selectors import Flow
     from .tokens import PToken
 
@@ -65,9 +65,17 @@ def btns_find_sa(options: Mapping[str, str], flow: Flow) -> tuple[IkeSA, ChildSA
 
 @hookspec(firstresult=True)
 def btns_verify_dataplane(
-    options: Mapping[str, str], flow: Flow, ike_sa: IkeSA, child_sa: ChildSA
-) -> DataplaneProof | None:
-    """Proof that the kernel carries ``flow`` through ``child_sa``, or None (fail closed)."""
+    options: Mapping[str, str], flow: Flow, ike_sa: IkeSA, child_sa: ChildSA, view: SocketView
+) -> DataplaneProof | NotCarried | None:
+    """Proof that the kernel carries the socket ``view``'s packets through ``child_sa``.
+
+    Must judge the socket, not only its flow (``view.flow``, passed also as ``flow``):
+    its device, mark, uid and, on kernel XFRM, its socket policies, and for
+    ``view.direction == "in"`` where the datagram arrived (README "Socket-exact truth").
+    ``btns_vici.dataplane.verify`` does this for both Linux data planes. Return
+    NotCarried(reason) or None (fail closed) otherwise. The core has already checked
+    that the socket lives in the namespace this backend speaks for (option ``netns``).
+    """
 
 
 @hookspec(firstresult=True)

@@ -22,12 +22,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .api import BackendLike, ptoken_for_flow, resolve_backend
+from .api import BackendLike, resolve_backend
 from .backend import Backend, SAEvent
+from .derive import unprotected_ptoken
 from .errors import BtnsError, ProtectionLostError
+from .protection import ptoken_of
 from .requirements import unmet
 from .selectors import Flow
-from .sockets import FileDescriptorLike, flow_of, resolve_fd, socket_key
+from .sockets import FileDescriptorLike, flow_of, resolve_fd, socket_key, view_of
 from .tokens import PToken
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ class Latch:
         self.backend = backend
         self.on_break = on_break
         self.shutdown = shutdown
-        self.latched = ptoken_for_flow(self.flow, backend)
+        self.latched = ptoken_of(view_of(sock), backend)
         if not self.latched.protected:
             raise BtnsError(f"cannot latch {self.flow}: it is not protected", errno.EACCES)
         self.broken: LatchBroken | None = None
@@ -80,7 +82,7 @@ class Latch:
         """Re-verify now: the current pToken, or ProtectionLostError once the latch is broken."""
         with self._lock:
             if self.broken is None:
-                current = ptoken_for_flow(self.flow, self.backend)
+                current = self._current()
                 reasons = unmet(self.latched, current)
                 if reasons:
                     self._break(LatchBroken(self.flow, tuple(reasons), self.latched.copy(), current))
@@ -88,6 +90,16 @@ class Latch:
                     return current
             assert self.broken is not None
             raise ProtectionLostError(f"protection of {self.flow} changed: " + "; ".join(self.broken.reasons))
+
+    def _current(self) -> PToken:
+        """The socket's pToken now, re-read from the socket itself (its mark or device may have changed)."""
+        if not self.alive():
+            return unprotected_ptoken(self.flow, "the socket was closed")
+        try:
+            view = view_of(self.fd)
+        except OSError as exc:
+            return unprotected_ptoken(self.flow, f"the socket cannot be inspected: {exc.strerror}")
+        return ptoken_of(view, self.backend)
 
     def _break(self, info: LatchBroken) -> None:
         self.broken = info

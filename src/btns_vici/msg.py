@@ -24,11 +24,21 @@ import struct
 import threading
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import BtnsError
-from .selectors import Flow
-from .sockets import FileDescriptorLike, borrowed_socket, check_inet, endpoint, resolve_fd, source_address
+from .records import IN, OUT, SocketView
+from .selectors import Flow, normalize_address
+from .sockets import (
+    FileDescriptorLike,
+    borrowed_socket,
+    check_inet,
+    endpoint,
+    netns_of,
+    resolve_fd,
+    source_address,
+    view_of,
+)
 from .tokens import PToken
 
 #: Private cmsg level/type: never passed to the kernel ("BT", 1).
@@ -48,8 +58,10 @@ _registry_lock = threading.Lock()
 class MsgHdr:
     """A Python ``struct msghdr``: name (peer address), iov, control (ancillary data), flags.
 
-    ``local`` is the local (address, port) the datagram arrived on, filled by
-    :func:`recvmsg`; ``proto`` is the transport protocol.
+    ``local`` is the local (address, port) the datagram arrived on, ``ifindex`` the
+    device it arrived by (IP_PKTINFO) and ``netns`` the (st_dev, st_ino) of the receiving
+    socket's network namespace, all filled by :func:`recvmsg`; ``proto`` is the transport
+    protocol. Without ``ifindex`` and ``netns`` a datagram cannot be proven protected.
     """
 
     iov: list[bytes] = field(default_factory=list)
@@ -58,6 +70,8 @@ class MsgHdr:
     flags: int = 0
     local: tuple | None = None
     proto: int = socket.IPPROTO_UDP
+    ifindex: int | None = None
+    netns: tuple[int, int] | None = None
     _keep: list[PToken] = field(default_factory=list, repr=False)
 
     @property
@@ -71,9 +85,30 @@ def flow_of_msg(msg: MsgHdr) -> Flow:
         raise TypeError(f"msg must be a btns_vici.MsgHdr, not {type(msg).__name__}")
     if msg.name is None or msg.local is None:
         raise BtnsError("msghdr has no source/destination address (use btns_vici.recvmsg)", errno.EINVAL)
-    raddr, rport = endpoint(msg.name)
-    laddr, lport = endpoint(msg.local)
+    try:
+        raddr, rport = endpoint(msg.name)
+        laddr, lport = endpoint(msg.local)
+    except (TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise BtnsError(f"msghdr addresses are malformed: {exc}", errno.EINVAL) from None
+    if raddr.version != laddr.version and normalize_address(raddr).version != normalize_address(laddr).version:
+        raise BtnsError("msghdr source and destination are of different address families", errno.EINVAL)
+    if not (0 <= rport <= 65535 and 0 <= lport <= 65535):
+        raise BtnsError("msghdr port out of range", errno.EINVAL)
     return Flow(msg.proto, laddr, lport, raddr, rport)
+
+
+def view_of_msg(msg: MsgHdr) -> SocketView:
+    """A received datagram as the data-plane proof sees it: where it arrived, in which namespace."""
+    unknown = []
+    if msg.netns is None:
+        unknown.append("the receiving socket's network namespace is unknown (receive with btns_vici.recvmsg)")
+    if msg.ifindex is None:
+        unknown.append(
+            "the device it arrived on is unknown (no IP_PKTINFO when it was queued: receive with "
+            "btns_vici.recvmsg after btns_vici.enable_pktinfo)"
+        )
+    return SocketView(flow=flow_of_msg(msg), netns=msg.netns, direction=IN, arrival_ifindex=msg.ifindex,
+                      unknown=tuple(unknown))
 
 
 def attach(msg: MsgHdr, ptoken: PToken) -> None:
@@ -102,6 +137,18 @@ def attached(msg: MsgHdr) -> PToken | None:
     return None
 
 
+def enable_pktinfo(sock: FileDescriptorLike) -> None:
+    """Turn on IP_PKTINFO / IPV6_RECVPKTINFO now (recvmsg does it too, but only when first called).
+
+    The kernel records where a datagram arrived only if the option was on when the datagram
+    was queued: a datagram queued before has an unknown arrival device, and its pToken
+    says unprotected. Call this right after bind().
+    """
+    with _as_socket(sock) as s:
+        check_inet(s)
+        _enable_pktinfo(s)
+
+
 def _enable_pktinfo(sock: socket.socket) -> None:
     if sock.family == socket.AF_INET:
         sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
@@ -109,14 +156,17 @@ def _enable_pktinfo(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
 
 
-def _local_from_pktinfo(sock: socket.socket, ancdata: list) -> tuple | None:
+def _pktinfo(sock: socket.socket, ancdata: list) -> tuple[tuple | None, int | None]:
+    """(local (address, port), arrival ifindex) from IP_PKTINFO / IPV6_PKTINFO, Nones if absent."""
     port = sock.getsockname()[1]
     for level, kind, data in ancdata:
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
-            return (str(ipaddress.IPv4Address(data[8:12])), port)
-        if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 16:
-            return (str(ipaddress.IPv6Address(data[:16])), port)
-    return None
+            (ifindex,) = struct.unpack_from("=i", data, 0)  # struct in_pktinfo: ifindex, spec_dst, addr
+            return (str(ipaddress.IPv4Address(data[8:12])), port), ifindex
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 20:
+            (ifindex,) = struct.unpack_from("=i", data, 16)  # struct in6_pktinfo: addr, ifindex
+            return (str(ipaddress.IPv6Address(data[:16])), port), ifindex
+    return None, None
 
 
 @contextlib.contextmanager
@@ -136,15 +186,56 @@ def recvmsg(sock: FileDescriptorLike, bufsize: int, ancbufsize: int = 256, flags
         check_inet(s)
         _enable_pktinfo(s)
         data, ancdata, msg_flags, address = s.recvmsg(bufsize, max(ancbufsize, 64), flags)
-        local = _local_from_pktinfo(s, ancdata) or s.getsockname()
+        local, ifindex = _pktinfo(s, ancdata)
+        if not ifindex:  # queued before IP_PKTINFO was on: the kernel did not record the device
+            ifindex = None
         proto = s.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) or socket.IPPROTO_UDP
-    return MsgHdr(iov=[data], name=address, control=list(ancdata), flags=msg_flags, local=local, proto=proto)
+        ns = netns_of(s)
+    return MsgHdr(iov=[data], name=address, control=list(ancdata), flags=msg_flags, local=local or s.getsockname(),
+                  proto=proto, ifindex=ifindex, netns=ns)
+
+
+def send_view(s: socket.socket, dest: tuple, control: list[tuple[int, int, bytes]], flags: int) -> SocketView:
+    """The view of one datagram ``s`` is about to send to ``dest``, with the message's own overrides.
+
+    Per-message routing keys count as the kernel applies them: IP_PKTINFO/IPV6_PKTINFO
+    (output device, source), SO_MARK and IP_TOS control messages, MSG_DONTROUTE.
+    """
+    raddr, rport = endpoint(dest)
+    if endpoint(s.getsockname())[1] == 0:  # bind now as send would: the check needs the port
+        s.bind(("::" if s.family == socket.AF_INET6 else "0.0.0.0", 0))
+    proto = s.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) or socket.IPPROTO_UDP
+    oif, src, mark, tos = 0, None, None, None
+    for level, kind, data in control:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            oif = struct.unpack_from("=i", data, 0)[0]
+            spec = ipaddress.IPv4Address(data[4:8])
+            src = None if spec.is_unspecified else spec
+        elif level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 20:
+            oif = struct.unpack_from("=i", data, 16)[0]
+            addr6 = ipaddress.IPv6Address(data[:16])
+            src = None if addr6.is_unspecified else addr6
+        elif level == socket.SOL_SOCKET and kind == socket.SO_MARK and len(data) >= 4:
+            mark = struct.unpack_from("=I", data, 0)[0]
+        elif level in (socket.IPPROTO_IP, socket.IPPROTO_IPV6) and kind in (socket.IP_TOS, 67) and data:
+            tos = data[0] if len(data) == 1 else struct.unpack_from("=i", data, 0)[0]
+    laddr = src if src is not None else source_address(s, raddr)
+    lport = endpoint(s.getsockname())[1]
+    view = view_of(s, Flow(proto, laddr, lport, raddr, rport), direction=OUT)
+    return replace(
+        view,
+        bound_ifindex=view.bound_ifindex or oif,
+        mark=view.mark if mark is None else mark,
+        tos=view.tos if tos is None else tos & 0xFC,
+        dontroute=view.dontroute or bool(flags & socket.MSG_DONTROUTE),
+    )
 
 
 def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: object = None) -> int:
-    """Send like socket.sendmsg; when msg carries a pToken, refuse (EACCES) unless it is met now."""
-    from .api import ptoken_for_flow
-    from .requirements import unmet
+    """Send like socket.sendmsg; when msg carries a pToken, refuse (EACCES) unless it is met now,
+    for this socket and this message's own routing keys."""
+    from .api import resolve_backend
+    from .protection import shortfall
 
     demand = attached(msg)
     control = [c for c in msg.control if c[0] != SOL_BTNS]
@@ -152,14 +243,8 @@ def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: obje
         check_inet(s)
         if demand is not None:
             dest = msg.name if msg.name is not None else s.getpeername()
-            raddr, rport = endpoint(dest)
-            if endpoint(s.getsockname())[1] == 0:  # bind now as send would: the check needs the port
-                s.bind(("::" if s.family == socket.AF_INET6 else "0.0.0.0", 0))
-            laddr = source_address(s, raddr)
-            lport = endpoint(s.getsockname())[1]
-            proto = s.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) or socket.IPPROTO_UDP
-            actual = ptoken_for_flow(Flow(proto, laddr, lport, raddr, rport), backend)  # type: ignore[arg-type]
-            problems = unmet(demand, actual)
+            view = send_view(s, dest, control, flags)
+            _actual, problems = shortfall(demand, view, resolve_backend(backend))  # type: ignore[arg-type]
             if problems:
                 raise BtnsError("datagram refused, pToken not met: " + "; ".join(problems), errno.EACCES)
         args = (msg.iov, control, flags) + ((msg.name,) if msg.name is not None else ())

@@ -110,6 +110,9 @@ class DataplaneProof:
     detail: str  # human-readable: which state/policy/route proved it
     spi_out: int | None = None
     reqid: int | None = None
+    #: False when a clear packet from the peer's address could still reach the socket (libipsec
+    #: without an inbound filter): what it receives then has no integrity protection.
+    inbound: bool = True
 
 
 @dataclass(frozen=True)
@@ -120,3 +123,63 @@ class Protection:
     ike_sa: IkeSA
     child_sa: ChildSA
     proof: DataplaneProof
+
+
+#: What a query covers: a socket's whole traffic, one datagram it sends, one datagram it received.
+BOTH, OUT, IN = "both", "out", "in"
+
+
+@dataclass(frozen=True)
+class SocketView:
+    """A socket as the kernel will treat its packets: the flow plus every key routing depends on.
+
+    ``netns`` is the (st_dev, st_ino) of the socket's network namespace (SIOCGSKNS),
+    ``bound_ifindex`` its SO_BINDTODEVICE, ``unicast_ifindex`` its IP(V6)_UNICAST_IF,
+    ``mark`` its SO_MARK, ``uid`` its owner (what uid-range rules match), ``tos`` its
+    IP_TOS / IPV6_TCLASS, ``dontroute`` its SO_DONTROUTE. ``direction`` says what is asked
+    about: the socket's traffic both ways, one datagram it sends (``out``, where
+    ``arrival_ifindex`` is None) or one it received (``in``, ``arrival_ifindex`` from
+    IP_PKTINFO). ``unknown`` names facts that could not be read: any makes the answer
+    unprotected (fail closed).
+    """
+
+    flow: Flow
+    netns: tuple[int, int] | None
+    key: tuple[int, int] | None = None
+    bound_ifindex: int = 0
+    unicast_ifindex: int = 0
+    mark: int = 0
+    uid: int | None = None
+    tos: int = 0
+    dontroute: bool = False
+    direction: str = BOTH
+    arrival_ifindex: int | None = None
+    unknown: tuple[str, ...] = ()
+
+    @property
+    def oif(self) -> int:
+        """The device the kernel is told to send by: the bound device, else (UDP) the unicast_if."""
+        return self.bound_ifindex or self.unicast_ifindex
+
+    def facts(self) -> str:
+        """The keys as informationString/auditString name them."""
+        ns = f"net:[{self.netns[1]}]" if self.netns else "unknown"
+        parts = [f"netns={ns}", f"dev={self.bound_ifindex or 'none'}", f"mark=0x{self.mark:x}"]
+        if self.unicast_ifindex:
+            parts.append(f"unicast_if={self.unicast_ifindex}")
+        if self.uid is not None:
+            parts.append(f"uid={self.uid}")
+        if self.tos:
+            parts.append(f"tos=0x{self.tos:x}")
+        if self.dontroute:
+            parts.append("dontroute")
+        if self.arrival_ifindex is not None:
+            parts.append(f"arrived_ifindex={self.arrival_ifindex}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class NotCarried:
+    """Why the data plane does not carry a socket's packets through an SA (the fail-closed answer)."""
+
+    reason: str

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Protocol
 
 from .errors import BtnsError
+from .records import BOTH, SocketView
 from .selectors import Flow
 
 
@@ -96,12 +97,92 @@ def _flow(sock: socket.socket) -> Flow | None:
     return Flow(_proto(sock), local_addr, local_port, remote_addr, remote_port)
 
 
-def inspect(fd: FileDescriptorLike) -> tuple[tuple[int, int], Flow | None]:
-    """One pass over an IPv4/IPv6 socket: its identity (see socket_key) and its flow, None if unconnected."""
+SO_BINDTOIFINDEX = 62
+IP_UNICAST_IF = 50
+IPV6_UNICAST_IF = 76
+IPV6_TCLASS = getattr(socket, "IPV6_TCLASS", 67)
+
+
+def netns_of(sock: socket.socket) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the socket's network namespace (SIOCGSKNS), None if unreadable."""
+    import fcntl
+
+    try:
+        ns_fd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(ns_fd)
+    except OSError:
+        return None
+    finally:
+        os.close(ns_fd)
+    return (st.st_dev, st.st_ino)
+
+
+def _view(sock: socket.socket, st: os.stat_result, flow: Flow, direction: str) -> SocketView:
+    """Every routing key of an inspected socket (a few getsockopt calls and one ioctl)."""
+    unknown: list[str] = []
+
+    def opt(level: int, name: int, what: str) -> int:
+        try:
+            return sock.getsockopt(level, name)
+        except OSError as exc:
+            unknown.append(f"{what} unreadable ({exc.strerror})")
+            return 0
+
+    ns = netns_of(sock)
+    if ns is None:
+        unknown.append("network namespace unreadable (SIOCGSKNS)")
+    v6 = sock.family == socket.AF_INET6
+    unicast = 0
+    if flow.proto == socket.IPPROTO_UDP:  # TCP ignores IP_UNICAST_IF
+        raw = opt(socket.IPPROTO_IPV6, IPV6_UNICAST_IF, "IPV6_UNICAST_IF") if v6 else opt(
+            socket.IPPROTO_IP, IP_UNICAST_IF, "IP_UNICAST_IF"
+        )
+        unicast = socket.ntohl(raw & 0xFFFFFFFF)  # both options speak network byte order
+    if v6:
+        tos = opt(socket.IPPROTO_IPV6, IPV6_TCLASS, "IPV6_TCLASS")
+    else:
+        tos = opt(socket.IPPROTO_IP, socket.IP_TOS, "IP_TOS")
+    return SocketView(
+        flow=flow,
+        netns=ns,
+        key=(st.st_dev, st.st_ino),
+        bound_ifindex=opt(socket.SOL_SOCKET, SO_BINDTOIFINDEX, "SO_BINDTOIFINDEX"),
+        unicast_ifindex=unicast,
+        mark=opt(socket.SOL_SOCKET, socket.SO_MARK, "SO_MARK") & 0xFFFFFFFF,
+        uid=st.st_uid,
+        tos=tos & 0xFC if tos > 0 else 0,
+        dontroute=bool(opt(socket.SOL_SOCKET, socket.SO_DONTROUTE, "SO_DONTROUTE")),
+        direction=direction,
+        unknown=tuple(unknown),
+    )
+
+
+def inspect(fd: FileDescriptorLike) -> tuple[tuple[int, int], SocketView | None]:
+    """One pass over an IPv4/IPv6 socket: its identity (see socket_key) and its view, None if unconnected."""
     with borrowed_socket(fd) as sock:
         check_inet(sock)
         st = os.fstat(sock.fileno())
-        return (st.st_dev, st.st_ino), _flow(sock)
+        flow = _flow(sock)
+        return (st.st_dev, st.st_ino), (None if flow is None else _view(sock, st, flow, BOTH))
+
+
+def view_of(fd: FileDescriptorLike, flow: Flow | None = None, direction: str = BOTH) -> SocketView:
+    """The view of a socket for ``flow`` (default: its connected flow; ENOTCONN without one).
+
+    ``flow`` lets a not yet connected socket be judged for the flow it is about to use
+    (connect, sendto) with its own device, mark and namespace.
+    """
+    with borrowed_socket(fd) as sock:
+        check_inet(sock)
+        st = os.fstat(sock.fileno())
+        if flow is None:
+            flow = _flow(sock)
+            if flow is None:
+                raise BtnsError("socket is not connected: it has no flow yet", errno.ENOTCONN)
+        return _view(sock, st, flow, direction)
 
 
 def flow_of(fd: FileDescriptorLike) -> Flow:

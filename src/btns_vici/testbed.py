@@ -353,8 +353,49 @@ class Testbed:
             p.exec("ip", "link", "set", p.link, "up")
         self.generate_credentials()
         for p in self.peers:
+            self.inbound_filter(p, True)
             p.start_charon()
             self.load_credentials(p)
+
+    # inbound filter (README "Inbound filter") -------------------------------------------------
+    @contextlib.contextmanager
+    def without_inbound_filter(self) -> Iterator[None]:
+        """Both peers accept clear packets from each other's covered addresses while the block runs."""
+        for p in self.peers:
+            self.inbound_filter(p, False)
+        try:
+            yield
+        finally:
+            for p in self.peers:
+                self.inbound_filter(p, True)
+
+    def inbound_filter(self, p: Peer, on: bool) -> None:
+        """Refuse, by routing, clear packets from the other peer's covered addresses on ``p``'s link.
+
+        With kernel-libipsec nothing else stops a clear packet from the peer's address
+        reaching a socket that is not bound to ipsec0; with these rules the kernel's
+        input route lookup answers "prohibit" for TCP and UDP from them, except IKE and
+        ESP-in-UDP (UDP 500/4500), which charon needs. (A rule without ``ipproto`` would
+        also refuse the route lookup ARP makes for the peer's requests.) The local table moves from preference 0 to 100 so
+        that the filter comes first.
+        """
+        other = self.peer_of(p)
+        rules = []
+        for fam, addr, mine in (("-4", other.v4, p.v4), ("-6", other.v6, p.v6)):
+            sel = ("iif", p.link, "from", str(addr), "to", str(mine))
+            for port in ("500", "4500"):
+                rules.append((fam, "pref", "10", *sel, "ipproto", "udp", "dport", port, "lookup", "local"))
+            for proto in ("tcp", "udp"):  # only these: ARP and neighbour discovery do route lookups too
+                rules.append((fam, "pref", "11", *sel, "ipproto", proto, "prohibit"))
+        for rule in rules:  # idempotent: never twice
+            p.exec("ip", rule[0], "rule", "del", *rule[1:], check=False)
+        if on:
+            for fam in ("-4", "-6"):
+                if b"lookup local" not in p.exec("ip", fam, "rule", "show", "pref", "100"):
+                    p.exec("ip", fam, "rule", "add", "pref", "100", "lookup", "local")
+                p.exec("ip", fam, "rule", "del", "pref", "0", "lookup", "local", check=False)
+            for rule in rules:
+                p.exec("ip", rule[0], "rule", "add", *rule[1:])
 
     def close(self) -> None:
         """Stop our charons (by pid), delete our namespaces and temporary files."""

@@ -16,13 +16,15 @@ requirements on a socket" (``ipsec_set_policy``, section 6).
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
+import threading
 from collections.abc import Iterator
 
 from pyroute2.netlink import NETLINK_XFRM, NLM_F_DUMP, NLM_F_REQUEST, nlmsg
 from pyroute2.netlink.nlsocket import Marshal, NetlinkSocket
 
 from . import _xfrm_wire as wire
-from . import dataplane
 from . import netns as _netns
 from ._xfrm_monitor import GROUPS, XfrmMonitor, watch
 from ._xfrm_records import (
@@ -51,13 +53,18 @@ from ._xfrm_socket import (
     PROTOS,
     SocketPolicy,
     clear_socket_policy,
+    policies_by_key,
+    recorded_in_netns,
     set_socket_policy,
     socket_policies,
     socket_template,
 )
 from ._xfrm_wire import XfrmDecodeWarning
-from .records import ChildSA, DataplaneProof, IkeSA
-from .selectors import Flow, IPAddress
+from .records import IN, OUT, ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
+from .selectors import Flow, IPAddress, normalize_address
+
+XFRM = "kernel-xfrm"
+_SOL_NETLINK, _NETLINK_ADD_MEMBERSHIP = 270, 1
 
 __all__ = [
     "GROUPS",
@@ -89,6 +96,7 @@ __all__ = [
     "find_state",
     "policies_covering",
     "prove_flow",
+    "prove_socket",
     "set_socket_policy",
     "socket_policies",
     "socket_template",
@@ -164,41 +172,206 @@ def _proto_num(name: str) -> int:
     return PROTOS.get(name.lower(), -1)
 
 
-def prove_flow(flow: Flow, ike: IkeSA, child: ChildSA, netns: str | None = None) -> DataplaneProof | None:
-    """Proof that the kernel carries ``flow`` through ``child``, or None (fail closed).
+IKE_PORTS = (500, 4500)
 
-    Both directions must hold: the best global policy covering the flow (out, then in)
-    is an "allow" whose template asks for the CHILD_SA's protocol, mode and reqid, and
-    the SAs with the CHILD_SA's outbound and inbound SPIs are in the SAD with that reqid.
-    Per-socket policies are not considered: the flow does not say which socket it is.
+
+class _SpdView:
+    """The SAD, the SPD and the IKE sockets of one namespace, cached until XFRM reports a change."""
+
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+        with _netns.entered(netns):
+            self._mon = socket.socket(
+                socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, NETLINK_XFRM
+            )
+            st = os.stat("/proc/thread-self/ns/net")
+        self.netns_id = (st.st_dev, st.st_ino)
+        self._mon.bind((0, 0))
+        for group in ("sa", "policy", "expire"):
+            self._mon.setsockopt(_SOL_NETLINK, _NETLINK_ADD_MEMBERSHIP, GROUPS[group])
+        self._lock = threading.Lock()
+        self._snapshot: tuple[dict[tuple[int, int, IPAddress], XfrmState], list[XfrmPolicy], int] | None = None
+
+    def close(self) -> None:
+        self._mon.close()
+
+    def snapshot(self) -> tuple[dict[tuple[int, int, IPAddress], XfrmState], list[XfrmPolicy], int]:
+        """(SAs by (spi, proto, daddr), policies, IKE sockets) as of now."""
+        with self._lock:
+            changed = False
+            while True:
+                try:
+                    if not self._mon.recv(1 << 16):
+                        break
+                    changed = True
+                except BlockingIOError:
+                    break
+                except OSError:  # ENOBUFS: lost notifications, so everything may have changed
+                    changed = True
+            if changed or self._snapshot is None:
+                states = {(s.spi, s.proto, s.daddr): s for s in dump_states(self.netns)}
+                self._snapshot = (states, dump_policies(self.netns), _ike_sockets(self.netns))
+            return self._snapshot
+
+
+def _ike_sockets(netns: str | None) -> int:
+    """UDP sockets bound to the IKE ports in ``netns`` (the daemon's; each carries bypass socket policies)."""
+    count = 0
+    with _netns.entered(netns):
+        for name in ("udp", "udp6"):
+            try:
+                with open(f"/proc/thread-self/net/{name}") as f:
+                    lines = f.readlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                local = line.split()[1]
+                if int(local.rsplit(":", 1)[1], 16) in IKE_PORTS:
+                    count += 1
+    return count
+
+
+_views: dict[str | None, _SpdView] = {}
+_views_lock = threading.Lock()
+
+
+def _spd(netns: str | None) -> _SpdView:
+    view = _views.get(netns)
+    if view is None:
+        with _views_lock:
+            view = _views.get(netns)
+            if view is None:
+                view = _views[netns] = _SpdView(netns)
+    return view
+
+
+def forget(netns: str | None) -> None:
+    """Drop the cached SAD/SPD of a namespace (call when it is deleted)."""
+    with _views_lock:
+        view = _views.pop(netns, None)
+    if view is not None:
+        view.close()
+
+
+def _mark_matches(mark: Mark | None, value: int) -> bool:
+    return mark is None or (value & mark.mask) == (mark.value & mark.mask)
+
+
+def _best(
+    policies: list[XfrmPolicy], flow: Flow, direction: str, mark: int, ifindex: int | None
+) -> XfrmPolicy | None:
+    """The global policy the kernel picks for ``flow`` (lowest priority, then oldest), as it matches.
+
+    ``ifindex`` is the device the packet leaves (out) or arrives (in) by; None: any device,
+    so only policies that do not name one can be relied upon.
     """
+    covering = [
+        p for p in policies
+        if not p.is_socket and p.direction == direction and p.if_id == 0 and p.type == 0
+        and _mark_matches(p.mark, mark) and p.sel.covers(flow, direction)
+        and (p.sel.ifindex == 0 or (ifindex is not None and p.sel.ifindex == ifindex))
+    ]
+    return min(covering, key=lambda p: (p.priority, p.index), default=None)
+
+
+def _requires(policy_templates: tuple[Template, ...], proto: int, mode: int, reqid: int) -> bool:
+    return any(t.proto == proto and t.mode == mode and t.reqid in (reqid, 0) and not t.optional
+               for t in policy_templates)
+
+
+def prove_socket(view: SocketView, ike: IkeSA, child: ChildSA, netns: str | None = None) -> DataplaneProof | NotCarried:
+    """Proof that the kernel carries ``view``'s packets through ``child`` (kernel XFRM), or why not.
+
+    Out: the policy the kernel uses for this socket (its own socket policy if we set one,
+    else the best global policy for its flow, mark and output device) must require the
+    CHILD_SA's protocol, mode and reqid, and both SAs must be in the SAD (matching the
+    socket's mark). Socket policies installed by other processes cannot be attributed to
+    sockets (the kernel cannot be asked): while more exist than the IKE daemon's sockets
+    account for, no socket without a policy of ours is proven. In: the inbound policy
+    (ours, else the best global one) must require it too, otherwise what the socket
+    receives may have arrived in clear (``inbound=False``; for a received datagram: not
+    protected).
+    """
+    from . import rtnl
+
+    flow = view.flow
     proto, mode = _proto_num(child.protocol), MODES.get(child.mode.lower(), -1)
-    states = {(s.spi, s.proto, s.daddr): s for s in dump_states(netns)}
+    states, policies, ike_socks = _spd(netns).snapshot()
     out_sa = states.get((child.spi_out, proto, ike.remote_host))
     in_sa = states.get((child.spi_in, proto, ike.local_host))
-    if out_sa is None or in_sa is None or child.reqid not in (out_sa.reqid, 0) or in_sa.reqid != out_sa.reqid:
-        return None
-    policies = dump_policies(netns)
-    chosen = {}
-    for direction in ("out", "in"):
-        covering = sorted(
-            (p for p in policies if not p.is_socket and p.direction == direction and p.sel.covers(flow, direction)),
-            key=lambda p: (p.priority, p.index),
-        )
-        best = covering[0] if covering else None
-        if best is None or best.action != 0 or not any(
-            t.proto == proto and t.mode == mode and t.reqid == out_sa.reqid and not t.optional for t in best.templates
-        ):
-            return None
-        chosen[direction] = best
+    if out_sa is None or in_sa is None:
+        return NotCarried(f"the kernel SAD lacks the CHILD_SA's SAs (spi 0x{child.spi_out:08x} out, "
+                          f"0x{child.spi_in:08x} in)")
+    reqid = out_sa.reqid
+    if child.reqid not in (reqid, 0) or in_sa.reqid != reqid:
+        return NotCarried(f"reqid mismatch: charon {child.reqid}, kernel {out_sa.reqid}/{in_sa.reqid}")
+    facts = view.facts()
+    mine = policies_by_key(view.key) if view.key is not None else None
+    mine = mine or {}
+    census = ""
+    if set(mine) != {"in", "out"}:
+        ours = recorded_in_netns(view.netns)
+        foreign = [p for p in policies if p.is_socket and p.direction in ("in", "out")]
+        unexplained = {d: sum(1 for p in foreign if p.direction == d) - ours[d] - ike_socks for d in ("in", "out")}
+        if any(n > 0 for n in unexplained.values()):
+            idx = ", ".join(str(p.index) for p in foreign)
+            return NotCarried(
+                f"{max(unexplained.values())} per-socket XFRM policies in this namespace were set by other "
+                f"processes (socket policy indexes {idx}; {ike_socks} IKE sockets account for the rest): the "
+                f"kernel cannot say which sockets carry them, so this socket cannot be proven ({facts})"
+            )
+        census = f"; no unexplained socket policies ({len(foreign)} belong to the IKE daemon or this process)"
+    rt = rtnl.routing(netns)
+    out_text = ""
+    if view.direction != IN:
+        ans = rt.lookup(normalize_address(flow.remote_addr), normalize_address(flow.local_addr), oif=view.oif,
+                        mark=view.mark, uid=view.uid, tos=view.tos, proto=flow.proto,
+                        sport=flow.local_port, dport=flow.remote_port)
+        if ans.error:
+            return NotCarried(f"the kernel has no route for this socket's packets (errno {ans.error}; {facts})")
+        if not _mark_matches(out_sa.mark, view.mark):
+            return NotCarried(f"the outbound SA's mark does not match the socket's mark 0x{view.mark:x}")
+        own = mine.get("out")
+        if own is not None:
+            if not _requires(own.templates, proto, mode, reqid):
+                return NotCarried(f"this socket carries its own out policy that does not require the SA "
+                                  f"(templates {[t.level for t in own.templates] or 'none: bypass'}; {facts})")
+            out_text = f"the socket's own out policy requires {child.protocol} reqid {reqid}"
+        else:
+            best = _best(policies, flow, "out", view.mark, ans.oif)
+            if best is None or best.action != 0 or not _requires(best.templates, proto, mode, reqid):
+                what = "no out policy covers it" if best is None else (
+                    f"the out policy index {best.index} (priority {best.priority}, action {best.action_name}) "
+                    "does not require it"
+                )
+                return NotCarried(f"the kernel will not send this socket's packets through the SA: {what} "
+                                  f"({facts}, route dev {rt.ifname(ans.oif)})")
+            out_text = f"SPD out policy index {best.index} (priority {best.priority}) requires it"
+    inbound, in_text = True, ""
+    if view.direction != OUT:
+        own_in = mine.get("in")
+        if own_in is not None:
+            inbound = _requires(own_in.templates, proto, mode, reqid)
+            in_text = f"the socket's own in policy {'requires' if inbound else 'does NOT require'} it"
+        else:
+            best = _best(policies, flow, "in", 0, view.arrival_ifindex)
+            inbound = best is not None and best.action == 0 and _requires(best.templates, proto, mode, reqid)
+            in_text = (f"SPD in policy index {best.index} {'requires' if inbound else 'does NOT require'} it"
+                       if best is not None else "no in policy covers it: clear packets are accepted")
+        if view.direction == IN and not inbound:
+            return NotCarried(f"the kernel accepts such datagrams in clear: {in_text} ({facts})")
     detail = (
         f"kernel SAD: {out_sa.proto_name} SA spi 0x{out_sa.spi:08x} -> {out_sa.daddr} "
         f"({out_sa.current.bytes} bytes, {out_sa.current.packets} packets) and spi 0x{in_sa.spi:08x} "
-        f"-> {in_sa.daddr}, reqid {out_sa.reqid}, {out_sa.mode_name} mode; SPD: out policy index "
-        f"{chosen['out'].index} (priority {chosen['out'].priority}) and in policy index {chosen['in'].index} "
-        f"require it"
+        f"-> {in_sa.daddr}, reqid {reqid}, {out_sa.mode_name} mode; "
+        + "; ".join(t for t in (out_text, in_text) if t) + census + f"; socket {facts}"
     )
-    return DataplaneProof(dataplane=dataplane.XFRM, detail=detail, spi_out=out_sa.spi, reqid=out_sa.reqid)
+    return DataplaneProof(dataplane=XFRM, detail=detail, spi_out=out_sa.spi, reqid=reqid, inbound=inbound)
 
 
-dataplane.register(dataplane.XFRM, prove_flow)
+def prove_flow(flow: Flow, ike: IkeSA, child: ChildSA, netns: str | None = None) -> DataplaneProof | None:
+    """:func:`prove_socket` for a bare flow (an unmarked, unbound socket of ``netns``), None if not carried."""
+    with _netns.entered(netns):
+        st = os.stat("/proc/thread-self/ns/net")
+    verdict = prove_socket(SocketView(flow=flow, netns=(st.st_dev, st.st_ino)), ike, child, netns)
+    return verdict if isinstance(verdict, DataplaneProof) else None

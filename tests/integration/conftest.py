@@ -74,18 +74,18 @@ def pair_factory(tb: Testbed) -> Iterator:
 
 def explain(tb: Testbed, backend: Backend, sock: socket.socket) -> str:
     """Why a socket is (not) protected: index answer, data-plane route, charon's SAs."""
-    from btns_vici.sockets import flow_of
+    from btns_vici import rtnl
+    from btns_vici.sockets import flow_of, view_of
 
     flow = flow_of(sock)
     found = backend.find_sa(flow)
     peer = tb.a if backend.options["netns"] == tb.a.netns else tb.b
-    probe = dataplane.prober(peer.netns)
-    route = probe.route(flow.local_addr, flow.remote_addr)
-    proof = backend.find_protection(flow)
+    route = rtnl.routing(peer.netns).lookup(flow.remote_addr, flow.local_addr)
+    proof = backend.protect(view_of(sock))
     sas = [(i.name, i.state, [(c.name, c.state, [str(t) for t in c.remote_ts]) for c in i.children])
            for i in backend.list_sas()]
     index = found and (found[0].name, found[1].uniqueid)
-    return f"flow={flow} index={index} route={route} proof={proof and proof.proof} sas={sas}"
+    return f"flow={flow} index={index} route={route} verdict={proof} sas={sas}"
 
 
 def protected_ptoken(tb: Testbed, backend: Backend, sock: socket.socket):

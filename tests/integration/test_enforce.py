@@ -130,7 +130,7 @@ def test_client_server_btns_enforced_end_to_end(tb, sides):
 def test_guard_refuses_cleartext(tb, sides):
     """With the guard armed and no SA, nothing leaves; the same connect without the guard goes out in clear."""
     a, b = sides
-    with b.socket() as srv:
+    with tb.without_inbound_filter(), b.socket() as srv:
         srv.bind((str(b.peer.v4), 25002))
         srv.listen(4)
         with a.socket() as clear:
@@ -241,10 +241,10 @@ def test_bad_input_errnos(tb, sides, tmp_path):
     with tb.in_netns(tb.b):
         srv = socket.socket()
     with srv:
-        srv.bind((str(tb.b.v4), 25007))
+        srv.bind((str(tb.b.v4_plain), 25007))  # no SA covers it (and the inbound filter lets it in)
         srv.listen(1)
         with a.socket() as s:
-            s.connect((str(tb.b.v4), 25007))
+            s.connect((str(tb.b.v4_plain), 25007))
             with pytest.raises(OSError) as e:
                 btns_vici.set_socket_ptoken(s, btns_demand(), a.backend)
             assert e.value.errno == errno.EISCONN

@@ -24,6 +24,7 @@ def test_received_datagram_ptoken(tb, backend_b):
     tb.up("msg4", "rawkey", 4)
     with udp(tb, tb.b) as srv, udp(tb, tb.a) as cli:
         srv.bind(("0.0.0.0", 26001))  # unconnected, wildcard: the local address comes from IP_PKTINFO
+        btns_vici.enable_pktinfo(srv)  # before anything is queued: the kernel records the arrival device
         cli.sendto(b"dgram", (str(tb.b.v4), 26001))
         msg = btns_vici.recvmsg(srv, 64)
         assert msg.data == b"dgram" and msg.local[0] == str(tb.b.v4)
@@ -33,17 +34,25 @@ def test_received_datagram_ptoken(tb, backend_b):
             assert capi.ipsec_get_msg_pToken(msg, p) == 0
         finally:
             btns_vici.set_default_backend(None)
-        assert p.protected and p.privacy_protected >= Setting.LEVEL_LOW
+        assert p.protected and p.privacy_protected >= Setting.LEVEL_LOW, p.information_string
         assert p.itoken.pub_key_id == tb.a.key.public_der
 
 
 def test_received_datagram_without_sa_is_unprotected(tb, backend_b):
-    with udp(tb, tb.b) as srv, udp(tb, tb.a) as cli:
+    with tb.without_inbound_filter(), udp(tb, tb.b) as srv, udp(tb, tb.a) as cli:
         srv.bind(("0.0.0.0", 26002))
+        btns_vici.enable_pktinfo(srv)
         cli.sendto(b"clear", (str(tb.b.v4), 26002))
         msg = btns_vici.recvmsg(srv, 64)
         p = btns_vici.ptoken_for_flow(btns_vici.msg.flow_of_msg(msg), backend_b)
         assert not p.protected and p.privacy_protected == Setting.DISABLE and p.itoken is None
+        btns_vici.set_default_backend(backend_b)
+        try:
+            got = capi.ipsec_create_pToken()
+            capi.ipsec_get_msg_pToken(msg, got)
+        finally:
+            btns_vici.set_default_backend(None)
+        assert not got.protected and "no installed CHILD_SA" in got.information_string
 
 
 def test_sendmsg_enforces_the_attached_ptoken(tb, backend_a):

@@ -17,16 +17,16 @@ import errno
 import ipaddress
 import os
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from .. import api, capi
 from ..errors import BtnsError, TokenFreedError
-from ..msg import MsgHdr
-from ..requirements import unmet
-from ..selectors import Flow
-from ..sockets import borrowed_socket, check_inet, endpoint, source_address
+from ..msg import IP_PKTINFO, IPV6_PKTINFO, MsgHdr, send_view
+from ..protection import shortfall
+from ..sockets import borrowed_socket, check_inet
 from ..tokens import IToken, PToken
 
 KIND_ITOKEN = 1
@@ -221,28 +221,36 @@ def install(ffi: Any) -> None:
 
     @extern
     def _btns_py_fill_flow(
-        handle: int, proto: int, lfamily: int, laddr: Any, lport: int, rfamily: int, raddr: Any, rport: int
+        handle: int, proto: int, lfamily: int, laddr: Any, lport: int, rfamily: int, raddr: Any, rport: int,
+        ifindex: int, ns_dev: int, ns_ino: int,
     ) -> None:
         configure_backend()
         msg = MsgHdr(
-            name=(_address(ffi, rfamily, raddr), rport), local=(_address(ffi, lfamily, laddr), lport), proto=proto
+            name=(_address(ffi, rfamily, raddr), rport), local=(_address(ffi, lfamily, laddr), lport), proto=proto,
+            ifindex=ifindex if ifindex >= 0 else None, netns=(ns_dev, ns_ino) if ns_ino else None,
         )
         capi.ipsec_get_msg_pToken(msg, _ptoken(handle))
 
     @extern
-    def _btns_py_check_send(fd: int, handle: int, has_dest: int, family: int, addr: Any, port: int) -> None:
+    def _btns_py_check_send(
+        fd: int, handle: int, has_dest: int, family: int, addr: Any, port: int, oif: int, has_mark: int,
+        mark: int, dontroute: int,
+    ) -> None:
         demand = _ptoken(handle)
         with borrowed_socket(fd) as sock:
             check_inet(sock)
             dest = (_address(ffi, family, addr), port) if has_dest else sock.getpeername()
-            raddr, rport = endpoint(dest)
-            if endpoint(sock.getsockname())[1] == 0:  # bind now, as sending would: the check needs the port
-                sock.bind(("::" if sock.family == socket.AF_INET6 else "0.0.0.0", 0))
-            lport = endpoint(sock.getsockname())[1]
-            proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) or socket.IPPROTO_UDP
-        laddr = source_address(fd, raddr)
+            control = []  # the message's routing keys, as send_view reads them
+            if oif:
+                control.append(
+                    (socket.IPPROTO_IPV6, IPV6_PKTINFO, bytes(16) + struct.pack("=i", oif))
+                    if sock.family == socket.AF_INET6
+                    else (socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=i", oif) + bytes(8))
+                )
+            if has_mark:
+                control.append((socket.SOL_SOCKET, socket.SO_MARK, struct.pack("=I", mark)))
+            view = send_view(sock, dest, control, socket.MSG_DONTROUTE if dontroute else 0)
         configure_backend()
-        actual = api.ptoken_for_flow(Flow(proto, laddr, lport, raddr, rport))
-        problems = unmet(demand, actual)
+        _actual, problems = shortfall(demand, view, api.resolve_backend())
         if problems:
             raise BtnsError("datagram refused, pToken not met: " + "; ".join(problems), errno.EACCES)

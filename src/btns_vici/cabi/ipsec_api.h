@@ -110,9 +110,12 @@ int ipsec_get_socket_pToken(int fd, ipsec_pToken_t pToken);
  * appended, or an existing one replaced, and msg_controllen is set to the
  * length used. No room: -1, ENOBUFS. The pToken must stay alive until the
  * message is sent with ipsec_sendmsg().
- * get: the source is msg->msg_name, the local address an IP_PKTINFO or
- * IPV6_PKTINFO control message, the local port an IPSEC_CMSG_LOCALPORT
- * control message if present (ipsec_recvmsg adds one), else 0.
+ * get: the source is msg->msg_name, the local address and the arrival device an
+ * IP_PKTINFO or IPV6_PKTINFO control message, the local port an
+ * IPSEC_CMSG_LOCALPORT control message if present (ipsec_recvmsg adds one),
+ * else 0, the receiving socket's network namespace an IPSEC_CMSG_NETNS control
+ * message (ipsec_recvmsg adds one). Without the arrival device and namespace
+ * the datagram cannot be proven protected: the pToken says unprotected.
  * Missing or malformed: -1, EINVAL. */
 int ipsec_set_msg_pToken(struct msghdr *msg, const ipsec_pToken_t pToken);
 int ipsec_get_msg_pToken(const struct msghdr *msg, ipsec_pToken_t pToken);
@@ -131,6 +134,7 @@ int ipsec_dup_pToken(const ipsec_pToken_t p, ipsec_pToken_t *p_dup);
 #define SOL_BTNS 0x4254
 #define IPSEC_CMSG_PTOKEN 1    /* data: uint64_t pToken handle */
 #define IPSEC_CMSG_LOCALPORT 2 /* data: uint16_t local port, host byte order */
+#define IPSEC_CMSG_NETNS 3     /* data: uint64_t st_dev, st_ino of the receiving socket's network namespace */
 /* Control-buffer space ipsec_set_msg_pToken needs (include <sys/socket.h>). */
 #define IPSEC_MSG_PTOKEN_SPACE CMSG_SPACE(sizeof(uint64_t))
 #define IPSEC_MSG_LOCALPORT_SPACE CMSG_SPACE(sizeof(uint16_t))
@@ -145,13 +149,18 @@ ipsec_iToken_t ipsec_import_iToken(const void *buf, uint32_t len);
 int ipsec_export_iToken(const ipsec_iToken_t t, uint32_t *len, void *buf);
 
 /* EXTENSION: sendmsg(2) that honours a pToken attached with ipsec_set_msg_pToken:
- * refuses with -1/EACCES unless the flow to the destination satisfies it now,
- * removes the private control message, then sends. */
+ * refuses with -1/EACCES unless this socket's datagram to the destination
+ * satisfies it now (with the message's own IP_PKTINFO device, SO_MARK and
+ * MSG_DONTROUTE as the kernel will apply them), removes the private control
+ * message, then sends. */
 ssize_t ipsec_sendmsg(int fd, const struct msghdr *msg, int flags);
 
 /* EXTENSION: recvmsg(2) that records what ipsec_get_msg_pToken needs: it turns
- * on IP_PKTINFO / IPV6_RECVPKTINFO and appends an IPSEC_CMSG_LOCALPORT control
- * message when msg_control has room for it. */
+ * on IP_PKTINFO / IPV6_RECVPKTINFO and appends the IPSEC_CMSG_LOCALPORT and
+ * IPSEC_CMSG_NETNS control messages when msg_control has room for them. The
+ * kernel records the arrival device only for datagrams queued after
+ * IP_PKTINFO / IPV6_RECVPKTINFO was turned on: set it yourself right after
+ * bind(2), or the first datagrams' pTokens say unprotected. */
 ssize_t ipsec_recvmsg(int fd, struct msghdr *msg, int flags);
 
 #ifdef __cplusplus

@@ -21,11 +21,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "ipsec_api.h"
+
+#ifndef SIOCGSKNS
+#define SIOCGSKNS 0x894C /* linux/sockios.h: a new fd for the socket's network namespace */
+#endif
 
 #define BTNS_KIND_ITOKEN 1
 #define BTNS_KIND_PTOKEN 2
@@ -49,9 +54,10 @@ static void _btns_py_dup(uintptr_t handle, uintptr_t *out, int *err);
 static void _btns_py_import(const void *buf, uint32_t len, uintptr_t *out, int *err);
 static void _btns_py_export(uintptr_t handle, uint32_t *len, void *buf, int *err);
 static void _btns_py_fill_flow(uintptr_t handle, int proto, int lfamily, const unsigned char *laddr, int lport,
-                               int rfamily, const unsigned char *raddr, int rport, int *err);
+                               int rfamily, const unsigned char *raddr, int rport, int ifindex, uint64_t ns_dev,
+                               uint64_t ns_ino, int *err);
 static void _btns_py_check_send(int fd, uintptr_t handle, int has_dest, int family, const unsigned char *addr,
-                                int port, int *err);
+                                int port, int oif, int has_mark, uint32_t mark, int dontroute, int *err);
 
 /* ---- starting the embedded interpreter ------------------------------------ */
 
@@ -365,7 +371,8 @@ static int btns_parse_sockaddr(const void *sa, size_t len, int *family, unsigned
 int ipsec_get_msg_pToken(const struct msghdr *msg, ipsec_pToken_t pToken)
 {
     int err = BTNS_ERR_NOCORE;
-    int rfamily = 0, rport = 0, lfamily = 0, lport = 0, r;
+    int rfamily = 0, rport = 0, lfamily = 0, lport = 0, r, ifindex = -1;
+    uint64_t ns[2] = {0, 0};
     unsigned char raddr[16], laddr[16];
     const unsigned char *base;
     size_t off = 0;
@@ -386,22 +393,27 @@ int ipsec_get_msg_pToken(const struct msghdr *msg, ipsec_pToken_t pToken)
             memset(laddr, 0, sizeof laddr);
             memcpy(laddr, &pi.ipi_addr, 4);
             lfamily = AF_INET;
+            ifindex = pi.ipi_ifindex;
         } else if (hdr.cmsg_level == IPPROTO_IPV6 && hdr.cmsg_type == IPV6_PKTINFO &&
                    dlen >= sizeof(struct in6_pktinfo)) {
             struct in6_pktinfo pi6;
             memcpy(&pi6, data, sizeof pi6);
             memcpy(laddr, &pi6.ipi6_addr, 16);
             lfamily = AF_INET6;
+            ifindex = (int)pi6.ipi6_ifindex;
         } else if (hdr.cmsg_level == SOL_BTNS && hdr.cmsg_type == IPSEC_CMSG_LOCALPORT && dlen >= sizeof(uint16_t)) {
             uint16_t p16;
             memcpy(&p16, data, sizeof p16);
             lport = p16;
+        } else if (hdr.cmsg_level == SOL_BTNS && hdr.cmsg_type == IPSEC_CMSG_NETNS && dlen >= sizeof ns) {
+            memcpy(ns, data, sizeof ns);
         }
         off = btns_cmsg_end(off, &hdr, msg->msg_controllen);
     }
     if (r < 0 || lfamily == 0)
         return btns_fail(EINVAL);
-    BTNS_CALL(_btns_py_fill_flow((uintptr_t)pToken, IPPROTO_UDP, lfamily, laddr, lport, rfamily, raddr, rport, &err));
+    BTNS_CALL(_btns_py_fill_flow((uintptr_t)pToken, IPPROTO_UDP, lfamily, laddr, lport, rfamily, raddr, rport,
+                                 ifindex, ns[0], ns[1], &err));
     return 0;
 }
 
@@ -471,7 +483,8 @@ ssize_t ipsec_sendmsg(int fd, const struct msghdr *msg, int flags)
     size_t off = 0, used = 0;
     struct cmsghdr hdr;
     uint64_t handle = 0;
-    int have_token = 0;
+    int have_token = 0, oif = 0, has_mark = 0;
+    uint32_t mark = 0;
     struct msghdr out;
     ssize_t n;
     int saved;
@@ -492,6 +505,22 @@ ssize_t ipsec_sendmsg(int fd, const struct msghdr *msg, int flags)
                 have_token = 1;
             }
         } else {
+            const unsigned char *data = base + off + CMSG_LEN(0);
+            size_t dlen = hdr.cmsg_len - CMSG_LEN(0);
+            /* per-message routing keys: the check must see what the kernel will apply */
+            if (hdr.cmsg_level == IPPROTO_IP && hdr.cmsg_type == IP_PKTINFO && dlen >= sizeof(struct in_pktinfo)) {
+                struct in_pktinfo pi;
+                memcpy(&pi, data, sizeof pi);
+                oif = pi.ipi_ifindex;
+            } else if (hdr.cmsg_level == IPPROTO_IPV6 && hdr.cmsg_type == IPV6_PKTINFO &&
+                       dlen >= sizeof(struct in6_pktinfo)) {
+                struct in6_pktinfo pi6;
+                memcpy(&pi6, data, sizeof pi6);
+                oif = (int)pi6.ipi6_ifindex;
+            } else if (hdr.cmsg_level == SOL_SOCKET && hdr.cmsg_type == SO_MARK && dlen >= sizeof mark) {
+                memcpy(&mark, data, sizeof mark);
+                has_mark = 1;
+            }
             memcpy(copy + used, base + off, end - off);
             used += end - off;
         }
@@ -517,7 +546,8 @@ ssize_t ipsec_sendmsg(int fd, const struct msghdr *msg, int flags)
             free(copy);
             return btns_fail(handle == 0 ? EINVAL : BTNS_ERR_NOCORE);
         }
-        _btns_py_check_send(fd, (uintptr_t)handle, has_dest, family, addr, port, &err);
+        _btns_py_check_send(fd, (uintptr_t)handle, has_dest, family, addr, port, oif, has_mark, mark,
+                            (flags & MSG_DONTROUTE) != 0, &err);
         if (err != 0) {
             free(copy);
             return btns_fail(err);
@@ -574,6 +604,27 @@ ssize_t ipsec_recvmsg(int fd, struct msghdr *msg, int flags)
         memcpy(base + off, &hdr, sizeof hdr);
         memcpy(base + off + CMSG_LEN(0), &p16, sizeof p16);
         msg->msg_controllen = off + CMSG_SPACE(sizeof p16);
+        off = msg->msg_controllen;
+        if (cap - off >= CMSG_SPACE(2 * sizeof(uint64_t))) {
+            uint64_t ns[2];
+            struct stat st;
+            int nsfd = ioctl(fd, SIOCGSKNS);
+
+            if (nsfd >= 0 && fstat(nsfd, &st) == 0) {
+                ns[0] = (uint64_t)st.st_dev;
+                ns[1] = (uint64_t)st.st_ino;
+                memset(&hdr, 0, sizeof hdr);
+                hdr.cmsg_len = CMSG_LEN(sizeof ns);
+                hdr.cmsg_level = SOL_BTNS;
+                hdr.cmsg_type = IPSEC_CMSG_NETNS;
+                memset(base + off, 0, CMSG_SPACE(sizeof ns));
+                memcpy(base + off, &hdr, sizeof hdr);
+                memcpy(base + off + CMSG_LEN(0), ns, sizeof ns);
+                msg->msg_controllen = off + CMSG_SPACE(sizeof ns);
+            }
+            if (nsfd >= 0)
+                close(nsfd);
+        }
     }
     return n;
 }

@@ -24,7 +24,7 @@ from ..constants import AuthMethod
 from ..dataplane import LIBIPSEC, XFRM, verify
 from ..errors import BackendError
 from ..hookspecs import hookimpl
-from ..records import ChildSA, DataplaneProof, IkeSA
+from ..records import ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
 from ..selectors import Flow
 from . import parse
 from .enforce import EnforceHooks
@@ -155,12 +155,12 @@ class StrongswanPlugin(EnforceHooks):
 
     @hookimpl
     def btns_verify_dataplane(
-        self, options: Mapping[str, str], flow: Flow, ike_sa: IkeSA, child_sa: ChildSA
-    ) -> DataplaneProof | None:
+        self, options: Mapping[str, str], flow: Flow, ike_sa: IkeSA, child_sa: ChildSA, view: SocketView
+    ) -> DataplaneProof | NotCarried | None:
         if ike_sa.backend != NAME:
             return None
         ctx = self.context(options)
-        return verify(flow, ike_sa, child_sa, ctx.dataplane(), ctx.netns)
+        return verify(view, ike_sa, child_sa, ctx.dataplane(), ctx.netns)
 
     @hookimpl
     def btns_watch(

@@ -28,7 +28,7 @@ from btns_vici.constants import AuthMethod
 from btns_vici.dataplane import XFRM, verify
 from btns_vici.errors import BackendError
 from btns_vici.hookspecs import hookimpl
-from btns_vici.records import ChildSA, DataplaneProof, IkeSA
+from btns_vici.records import ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
 from btns_vici.selectors import Flow
 from btns_vici.tokens import PToken
 
@@ -132,9 +132,9 @@ class LibreswanBackend:
 
     @hookimpl
     def btns_verify_dataplane(
-        self, options: Mapping[str, str], flow: Flow, ike_sa: IkeSA, child_sa: ChildSA
-    ) -> DataplaneProof | None:
-        return verify(flow, ike_sa, child_sa, XFRM, options.get("netns") or None)
+        self, options: Mapping[str, str], flow: Flow, ike_sa: IkeSA, child_sa: ChildSA, view: SocketView
+    ) -> DataplaneProof | NotCarried | None:
+        return verify(view, ike_sa, child_sa, XFRM, options.get("netns") or None)
 
     @hookimpl
     def btns_enforce(self, options: Mapping[str, str], sock: Any, ptoken: PToken) -> Enforcement:

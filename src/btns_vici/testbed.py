@@ -376,8 +376,8 @@ class Testbed:
         reaching a socket that is not bound to ipsec0; with these rules the kernel's
         input route lookup answers "prohibit" for TCP and UDP from them, except IKE and
         ESP-in-UDP (UDP 500/4500), which charon needs. (A rule without ``ipproto`` would
-        also refuse the route lookup ARP makes for the peer's requests.) The local table moves from preference 0 to 100 so
-        that the filter comes first.
+        also refuse the route lookup ARP makes for the peer's requests.) The local table
+        moves from preference 0 to 100 so that the filter comes first.
         """
         other = self.peer_of(p)
         rules = []

@@ -7,7 +7,12 @@ One connection with N children, child i protecting TCP to B's port 20000+i (so t
 initiated blocking, the others asynchronously (``"timeout": "-1"``). Then, for a
 sample of connected sockets, it times:
 
-* ``index``   get_socket_pToken with the event-fed SA index (the default backend);
+* ``index``   get_socket_pToken with the event-fed SA index (the default backend): the
+              socket-exact answer (namespace, device, mark, uid, kernel route, inbound);
+* ``flow``    ptoken_for_flow on the same flows: judged as a bare flow, the naive way
+              (what get_socket_pToken did before "socket-exact truth");
+* ``floor``   reading the socket alone (sockets.inspect: fstat, getpeername, getsockopts,
+              SIOCGSKNS), the cost no answer about a socket can avoid;
 * ``lookup``  Backend.find_protection alone (index lookup + data-plane proof, no token);
 * ``relist``  get_socket_pToken re-listing every SA per query (list-sas/-conns/-certs);
 * ``swanctl`` running ``swanctl --list-sas`` once (what a shell script would do).
@@ -24,10 +29,10 @@ import subprocess
 import time
 from collections.abc import Callable
 
-from btns_vici.api import get_socket_ptoken
+from btns_vici.api import get_socket_ptoken, ptoken_for_flow
 from btns_vici.backend import Backend
 from btns_vici.plugins import get_backend, get_plugin_manager
-from btns_vici.sockets import flow_of
+from btns_vici.sockets import flow_of, inspect
 from btns_vici.testbed import Testbed
 
 BASE_PORT = 20000
@@ -110,6 +115,8 @@ def measure(tb: Testbed, events: Backend, relist: Backend, n: int, q: int, k: in
     gen = index.generation
     results = {
         "index": timed(lambda: get_socket_ptoken(socks[pick()], events), q),
+        "flow": timed(lambda: ptoken_for_flow(flows[pick()], events), q),
+        "floor": timed(lambda: inspect(socks[pick()]), q),
         "lookup": timed(lambda: events.find_protection(flows[pick()]), q),
         "relist": timed(lambda: get_socket_ptoken(socks[pick()], relist), slow_q),
         "swanctl": timed(lambda: subprocess.run(swanctl, capture_output=True, check=True), max(10, slow_q // 4)),

@@ -71,7 +71,19 @@ def verify_libipsec(view: SocketView, ike: IkeSA, child: ChildSA, netns_name: st
     if child.mode.upper() != "TUNNEL":
         return NotCarried(f"kernel-libipsec carries only tunnel-mode SAs, CHILD_SA is {child.mode}")
     rt = rtnl.routing(netns_name)
-    rt.fresh()
+    rt.fresh()  # one non-blocking drain: every answer below is as of now
+    memo_key = (view, child.uniqueid, child.spi_out, child.state, child.name)
+    hit = rt.memo.get(memo_key)
+    if hit is not None:
+        return hit  # type: ignore[return-value]
+    verdict = _prove_libipsec(rt, view, child)
+    if len(rt.memo) > 4096:  # many sockets, or rekeyed CHILD_SAs leave old keys behind
+        rt.memo.clear()
+    rt.memo[memo_key] = verdict
+    return verdict
+
+
+def _prove_libipsec(rt: rtnl.RoutingView, view: SocketView, child: ChildSA) -> Verdict:
     tun = rt.ifindex(LIBIPSEC_DEVICE)
     if tun is None:
         return NotCarried(f"no {LIBIPSEC_DEVICE} device in the data plane's namespace")
@@ -106,22 +118,15 @@ def verify_libipsec(view: SocketView, ike: IkeSA, child: ChildSA, netns_name: st
         inbound_text = f"arrived decrypted on {LIBIPSEC_DEVICE} (ifindex {tun})"
     elif view.direction != OUT:
         inbound, inbound_text = _inbound(rt, view, tun)
-    key = (child.uniqueid, child.spi_out, child.state, route_text, inbound, inbound_text, facts)
-    proof = rt.memo.get(key)
-    if not isinstance(proof, DataplaneProof):
-        if len(rt.memo) > 4096:  # rekeyed CHILD_SAs leave old keys behind
-            rt.memo.clear()
-        detail = "; ".join(t for t in (route_text, inbound_text) if t)
-        proof = DataplaneProof(
-            dataplane=LIBIPSEC,
-            detail=f"{detail}; charon reports CHILD_SA {child.name}#{child.uniqueid} {child.state} in tunnel "
-            f"mode; socket {facts}",
-            spi_out=child.spi_out,
-            reqid=child.reqid,
-            inbound=inbound,
-        )
-        rt.memo[key] = proof
-    return proof
+    detail = "; ".join(t for t in (route_text, inbound_text) if t)
+    return DataplaneProof(
+        dataplane=LIBIPSEC,
+        detail=f"{detail}; charon reports CHILD_SA {child.name}#{child.uniqueid} {child.state} in tunnel "
+        f"mode; socket {facts}",
+        spi_out=child.spi_out,
+        reqid=child.reqid,
+        inbound=inbound,
+    )
 
 
 def _inbound(rt: rtnl.RoutingView, view: SocketView, tun: int) -> tuple[bool, str]:

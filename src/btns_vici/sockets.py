@@ -9,6 +9,7 @@ ENOTCONN not connected).
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -29,8 +30,8 @@ class HasFileno(Protocol):
 FileDescriptorLike = int | HasFileno
 
 
-def resolve_fd(fd: FileDescriptorLike) -> int:
-    """The descriptor number of ``fd``, checked to be an open socket."""
+def _number(fd: FileDescriptorLike) -> int:
+    """The descriptor number of ``fd`` (an int or an object with fileno()), not yet checked."""
     if isinstance(fd, bool):
         raise TypeError("a file descriptor must be an int or have fileno(), not bool")
     if isinstance(fd, int):
@@ -39,8 +40,16 @@ def resolve_fd(fd: FileDescriptorLike) -> int:
         num = fd.fileno()
     else:
         raise TypeError(f"a file descriptor must be an int or have fileno(), not {type(fd).__name__}")
-    if num < 0:
-        raise BtnsError("bad file descriptor (closed socket)", errno.EBADF)
+    if not isinstance(num, int) or isinstance(num, bool):
+        raise TypeError(f"fileno() must return an int, not {type(num).__name__}")
+    if num < 0 or num > 0x7FFFFFFF:
+        raise BtnsError(f"bad file descriptor {num}", errno.EBADF)
+    return num
+
+
+def resolve_fd(fd: FileDescriptorLike) -> int:
+    """The descriptor number of ``fd``, checked to be an open socket."""
+    num = _number(fd)
     try:
         mode = os.fstat(num).st_mode
     except OSError as exc:
@@ -68,16 +77,20 @@ def socket_key(fd: FileDescriptorLike) -> tuple[int, int]:
 
 
 def _proto(sock: socket.socket) -> int:
-    proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+    proto = sock.proto  # read by the socket object's constructor (SO_PROTOCOL)
     if proto:
         return proto
     return socket.IPPROTO_TCP if sock.type == socket.SOCK_STREAM else socket.IPPROTO_UDP
 
 
+@functools.lru_cache(maxsize=4096)
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(host.split("%", 1)[0])
+
+
 def endpoint(addr: tuple) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
     """(address, port) from a sockaddr tuple; the IPv6 scope id is dropped."""
-    host = addr[0].split("%", 1)[0]
-    return ipaddress.ip_address(host), int(addr[1])
+    return _address(addr[0]), int(addr[1])
 
 
 def check_inet(sock: socket.socket) -> None:
@@ -161,12 +174,25 @@ def _view(sock: socket.socket, st: os.stat_result, flow: Flow, direction: str) -
 
 
 def inspect(fd: FileDescriptorLike) -> tuple[tuple[int, int], SocketView | None]:
-    """One pass over an IPv4/IPv6 socket: its identity (see socket_key) and its view, None if unconnected."""
-    with borrowed_socket(fd) as sock:
+    """One pass over an IPv4/IPv6 socket: its identity (see socket_key) and its view, None if unconnected.
+
+    The hot path of get_socket_pToken: one fstat, and a socket object on the caller's own
+    descriptor (detached, never closed) instead of a dup.
+    """
+    num = _number(fd)
+    try:
+        st = os.fstat(num)
+    except OSError as exc:
+        raise BtnsError(f"bad file descriptor {num}: {exc.strerror}", exc.errno) from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise BtnsError(f"file descriptor {num} is not a socket", errno.ENOTSOCK)
+    sock = socket.socket(fileno=num)
+    try:
         check_inet(sock)
-        st = os.fstat(sock.fileno())
         flow = _flow(sock)
         return (st.st_dev, st.st_ino), (None if flow is None else _view(sock, st, flow, BOTH))
+    finally:
+        sock.detach()
 
 
 def view_of(fd: FileDescriptorLike, flow: Flow | None = None, direction: str = BOTH) -> SocketView:

@@ -45,15 +45,52 @@ class SerializationError(BtnsError):
 
 
 class BackendError(BtnsError):
-    """No usable backend, or the IKE daemon is down or answered nonsense."""
+    """No usable backend, or the IKE daemon is down, unreachable or answered nonsense.
+
+    The base of every daemon failure; the subclasses below carry the precise errno.
+    A bare BackendError (ECONNREFUSED) means no backend answers at all.
+    """
 
     default_errno = _errno.ECONNREFUSED
 
 
+class DaemonDownError(BackendError, ConnectionRefusedError):
+    """No daemon there: its control socket does not exist or nobody accepts on it (ECONNREFUSED)."""
+
+    default_errno = _errno.ECONNREFUSED
+
+
+class DaemonTimeoutError(BackendError, TimeoutError):
+    """The daemon did not complete the operation (connect, send, the whole reply) in time (ETIMEDOUT)."""
+
+    default_errno = _errno.ETIMEDOUT
+
+
+class DaemonAccessError(BackendError, PermissionError):
+    """Not allowed to open the daemon's control socket; the message names the path and the access needed (EACCES)."""
+
+    default_errno = _errno.EACCES
+
+
 class ProtocolError(BackendError):
-    """The daemon's reply is malformed (EPROTO)."""
+    """The daemon's reply is malformed or oversized; the message says what was wrong (EPROTO)."""
 
     default_errno = _errno.EPROTO
+
+
+class CommandFailedError(BackendError):
+    """The daemon understood the command and reported failure (EIO); its message is in ours."""
+
+    default_errno = _errno.EIO
+
+
+#: The more specific a daemon failure, the higher: the default selection reports the highest one.
+SPECIFICITY = (BackendError, DaemonDownError, CommandFailedError, DaemonTimeoutError, ProtocolError, DaemonAccessError)
+
+
+def specificity(exc: BaseException) -> int:
+    """Rank of ``exc`` in :data:`SPECIFICITY` (the most derived class that matches)."""
+    return max((i for i, cls in enumerate(SPECIFICITY) if isinstance(exc, cls)), default=-1)
 
 
 class NotSupportedError(BtnsError):

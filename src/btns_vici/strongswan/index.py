@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import BackendError
+from ..errors import BackendError, ProtocolError
 from ..records import ChildSA, Identity, IkeSA
 from ..selectors import PROTO_ANY, Flow, TrafficSelector, normalize_address
 from . import parse
@@ -53,9 +53,11 @@ def _exact(ts: tuple[TrafficSelector, ...]) -> list[Key]:
 class SAIndex:
     """The installed CHILD_SAs of one charon, kept current by its events."""
 
-    def __init__(self, path: str, session: ViciSession | None = None, strict: bool = False) -> None:
+    def __init__(self, path: str, session: ViciSession | None = None, strict: bool = False,
+                 timeout: float | None = None) -> None:
         self.path = path
         self.session = session or ViciSession(path)
+        self.timeout = self.session.timeout if timeout is None else timeout
         self._lock = threading.RLock()
         self._stream: EventStream | None = None
         self._ikes: dict[str, _Ike] = {}
@@ -87,7 +89,7 @@ class SAIndex:
 
     def _resync(self) -> None:
         self._reset()
-        stream = EventStream(self.path)  # BackendError when charon is down
+        stream = EventStream(self.path, timeout=self.timeout)  # BackendError when charon is down
         try:
             snapshot = self.session.list_sas()
         except BaseException:
@@ -121,7 +123,7 @@ class SAIndex:
 
     # -- events --------------------------------------------------------------------------------
     def _upsert(self, name: str, sec: Mapping[str, Any]) -> _Ike:
-        uid = parse.text(sec.get("uniqueid"), "uniqueid")
+        uid = parse.uniqueid(sec)
         plain = {k: v for k, v in sec.items() if k != "child-sas"}
         ike = self._ikes.get(uid)
         if ike is None:
@@ -132,12 +134,18 @@ class SAIndex:
         return ike
 
     def apply(self, event: str, msg: Mapping[str, Any]) -> None:
-        """Apply one VICI event to the index (idempotent)."""
+        """Apply one VICI event to the index (idempotent); a malformed event is ProtocolError."""
+        try:
+            self._apply(event, msg)
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+            raise ProtocolError(f"malformed VICI {event} event: {type(exc).__name__}: {exc}") from None
+
+    def _apply(self, event: str, msg: Mapping[str, Any]) -> None:
         with self._lock:
             up = msg.get("up") == b"yes"
             name, sec = parse.single_section(msg, event)
             if event == "ike-updown":
-                uid = parse.text(sec.get("uniqueid"), "uniqueid")
+                uid = parse.uniqueid(sec)
                 if up:
                     self._upsert(name, sec)
                     self._auth.pop(name, None)  # re-read its identities (conn may have been reloaded)
@@ -150,7 +158,7 @@ class SAIndex:
                     ike = self._upsert(name, sec)
                     ike.children.update(kids)
                 else:
-                    ike = self._ikes.get(parse.text(sec.get("uniqueid"), "uniqueid"))
+                    ike = self._ikes.get(parse.uniqueid(sec))
                     if ike is not None:
                         for cid in kids:
                             ike.children.pop(cid, None)
@@ -168,7 +176,7 @@ class SAIndex:
                         ike.children[child.uniqueid] = child
             elif event == "ike-rekey":
                 old_sec, new_sec = sec.get("old"), sec.get("new")
-                old = self._ikes.pop(parse.text(old_sec.get("uniqueid"), "uniqueid"), None) if old_sec else None
+                old = self._ikes.pop(parse.uniqueid(old_sec), None) if old_sec else None
                 if new_sec is not None:
                     ike = self._upsert(name, new_sec)
                     if old is not None:

@@ -6,6 +6,8 @@ The README's "Errors" table lists which call raises which errno and why.
 from __future__ import annotations
 
 import errno as _errno
+import os as _os
+import stat as _stat
 
 
 class BtnsError(OSError):
@@ -103,3 +105,23 @@ class ProtectionLostError(BtnsError):
     """A latched connection lost or changed its protection (ECONNABORTED)."""
 
     default_errno = _errno.ECONNABORTED
+
+
+def access_problem(path: str) -> str:
+    """Which access to the control socket ``path`` we lack: search (x) on a directory of its path,
+    else write (w) on the socket itself (what connect() on an AF_UNIX socket needs)."""
+    uid, gid = _os.geteuid(), _os.getegid()
+    parts = _os.path.dirname(_os.path.abspath(path)).split(_os.sep)
+    for i in range(1, len(parts) + 1):
+        d = _os.sep.join(parts[:i]) or _os.sep
+        if not _os.access(d, _os.X_OK, effective_ids=True):
+            return f"search (x) permission on directory {d} ({_owner(d)}) is needed (we are uid {uid} gid {gid})"
+    return f"write (w) permission on the socket is needed ({_owner(path)}; we are uid {uid} gid {gid})"
+
+
+def _owner(path: str) -> str:
+    try:
+        st = _os.stat(path)
+    except OSError:
+        return "not readable"
+    return f"mode {_stat.filemode(st.st_mode)}, owner {st.st_uid}:{st.st_gid}"

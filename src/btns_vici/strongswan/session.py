@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import stat
 import struct
 import threading
 import time
@@ -37,6 +36,7 @@ from ..errors import (
     DaemonDownError,
     DaemonTimeoutError,
     ProtocolError,
+    access_problem,
 )
 
 DEFAULT_SOCKET = "/var/run/charon.vici"
@@ -106,26 +106,6 @@ class Deadline:
             f"charon did not {what} within {self.seconds:g} s on VICI socket {self.path} "
             f"(deadline of the whole operation; option timeout / ${TIMEOUT_ENV})"
         )
-
-
-def access_problem(path: str) -> str:
-    """What access to ``path`` we lack to connect to it (search on a directory, write on the socket)."""
-    uid, gid = os.geteuid(), os.getegid()
-    parent = os.path.dirname(os.path.abspath(path))
-    parts = parent.split(os.sep)
-    for i in range(1, len(parts) + 1):
-        d = os.sep.join(parts[:i]) or os.sep
-        if not os.access(d, os.X_OK, effective_ids=True):
-            return f"search (x) permission on directory {d} ({_owner(d)}) is needed (we are uid {uid} gid {gid})"
-    return f"write (w) permission on the socket is needed ({_owner(path)}; we are uid {uid} gid {gid})"
-
-
-def _owner(path: str) -> str:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return "not readable"
-    return f"mode {stat.filemode(st.st_mode)}, owner {st.st_uid}:{st.st_gid}"
 
 
 def connect(path: str, deadline: Deadline | float) -> socket.socket:

@@ -46,8 +46,9 @@ from .session import ViciSession
 Key = tuple[Any, int, int]
 #: A CHILD_SA name no configuration has: list-sas filtered by it lists every IKE_SA with no CHILD_SAs.
 NO_CHILD = "#btns-vici:no-child#"
-#: Connections with more child configs than this are listed lazily (their IKE_SAs may exceed 512 KiB).
-BIG_CONN = 1000
+#: Connections with more child configs than this are listed lazily, per flow (their IKE_SAs may exceed
+#: 512 KiB, and listing a few candidates answers a fresh query faster than listing them whole).
+BIG_CONN = 64
 #: Flows whose candidate child configs were already listed (cleared on any new IKE_SA or config).
 MAX_CHECKED = 1 << 16
 

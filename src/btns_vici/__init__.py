@@ -6,12 +6,25 @@ functions under their exact names; this package exports the pythonic API.
 
 from __future__ import annotations
 
-from .api import attached_ptoken, get_socket_ptoken, ptoken_for_flow, set_default_backend, set_socket_ptoken
+from .api import (
+    accept,
+    attached_ptoken,
+    connect,
+    get_socket_ptoken,
+    listen,
+    ptoken_for_flow,
+    set_default_backend,
+    set_socket_ptoken,
+)
 from .backend import Backend, BackendInfo, Capabilities, Enforcement, SAEvent
 from .constants import Attr, AuthMethod, Level, Setting
 from .errors import (
     BackendError,
     BtnsError,
+    CommandFailedError,
+    DaemonAccessError,
+    DaemonDownError,
+    DaemonTimeoutError,
     NotSupportedError,
     NoValueError,
     ProtectionLostError,
@@ -37,6 +50,10 @@ __all__ = [
     "BackendInfo",
     "BtnsError",
     "Capabilities",
+    "CommandFailedError",
+    "DaemonAccessError",
+    "DaemonDownError",
+    "DaemonTimeoutError",
     "Enforcement",
     "Flow",
     "IToken",
@@ -54,11 +71,14 @@ __all__ = [
     "TokenAttributeError",
     "TokenFreedError",
     "TrafficSelector",
+    "accept",
     "attached_ptoken",
     "backends",
+    "connect",
     "enable_pktinfo",
     "get_backend",
     "get_socket_ptoken",
+    "listen",
     "ptoken_for_flow",
     "recvmsg",
     "satisfies",

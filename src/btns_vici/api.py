@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import socket
+import stat
 import threading
 from collections.abc import Mapping
 
@@ -39,8 +41,52 @@ BackendLike = Backend | str | None
 
 _lock = threading.Lock()
 _default: Backend | None = None
+
+
+def _open_socket_keys() -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of every socket this process has open (any descriptor, dups included)."""
+    out = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            st = os.stat(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # closed meanwhile (or the listing's own descriptor)
+        if stat.S_ISSOCK(st.st_mode):
+            out.add((st.st_dev, st.st_ino))
+    return out
+
+
+class _Registry(dict):
+    """pTokens attached to sockets, by socket identity (st_dev, st_ino): live sockets only.
+
+    Entries of sockets that are no longer open anywhere in the process (every descriptor of
+    them closed) are swept whenever the registry doubles since the last sweep (amortized O(1)
+    per insert), so a server accepting any number of connections keeps it bounded by about
+    twice its open sockets (plus :attr:`floor`).
+    """
+
+    floor = 256
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._limit = self.floor
+        self._sweeping = threading.Lock()
+
+    def __setitem__(self, key: tuple[int, int], value: PToken) -> None:
+        super().__setitem__(key, value)
+        if len(self) > self._limit:
+            self.sweep()
+
+    def sweep(self) -> None:
+        with self._sweeping:
+            live = _open_socket_keys()
+            for key in [k for k in list(self) if k not in live]:
+                self.pop(key, None)
+            self._limit = max(self.floor, 2 * len(self))
+
+
 #: pTokens attached with set_socket_ptoken, by socket identity (per process, as the draft says).
-_attached: dict[tuple[int, int], PToken] = {}
+_attached: _Registry = _Registry()
 
 
 def resolve_backend(backend: BackendLike = None, options: Mapping[str, str] | None = None) -> Backend:

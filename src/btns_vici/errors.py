@@ -6,6 +6,8 @@ The README's "Errors" table lists which call raises which errno and why.
 from __future__ import annotations
 
 import errno as _errno
+import os as _os
+import stat as _stat
 
 
 class BtnsError(OSError):
@@ -45,15 +47,52 @@ class SerializationError(BtnsError):
 
 
 class BackendError(BtnsError):
-    """No usable backend, or the IKE daemon is down or answered nonsense."""
+    """No usable backend, or the IKE daemon is down, unreachable or answered nonsense.
+
+    The base of every daemon failure; the subclasses below carry the precise errno.
+    A bare BackendError (ECONNREFUSED) means no backend answers at all.
+    """
 
     default_errno = _errno.ECONNREFUSED
 
 
+class DaemonDownError(BackendError, ConnectionRefusedError):
+    """No daemon there: its control socket does not exist or nobody accepts on it (ECONNREFUSED)."""
+
+    default_errno = _errno.ECONNREFUSED
+
+
+class DaemonTimeoutError(BackendError, TimeoutError):
+    """The daemon did not complete the operation (connect, send, the whole reply) in time (ETIMEDOUT)."""
+
+    default_errno = _errno.ETIMEDOUT
+
+
+class DaemonAccessError(BackendError, PermissionError):
+    """Not allowed to open the daemon's control socket; the message names the path and the access needed (EACCES)."""
+
+    default_errno = _errno.EACCES
+
+
 class ProtocolError(BackendError):
-    """The daemon's reply is malformed (EPROTO)."""
+    """The daemon's reply is malformed or oversized; the message says what was wrong (EPROTO)."""
 
     default_errno = _errno.EPROTO
+
+
+class CommandFailedError(BackendError):
+    """The daemon understood the command and reported failure (EIO); its message is in ours."""
+
+    default_errno = _errno.EIO
+
+
+#: The more specific a daemon failure, the higher: the default selection reports the highest one.
+SPECIFICITY = (BackendError, DaemonDownError, CommandFailedError, DaemonTimeoutError, ProtocolError, DaemonAccessError)
+
+
+def specificity(exc: BaseException) -> int:
+    """Rank of ``exc`` in :data:`SPECIFICITY` (the most derived class that matches)."""
+    return max((i for i, cls in enumerate(SPECIFICITY) if isinstance(exc, cls)), default=-1)
 
 
 class NotSupportedError(BtnsError):
@@ -66,3 +105,23 @@ class ProtectionLostError(BtnsError):
     """A latched connection lost or changed its protection (ECONNABORTED)."""
 
     default_errno = _errno.ECONNABORTED
+
+
+def access_problem(path: str) -> str:
+    """Which access to the control socket ``path`` we lack: search (x) on a directory of its path,
+    else write (w) on the socket itself (what connect() on an AF_UNIX socket needs)."""
+    uid, gid = _os.geteuid(), _os.getegid()
+    parts = _os.path.dirname(_os.path.abspath(path)).split(_os.sep)
+    for i in range(1, len(parts) + 1):
+        d = _os.sep.join(parts[:i]) or _os.sep
+        if not _os.access(d, _os.X_OK, effective_ids=True):
+            return f"search (x) permission on directory {d} ({_owner(d)}) is needed (we are uid {uid} gid {gid})"
+    return f"write (w) permission on the socket is needed ({_owner(path)}; we are uid {uid} gid {gid})"
+
+
+def _owner(path: str) -> str:
+    try:
+        st = _os.stat(path)
+    except OSError:
+        return "not readable"
+    return f"mode {_stat.filemode(st.st_mode)}, owner {st.st_uid}:{st.st_gid}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 
@@ -16,7 +17,7 @@ import pluggy
 
 from . import hookspecs
 from .backend import Backend, BackendInfo
-from .errors import BackendError
+from .errors import BackendError, BtnsError, DaemonTimeoutError, specificity
 
 ENTRY_POINT_GROUP = "btns_vici.backends"
 
@@ -52,17 +53,75 @@ def backends() -> list[BackendInfo]:
     return list(get_plugin_manager().hook.btns_backend_info())[::-1]
 
 
+#: How long the default selection waits for all probes together, seconds (each backend's probe
+#: has its own, shorter deadline; this bounds a third-party probe that ignores it).
+SELECTION_TIMEOUT = 3.0
+
+
+def _probe_all(infos: list[BackendInfo], pm: pluggy.PluginManager, opts: Mapping[str, str]
+               ) -> list[tuple[Backend | None, bool, BaseException | None]]:
+    """Probe every backend at once, each in its own thread; results in ``infos`` order.
+
+    A probe still running after :data:`SELECTION_TIMEOUT` counts as timed out (its thread
+    is a daemon thread and is left to finish on its own).
+    """
+    results: list[tuple[Backend | None, bool, BaseException | None]] = [
+        (None, False, DaemonTimeoutError(f"backend {i.name!r}: probe did not finish within {SELECTION_TIMEOUT:g} s"))
+        for i in infos
+    ]
+    done = threading.Event()
+    remaining = [len(infos)]
+    lock = threading.Lock()
+
+    def run(i: int, info: BackendInfo) -> None:
+        backend = None
+        try:
+            backend = Backend(pm, info.name, opts)
+            out = (backend, bool(backend.probe()), None)
+        except Exception as exc:
+            out = (backend, False, exc)
+        with lock:
+            results[i] = out
+            remaining[0] -= 1
+            if not remaining[0]:
+                done.set()
+
+    threads = [threading.Thread(target=run, args=(i, info), name=f"btns-probe-{info.name}", daemon=True)
+               for i, info in enumerate(infos)]
+    for t in threads:
+        t.start()
+    if infos:
+        done.wait(SELECTION_TIMEOUT)
+    with lock:
+        return list(results)
+
+
 def get_backend(name: str | None = None, options: Mapping[str, str] | None = None) -> Backend:
-    """Select a backend: ``name``, else ``$BTNS_BACKEND``, else the first whose daemon answers."""
+    """Select a backend: ``name``, else ``$BTNS_BACKEND``, else the first whose daemon answers.
+
+    The default selection probes every installed backend in parallel (each with its short
+    probe deadline) and takes the first, in :func:`backends` order, that answers. When none
+    does it raises the most specific failure among them (EACCES over EPROTO over ETIMEDOUT
+    over ECONNREFUSED, see :func:`btns_vici.errors.specificity`), naming every backend tried.
+    """
     pm = get_plugin_manager()
     opts = dict(options or {})
     chosen = name or os.environ.get("BTNS_BACKEND")
     if chosen:
         return Backend(pm, chosen, opts)
-    tried = []
-    for info in backends():
-        backend = Backend(pm, info.name, opts)
-        if backend.probe():
+    infos = backends()
+    results = _probe_all(infos, pm, opts)
+    for backend, ok, _ in results:
+        if ok and backend is not None:
             return backend
-        tried.append(info.name)
-    raise BackendError(f"no IKE daemon answers (tried backends: {', '.join(tried) or 'none'})")
+    reasons = []
+    worst: BaseException | None = None
+    for info, (_, _, exc) in zip(infos, results, strict=True):
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else (exc or "no daemon")
+        reasons.append(f"{info.name}: {why}")
+        if isinstance(exc, OSError) and (worst is None or specificity(exc) > specificity(worst)):
+            worst = exc
+    tried = "; ".join(reasons) or "none installed"
+    cls = type(worst) if isinstance(worst, BtnsError) else BackendError
+    err = worst.errno if isinstance(worst, OSError) and worst.errno else None
+    raise cls(f"no IKE daemon answers (tried backends: {tried})", err)

@@ -14,8 +14,11 @@ from typing import Any
 
 from vici.protocol import Packet
 
-from ..errors import BackendError, ProtocolError
-from .session import HEADER, MAX_PACKET, connect, decode_packet, recv_packet
+from ..errors import BackendError, DaemonDownError, ProtocolError
+from .session import DEFAULT_TIMEOUT, HEADER, Deadline, check_length, connect, decode_packet, recv_packet, send_all
+
+#: Bytes one :meth:`EventStream.poll` reads at most (a flooding daemon cannot keep it reading).
+POLL_BUDGET = 4 << 20
 
 SA_EVENTS = ("ike-updown", "ike-rekey", "child-updown", "child-rekey")
 
@@ -23,26 +26,31 @@ SA_EVENTS = ("ike-updown", "ike-rekey", "child-updown", "child-rekey")
 class EventStream:
     """A registered event connection. Raises ConnectionError once charon goes away."""
 
-    def __init__(self, path: str, events: tuple[str, ...] = SA_EVENTS, timeout: float = 10.0) -> None:
+    def __init__(self, path: str, events: tuple[str, ...] = SA_EVENTS, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.path = path
-        self.sock: socket.socket = connect(path, timeout)
+        self.timeout = timeout
+        deadline = Deadline(timeout, path)
+        self.sock: socket.socket = connect(path, deadline)
         self._buf = bytearray()
         self._early: list[tuple[str, dict[str, Any]]] = []
         try:
             for name in events:
                 pkt = Packet.register_event(name)
-                self.sock.sendall(HEADER.pack(len(pkt)) + pkt)
+                send_all(self.sock, HEADER.pack(len(pkt)) + pkt, deadline)
                 while True:
-                    kind, ev, msg = decode_packet(recv_packet(self.sock))
+                    kind, ev, msg = decode_packet(recv_packet(self.sock, deadline))
                     if kind == Packet.EVENT:
                         self._early.append((ev, msg))
                         continue
                     if kind != Packet.EVENT_CONFIRM:
                         raise ProtocolError(f"charon refused event {name!r} (packet type {kind})")
                     break
+        except BackendError:
+            self.close()
+            raise
         except OSError as exc:
             self.close()
-            raise BackendError(f"VICI event registration on {path} failed: {exc}") from exc
+            raise DaemonDownError(f"VICI event registration on {path} failed: {exc.strerror or exc}") from None
         self.sock.setblocking(False)
 
     def fileno(self) -> int:
@@ -59,9 +67,10 @@ class EventStream:
             ready, _, _ = select.select([self.sock], [], [], timeout)
             if not ready:
                 return out
-        while True:  # with timeout 0 the first recv is the only syscall when nothing is pending
+        budget = POLL_BUDGET
+        while budget > 0:  # with timeout 0 the first recv is the only syscall when nothing is pending
             try:
-                chunk = self.sock.recv(1 << 20)
+                chunk = self.sock.recv(min(budget, 1 << 20))
             except BlockingIOError:
                 # Nothing more now. A packet charon is still writing stays buffered for the
                 # next call: never wait for it here (charon's writer may be stalled behind
@@ -69,25 +78,25 @@ class EventStream:
                 break
             if not chunk:
                 raise ConnectionResetError("charon closed the VICI event connection")
+            budget -= len(chunk)
             self._buf += chunk
             out.extend(self._packets())
         return out
 
-    def barrier(self, timeout: float = 5.0) -> list[tuple[str, dict[str, Any]]]:
+    def barrier(self, timeout: float | None = None) -> list[tuple[str, dict[str, Any]]]:
         """Every event charon raised before now: a ``version`` round trip on this connection.
 
         charon answers a command on the connection that carries the events, after every
         event it queued there before reading the command, so once the answer is in, all
-        earlier events are too.
+        earlier events are too. One deadline (``timeout``, default the stream's) for all of it.
         """
+        deadline = Deadline(self.timeout if timeout is None else timeout, self.path)
         pkt = Packet.request("version")
-        self.sock.setblocking(True)
-        self.sock.settimeout(timeout)
         try:
-            self.sock.sendall(HEADER.pack(len(pkt)) + pkt)
+            send_all(self.sock, HEADER.pack(len(pkt)) + pkt, deadline)
             out, self._early = self._early, []
             while True:
-                raw = self._take_packet()
+                raw = self._take_packet(deadline)
                 kind, name, msg = decode_packet(raw)
                 if kind == Packet.EVENT:
                     out.append((name, msg))
@@ -98,17 +107,23 @@ class EventStream:
         finally:
             self.sock.setblocking(False)
 
-    def _take_packet(self) -> bytes:
+    def _take_packet(self, deadline: Deadline) -> bytes:
         while True:
             if len(self._buf) >= HEADER.size:
                 (length,) = HEADER.unpack_from(self._buf)
-                if length == 0 or length > MAX_PACKET:
-                    raise ProtocolError(f"VICI packet of bad length {length}")
+                check_length(length)
                 if len(self._buf) >= HEADER.size + length:
                     raw = bytes(self._buf[HEADER.size : HEADER.size + length])
                     del self._buf[: HEADER.size + length]
                     return raw
-            chunk = self.sock.recv(1 << 20)
+                want = HEADER.size + length - len(self._buf)
+            else:
+                want = HEADER.size - len(self._buf)
+            self.sock.settimeout(deadline.remaining("answer the barrier on the event connection"))
+            try:
+                chunk = self.sock.recv(want)
+            except TimeoutError:
+                raise deadline.expired("answer the barrier on the event connection") from None
             if not chunk:
                 raise ConnectionResetError("charon closed the VICI event connection")
             self._buf += chunk
@@ -117,8 +132,7 @@ class EventStream:
         out = []
         while len(self._buf) >= HEADER.size:
             (length,) = HEADER.unpack_from(self._buf)
-            if length == 0 or length > MAX_PACKET:
-                raise ProtocolError(f"VICI event packet of bad length {length}")
+            check_length(length)
             if len(self._buf) < HEADER.size + length:
                 break
             raw = bytes(self._buf[HEADER.size : HEADER.size + length])

@@ -10,18 +10,33 @@ the last event processed):
 * when the event connection drops (charon stopped or restarted) everything is thrown
   away; the next query reconnects and re-lists, or raises BackendError while charon is down.
 
+Scale (charon drops any VICI message over 512 KiB, so one IKE_SA with more than about
+1,950 CHILD_SAs never appears in an unfiltered list-sas):
+
+* the snapshot is an unfiltered list-sas (every IKE_SA that fits, with its CHILD_SAs) plus
+  a list-sas filtered to a child name no configuration has (``{"child": NO_CHILD}``): every
+  IKE_SA without its CHILD_SAs, a few hundred bytes each. An IKE_SA only the second one
+  shows is *partial*: its CHILD_SAs are listed lazily, per flow, by CHILD_SA config name
+  (``{"ike-id": N, "child": NAME}``) for the child configs of its connection (list-conns)
+  whose configured selectors could cover the flow (negotiated selectors are always within
+  the configured ones; ``dynamic`` counts as any address);
+* an event about one CHILD_SA changes that CHILD_SA only (the lookup tables are maintained
+  incrementally); a negative answer for an IKE_SA with tasks in flight re-lists only the
+  child configs that could cover the flow, never the whole IKE_SA.
+
 Identities (auth method, peer key, certificate) come from list-conns and list-certs,
 cached per connection and refreshed whenever an IKE_SA of that connection comes up.
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import BackendError
+from ..errors import BackendError, ProtocolError
 from ..records import ChildSA, Identity, IkeSA
 from ..selectors import PROTO_ANY, Flow, TrafficSelector, normalize_address
 from . import parse
@@ -29,7 +44,13 @@ from .events import EventStream
 from .session import ViciSession
 
 Key = tuple[Any, int, int]
-Tables = tuple[dict[Key, list], dict[Key, list], dict[Any, list], list]
+#: A CHILD_SA name no configuration has: list-sas filtered by it lists every IKE_SA with no CHILD_SAs.
+NO_CHILD = "#btns-vici:no-child#"
+#: Connections with more child configs than this are listed lazily, per flow (their IKE_SAs may exceed
+#: 512 KiB, and listing a few candidates answers a fresh query faster than listing them whole).
+BIG_CONN = 64
+#: Flows whose candidate child configs were already listed (cleared on any new IKE_SA or config).
+MAX_CHECKED = 1 << 16
 
 
 @dataclass
@@ -38,6 +59,11 @@ class _Ike:
     section: dict[str, Any]
     children: dict[str, ChildSA] = field(default_factory=dict)
     record: IkeSA | None = None
+    complete: bool = True  # every CHILD_SA was listed (else: listed lazily per child config)
+    fetched: set[str] = field(default_factory=set)  # child config names listed while partial
+
+
+Item = tuple[str, ChildSA, "Compiled", "Compiled", int]
 
 
 def _exact(ts: tuple[TrafficSelector, ...]) -> list[Key]:
@@ -50,21 +76,82 @@ def _exact(ts: tuple[TrafficSelector, ...]) -> list[Key]:
     return keys
 
 
+def _by_breadth(item: Item) -> int:
+    return item[4]
+
+
+class _Tables:
+    """Installed CHILD_SAs by exact remote (addr, proto, port), exact local one, remote address, rest.
+
+    Maintained incrementally: adding or removing one CHILD_SA touches its own buckets only.
+    """
+
+    def __init__(self) -> None:
+        self.by_remote: dict[Key, list[Item]] = {}
+        self.by_local: dict[Key, list[Item]] = {}
+        self.by_raddr: dict[Any, list[Item]] = {}
+        self.wide: list[Item] = []
+        self.placed: dict[tuple[str, str], tuple[Item, list[list[Item]]]] = {}
+
+    def add(self, uid: str, child: ChildSA) -> None:
+        self.remove(uid, child.uniqueid)
+        if not child.installed:
+            return
+        item: Item = (uid, child, _compiled(child.local_ts), _compiled(child.remote_ts), _breadth(child))
+        slots: list[list[Item]] = []
+        rkeys, lkeys = _exact(child.remote_ts), _exact(child.local_ts)
+        if rkeys:
+            for k in rkeys:
+                bucket = self.by_remote.setdefault(k, [])
+                bucket.append(item)
+                slots.append(bucket)
+        elif lkeys:
+            for k in lkeys:
+                bucket = self.by_local.setdefault(k, [])
+                bucket.append(item)
+                slots.append(bucket)
+        elif child.remote_ts and all(t.start == t.end for t in child.remote_ts):
+            for t in child.remote_ts:  # host-to-host SAs: one peer address each
+                bucket = self.by_raddr.setdefault(t.start, [])
+                bisect.insort(bucket, item, key=_by_breadth)
+                slots.append(bucket)
+        else:
+            bisect.insort(self.wide, item, key=_by_breadth)
+            slots.append(self.wide)
+        self.placed[(uid, child.uniqueid)] = (item, slots)
+
+    def remove(self, uid: str, cid: str) -> None:
+        entry = self.placed.pop((uid, cid), None)
+        if entry is None:
+            return
+        item, slots = entry
+        for bucket in slots:
+            for i, it in enumerate(bucket):
+                if it is item:
+                    del bucket[i]
+                    break
+
+
 class SAIndex:
     """The installed CHILD_SAs of one charon, kept current by its events."""
 
-    def __init__(self, path: str, session: ViciSession | None = None, strict: bool = False) -> None:
+    def __init__(self, path: str, session: ViciSession | None = None, strict: bool = False,
+                 timeout: float | None = None) -> None:
         self.path = path
         self.session = session or ViciSession(path)
+        self.timeout = self.session.timeout if timeout is None else timeout
         self._lock = threading.RLock()
         self._stream: EventStream | None = None
         self._ikes: dict[str, _Ike] = {}
-        self._auth: dict[str, tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]] = {}
+        self._conns: dict[str, Mapping[str, Any] | None] = {}
+        self._cfg_sel: dict[str, dict[str, tuple[Compiled, Compiled]]] = {}
         self._certs: parse.CertStore | None = None
-        self._tables: Tables | None = None
+        self._tables = _Tables()
+        self._checked: set[tuple] = set()
         self.strict = strict
         self.generation = 0  # bumped on every applied change; callers may cache on it
         self.resyncs = 0
+        self.lazy_listings = 0  # list-sas by child config (partial IKE_SAs, tasks in flight)
 
     # -- life cycle ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -77,28 +164,69 @@ class SAIndex:
             self._stream.close()
         self._stream = None
         self._ikes.clear()
-        self._auth.clear()
+        self._conns.clear()
+        self._cfg_sel.clear()
         self._certs = None
+        self._tables = _Tables()
+        self._checked.clear()
         self._changed()
 
     def _changed(self) -> None:
-        self._tables = None
         self.generation += 1
 
     def _resync(self) -> None:
         self._reset()
-        stream = EventStream(self.path)  # BackendError when charon is down
+        stream = EventStream(self.path, timeout=self.timeout)  # BackendError when charon is down
         try:
-            snapshot = self.session.list_sas()
+            self._snapshot()
         except BaseException:
             stream.close()
+            self._reset()
             raise
         self.resyncs += 1
-        for entry in snapshot:
+        self._stream = stream
+
+    def _snapshot(self) -> None:
+        """Every IKE_SA without CHILD_SAs, every connection, then the CHILD_SAs of the small ones.
+
+        An IKE_SA of a connection with more than :data:`BIG_CONN` child configs may not fit in
+        one VICI message: it stays partial (its CHILD_SAs are listed per flow, see :meth:`_fill`).
+        Any other one is listed whole: by one unfiltered list-sas when no big connection has an
+        IKE_SA (charon would build and drop the big ones' messages), else per connection.
+        """
+
+        def skeleton(entry: dict[str, Any]) -> None:
             name, sec = parse.single_section(entry, "list-sas entry")
             ike = self._upsert(name, sec)
-            ike.children = parse.children_of(sec)
-        self._stream = stream
+            kids = parse.children_of(sec)
+            if kids:  # a charon without child filters listed everything after all
+                self._set_children(ike, kids)
+            else:
+                ike.complete = False
+
+        def conn(entry: dict[str, Any]) -> None:
+            for name, sec in entry.items():
+                if not isinstance(sec, Mapping):
+                    raise ProtocolError(f"list-conns entry {name!r} is not a section")
+                self._conns[name] = sec
+
+        def full(entry: dict[str, Any]) -> None:
+            name, sec = parse.single_section(entry, "list-sas entry")
+            ike = self._upsert(name, sec)
+            self._set_children(ike, parse.children_of(sec))
+            ike.complete = True
+
+        self.session.stream("list-sas", "list-sa", {"child": NO_CHILD}, skeleton)
+        if not any(not ike.complete for ike in self._ikes.values()):
+            return
+        self.session.stream("list-conns", "list-conn", None, conn)
+        names = {ike.name for ike in self._ikes.values()}
+        big = {n for n in names if n in self._conns and _child_count(self._conns[n]) > BIG_CONN}
+        if not big:
+            self.session.stream("list-sas", "list-sa", None, full)
+            return
+        for name in sorted(names - big):
+            self.session.stream("list-sas", "list-sa", {"ike": name}, full)
 
     def sync(self, barrier: bool = False) -> None:
         """Apply every event charon has sent so far; reconnect and re-list after a restart.
@@ -119,70 +247,223 @@ class SAIndex:
             for name, msg in events:
                 self.apply(name, msg)
 
-    # -- events --------------------------------------------------------------------------------
+    # -- state changes -------------------------------------------------------------------------
     def _upsert(self, name: str, sec: Mapping[str, Any]) -> _Ike:
-        uid = parse.text(sec.get("uniqueid"), "uniqueid")
+        uid = parse.uniqueid(sec)
         plain = {k: v for k, v in sec.items() if k != "child-sas"}
         ike = self._ikes.get(uid)
         if ike is None:
             ike = self._ikes[uid] = _Ike(name, plain)
+            self._checked.clear()
         else:
             ike.section, ike.name, ike.record = plain, name, None
         self._changed()
         return ike
 
+    def _uid_of(self, ike: _Ike) -> str:
+        return parse.uniqueid(ike.section)
+
+    def _add_child(self, ike: _Ike, child: ChildSA) -> None:
+        ike.children[child.uniqueid] = child
+        self._tables.add(self._uid_of(ike), child)
+        ike.record = None
+        self._changed()
+
+    def _remove_child(self, ike: _Ike, cid: str) -> None:
+        if ike.children.pop(cid, None) is not None:
+            self._tables.remove(self._uid_of(ike), cid)
+            ike.record = None
+            self._changed()
+
+    def _set_children(self, ike: _Ike, kids: Mapping[str, ChildSA]) -> None:
+        for cid in list(ike.children):
+            if cid not in kids:
+                self._remove_child(ike, cid)
+        for child in kids.values():
+            self._add_child(ike, child)
+
+    def _drop_ike(self, uid: str) -> _Ike | None:
+        ike = self._ikes.pop(uid, None)
+        if ike is not None:
+            for cid in ike.children:
+                self._tables.remove(uid, cid)
+            self._changed()
+        return ike
+
+    # -- events --------------------------------------------------------------------------------
     def apply(self, event: str, msg: Mapping[str, Any]) -> None:
-        """Apply one VICI event to the index (idempotent)."""
+        """Apply one VICI event to the index (idempotent); a malformed event is ProtocolError."""
+        try:
+            self._apply(event, msg)
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+            raise ProtocolError(f"malformed VICI {event} event: {type(exc).__name__}: {exc}") from None
+
+    def _apply(self, event: str, msg: Mapping[str, Any]) -> None:
         with self._lock:
             up = msg.get("up") == b"yes"
             name, sec = parse.single_section(msg, event)
             if event == "ike-updown":
-                uid = parse.text(sec.get("uniqueid"), "uniqueid")
+                uid = parse.uniqueid(sec)
                 if up:
                     self._upsert(name, sec)
-                    self._auth.pop(name, None)  # re-read its identities (conn may have been reloaded)
+                    self._forget_conn(name)  # re-read its identities (conn may have been reloaded)
                     self._certs = None
-                elif self._ikes.pop(uid, None) is not None:
-                    self._changed()
+                else:
+                    self._drop_ike(uid)
             elif event == "child-updown":
                 kids = parse.children_of(sec)
                 if up:
                     ike = self._upsert(name, sec)
-                    ike.children.update(kids)
+                    for child in kids.values():
+                        self._add_child(ike, child)
                 else:
-                    ike = self._ikes.get(parse.text(sec.get("uniqueid"), "uniqueid"))
+                    ike = self._ikes.get(parse.uniqueid(sec))
                     if ike is not None:
                         for cid in kids:
-                            ike.children.pop(cid, None)
-                        ike.record = None
-                        self._changed()
+                            self._remove_child(ike, cid)
             elif event == "child-rekey":
                 ike = self._upsert(name, sec)
                 pair = sec.get("child-sas", {})
                 for entry in pair.values():
                     old, new = entry.get("old"), entry.get("new")
                     if old is not None:
-                        ike.children.pop(parse.parse_child(old).uniqueid, None)
+                        self._remove_child(ike, parse.parse_child(old).uniqueid)
                     if new is not None:
-                        child = parse.parse_child(new)
-                        ike.children[child.uniqueid] = child
+                        self._add_child(ike, parse.parse_child(new))
             elif event == "ike-rekey":
                 old_sec, new_sec = sec.get("old"), sec.get("new")
-                old = self._ikes.pop(parse.text(old_sec.get("uniqueid"), "uniqueid"), None) if old_sec else None
+                old = self._drop_ike(parse.uniqueid(old_sec)) if old_sec else None
                 if new_sec is not None:
                     ike = self._upsert(name, new_sec)
                     if old is not None:
-                        ike.children.update(old.children)
+                        ike.complete = ike.complete and old.complete
+                        ike.fetched |= old.fetched
+                        for child in old.children.values():
+                            self._add_child(ike, child)
                 self._changed()
+
+    # -- lazy listing by child config ----------------------------------------------------------
+    def _forget_conn(self, name: str) -> None:
+        self._conns.pop(name, None)
+        self._cfg_sel.pop(name, None)
+        self._checked.clear()
+
+    def _conn(self, name: str) -> Mapping[str, Any] | None:
+        if name not in self._conns:
+            conns = self.session.list_conns(name)
+            conn = next((c[name] for c in conns if name in c), None)
+            if conn is not None and not isinstance(conn, Mapping):
+                raise ProtocolError(f"list-conns entry {name!r} is not a section")
+            self._conns[name] = conn
+        return self._conns[name]
+
+    def _child_configs(self, name: str) -> dict[str, tuple[Compiled, Compiled]] | None:
+        """{child config name: (local, remote) configured selectors} of connection ``name``."""
+        sel = self._cfg_sel.get(name)
+        if sel is None:
+            conn = self._conn(name)
+            if conn is None:
+                return None
+            children = conn.get("children") or {}
+            if not isinstance(children, Mapping):
+                raise ProtocolError("list-conns children is not a section")
+            sel = {}
+            for cname, cfg in children.items():
+                if not isinstance(cfg, Mapping):
+                    raise ProtocolError("list-conns child is not a section")
+                sel[cname] = (_cfg_compiled(cfg, "local-ts"), _cfg_compiled(cfg, "remote-ts"))
+            self._cfg_sel[name] = sel
+        return sel
+
+    def _candidates(self, ike: _Ike, flow: Flow) -> set[str] | None:
+        """Child config names of ``ike``'s connection that could cover ``flow`` (None: no config)."""
+        configs = self._child_configs(ike.name)
+        if configs is None:
+            return None
+        la, ra = normalize_address(flow.local_addr), normalize_address(flow.remote_addr)
+        lkey, rkey = (la.version, int(la)), (ra.version, int(ra))
+        return {
+            cname for cname, (lsel, rsel) in configs.items()
+            if _match(lsel, lkey, flow.proto, flow.local_port) and _match(rsel, rkey, flow.proto, flow.remote_port)
+        }
+
+    def _list_child(self, uid: str, cname: str) -> None:
+        """Replace what the index holds of child config ``cname`` in IKE_SA ``uid`` by charon's view."""
+        self.lazy_listings += 1
+        entries = self.session.list_sas(ike_id=uid, child=cname)
+        ike = self._ikes.get(uid)
+        if not entries:
+            self._drop_ike(uid)
+            return
+        for entry in entries:
+            name, sec = parse.single_section(entry, "list-sas entry")
+            if parse.uniqueid(sec) != uid:
+                continue
+            kids = parse.children_of(sec)
+            ike = self._upsert(name, sec)
+            for cid, child in list(ike.children.items()):
+                if child.name == cname and cid not in kids:
+                    self._remove_child(ike, cid)
+            for child in kids.values():
+                self._add_child(ike, child)
+            ike.fetched.add(cname)
+
+    def _list_whole(self, uid: str) -> None:
+        """List IKE_SA ``uid`` with all its CHILD_SAs (no config to go by)."""
+        self.lazy_listings += 1
+        ike = self._ikes.get(uid)
+        entries = self.session.list_sas(ike_id=uid)
+        if entries:
+            name, sec = parse.single_section(entries[0], "list-sas entry")
+            ike = self._upsert(name, sec)
+            self._set_children(ike, parse.children_of(sec))
+            ike.complete = True
+        elif ike is not None and not self.session.list_sas(ike_id=uid, child=NO_CHILD):
+            self._drop_ike(uid)
+        elif ike is not None:
+            ike.complete = True  # over the message limit and no config: events are all we get
+
+    def _fill(self, flow: Flow) -> bool:
+        """List, for every partial IKE_SA, the child configs that could cover ``flow`` not listed yet."""
+        key = (flow.proto, flow.local_addr, flow.local_port, flow.remote_addr, flow.remote_port)
+        if key in self._checked:
+            return False
+        did = False
+        for uid, ike in list(self._ikes.items()):
+            if ike.complete:
+                continue
+            names = self._candidates(ike, flow)
+            if names is None:
+                self._list_whole(uid)
+                did = True
+                continue
+            for cname in sorted(names - ike.fetched):
+                self._list_child(uid, cname)
+                did = True
+        if len(self._checked) >= MAX_CHECKED:
+            self._checked.clear()
+        self._checked.add(key)
+        return did
+
+    def complete_all(self) -> None:
+        """List every CHILD_SA of every partial IKE_SA (for a full snapshot)."""
+        for uid, ike in list(self._ikes.items()):
+            if ike.complete:
+                continue
+            configs = self._child_configs(ike.name)
+            if configs is None:
+                self._list_whole(uid)
+                continue
+            for cname in sorted(set(configs) - ike.fetched):
+                if uid in self._ikes:
+                    self._list_child(uid, cname)
+            if uid in self._ikes:
+                self._ikes[uid].complete = True
 
     # -- queries -------------------------------------------------------------------------------
     def _identities(self, ike: _Ike) -> tuple[Identity, Identity]:
-        auth = self._auth.get(ike.name)
-        if auth is None:
-            conns = self.session.list_conns(ike.name)
-            conn = next((c[ike.name] for c in conns if ike.name in c), None)
-            auth = (None, None) if conn is None else (parse.conn_auth(conn, "local"), parse.conn_auth(conn, "remote"))
-            self._auth[ike.name] = auth
+        conn = self._conn(ike.name)
+        auth = (None, None) if conn is None else (parse.conn_auth(conn, "local"), parse.conn_auth(conn, "remote"))
         if self._certs is None:
             self._certs = parse.CertStore.from_vici(self.session.list_certs())
         sec = ike.section
@@ -198,41 +479,12 @@ class SAIndex:
             ike.record = parse.parse_ike(ike.name, ike.section, local, remote, kids)
         return ike.record
 
-    def _lookup_tables(self) -> Tables:
-        """Installed CHILD_SAs by exact remote (addr, proto, port), exact local one, remote address, rest."""
-        if self._tables is None:
-            by_remote: dict[Key, list] = {}
-            by_local: dict[Key, list] = {}
-            by_raddr: dict[Any, list] = {}
-            wide: list = []
-            for uid, ike in self._ikes.items():
-                for child in ike.children.values():
-                    if not child.installed:
-                        continue
-                    item = (uid, child, _compiled(child.local_ts), _compiled(child.remote_ts))
-                    rkeys, lkeys = _exact(child.remote_ts), _exact(child.local_ts)
-                    if rkeys:
-                        for k in rkeys:
-                            by_remote.setdefault(k, []).append(item)
-                    elif lkeys:
-                        for k in lkeys:
-                            by_local.setdefault(k, []).append(item)
-                    elif child.remote_ts and all(t.start == t.end for t in child.remote_ts):
-                        for t in child.remote_ts:  # host-to-host SAs: one peer address each
-                            by_raddr.setdefault(t.start, []).append(item)
-                    else:
-                        wide.append(item)
-            for bucket in by_raddr.values():
-                bucket.sort(key=lambda it: _breadth(it[1]))
-            wide.sort(key=lambda it: _breadth(it[1]))
-            self._tables = (by_remote, by_local, by_raddr, wide)
-        return self._tables
-
     def find(self, flow: Flow) -> tuple[IkeSA, ChildSA] | None:
         """The established IKE_SA and installed CHILD_SA covering ``flow`` (most specific first).
 
-        Events already received are applied first (a non-blocking read). A negative answer,
-        or any answer when ``strict``, is confirmed after a barrier: charon sends an
+        Events already received are applied first (a non-blocking read), and the child
+        configs of partial IKE_SAs that could cover the flow are listed once. A negative
+        answer, or any answer when ``strict``, is confirmed after a barrier: charon sends an
         SA's child-updown(up) event after answering the initiate that created it, so a
         socket connected right after ``initiate`` returned would otherwise look unprotected.
         (Down events precede the reply to ``terminate``, and a deleted SA's routes are gone
@@ -240,47 +492,53 @@ class SAIndex:
         """
         with self._lock:
             self.sync()
+            self._fill(flow)
             found = None if self.strict else self._find(flow)
             if found is None:
                 self.sync(barrier=True)
+                self._fill(flow)
                 found = self._find(flow)
-            if found is None and self._refresh_pending():
+            if found is None and self._refresh_pending(flow):
                 found = self._find(flow)
             return found
 
-    def _refresh_pending(self) -> bool:
-        """Re-list the IKE_SAs whose last event showed IKE tasks in flight.
+    def _refresh_pending(self, flow: Flow) -> bool:
+        """Re-list, in IKE_SAs whose last event showed IKE tasks in flight, the child configs
+        that could cover ``flow`` (never the whole IKE_SA when its configuration is known).
 
         charon may answer ``initiate`` (or ``rekey``) before it raises the matching
         child-updown/child-rekey event; the tasks it was running then are in the event's
-        ``tasks-active``. Re-listing such an IKE_SA (``list-sas ike-id``) replaces its
-        state with charon's current one, which has no tasks left once they completed.
+        ``tasks-active``. Listing such an IKE_SA's candidates (``list-sas ike-id child``)
+        replaces their state with charon's current one, which has no tasks left once they completed.
         """
         pending = [uid for uid, ike in self._ikes.items() if ike.section.get("tasks-active")]
         for uid in pending:
-            listed = self.session.list_sas(int(uid))
-            if not listed:
-                self._ikes.pop(uid, None)
-                self._changed()
+            ike = self._ikes.get(uid)
+            if ike is None:
                 continue
-            for entry in listed:
-                name, sec = parse.single_section(entry, "list-sas entry")
-                ike = self._upsert(name, sec)
-                ike.children = parse.children_of(sec)
+            names = self._candidates(ike, flow)
+            if names is None:
+                self._list_whole(uid)
+                continue
+            if not names:  # nothing could cover the flow: just refresh the IKE section
+                names = {NO_CHILD}
+            for cname in sorted(names):
+                if uid in self._ikes:
+                    self._list_child(uid, cname)
         return bool(pending)
 
     def _find(self, flow: Flow) -> tuple[IkeSA, ChildSA] | None:
-        by_remote, by_local, by_raddr, wide = self._lookup_tables()
+        t = self._tables
         ra, la = normalize_address(flow.remote_addr), normalize_address(flow.local_addr)
         proto, lport, rport = flow.proto, flow.local_port, flow.remote_port
         lkey, rkey = (la.version, int(la)), (ra.version, int(ra))
         for bucket in (
-            by_remote.get((ra, proto, rport), ()),
-            by_local.get((la, proto, lport), ()),
-            by_raddr.get(ra, ()),
-            wide,
+            t.by_remote.get((ra, proto, rport), ()),
+            t.by_local.get((la, proto, lport), ()),
+            t.by_raddr.get(ra, ()),
+            t.wide,
         ):
-            for uid, child, lsel, rsel in bucket:
+            for uid, child, lsel, rsel, _ in bucket:
                 if _match(lsel, lkey, proto, lport) and _match(rsel, rkey, proto, rport):
                     ike = self._record(uid)
                     if ike.is_established:
@@ -293,9 +551,10 @@ class SAIndex:
             return {uid: set(ike.children) for uid, ike in self._ikes.items()}
 
     def snapshot(self) -> list[IkeSA]:
-        """Every IKE_SA the index holds, as records."""
+        """Every IKE_SA the index holds, as records (partial IKE_SAs are listed completely first)."""
         with self._lock:
             self.sync()
+            self.complete_all()
             return [self._record(uid) for uid in list(self._ikes)]
 
 
@@ -314,6 +573,28 @@ def _match(sel: Compiled, addr: tuple[int, int], proto: int, port: int) -> bool:
         if v == version and first <= value <= last and (p == PROTO_ANY or (p == proto and lo <= port <= hi)):
             return True
     return False
+
+
+def _child_count(conn: Mapping[str, Any]) -> int:
+    children = conn.get("children")
+    return len(children) if isinstance(children, Mapping) else 0
+
+
+def _cfg_compiled(cfg: Mapping[str, Any], key: str) -> Compiled:
+    """Configured selectors (list-conns) compiled for :func:`_match`; ``dynamic`` is any address."""
+    raw = cfg.get(key, [])
+    if not isinstance(raw, list):
+        raise ProtocolError(f"list-conns {key!r} is not a list")
+    out = []
+    for item in raw:
+        spec = parse.text(item, key)
+        addr, bracket, rest = spec.partition("[")
+        if addr.strip() == "dynamic":
+            for any_addr in ("0.0.0.0/0", "::/0"):
+                out.extend(_compiled((parse.parse_ts(any_addr + bracket + rest),)))
+        else:
+            out.extend(_compiled((parse.parse_ts(spec),)))
+    return tuple(out)
 
 
 def _breadth(child: ChildSA) -> int:

@@ -43,6 +43,14 @@ def text(value: Any, what: str = "value") -> str:
     raise ProtocolError(f"VICI {what} is not a scalar: {type(value).__name__}")
 
 
+def uniqueid(d: Section, what: str = "uniqueid") -> str:
+    """A section's ``uniqueid``: charon's decimal counter (EPROTO for anything else)."""
+    v = _req(d, "uniqueid")
+    if not (v.isascii() and v.isdigit()) or len(v) > 20:
+        raise ProtocolError(f"VICI {what} is not a decimal number: {v[:40]!r}")
+    return v
+
+
 def _get(d: Section, key: str, default: str | None = None) -> str | None:
     if not isinstance(d, Mapping):
         raise ProtocolError(f"VICI section expected, got {type(d).__name__}")
@@ -145,7 +153,7 @@ def parse_child(d: Section) -> ChildSA:
     cpi_in, cpi_out = _int(d, "cpi-in", None, 16), _int(d, "cpi-out", None, 16)
     return ChildSA(
         name=_req(d, "name"),
-        uniqueid=_req(d, "uniqueid"),
+        uniqueid=uniqueid(d, "CHILD_SA uniqueid"),
         reqid=_int(d, "reqid", 0) or 0,
         state=_req(d, "state"),
         mode=_req(d, "mode"),
@@ -183,6 +191,8 @@ def children_of(ike: Section) -> dict[str, ChildSA]:
         raise ProtocolError("VICI child-sas is not a section")
     out = {}
     for c in kids.values():
+        if not isinstance(c, Mapping):
+            raise ProtocolError("VICI child-sas entry is not a section")
         child = parse_child(c)
         out[child.uniqueid] = child
     return out
@@ -198,7 +208,7 @@ def parse_ike(
     return IkeSA(
         backend=BACKEND,
         name=name,
-        uniqueid=_req(d, "uniqueid"),
+        uniqueid=uniqueid(d, "IKE_SA uniqueid"),
         version=_int(d, "version", 2) or 2,
         state=_req(d, "state"),
         local_host=_addr(_req(d, "local-host"), "local-host"),

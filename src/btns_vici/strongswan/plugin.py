@@ -8,7 +8,11 @@ Options (all optional):
 * ``index``: ``events`` (default, the event-fed :class:`~.index.SAIndex`) or ``list``
   (re-list every SA per query; slower, for comparison);
 * ``consistency``: ``strict`` confirms every answer with a VICI round trip on the event
-  connection (+~80 us); by default only negative answers are (see :meth:`.index.SAIndex.find`).
+  connection (+~80 us); by default only negative answers are (see :meth:`.index.SAIndex.find`);
+* ``timeout`` (else ``$BTNS_VICI_TIMEOUT``, default 5): deadline in seconds of every VICI
+  command as a whole (connect, send, every byte of the reply);
+* ``list_timeout``: deadline of a streamed listing (default 6 x ``timeout``);
+* ``probe_timeout``: deadline of the probe (default selection), default min(1, ``timeout``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 from ..backend import BackendInfo, Capabilities, SAEvent
 from ..constants import AuthMethod
 from ..dataplane import LIBIPSEC, XFRM, verify
-from ..errors import BackendError
+from ..errors import BackendError, DaemonDownError, ProtocolError
 from ..hookspecs import hookimpl
 from ..records import ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
 from ..selectors import Flow
@@ -30,7 +34,7 @@ from . import parse
 from .enforce import EnforceHooks
 from .events import EventStream
 from .index import SAIndex
-from .session import DEFAULT_SOCKET, ViciSession
+from .session import DEFAULT_SOCKET, ViciSession, timeouts
 
 NAME = "strongswan"
 
@@ -42,8 +46,12 @@ class Context:
         self.path = options.get("vici_socket") or os.environ.get("BTNS_VICI_SOCKET") or DEFAULT_SOCKET
         self.netns = options.get("netns") or None
         self.mode = options.get("index", "events")
-        self.session = ViciSession(self.path)
-        self.index = SAIndex(self.path, ViciSession(self.path), strict=options.get("consistency") == "strict")
+        self.timeout, self.list_timeout, self.probe_timeout = timeouts(options)
+        self.session = ViciSession(self.path, self.timeout, self.list_timeout)
+        self.index = SAIndex(
+            self.path, ViciSession(self.path, self.timeout, self.list_timeout),
+            strict=options.get("consistency") == "strict", timeout=self.timeout,
+        )
         self._dataplane: str | None = None
         self._lock = threading.Lock()
 
@@ -127,9 +135,12 @@ class StrongswanPlugin(EnforceHooks):
 
     @hookimpl
     def btns_probe(self, options: Mapping[str, str]) -> bool:
+        """True when charon answers ``version`` within ``probe_timeout``; False when no charon is
+        there (DaemonDownError). A charon that is there but unusable raises: EACCES, ETIMEDOUT, EPROTO."""
+        ctx = self.context(options)
         try:
-            self.context(options).session.request("version")
-        except BackendError:
+            ctx.session.request("version", timeout=ctx.probe_timeout)
+        except DaemonDownError:
             return False
         return True
 
@@ -166,11 +177,19 @@ class StrongswanPlugin(EnforceHooks):
     def btns_watch(
         self, options: Mapping[str, str], callback: Callable[[SAEvent], None]
     ) -> Callable[[], None]:
-        return watch(self.context(options).path, callback)
+        ctx = self.context(options)
+        return watch(ctx.path, callback, ctx.timeout)
 
 
 def to_sa_event(name: str, msg: Mapping[str, Any]) -> SAEvent:
-    """A VICI SA event -> SAEvent (kinds as in :class:`btns_vici.backend.SAEvent`)."""
+    """A VICI SA event -> SAEvent (kinds as in :class:`btns_vici.backend.SAEvent`); EPROTO if malformed."""
+    try:
+        return _to_sa_event(name, msg)
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:
+        raise ProtocolError(f"malformed VICI {name} event: {type(exc).__name__}: {exc}") from None
+
+
+def _to_sa_event(name: str, msg: Mapping[str, Any]) -> SAEvent:
     up = msg.get("up") == b"yes"
     ike_name, sec = parse.single_section(msg, name)
     kind = {"ike-updown": "ike-", "child-updown": "child-"}.get(name)
@@ -185,9 +204,9 @@ def to_sa_event(name: str, msg: Mapping[str, Any]) -> SAEvent:
     return SAEvent(kind, ike_name, child_name, parse.text(ike_sec.get("uniqueid", b"")), child_uid, msg)
 
 
-def watch(path: str, callback: Callable[[SAEvent], None]) -> Callable[[], None]:
+def watch(path: str, callback: Callable[[SAEvent], None], timeout: float | None = None) -> Callable[[], None]:
     """Deliver SA events from a background thread; a ``reset`` event when charon goes away."""
-    stream = EventStream(path)
+    stream = EventStream(path) if timeout is None else EventStream(path, timeout=timeout)
     stop = threading.Event()
 
     def run() -> None:

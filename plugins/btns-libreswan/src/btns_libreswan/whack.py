@@ -8,15 +8,29 @@ from __future__ import annotations
 
 import os
 import re
+import selectors
 import shutil
 import subprocess
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from btns_vici.errors import BackendError
+from btns_vici.errors import (
+    BackendError,
+    CommandFailedError,
+    DaemonAccessError,
+    DaemonDownError,
+    DaemonTimeoutError,
+    ProtocolError,
+    access_problem,
+)
 
 DEFAULT_CTL = "/run/pluto/pluto.ctl"
 _NOT_RUNNING = ("Pluto is not running", "No such file or directory", "Connection refused")
+_DENIED = ("Permission denied",)
+#: Output of one whack call kept at most (stdout and stderr together): ``--status`` of a pluto
+#: with thousands of connections is a few MB; more is refused (EPROTO) and whack killed.
+MAX_OUTPUT = 8 << 20
 
 
 def _root_candidates() -> list[Path]:
@@ -64,22 +78,94 @@ def _is_libreswan(ipsec: Path) -> bool:
         return False
 
 
-def run(options: Mapping[str, str], *args: str, timeout: float = 10.0) -> str:
-    """whack --ctlsocket CTL ARGS; stdout. BackendError when pluto does not answer."""
-    argv, ctl, env = resolve(options)
-    if not os.path.exists(ctl):
-        raise BackendError(f"pluto is not running: no control socket {ctl}")
+def bounded(argv: Sequence[str], env: Mapping[str, str] | None, timeout: float,
+            limit: int = MAX_OUTPUT) -> tuple[int, str, str]:
+    """Run ``argv``: (exit status, stdout, stderr), reading at most ``limit`` bytes of output in
+    ``timeout`` seconds for the whole run. Over either, the process is killed and reaped, and
+    DaemonTimeoutError (ETIMEDOUT) / ProtocolError (EPROTO) raised. Output is decoded as UTF-8
+    with replacement (whack prints names the operator chose)."""
+    deadline = time.monotonic() + timeout
+    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(env) if env is not None else None)
+    bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    total = 0
+    sel = selectors.DefaultSelector()
     try:
-        out = subprocess.run([*argv, "--ctlsocket", ctl, *args], capture_output=True, text=True,
-                             env=env, timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        for f in bufs:
+            os.set_blocking(f.fileno(), False)
+            sel.register(f, selectors.EVENT_READ)
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DaemonTimeoutError(f"{argv[0]} {' '.join(argv[1:3])}: no complete answer within {timeout:g} s")
+            for key, _ in sel.select(left):
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    continue
+                total += len(chunk)
+                if total > limit:
+                    raise ProtocolError(f"{argv[0]}: more than {limit} bytes of output, refused")
+                bufs[key.fileobj] += chunk
+        left = max(deadline - time.monotonic(), 0.0)
+        try:
+            code = proc.wait(left)
+        except subprocess.TimeoutExpired:
+            raise DaemonTimeoutError(f"{argv[0]}: did not exit within {timeout:g} s") from None
+    finally:
+        sel.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for f in bufs:
+            f.close()
+    return code, bufs[proc.stdout].decode(errors="replace"), bufs[proc.stderr].decode(errors="replace")
+
+
+def run(options: Mapping[str, str], *args: str, timeout: float | None = None) -> str:
+    """whack --ctlsocket CTL ARGS; stdout, within one deadline and :data:`MAX_OUTPUT`.
+
+    ``timeout`` defaults to option ``whack_timeout`` (else ``$BTNS_WHACK_TIMEOUT``, else 10 s).
+    No pluto there: DaemonDownError (ECONNREFUSED); not allowed to open its socket:
+    DaemonAccessError (EACCES); too slow: DaemonTimeoutError (ETIMEDOUT); too much output:
+    ProtocolError (EPROTO); whack reporting failure: CommandFailedError (EIO).
+    """
+    argv, ctl, env = resolve(options)
+    if timeout is None:
+        timeout = whack_timeout(options)
+    if not os.path.exists(ctl):
+        raise DaemonDownError(f"pluto is not running: no control socket {ctl}")
+    if not os.access(ctl, os.W_OK, effective_ids=True):
+        raise DaemonAccessError(f"not allowed to open pluto's control socket {ctl}: {access_problem(ctl)}")
+    try:
+        code, stdout, stderr = bounded([*argv, "--ctlsocket", ctl, *args], env, timeout)
+    except OSError as exc:
+        if isinstance(exc, BackendError):
+            raise
         raise BackendError(f"whack {' '.join(args)}: {exc}") from None
-    if out.returncode != 0:
-        text = (out.stderr + out.stdout).strip()
+    if code != 0:
+        text = (stderr + stdout).strip()
+        if any(s in text for s in _DENIED):
+            raise DaemonAccessError(f"not allowed to open pluto's control socket {ctl}: {access_problem(ctl)}")
         if any(s in text for s in _NOT_RUNNING):
-            raise BackendError(f"pluto does not answer on {ctl}: {text[:300]}")
-        raise BackendError(f"whack {' '.join(args)} failed ({out.returncode}): {text[:300]}")
-    return out.stdout
+            raise DaemonDownError(f"pluto does not answer on {ctl}: {text[:300]}")
+        raise CommandFailedError(f"whack {' '.join(args)} failed ({code}): {text[:300]}")
+    return stdout
+
+
+def whack_timeout(options: Mapping[str, str]) -> float:
+    raw = options.get("whack_timeout") or os.environ.get("BTNS_WHACK_TIMEOUT")
+    if not raw:
+        return 10.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        from btns_vici.errors import BtnsError
+
+        raise BtnsError(f"whack_timeout must be a positive number of seconds, not {raw!r}")
+    return value
 
 
 def showhostkey_pubkey(options: Mapping[str, str], ckaid: str, nssdir: str) -> str | None:

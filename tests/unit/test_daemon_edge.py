@@ -1,0 +1,440 @@
+"""The daemon edge against a fake charon that misbehaves: every answer bounded in time and
+memory, every failure its own errno (issue 13).
+
+Each test runs a real AF_UNIX VICI server in a thread (tests/unit/fake_vici.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import ipaddress
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from btns_vici import errors
+from btns_vici.errors import (
+    BackendError,
+    DaemonDownError,
+    DaemonTimeoutError,
+    ProtocolError,
+)
+from btns_vici.plugins import get_backend
+from btns_vici.selectors import Flow
+from btns_vici.strongswan import session as vs
+from btns_vici.strongswan.events import EventStream
+from btns_vici.strongswan.index import SAIndex
+from btns_vici.strongswan.session import ViciSession, decode_bytes
+
+from .fake_vici import CMD_RESPONSE, FakeVici, event, packet, read_request, response, scripted
+
+DATA = Path(__file__).parent.parent / "data" / "vici"
+FLOW = Flow(socket.IPPROTO_TCP, ipaddress.ip_address("10.231.0.1"), 20000,
+            ipaddress.ip_address("10.231.0.2"), 80)
+DEADLINE = 1.0
+
+
+@pytest.fixture
+def sock_path(tmp_path):
+    return str(tmp_path / "charon.vici")
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as exc:
+        fn(*args, **kwargs)
+    return exc.value, time.monotonic() - t0
+
+
+# -- time: the deadline covers the whole operation ------------------------------------------------
+
+
+def trickle(conn: socket.socket) -> None:
+    """Read the request, then send a valid 60-byte reply one byte a second."""
+    read_request(conn)
+    raw = response({"daemon": "charon", "version": "5.9.8", "sysname": "Linux", "release": "6.1"})
+    for b in raw:
+        conn.sendall(bytes([b]))
+        time.sleep(0.2 if b == raw[0] else 1.0)
+
+
+def silence(conn: socket.socket) -> None:
+    read_request(conn)
+    time.sleep(30)
+
+
+@pytest.mark.parametrize("handler", [trickle, silence], ids=["trickle", "silence"])
+def test_deadline_bounds_the_whole_request(sock_path, handler):
+    with FakeVici(sock_path, handler):
+        err, took = timed(ViciSession(sock_path, timeout=DEADLINE).request, "version")
+    assert isinstance(err, DaemonTimeoutError) and isinstance(err, TimeoutError)
+    assert err.errno == errno.ETIMEDOUT
+    assert sock_path in str(err)
+    assert DEADLINE * 0.9 <= took < DEADLINE + 0.5
+
+
+@pytest.mark.parametrize("handler", [trickle, silence], ids=["trickle", "silence"])
+def test_deadline_bounds_a_query_through_the_backend(sock_path, handler):
+    """get_backend(...).find_sa on a trickling/silent daemon: ETIMEDOUT within the option's deadline."""
+    with FakeVici(sock_path, handler):
+        be = get_backend("strongswan", {"vici_socket": sock_path, "timeout": str(DEADLINE)})
+        err, took = timed(be.find_sa, FLOW)
+    assert err.errno == errno.ETIMEDOUT
+    assert took < DEADLINE + 0.5
+
+
+def test_timeout_from_the_environment(sock_path, monkeypatch):
+    monkeypatch.setenv("BTNS_VICI_TIMEOUT", "0.3")
+    assert vs.timeouts({}) == (0.3, 0.3 * vs.LIST_FACTOR, 0.3)
+    assert vs.timeouts({"timeout": "2", "list_timeout": "7", "probe_timeout": "0.5"}) == (2.0, 7.0, 0.5)
+    monkeypatch.setenv("BTNS_VICI_TIMEOUT", "soon")
+    with pytest.raises(OSError) as exc:
+        vs.timeouts({})
+    assert exc.value.errno == errno.EINVAL and "BTNS_VICI_TIMEOUT" in str(exc.value)
+
+
+def test_event_barrier_has_a_deadline(sock_path):
+    def handler(conn):
+        for _ in range(4):
+            read_request(conn)
+            conn.sendall(packet(5))
+        silence(conn)
+
+    with FakeVici(sock_path, handler):
+        stream = EventStream(sock_path, timeout=DEADLINE)
+        try:
+            err, took = timed(stream.barrier)
+        finally:
+            stream.close()
+    assert err.errno == errno.ETIMEDOUT and took < DEADLINE + 0.5
+
+
+# -- no daemon, and a daemon we may not talk to --------------------------------------------------------
+
+
+def test_no_daemon_is_econnrefused(tmp_path):
+    missing = str(tmp_path / "none.vici")
+    err, took = timed(ViciSession(missing).request, "version")
+    assert isinstance(err, DaemonDownError) and err.errno == errno.ECONNREFUSED and took < 0.5
+    # a socket file nobody listens on
+    path = str(tmp_path / "dead.vici")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(path)
+    s.close()
+    err, _ = timed(ViciSession(path).request, "version")
+    assert isinstance(err, DaemonDownError) and err.errno == errno.ECONNREFUSED
+
+
+def test_probe_is_false_only_when_nobody_is_there(tmp_path, sock_path):
+    assert get_backend("strongswan", {"vici_socket": str(tmp_path / "none")}).probe() is False
+    with FakeVici(sock_path, silence):
+        be = get_backend("strongswan", {"vici_socket": sock_path, "probe_timeout": "0.3"})
+        err, took = timed(be.probe)
+    assert err.errno == errno.ETIMEDOUT and took < 0.8
+
+
+def test_default_selection_probes_in_parallel_and_reports_the_most_specific_failure(sock_path, monkeypatch):
+    monkeypatch.delenv("BTNS_BACKEND", raising=False)
+    with FakeVici(sock_path, silence):
+        t0 = time.monotonic()
+        with pytest.raises(BackendError) as exc:
+            get_backend(None, {"vici_socket": sock_path, "pluto_ctl": "/nonexistent/pluto.ctl"})
+        took = time.monotonic() - t0
+    assert exc.value.errno == errno.ETIMEDOUT, exc.value
+    assert "strongswan" in str(exc.value)
+    assert took < vs.PROBE_TIMEOUT + 1.0
+
+
+def test_specificity_order():
+    order = [errors.BackendError("x"), errors.DaemonDownError("x"), errors.DaemonTimeoutError("x"),
+             errors.ProtocolError("x"), errors.DaemonAccessError("x")]
+    ranks = [errors.specificity(e) for e in order]
+    assert ranks == sorted(ranks) and len(set(ranks)) == len(ranks)
+
+
+def test_access_message_names_path_and_access(tmp_path):
+    d = tmp_path / "priv"
+    d.mkdir()
+    path = d / "charon.vici"
+    assert "write (w) permission on the socket" in vs.access_problem(str(path))
+
+
+UNPRIVILEGED = """
+import errno, sys, time
+sys.path.insert(0, sys.argv[1])
+from btns_vici.strongswan.session import ViciSession
+t0 = time.monotonic()
+try:
+    ViciSession(sys.argv[2], timeout=2).request("version")
+except OSError as exc:
+    print(type(exc).__name__, exc.errno, round(time.monotonic() - t0, 3), exc.strerror, sep="|")
+"""
+
+
+def _unprivileged_tree(tmp_path: Path) -> Path:
+    """btns_vici.errors + strongswan.session and the vici codec, importable by nobody."""
+    import vici
+
+    root = tmp_path / "lib"
+    pkg = root / "btns_vici"
+    (pkg / "strongswan").mkdir(parents=True)
+    src = Path(vs.__file__).parent.parent
+    (pkg / "__init__.py").write_text("")
+    (pkg / "strongswan" / "__init__.py").write_text("")
+    shutil.copy(src / "errors.py", pkg / "errors.py")
+    shutil.copy(src / "strongswan" / "session.py", pkg / "strongswan" / "session.py")
+    shutil.copytree(Path(vici.__file__).parent, root / "vici")
+    (root / "probe.py").write_text(UNPRIVILEGED)
+    for p in [tmp_path, *tmp_path.parents]:
+        if p == Path("/"):
+            break
+        os.chmod(p, os.stat(p).st_mode | 0o011)  # others may traverse to the copy
+    for dirpath, _dirs, files in os.walk(root):
+        os.chmod(dirpath, 0o755)
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o644)
+    return root
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser") or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root to run a probe as nobody")
+@pytest.mark.parametrize("where", ["socket", "directory"])
+def test_socket_we_may_not_open_is_eacces(tmp_path, where):
+    """As nobody: a 0700 directory or a 0600 socket -> EACCES naming the path and the access needed."""
+    root = _unprivileged_tree(tmp_path)
+    d = tmp_path / "run"
+    d.mkdir()
+    path = str(d / "charon.vici")
+    with FakeVici(path, scripted(lambda _c: [])):
+        if where == "socket":
+            os.chmod(d, 0o755)
+            os.chmod(path, 0o600)
+        else:
+            os.chmod(d, 0o700)
+        out = subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3", str(root / "probe.py"),
+                              str(root), path], capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 0, out.stderr
+    name, code, took, msg = out.stdout.strip().split("|", 3)
+    assert name == "DaemonAccessError" and int(code) == errno.EACCES, out.stdout
+    assert path in msg
+    want = "write (w) permission on the socket" if where == "socket" else f"search (x) permission on directory {d}"
+    assert want in msg, msg
+    assert float(took) < 1.0
+
+
+# -- memory: nothing over charon's limit, bounded decoding -----------------------------------------------
+
+
+def huge(conn: socket.socket) -> None:
+    """Announce a 16 MiB reply and send it (a nested-sections bomb)."""
+    read_request(conn)
+    n = 16 << 20
+    conn.sendall(struct.pack("!I", n) + bytes([CMD_RESPONSE]))
+    chunk = b"\x01\x01a" * (1 << 16)
+    sent = 1
+    while sent < n:
+        conn.sendall(chunk)
+        sent += len(chunk)
+
+
+def _bounded(fn, limit: int):
+    """(error, seconds) of ``fn``, asserting its peak Python allocation below ``limit``.
+
+    Timed without tracemalloc (it slows allocation-heavy code tenfold), measured with it."""
+    err, took = timed(fn)
+    tracemalloc.start()
+    try:
+        timed(fn)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < limit, f"peak {peak} bytes"
+    return err, took
+
+
+def test_huge_reply_refused_unread(sock_path):
+    with FakeVici(sock_path, huge):
+        err, took = _bounded(lambda: ViciSession(sock_path, timeout=5).request("version"), 1 << 20)
+    assert isinstance(err, ProtocolError) and err.errno == errno.EPROTO
+    assert "16777216" in str(err) and "524288" in str(err)
+    assert took < 0.5
+
+
+def _reply_of(body: bytes):
+    def handler(conn):
+        read_request(conn)
+        payload = bytes([CMD_RESPONSE]) + body
+        conn.sendall(struct.pack("!I", len(payload)) + payload)
+        time.sleep(2)
+    return handler
+
+
+DEEP = b"\x01\x01a" * (vs.MAX_PACKET // 3 - 10)
+ALPHABET = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
+
+
+def _name(i: int) -> bytes:
+    return bytes([ALPHABET[i % 64], ALPHABET[i // 64 % 64], ALPHABET[i // 4096 % 64]])
+
+
+FLAT = b"\x04\x01l" + b"\x05\x00\x00" * (vs.MAX_PACKET // 3 - 10) + b"\x06"
+
+
+@pytest.mark.parametrize("body", [DEEP, FLAT], ids=["deep", "list-items"])
+def test_bomb_within_the_limit_is_refused_with_bounded_memory(sock_path, body):
+    with FakeVici(sock_path, _reply_of(body)):
+        err, took = _bounded(lambda: ViciSession(sock_path, timeout=5).request("version"), 12 << 20)
+    assert isinstance(err, ProtocolError) and err.errno == errno.EPROTO
+    assert "malformed VICI message" in str(err)
+    assert took < 2.0
+
+
+def test_largest_acceptable_message_costs_a_few_mb():
+    """The worst message the decoder accepts (as many tiny distinct keys as 512 KiB hold) stays below ~12 MB."""
+    n = min(vs.MAX_ELEMENTS - 1, vs.MAX_PACKET // 7 - 1)
+    body = b"".join(b"\x03\x03" + _name(i) + b"\x00\x00" for i in range(n))
+    tracemalloc.start()
+    try:
+        msg = vs.decode_message(body)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(msg) == n
+    assert peak < 12 << 20, peak
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"\xff" * 40, b"\x09\x00", os.urandom(64), b"\x01\x01\x03abc\x00\x10ab", b"\x01\x01\x01a\x01\x01b"],
+    ids=["ff", "type9", "random", "truncated-value", "unterminated"],
+)
+def test_garbage_is_eproto(sock_path, raw):
+    payload = raw
+
+    def handler(conn):
+        read_request(conn)
+        conn.sendall(struct.pack("!I", len(payload)) + payload)
+        time.sleep(1)
+
+    with FakeVici(sock_path, handler):
+        err, took = timed(ViciSession(sock_path, timeout=2).request, "version")
+    assert isinstance(err, ProtocolError), err
+    assert err.errno == errno.EPROTO and took < 0.5
+
+
+def test_close_mid_reply_is_eproto(sock_path):
+    def handler(conn):
+        read_request(conn)
+        conn.sendall(struct.pack("!I", 100) + b"\x01\x03\x07version")
+        conn.close()
+
+    with FakeVici(sock_path, handler):
+        err, took = timed(ViciSession(sock_path, timeout=2).request, "version")
+    assert isinstance(err, ProtocolError) and err.errno == errno.EPROTO
+    assert "truncated" in str(err) and took < 0.5
+
+
+def test_zero_length_packet_is_eproto(sock_path):
+    def handler(conn):
+        read_request(conn)
+        conn.sendall(struct.pack("!I", 0))
+        time.sleep(1)
+
+    with FakeVici(sock_path, handler):
+        err, _ = timed(ViciSession(sock_path, timeout=2).request, "version")
+    assert err.errno == errno.EPROTO
+
+
+# -- wrong types from the daemon: EPROTO, never ValueError/KeyError ----------------------------------------
+
+
+def _listed() -> dict:
+    return decode_bytes((DATA / "list-sas-ports.vici").read_bytes())
+
+
+def _mutations() -> list[tuple[str, dict]]:
+    out = []
+    base = _listed()
+    ike = next(iter(base))
+    child = next(iter(base[ike]["child-sas"]))
+
+    def mut(name, fn):
+        m = copy.deepcopy(base)
+        fn(m[ike])
+        out.append((name, m))
+
+    mut("ike-uniqueid-abc", lambda s: s.__setitem__("uniqueid", b"abc"))
+    mut("child-uniqueid-abc", lambda s: s["child-sas"][child].__setitem__("uniqueid", b"abc"))
+    mut("child-sas-scalar", lambda s: s.__setitem__("child-sas", b"none"))
+    mut("child-entry-scalar", lambda s: s["child-sas"].__setitem__(child, b"x"))
+    mut("ts-scalar", lambda s: s["child-sas"][child].__setitem__("remote-ts", b"10.0.0.1/32"))
+    mut("ts-garbage", lambda s: s["child-sas"][child].__setitem__("remote-ts", [b"10.0.0.300/32[tcp]"]))
+    mut("spi-not-hex", lambda s: s["child-sas"][child].__setitem__("spi-in", b"zz"))
+    mut("name-section", lambda s: s["child-sas"][child].__setitem__("name", {"a": b"b"}))
+    mut("state-list", lambda s: s.__setitem__("state", [b"ESTABLISHED"]))
+    mut("host-not-address", lambda s: s.__setitem__("remote-host", b"example"))
+    mut("no-uniqueid", lambda s: s.pop("uniqueid"))
+    mut("not-utf8", lambda s: s.__setitem__("remote-id", b"\xff\xfe"))
+    return out
+
+
+@pytest.mark.parametrize(("name", "msg"), _mutations(), ids=[n for n, _ in _mutations()])
+def test_wrong_types_are_eproto(sock_path, name, msg):
+    """A well-framed list-sas with a value of the wrong type: the index and the listing raise EPROTO."""
+    raw = event("list-sa", msg)
+
+    def listing(command):
+        return [raw] if command == "list-sas" else []
+
+    with FakeVici(sock_path, scripted(listing)):
+        index = SAIndex(sock_path, ViciSession(sock_path, timeout=2), timeout=2)
+        try:
+            with pytest.raises(ProtocolError) as exc:
+                index.find(FLOW)
+                index.snapshot()
+        finally:
+            index.close()
+        assert exc.value.errno == errno.EPROTO
+        be = get_backend("strongswan", {"vici_socket": sock_path, "timeout": "2", "index": "list"})
+        with pytest.raises(ProtocolError):
+            be.list_sas()
+
+
+@pytest.mark.parametrize("bad", [b"\xff", {"x": b"1"}, b"maybe"], ids=["bytes", "section", "word"])
+def test_command_failure_and_bad_success_value(sock_path, bad):
+    replies = {"load-conn": response({"success": bad, "errmsg": "nope"})}
+    with FakeVici(sock_path, scripted(lambda _c: [], replies)):
+        with pytest.raises(ProtocolError):
+            ViciSession(sock_path, timeout=2).request("load-conn", {"x": {}})
+    replies = {"load-conn": response({"success": "no", "errmsg": "nope"})}
+    with FakeVici(sock_path + "2", scripted(lambda _c: [], replies)):
+        with pytest.raises(errors.CommandFailedError) as exc:
+            ViciSession(sock_path + "2", timeout=2).request("load-conn", {"x": {}})
+    assert exc.value.errno == errno.EIO and "nope" in str(exc.value)
+
+
+def test_event_stream_refuses_oversized_event(sock_path):
+    def handler(conn):
+        for _ in range(4):
+            read_request(conn)
+            conn.sendall(packet(5))
+        conn.sendall(struct.pack("!I", 1 << 30))
+        time.sleep(2)
+
+    with FakeVici(sock_path, handler):
+        stream = EventStream(sock_path, timeout=2)
+        try:
+            deadline = time.monotonic() + 2
+            with pytest.raises(ProtocolError):
+                while time.monotonic() < deadline:
+                    stream.poll(0.1)
+        finally:
+            stream.close()

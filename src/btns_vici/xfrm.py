@@ -1,7 +1,7 @@
 """The kernel's XFRM SAD/SPD over netlink, and per-socket IPsec policies.
 
-pyroute2 does the netlink plumbing (socket, dump requests, multi-part replies, errors);
-:mod:`btns_vici._xfrm_wire` decodes the bytes into the frozen records of
+Dumps go over a plain netlink socket (pyroute2's NetlinkSocket refuses to run inside a
+running asyncio loop); :mod:`btns_vici._xfrm_wire` decodes the bytes into the frozen records of
 :mod:`btns_vici._xfrm_records`. Notifications come from :mod:`btns_vici._xfrm_monitor`,
 per-socket policies from :mod:`btns_vici._xfrm_socket`; this module is the public face of
 all of them. Nothing here ever exposes key bytes. ``netns`` arguments name a network
@@ -15,14 +15,16 @@ requirements on a socket" (``ipsec_set_policy``, section 6).
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
+import struct
 import threading
+import time
 from collections.abc import Iterator
 
-from pyroute2.netlink import NETLINK_XFRM, NLM_F_DUMP, NLM_F_REQUEST, nlmsg
-from pyroute2.netlink.nlsocket import Marshal, NetlinkSocket
+from pyroute2.netlink import NETLINK_XFRM, NLM_F_DUMP, NLM_F_REQUEST
 
 from . import _xfrm_wire as wire
 from . import netns as _netns
@@ -105,31 +107,34 @@ __all__ = [
 
 
 
-class _RawMessage(nlmsg):
-    """An XFRM message kept as raw bytes for :func:`btns_vici._xfrm_wire.decode_message`."""
-
-    fields = ()
-
-    def decode_nlas(self, offset: int) -> None:  # the wire module walks the attributes
-        return None
-
-    @property
-    def raw(self) -> bytes:
-        return bytes(self.data[self.offset : self.offset + self["header"]["length"]])
-
-
-class _XfrmMarshal(Marshal):
-    default_message_class = _RawMessage
+_NLMSGHDR = struct.Struct("=IHHII")
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_DUMP_DEADLINE = 5.0
 
 
 def _dump(msg_type: int, netns: str | None) -> Iterator[XfrmState | XfrmPolicy | XfrmEvent | None]:
-    with _netns.entered(netns):  # setns in this thread: much cheaper than pyroute2's helper process
-        sock = NetlinkSocket(family=NETLINK_XFRM)
+    """One XFRM dump over a plain netlink socket opened in ``netns`` (no event loop, no helper process)."""
+    with _netns.entered(netns):  # setns in this thread; the socket keeps the namespace
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_XFRM)
     try:
-        sock.set_marshal(_XfrmMarshal())
-        for msg in sock.nlm_request(nlmsg(), msg_type, NLM_F_REQUEST | NLM_F_DUMP):
-            if isinstance(msg, _RawMessage):
-                yield wire.decode_message(msg.raw)
+        sock.bind((0, 0))
+        sock.settimeout(_DUMP_DEADLINE)
+        sock.send(_NLMSGHDR.pack(_NLMSGHDR.size, msg_type, NLM_F_REQUEST | NLM_F_DUMP, 1, 0))
+        deadline = time.monotonic() + _DUMP_DEADLINE
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(errno.ETIMEDOUT, "XFRM dump did not finish in time")
+            data = sock.recv(1 << 20)
+            for raw in wire.split_messages(data):
+                _length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(raw)
+                if mtype == _NLMSG_DONE:
+                    return
+                if mtype == _NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", raw, _NLMSGHDR.size)
+                    if code:
+                        raise OSError(-code, f"XFRM dump: {os.strerror(-code)}")
+                    continue
+                yield wire.decode_message(raw)
     finally:
         sock.close()
 

@@ -28,20 +28,27 @@ MODES = {"transport": 0, "tunnel": 1, "beet": 4}
 
 @dataclass(frozen=True)
 class SocketPolicy:
-    """What :func:`set_socket_policy` installed on a socket (the kernel cannot be asked back)."""
+    """What :func:`set_socket_policy` installed on a socket (the kernel cannot be asked back).
+
+    ``index`` is the kernel's SPD index of the policy when it could be learnt (the socket
+    policies of the socket's namespace, dumped before and after), else None.
+    """
 
     direction: str
     templates: tuple[Template, ...]
+    index: int | None = None
 
 
 _records: weakref.WeakKeyDictionary[socket.socket, dict[str, SocketPolicy]] = weakref.WeakKeyDictionary()
-#: The same record by socket identity (st_dev, st_ino): (the socket object, its netns id).
-_by_key: dict[tuple[int, int], tuple[weakref.ref[socket.socket], tuple[int, int] | None]] = {}
+#: The same record by socket identity (st_dev, st_ino), whatever descriptor or object it was set through:
+#: (the socket's netns id, direction -> policy). Entries of closed sockets are dropped by :func:`prune`.
+_by_key: dict[tuple[int, int], tuple[tuple[int, int] | None, dict[str, SocketPolicy]]] = {}
 _records_lock = threading.Lock()
 SIOCGSKNS = 0x894C
 
 
-def _identity(sock: socket.socket) -> tuple[tuple[int, int], tuple[int, int] | None]:
+def identity(sock: socket.socket) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """(socket identity, netns identity) of ``sock``; the netns is None when SIOCGSKNS fails."""
     st = os.fstat(sock.fileno())
     try:
         ns_fd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
@@ -54,12 +61,36 @@ def _identity(sock: socket.socket) -> tuple[tuple[int, int], tuple[int, int] | N
     return (st.st_dev, st.st_ino), (ns.st_dev, ns.st_ino)
 
 
-def _prune() -> None:
-    """Drop records of sockets that were closed or collected (caller holds the lock)."""
-    for key, (ref, _ns) in list(_by_key.items()):
-        sock = ref()
-        if sock is None or sock.fileno() == -1 or sock not in _records:
-            del _by_key[key]
+def record(sock: socket.socket, policy: SocketPolicy) -> None:
+    """Remember ``policy`` as in force on ``sock`` (by object and by identity)."""
+    with _records_lock:
+        _records.setdefault(sock, {})[policy.direction] = policy
+        key, ns = identity(sock)
+        entry = _by_key.setdefault(key, (ns, {}))
+        entry[1][policy.direction] = policy
+
+
+def recorded(key: tuple[int, int]) -> dict[str, SocketPolicy]:
+    """The policies this process installed on the socket with identity ``key`` (any descriptor of it)."""
+    with _records_lock:
+        entry = _by_key.get(key)
+        return dict(entry[1]) if entry else {}
+
+
+def recorded_indexes(netns_id: tuple[int, int] | None) -> set[int]:
+    """SPD indexes of every socket policy this process installed in namespace ``netns_id``."""
+    with _records_lock:
+        return {
+            p.index for ns, pols in _by_key.values() if ns == netns_id for p in pols.values() if p.index is not None
+        }
+
+
+def prune(netns_id: tuple[int, int] | None, present: set[int]) -> None:
+    """Forget the records of ``netns_id`` whose policies are no longer in its SPD (their sockets closed)."""
+    with _records_lock:
+        for key, (ns, pols) in list(_by_key.items()):
+            if ns == netns_id and pols and all(p.index is not None and p.index not in present for p in pols.values()):
+                del _by_key[key]
 
 
 def socket_template(
@@ -133,10 +164,7 @@ def set_socket_policy(
     policy = SocketPolicy(direction, tmpls)
     with _records_lock:
         _install(sock, policy)
-        _records.setdefault(sock, {})[direction] = policy
-        key, ns = _identity(sock)
-        _prune()
-        _by_key[key] = (weakref.ref(sock), ns)
+    record(sock, policy)
     return policy
 
 
@@ -150,50 +178,18 @@ def clear_socket_policy(sock: socket.socket, direction: str | None = None) -> No
     with _records_lock:
         mine = _records.get(sock, {})
         sock.setsockopt(level, opt, None, 0)  # NULL optval: the kernel drops both directions
-        keep = {d: p for d, p in mine.items() if direction is not None and d != direction}
+        keep = {d: replace(p, index=None) for d, p in mine.items() if direction is not None and d != direction}
         for p in keep.values():
-            _install(sock, p)
+            _install(sock, p)  # a new kernel policy: its index is no longer known
         if keep:
             _records[sock] = keep
         else:
             _records.pop(sock, None)
-
-
-def policies_by_key(key: tuple[int, int]) -> dict[str, SocketPolicy] | None:
-    """The policies this process installed on the open socket with identity ``key``, if any.
-
-    Works for any descriptor of that socket (a dup, a bare int); None when we never set one
-    or the socket object we set it through is gone (the kernel drops it with the socket).
-    """
-    with _records_lock:
-        entry = _by_key.get(key)
-        if entry is None:
-            return None
-        sock = entry[0]()
-        if sock is None or sock.fileno() == -1:
-            return None
-        try:
-            st = os.fstat(sock.fileno())
-        except OSError:
-            return None
-        if (st.st_dev, st.st_ino) != key:
-            return None
-        mine = _records.get(sock)
-        return dict(mine) if mine else None
-
-
-def recorded_in_netns(netns_id: tuple[int, int] | None) -> dict[str, int]:
-    """How many sockets of the namespace ``netns_id`` carry a policy of ours, per direction."""
-    counts = {"in": 0, "out": 0}
-    with _records_lock:
-        _prune()
-        for ref, ns in _by_key.values():
-            sock = ref()
-            if sock is None or ns != netns_id:
-                continue
-            for direction in _records.get(sock, {}):
-                counts[direction] += 1
-    return counts
+        key, ns = identity(sock)
+        if keep:
+            _by_key[key] = (ns, dict(keep))
+        else:
+            _by_key.pop(key, None)
 
 
 def socket_policies(sock: socket.socket) -> dict[str, SocketPolicy]:

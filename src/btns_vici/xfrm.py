@@ -15,17 +15,20 @@ requirements on a socket" (``ipsec_set_policy``, section 6).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import fcntl
 import ipaddress
 import os
 import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from pyroute2.netlink import NETLINK_XFRM, NLM_F_DUMP, NLM_F_REQUEST
 
+from . import _xfrm_socket
 from . import _xfrm_wire as wire
 from . import netns as _netns
 from ._xfrm_monitor import GROUPS, XfrmMonitor, watch
@@ -55,12 +58,10 @@ from ._xfrm_socket import (
     PROTOS,
     SocketPolicy,
     clear_socket_policy,
-    policies_by_key,
-    recorded_in_netns,
-    set_socket_policy,
     socket_policies,
     socket_template,
 )
+from ._xfrm_socket import set_socket_policy as _set_socket_policy
 from ._xfrm_wire import XfrmDecodeWarning
 from .records import IN, OUT, ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
 from .selectors import Flow, IPAddress, normalize_address
@@ -137,6 +138,49 @@ def _dump(msg_type: int, netns: str | None) -> Iterator[XfrmState | XfrmPolicy |
                 yield wire.decode_message(raw)
     finally:
         sock.close()
+
+
+def _socket_policy_indexes(sock: socket.socket, direction: str) -> set[int] | None:
+    """SPD indexes of the socket policies for ``direction`` in ``sock``'s namespace (None: unreadable)."""
+    try:
+        ns_fd = fcntl.ioctl(sock.fileno(), _xfrm_socket.SIOCGSKNS)
+    except OSError:
+        return None
+    try:
+        return {p.index for p in dump_policies(f"/proc/self/fd/{ns_fd}") if p.is_socket and p.direction == direction}
+    except OSError:
+        return None
+    finally:
+        os.close(ns_fd)
+
+
+def set_socket_policy(
+    sock: socket.socket,
+    direction: str,
+    templates: Sequence[Template | str],
+    level: str = "required",
+    reqid: int = 0,
+) -> SocketPolicy:
+    """Install a per-socket IPsec policy (``IP_XFRM_POLICY``/``IPV6_XFRM_POLICY``) for ``direction``.
+
+    ``templates`` are :class:`Template` (see :func:`socket_template`) or protocol names
+    ("esp", "ah", "comp"), which become transport-mode templates with ``level`` and ``reqid``.
+    An empty ``templates`` installs a bypass policy (this socket skips the global SPD).
+    With a required template and no SA the kernel asks the key manager (acquire) and
+    the socket fails closed (EAGAIN) until the SA exists. Raises OSError from setsockopt.
+
+    The policy is remembered with its SPD index (learnt from the namespace's SPD before
+    and after), so that the data-plane proof can tell this process's socket policies
+    from those of others (README "Socket-exact truth").
+    """
+    before = _socket_policy_indexes(sock, direction)
+    policy = _set_socket_policy(sock, direction, templates, level, reqid)
+    after = _socket_policy_indexes(sock, direction)
+    new = (after - before) if before is not None and after is not None else set()
+    if len(new) == 1:  # unambiguous: no other process added one meanwhile
+        policy = dataclasses.replace(policy, index=new.pop())
+        _xfrm_socket.record(sock, policy)
+    return policy
 
 
 def dump_states(netns: str | None = None) -> list[XfrmState]:
@@ -311,21 +355,33 @@ def prove_socket(view: SocketView, ike: IkeSA, child: ChildSA, netns: str | None
     if child.reqid not in (reqid, 0) or in_sa.reqid != reqid:
         return NotCarried(f"reqid mismatch: charon {child.reqid}, kernel {out_sa.reqid}/{in_sa.reqid}")
     facts = view.facts()
-    mine = policies_by_key(view.key) if view.key is not None else None
-    mine = mine or {}
+    sock_pols = [p for p in policies if p.is_socket]
+    present = {p.index for p in sock_pols}
+    _xfrm_socket.prune(view.netns, present)
+    # This socket's own policies, as we installed them, if still in force (index still in the SPD).
+    mine = {
+        d: p for d, p in (_xfrm_socket.recorded(view.key).items() if view.key is not None else ())
+        if p.index is not None and p.index in present
+    }
+    needed = {"out", "in"} - ({"in"} if view.direction == OUT else {"out"} if view.direction == IN else set())
     census = ""
-    if set(mine) != {"in", "out"}:
-        ours = recorded_in_netns(view.netns)
-        foreign = [p for p in policies if p.is_socket and p.direction in ("in", "out")]
-        unexplained = {d: sum(1 for p in foreign if p.direction == d) - ours[d] - ike_socks for d in ("in", "out")}
-        if any(n > 0 for n in unexplained.values()):
-            idx = ", ".join(str(p.index) for p in foreign)
-            return NotCarried(
-                f"{max(unexplained.values())} per-socket XFRM policies in this namespace were set by other "
-                f"processes (socket policy indexes {idx}; {ike_socks} IKE sockets account for the rest): the "
-                f"kernel cannot say which sockets carry them, so this socket cannot be proven ({facts})"
-            )
-        census = f"; no unexplained socket policies ({len(foreign)} belong to the IKE daemon or this process)"
+    if not needed <= set(mine):
+        # Socket policies of other processes (the kernel cannot say which socket carries them). Those
+        # requiring this very SA cannot make any socket bypass it; the IKE daemon's sockets each carry
+        # a bypass pair. Any other one might be on this socket: then nothing can be proven.
+        ours = _xfrm_socket.recorded_indexes(view.netns)
+        for d in sorted(needed - set(mine)):
+            risky = [p for p in sock_pols if p.direction == d and p.index not in ours
+                     and not _requires(p.templates, proto, mode, reqid)]
+            if len(risky) > ike_socks:
+                idx = ", ".join(str(p.index) for p in risky)
+                return NotCarried(
+                    f"{len(risky) - ike_socks} per-socket XFRM {d} policies that do not require this SA were set "
+                    f"by other processes (socket policy indexes {idx}; {ike_socks} IKE daemon sockets account for "
+                    f"the rest): the kernel cannot say which sockets carry them, so this socket cannot be proven "
+                    f"({facts})"
+                )
+        census = f"; socket policy census: {len(sock_pols)} in the SPD, none unexplained"
     rt = rtnl.routing(netns)
     out_text = ""
     if view.direction != IN:

@@ -10,7 +10,15 @@ from ..backend import Backend
 from ..records import Protection
 from . import exits
 from .context import open_backend
-from .describe import PROTO_NAMES, flow_dict, protection_cells, protection_dict, ptoken_dict, verify_flow
+from .describe import (
+    PROTO_NAMES,
+    entry_view,
+    flow_dict,
+    protection_cells,
+    protection_dict,
+    ptoken_dict,
+    verify_view,
+)
 from .output import emit_json, table
 from .sockdiag import SocketEntry, list_sockets, socket_owners
 
@@ -32,7 +40,8 @@ def endpoint(addr: Any, port: int) -> str:
 def describe(entry: SocketEntry, backend: Backend, owners: list[tuple[int, str]]) -> tuple[Protection | None, dict]:
     """One socket: sock_diag facts, its processes, and for a connected one its verified protection and pToken."""
     flow = entry.flow
-    protection, token = verify_flow(flow, backend) if flow is not None else (None, None)
+    view = entry_view(entry, backend.netns_id)  # sock_diag's device, mark, uid of that very socket
+    protection, token = verify_view(view, backend) if view is not None else (None, None)
     return protection, {
         "proto": PROTO_NAMES[entry.proto],
         "family": 4 if entry.family == socket.AF_INET else 6,

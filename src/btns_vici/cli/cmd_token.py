@@ -17,10 +17,10 @@ from typing import Any
 
 from ..demo import describe_ptoken
 from ..errors import BtnsError
-from ..sockets import SIOCGSKNS, check_inet, flow_of, is_connected, resolve_fd
+from ..sockets import SIOCGSKNS, check_inet, is_connected, resolve_fd, view_of
 from . import exits
 from .context import open_backend
-from .describe import flow_dict, protection_dict, ptoken_dict, verify_flow
+from .describe import flow_dict, protection_dict, ptoken_dict, verify_view
 from .output import emit_json
 from .pidfd import borrow_fd
 
@@ -106,9 +106,10 @@ def run(args: argparse.Namespace) -> int:
                                   "it has no flow, hence no protection (a pToken set with ipsec_set_socket_pToken "
                                   "lives in that process only)"])
             return exits.NEGATIVE
-        flow = flow_of(sock)
+        view = view_of(sock)  # the socket itself: namespace, device, mark, uid, TOS, ...
+        flow = view.flow
         backend = open_backend(args, ns)
-        protection, token = verify_flow(flow, backend)
+        protection, token = verify_view(view, backend)
     result = {**head, "status": "protected" if protection else "clear", "flow": flow_dict(flow),
               "protection": protection_dict(protection) if protection else None, "ptoken": ptoken_dict(token)}
     lines = [f"process {args.pid} fd {args.fd}: {flow}{f' (netns {ns})' if ns else ''}",

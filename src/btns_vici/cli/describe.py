@@ -8,20 +8,40 @@ from typing import Any
 from ..backend import Backend
 from ..constants import Setting
 from ..derive import ptoken_for, unprotected_ptoken
-from ..records import ChildSA, IkeSA, Protection
+from ..records import ChildSA, IkeSA, NotCarried, Protection, SocketView
 from ..selectors import Flow
 from ..tokens import IToken, PToken
+from .sockdiag import SocketEntry
 
 PROTO_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
 
 
+def verify_view(view: SocketView, backend: Backend) -> tuple[Protection | None, PToken]:
+    """The verified protection of the socket ``view`` and its pToken (as protection.ptoken_of, keeping the SA)."""
+    verdict = backend.protect(view)
+    if isinstance(verdict, NotCarried):
+        return None, unprotected_ptoken(view.flow, f"{verdict.reason} [socket {view.facts()}]")
+    return verdict, ptoken_for(verdict)
+
+
 def verify_flow(flow: Flow, backend: Backend) -> tuple[Protection | None, PToken]:
-    """The verified protection of ``flow`` and its pToken (as api.ptoken_for_flow, keeping the SA pair)."""
-    protection = backend.find_protection(flow)
-    if protection is None:
-        reason = f"no CHILD_SA verified in both {backend.name} and the data plane covers it"
-        return None, unprotected_ptoken(flow, reason)
-    return protection, ptoken_for(protection)
+    """:func:`verify_view` for a bare flow (an unbound, unmarked socket of the backend's namespace)."""
+    return verify_view(SocketView(flow=flow, netns=backend.netns_id), backend)
+
+
+def entry_view(entry: SocketEntry, netns_id: tuple[int, int] | None) -> SocketView | None:
+    """The view of another process's socket as sock_diag shows it: bound device, mark, uid.
+
+    sock_diag does not show SO_DONTROUTE, IP_UNICAST_IF, IP_TOS or which socket carries a
+    per-socket XFRM policy: ``btns token --pid --fd`` reads the socket itself and sees them.
+    Without CAP_NET_ADMIN the mark is not shown, and nothing can be proven (fail closed).
+    """
+    flow = entry.flow
+    if flow is None:
+        return None
+    unknown = () if entry.mark is not None else ("SO_MARK not shown by sock_diag (needs CAP_NET_ADMIN)",)
+    return SocketView(flow=flow, netns=netns_id, key=None, bound_ifindex=entry.bound_ifindex,
+                      mark=entry.mark or 0, uid=entry.uid, unknown=unknown)
 
 
 def flow_dict(flow: Flow) -> dict[str, Any]:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..api import ptoken_for_flow
 from ..backend import Backend
 from ..requirements import unmet
 from ..selectors import Flow
 from ..tokens import PToken
+from .describe import entry_view, verify_view
 from .sockdiag import list_sockets
 
 Key = tuple[int, Flow]  # (socket inode, flow): a flow may be reused by a later socket
@@ -42,9 +42,9 @@ class SocketLatches:
     def _current(self) -> dict[Key, PToken]:
         out = {}
         for entry in list_sockets(self.netns):
-            flow = entry.flow
-            if flow is not None and entry.inode:  # TIME-WAIT sockets have no inode: nothing to latch
-                out[(entry.inode, flow)] = ptoken_for_flow(flow, self.backend)
+            view = entry_view(entry, self.backend.netns_id)
+            if view is not None and entry.inode:  # TIME-WAIT sockets have no inode: nothing to latch
+                out[(entry.inode, view.flow)] = verify_view(view, self.backend)[1]
         return out
 
     def scan(self) -> list[LatchEvent]:

@@ -37,6 +37,8 @@ class SocketEntry:
     remote_port: int
     inode: int
     uid: int
+    bound_ifindex: int = 0  # SO_BINDTODEVICE (idiag_if)
+    mark: int | None = None  # SO_MARK (INET_DIAG_MARK: only shown to CAP_NET_ADMIN), None when not shown
 
     @property
     def connected(self) -> bool:
@@ -83,7 +85,21 @@ def _entry(msg: dict, proto: int, family: int) -> SocketEntry:
         remote_port=msg["idiag_dport"],
         inode=msg["idiag_inode"],
         uid=msg["idiag_uid"],
+        bound_ifindex=msg["idiag_if"],
+        mark=_mark(msg.get_attr("INET_DIAG_MARK")),
     )
+
+
+def _mark(raw: object) -> int | None:
+    """INET_DIAG_MARK as pyroute2 gives it ("42:00:00:00", a little-endian u32), None if absent."""
+    if raw is None:
+        return None
+    if isinstance(raw, int):
+        return raw
+    try:
+        return int.from_bytes(bytes.fromhex(str(raw).replace(":", "")), "little")
+    except ValueError:
+        return None
 
 
 def socket_owners() -> dict[int, list[tuple[int, str]]]:

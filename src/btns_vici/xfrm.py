@@ -224,8 +224,34 @@ def _proto_num(name: str) -> int:
 IKE_PORTS = (500, 4500)
 
 
+_XFRM_MSG_NEWSPDINFO, _XFRM_MSG_GETSPDINFO, _XFRMA_SPD_INFO = 36, 37, 1
+
+
+def decode_spdinfo(data: bytes) -> tuple[int, ...] | None:
+    """(in, out, fwd, socket in, socket out, socket fwd) policy counts from an XFRM_MSG_NEWSPDINFO reply."""
+    for raw in wire.split_messages(data):
+        _length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(raw)
+        if mtype != _XFRM_MSG_NEWSPDINFO:
+            continue
+        pos = _NLMSGHDR.size + 4  # u32 flags
+        while pos + 4 <= len(raw):
+            alen, atype = struct.unpack_from("=HH", raw, pos)
+            if alen < 4:
+                break
+            if atype & 0x3FFF == _XFRMA_SPD_INFO and alen >= 4 + 24:
+                return struct.unpack_from("=6I", raw, pos + 4)
+            pos += (alen + 3) & ~3
+    return None
+
+
 class _SpdView:
-    """The SAD, the SPD and the IKE sockets of one namespace, cached until XFRM reports a change."""
+    """The SAD, the SPD and the IKE sockets of one namespace, cached until they change.
+
+    Global SAs and policies are announced on the XFRM multicast groups; per-socket policies
+    are not (setsockopt installs them silently), so the SPD's policy counts
+    (XFRM_MSG_GETSPDINFO, one small request) are compared too: a socket policy added or
+    removed anywhere in the namespace refreshes the snapshot.
+    """
 
     def __init__(self, netns: str | None) -> None:
         self.netns = netns
@@ -233,16 +259,28 @@ class _SpdView:
             self._mon = socket.socket(
                 socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, NETLINK_XFRM
             )
+            self._info = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_XFRM)
             st = os.stat("/proc/thread-self/ns/net")
         self.netns_id = (st.st_dev, st.st_ino)
+        self._info.bind((0, 0))
+        self._info.settimeout(2.0)
         self._mon.bind((0, 0))
         for group in ("sa", "policy", "expire"):
             self._mon.setsockopt(_SOL_NETLINK, _NETLINK_ADD_MEMBERSHIP, GROUPS[group])
         self._lock = threading.Lock()
+        self._counts: tuple[int, ...] | None = None
         self._snapshot: tuple[dict[tuple[int, int, IPAddress], XfrmState], list[XfrmPolicy], int] | None = None
 
     def close(self) -> None:
         self._mon.close()
+        self._info.close()
+
+    def _spd_counts(self) -> tuple[int, ...] | None:
+        try:
+            self._info.send(_NLMSGHDR.pack(_NLMSGHDR.size + 4, _XFRM_MSG_GETSPDINFO, NLM_F_REQUEST, 1, 0) + bytes(4))
+            return decode_spdinfo(self._info.recv(1 << 16))
+        except OSError:
+            return None  # unknown: the caller re-dumps
 
     def snapshot(self) -> tuple[dict[tuple[int, int, IPAddress], XfrmState], list[XfrmPolicy], int]:
         """(SAs by (spi, proto, daddr), policies, IKE sockets) as of now."""
@@ -257,9 +295,11 @@ class _SpdView:
                     break
                 except OSError:  # ENOBUFS: lost notifications, so everything may have changed
                     changed = True
-            if changed or self._snapshot is None:
+            counts = self._spd_counts()
+            if changed or self._snapshot is None or counts is None or counts != self._counts:
                 states = {(s.spi, s.proto, s.daddr): s for s in dump_states(self.netns)}
                 self._snapshot = (states, dump_policies(self.netns), _ike_sockets(self.netns))
+                self._counts = counts
             return self._snapshot
 
 
@@ -374,7 +414,7 @@ def prove_socket(view: SocketView, ike: IkeSA, child: ChildSA, netns: str | None
             risky = [p for p in sock_pols if p.direction == d and p.index not in ours
                      and not _requires(p.templates, proto, mode, reqid)]
             if len(risky) > ike_socks:
-                idx = ", ".join(str(p.index) for p in risky)
+                idx = ", ".join(f"{p.index} ({'bypass' if not p.templates else 'other templates'})" for p in risky)
                 return NotCarried(
                     f"{len(risky) - ike_socks} per-socket XFRM {d} policies that do not require this SA were set "
                     f"by other processes (socket policy indexes {idx}; {ike_socks} IKE daemon sockets account for "

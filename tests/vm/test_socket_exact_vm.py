@@ -63,6 +63,19 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
             plugin.forget(p.be_b.options)
 
 
+@pytest.fixture(autouse=True)
+def settled(pair: Pair) -> None:
+    """Wait until sockets of earlier tests are gone from A's SPD (UDP sockets are freed after an RCU
+    grace period, with their socket policies): only charon's bypass pairs remain."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        socks = [p for p in xfrm.dump_policies(pair.na) if p.is_socket]
+        if all(not p.templates for p in socks) and len(socks) <= 8:  # 4 IKE sockets, in + out
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"socket policies left behind: {[(p.index, p.direction, p.templates) for p in socks]}")
+
+
 def esp_count(frames: list[bytes]) -> int:
     return sum(1 for f in frames if len(f) > 20 and f[9] == ESP)
 
@@ -176,7 +189,8 @@ def test_a_bypass_socket_policy_set_by_another_process_is_never_reported_protect
         deadline = time.monotonic() + 5
         while not (again := btns_vici.get_socket_ptoken(plain, pair.be_a)).protected and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert srv.recv(64) == b"FOREIGN-BYPASS-LEAK"
+        with pytest.raises(TimeoutError):
+            srv.recv(64)  # B's kernel dropped it (its inbound policy requires ESP): it did leak, though
     assert any(b"FOREIGN-BYPASS-LEAK" in f for f in frames)  # it crossed the wire in clear
     assert not tok_handed.protected and "set by other processes" in tok_handed.information_string, (
         tok_handed.information_string)

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 
 from . import guard
 from .backend import Backend
+from .broker.client import BrokerClient
+from .broker.policy import DEFAULT_SOCKET as DEFAULT_BROKER_SOCKET
 from .derive import ptoken_for
 from .errors import BackendError, BtnsError
 from .plugins import get_backend
@@ -37,10 +39,12 @@ from .sockets import (
 )
 from .tokens import PToken
 
-BackendLike = Backend | str | None
+BackendLike = Backend | BrokerClient | str | None
+#: What answers: a backend in this process, or btnsd (README "btnsd: the broker").
+Authority = Backend | BrokerClient
 
 _lock = threading.Lock()
-_default: Backend | None = None
+_default: Authority | None = None
 
 
 def _open_socket_keys() -> set[tuple[int, int]]:
@@ -89,32 +93,59 @@ class _Registry(dict):
 _attached: _Registry = _Registry()
 
 
-def resolve_backend(backend: BackendLike = None, options: Mapping[str, str] | None = None) -> Backend:
-    """A Backend from an instance, a name, or the process default (selected once, see plugins)."""
+def resolve_backend(backend: BackendLike = None, options: Mapping[str, str] | None = None) -> Authority:
+    """A Backend (or the broker) from an instance, a name, or the process default (selected once).
+
+    The default: ``$BTNS_BROKER`` names btnsd's socket; else, for a process without root
+    when btnsd's default socket exists, btnsd; else the first backend whose daemon answers
+    (see plugins), and btnsd when none can be used from here (EACCES, ENOENT,
+    ECONNREFUSED) and its socket exists.
+    """
     global _default
-    if isinstance(backend, Backend):
+    if isinstance(backend, (Backend, BrokerClient)):
         return backend
     if backend is not None or options:
         return get_backend(backend, options)
     with _lock:
         if _default is None:
-            _default = get_backend()
+            _default = _select_default()
         return _default
 
 
-def set_default_backend(backend: BackendLike, options: Mapping[str, str] | None = None) -> Backend:
+def _select_default() -> Authority:
+    path = os.environ.get("BTNS_BROKER")
+    if path:
+        return BrokerClient(path)
+    if os.geteuid() != 0 and not os.environ.get("BTNS_BACKEND") and os.path.exists(DEFAULT_BROKER_SOCKET):
+        return BrokerClient(DEFAULT_BROKER_SOCKET)
+    try:
+        return get_backend()
+    except BackendError as exc:
+        if exc.errno in (errno.EACCES, errno.ENOENT, errno.ECONNREFUSED) and os.path.exists(DEFAULT_BROKER_SOCKET):
+            return BrokerClient(DEFAULT_BROKER_SOCKET)
+        raise
+
+
+def set_default_backend(backend: BackendLike, options: Mapping[str, str] | None = None) -> Authority | None:
     """Choose the backend used when none is passed explicitly."""
     global _default
     chosen = resolve_backend(backend, options) if backend is not None or options else None
     with _lock:
         _default = chosen
-    return chosen  # type: ignore[return-value]
+    return chosen
+
+
+def _local(be: Authority, what: str) -> Backend:
+    if isinstance(be, BrokerClient):
+        raise BtnsError(f"{what} needs a backend in this process: btnsd answers only for sockets it receives",
+                        errno.EOPNOTSUPP)
+    return be
 
 
 def ptoken_for_flow(flow: Flow, backend: BackendLike = None) -> PToken:
     """The verified pToken of a bare flow, judged as an unbound, unmarked socket of the backend's
     namespace. For a real socket use :func:`get_socket_ptoken`: it judges that very socket."""
-    return ptoken_of_flow(flow, resolve_backend(backend))
+    return ptoken_of_flow(flow, _local(resolve_backend(backend), "ptoken_for_flow"))
 
 
 def get_socket_ptoken(sock: FileDescriptorLike, backend: BackendLike = None) -> PToken:
@@ -134,7 +165,10 @@ def get_socket_ptoken(sock: FileDescriptorLike, backend: BackendLike = None) -> 
     lt = latch_of(key)
     if lt is not None:
         return lt.check()  # ProtectionLostError once the latch broke
-    return ptoken_of(view, resolve_backend(backend))
+    be = resolve_backend(backend)
+    if isinstance(be, BrokerClient):
+        return be.get_socket_ptoken(sock)
+    return ptoken_of(view, be)
 
 
 def set_socket_ptoken(sock: FileDescriptorLike, ptoken: PToken, backend: BackendLike = None) -> None:
@@ -147,7 +181,10 @@ def set_socket_ptoken(sock: FileDescriptorLike, ptoken: PToken, backend: Backend
         be = resolve_backend(backend)
     except BackendError as exc:
         raise BackendError(f"ipsec_set_socket_pToken needs a running IKE daemon: {exc.strerror}") from None
-    be.enforce(sock, ptoken)
+    if isinstance(be, BrokerClient):
+        be.set_socket_ptoken(sock, ptoken)
+    else:
+        be.enforce(sock, ptoken)
     _attached[socket_key(sock)] = ptoken.copy()
 
 
@@ -174,6 +211,15 @@ def connect(sock: socket.socket, address: tuple, backend: BackendLike = None, la
         sock.connect(address)
         return
     be = resolve_backend(backend)
+    if isinstance(be, BrokerClient):  # the broker negotiates for the socket it receives
+        be.prepare_connect(sock, (str(endpoint(address)[0]), endpoint(address)[1]))
+        sock.connect(address)
+        _verify_or_abort(sock, demand, be)
+        if latch_:
+            from .latch import latch
+
+            latch(sock, be, shutdown=True)
+        return
     remote, rport = endpoint(address)
     local = source_address(sock, remote)
     proto = socket.IPPROTO_TCP if sock.type == socket.SOCK_STREAM else socket.IPPROTO_UDP
@@ -198,7 +244,10 @@ def listen(sock: socket.socket, backlog: int = 128, backend: BackendLike = None)
     demand = _demand_or_none(sock)
     if demand is not None:
         be = resolve_backend(backend)
-        be.serve(endpoint(sock.getsockname())[0], demand)
+        if isinstance(be, BrokerClient):
+            be.prepare_listen(sock)
+        else:
+            be.serve(endpoint(sock.getsockname())[0], demand)
     sock.listen(backlog)
 
 
@@ -223,7 +272,15 @@ def accept(sock: socket.socket, backend: BackendLike = None, latch_: bool = True
     return conn, addr
 
 
-def _verify_or_abort(sock: socket.socket, demand: PToken, be: Backend) -> PToken:
+def _verify_or_abort(sock: socket.socket, demand: PToken, be: Authority) -> PToken:
+    if isinstance(be, BrokerClient):
+        try:
+            return be.verify(sock, demand)
+        except OSError as exc:
+            if exc.errno == errno.EACCES:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            raise
     actual, problems = shortfall(demand, view_of(sock), be)
     if problems:
         with contextlib.suppress(OSError):

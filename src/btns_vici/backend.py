@@ -165,6 +165,10 @@ class Backend:
             raise NotSupportedError(f"backend {self.name!r} cannot accept peers on demand")
         return name
 
+    def release(self, name: str) -> bool:
+        """Unload connection ``name`` that :meth:`establish`/:meth:`serve` loaded (False: cannot)."""
+        return bool(self._call("btns_release", name=name))
+
     def watch(self, callback: Callable[[SAEvent], None]) -> Callable[[], None]:
         stop = self._call("btns_watch", callback=callback)
         if stop is None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import errno
 
 from . import api, msg
-from .derive import fill
+from .broker.client import BrokerClient
+from .derive import fill, unprotected_ptoken
 from .errors import BtnsError
 from .msg import MsgHdr
 from .protection import ptoken_of
@@ -195,7 +196,17 @@ def ipsec_set_msg_pToken(msg_: MsgHdr, pToken: PToken) -> int:
 def ipsec_get_msg_pToken(msg_: MsgHdr, pToken: PToken) -> int:
     """Figure 10: fill the caller's pToken with the protection of a datagram from btns_vici.recvmsg()."""
     target = _ptoken(pToken)
-    fill(target, ptoken_of(msg.view_of_msg(msg_), api.resolve_backend()))
+    view = msg.view_of_msg(msg_)
+    be = api.resolve_backend()
+    if isinstance(be, BrokerClient):  # btnsd answers only with the receiving socket in hand
+        fd = msg.receiver_of(msg_)
+        if fd is None:
+            fill(target, unprotected_ptoken(view.flow, "the receiving socket is unknown or closed: btnsd "
+                                            "answers only for a socket it receives (use btns_vici.recvmsg)"))
+        else:
+            fill(target, be.get_msg_ptoken(fd, msg_.name, msg_.local, msg_.ifindex, msg_.proto))  # type: ignore[arg-type]
+        return 0
+    fill(target, ptoken_of(view, be))
     return 0
 
 

@@ -112,3 +112,12 @@ def btns_establish(options: Mapping[str, str], flow: Flow, ptoken: PToken) -> st
 @hookspec(firstresult=True)
 def btns_serve(options: Mapping[str, str], local_addr: Any, ptoken: PToken) -> str | None:
     """Accept (as responder) peers of ``local_addr`` that meet ``ptoken``; return the connection name."""
+
+
+@hookspec(firstresult=True)
+def btns_release(options: Mapping[str, str], name: str) -> bool | None:
+    """Tear down and unload connection ``name`` that btns_establish/btns_serve loaded.
+
+    Called when nothing uses it any more (the broker: the last client that had it loaded
+    went away). Return True when done; None when the backend cannot (it stays loaded).
+    """

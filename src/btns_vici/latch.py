@@ -22,8 +22,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .api import BackendLike, resolve_backend
-from .backend import Backend, SAEvent
+from .api import Authority, BackendLike, resolve_backend
+from .backend import SAEvent
+from .broker.client import BrokerClient
 from .derive import unprotected_ptoken
 from .errors import BtnsError, ProtectionLostError
 from .protection import ptoken_of
@@ -54,7 +55,7 @@ class Latch:
     def __init__(
         self,
         sock: FileDescriptorLike,
-        backend: Backend,
+        backend: Authority,
         on_break: Callable[[LatchBroken], None] | None = None,
         shutdown: bool = False,
     ) -> None:
@@ -64,7 +65,7 @@ class Latch:
         self.backend = backend
         self.on_break = on_break
         self.shutdown = shutdown
-        self.latched = ptoken_of(view_of(sock), backend)
+        self.latched = _ptoken_now(sock, backend)
         if not self.latched.protected:
             raise BtnsError(f"cannot latch {self.flow}: it is not protected", errno.EACCES)
         self.broken: LatchBroken | None = None
@@ -99,6 +100,8 @@ class Latch:
             view = view_of(self.fd)
         except OSError as exc:
             return unprotected_ptoken(self.flow, f"the socket cannot be inspected: {exc.strerror}")
+        if isinstance(self.backend, BrokerClient):
+            return self.backend.get_socket_ptoken(self.fd)
         return ptoken_of(view, self.backend)
 
     def _break(self, info: LatchBroken) -> None:
@@ -119,10 +122,16 @@ class Latch:
                 log.exception("latch callback failed")
 
 
+def _ptoken_now(sock: FileDescriptorLike, backend: Authority) -> PToken:
+    if isinstance(backend, BrokerClient):
+        return backend.get_socket_ptoken(sock)
+    return ptoken_of(view_of(sock), backend)
+
+
 class _Watcher:
     """One backend event watch shared by every latch on that backend."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Authority) -> None:
         self.backend = backend
         self.latches: dict[tuple[int, int], Latch] = {}
         self.lock = threading.Lock()

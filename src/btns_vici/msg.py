@@ -19,6 +19,7 @@ import contextlib
 import errno
 import ipaddress
 import itertools
+import os
 import socket
 import struct
 import threading
@@ -26,6 +27,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
+from .broker.client import BrokerClient
 from .errors import BtnsError
 from .records import IN, OUT, SocketView
 from .selectors import Flow, normalize_address
@@ -72,6 +74,8 @@ class MsgHdr:
     proto: int = socket.IPPROTO_UDP
     ifindex: int | None = None
     netns: tuple[int, int] | None = None
+    #: the receiving socket (descriptor number and identity), for asking btnsd about the datagram
+    _receiver: tuple[int, tuple[int, int]] | None = field(default=None, repr=False)
     _keep: list[PToken] = field(default_factory=list, repr=False)
 
     @property
@@ -191,8 +195,22 @@ def recvmsg(sock: FileDescriptorLike, bufsize: int, ancbufsize: int = 256, flags
             ifindex = None
         proto = s.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) or socket.IPPROTO_UDP
         ns = netns_of(s)
+        st = os.fstat(s.fileno())
+        receiver = (resolve_fd(sock), (st.st_dev, st.st_ino))
     return MsgHdr(iov=[data], name=address, control=list(ancdata), flags=msg_flags, local=local or s.getsockname(),
-                  proto=proto, ifindex=ifindex, netns=ns)
+                  proto=proto, ifindex=ifindex, netns=ns, _receiver=receiver)
+
+
+def receiver_of(msg: MsgHdr) -> int | None:
+    """The descriptor of the socket that received ``msg``, if it is still that socket."""
+    if msg._receiver is None:
+        return None
+    fd, key = msg._receiver
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return fd if (st.st_dev, st.st_ino) == key else None
 
 
 def send_view(s: socket.socket, dest: tuple, control: list[tuple[int, int, bytes]], flags: int) -> SocketView:
@@ -243,8 +261,12 @@ def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: obje
         check_inet(s)
         if demand is not None:
             dest = msg.name if msg.name is not None else s.getpeername()
-            view = send_view(s, dest, control, flags)
-            _actual, problems = shortfall(demand, view, resolve_backend(backend))  # type: ignore[arg-type]
+            be = resolve_backend(backend)  # type: ignore[arg-type]
+            if isinstance(be, BrokerClient):
+                be.check_send(s, tuple(dest) if msg.name is not None else None, control, flags, demand)
+                problems: list[str] = []
+            else:
+                _actual, problems = shortfall(demand, send_view(s, dest, control, flags), be)
             if problems:
                 raise BtnsError("datagram refused, pToken not met: " + "; ".join(problems), errno.EACCES)
         args = (msg.iov, control, flags) + ((msg.name,) if msg.name is not None else ())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import threading
+import warnings
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 
@@ -43,7 +44,13 @@ def get_plugin_manager() -> pluggy.PluginManager:
             pm.register(_load(spec), name=name)
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             if pm.get_plugin(ep.name) is None:
-                pm.register(ep.load(), name=ep.name)
+                try:
+                    plugin = ep.load()
+                except Exception as exc:  # a broken third-party plugin must not take the library down
+                    warnings.warn(f"btns_vici: backend plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}",
+                                  RuntimeWarning, stacklevel=2)
+                    continue
+                pm.register(plugin, name=ep.name)
         _pm = pm
     return _pm
 

@@ -4,23 +4,25 @@ Transport: a unix SOCK_SEQPACKET socket, one request or one response per packet.
 is one frame::
 
     magic "BT" (2 bytes) | version (1 byte, 1) | kind (1 byte: 1 request, 2 response)
-    | length (4 bytes, big-endian, = the rest of the packet) | payload (UTF-8 JSON object)
+    | id (4 bytes, big-endian: a response carries its request's) | length (4 bytes, big-endian,
+    = the rest of the packet) | payload (UTF-8 JSON object)
 
 at most :data:`MAX_FRAME` bytes in all. A request that concerns a socket carries that socket
 itself as exactly one SCM_RIGHTS descriptor in the same packet: possession of the descriptor
 is the authority to ask about it or to make demands for it. The broker never answers for a
 socket it did not receive.
 
-Request payload: ``{"op": NAME, "id": INT, ...arguments}``; response payload:
-``{"id": INT, "ok": true, "result": {...}}`` or ``{"id": INT, "ok": false, "errno": INT,
-"errname": "EACCES", "error": TEXT}``. pTokens travel as ``{"attrs": {NAME: HEX}, "local_ts":
-[...], "remote_ts": [...]}``, each attribute in the draft's C form (the bytes
+Request payload: ``{"op": NAME, ...arguments}``; response payload: ``{"ok": true, "result":
+{...}}`` or ``{"ok": false, "errno": INT, "errname": "EACCES", "error": TEXT}``. (The id lives in
+the header so that the same answer is the same bytes: both ends cache on them.) pTokens travel as
+``{"attrs": {NAME: HEX}, "local_ts": [...], "remote_ts": [...]}``, each attribute in the draft's C form (the bytes
 ``ipsec_get_token_attr`` returns), iTokens in their canonical serialized form.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import json
 import struct
@@ -35,7 +37,7 @@ from ..tokens import PToken, decode_attr, encode_attr
 MAGIC = b"BT"
 VERSION = 1
 REQUEST, RESPONSE = 1, 2
-HEADER = struct.Struct("!2sBBI")
+HEADER = struct.Struct("!2sBBII")
 MAX_FRAME = 64 * 1024
 MAX_DEPTH = 8
 MAX_SELECTORS = 256
@@ -60,11 +62,18 @@ class FrameError(BtnsError):
     default_errno = errno.EPROTO
 
 
-def encode(kind: int, payload: Mapping[str, Any]) -> bytes:
-    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=True).encode()
+def body_of(payload: Mapping[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def frame(kind: int, ident: int, body: bytes) -> bytes:
     if HEADER.size + len(body) > MAX_FRAME:
         raise FrameError(f"frame of {HEADER.size + len(body)} bytes exceeds {MAX_FRAME}", errno.EMSGSIZE)
-    return HEADER.pack(MAGIC, VERSION, kind, len(body)) + body
+    return HEADER.pack(MAGIC, VERSION, kind, ident & 0xFFFFFFFF, len(body)) + body
+
+
+def encode(kind: int, ident: int, payload: Mapping[str, Any]) -> bytes:
+    return frame(kind, ident, body_of(payload))
 
 
 def _depth(obj: Any, level: int = 0) -> int:
@@ -77,13 +86,19 @@ def _depth(obj: Any, level: int = 0) -> int:
     return level
 
 
-def decode(packet: bytes, want: int) -> dict[str, Any]:
-    """The payload of one packet of kind ``want``, or FrameError saying what is wrong."""
+def decode(packet: bytes, want: int) -> tuple[int, dict[str, Any]]:
+    """(id, payload) of one packet of kind ``want``, or FrameError saying what is wrong."""
+    ident, body = split(packet, want)
+    return ident, parse_body(body)
+
+
+def split(packet: bytes, want: int) -> tuple[int, bytes]:
+    """(id, raw payload) of one packet of kind ``want``: the header checked, the payload not yet parsed."""
     if len(packet) < HEADER.size:
         raise FrameError(f"frame of {len(packet)} bytes is shorter than its {HEADER.size}-byte header")
     if len(packet) > MAX_FRAME:
         raise FrameError(f"frame of {len(packet)} bytes exceeds {MAX_FRAME}")
-    magic, version, kind, length = HEADER.unpack_from(packet)
+    magic, version, kind, ident, length = HEADER.unpack_from(packet)
     if magic != MAGIC:
         raise FrameError(f"bad magic {magic!r}")
     if version != VERSION:
@@ -93,8 +108,12 @@ def decode(packet: bytes, want: int) -> dict[str, Any]:
         raise FrameError(f"frame kind {kind}, expected {want}")
     if length != len(packet) - HEADER.size:
         raise FrameError(f"frame length {length} does not match the {len(packet) - HEADER.size} bytes that follow")
+    return ident, bytes(packet[HEADER.size :])
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
     try:
-        payload = json.loads(packet[HEADER.size :].decode("utf-8"))
+        payload = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise FrameError(f"payload is not UTF-8 JSON: {exc}") from None
     if not isinstance(payload, dict):
@@ -105,18 +124,22 @@ def decode(packet: bytes, want: int) -> dict[str, Any]:
 
 
 def request(op: str, ident: int, **args: Any) -> bytes:
-    return encode(REQUEST, {"op": op, "id": ident, **args})
+    return encode(REQUEST, ident, {"op": op, **args})
+
+
+def ok_body(result: Mapping[str, Any]) -> bytes:
+    return body_of({"ok": True, "result": dict(result)})
 
 
 def ok(ident: int, result: Mapping[str, Any]) -> bytes:
-    return encode(RESPONSE, {"id": ident, "ok": True, "result": dict(result)})
+    return frame(RESPONSE, ident, ok_body(result))
 
 
 def error(ident: int, exc: OSError) -> bytes:
     code = exc.errno or errno.EIO
     name = errno.errorcode.get(code, str(code))
     text = str(exc.strerror or exc)[:2000]
-    return encode(RESPONSE, {"id": ident, "ok": False, "errno": code, "errname": name, "error": text})
+    return encode(RESPONSE, ident, {"ok": False, "errno": code, "errname": name, "error": text})
 
 
 # ---- pTokens ---------------------------------------------------------------------------------
@@ -151,7 +174,7 @@ def ptoken_from_wire(data: Any, *, trusted: bool) -> PToken:
         except ValueError:
             raise BtnsError(f"pToken attribute {name} is not hex", errno.EINVAL) from None
         if trusted:
-            tok._set_internal(attr, decode_attr(attr, raw))
+            tok._set_internal(attr, _decoded(attr, raw))
         else:
             tok.set_attr_bytes(int(attr), raw)  # the application's own rules: read-only refused
     for side in ("local_ts", "remote_ts"):
@@ -167,6 +190,17 @@ def ptoken_from_wire(data: Any, *, trusted: bool) -> PToken:
             raise BtnsError(f"pToken {side} malformed: {exc}", errno.EINVAL) from None
         setattr(tok, side, sels)
     return tok
+
+
+@functools.lru_cache(maxsize=1024)
+def _decoded_memo(attr: Attr, raw: bytes) -> Any:
+    return decode_attr(attr, raw)
+
+
+def _decoded(attr: Attr, raw: bytes) -> Any:
+    """decode_attr, memoized: the same peer's iToken arrives with every answer (copies are handed out)."""
+    value = _decoded_memo(attr, raw)
+    return value.copy() if hasattr(value, "copy") else value
 
 
 def raise_for(payload: Mapping[str, Any]) -> dict[str, Any]:

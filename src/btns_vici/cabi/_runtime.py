@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import api, capi
+from ..broker.client import BrokerClient
 from ..errors import BtnsError, TokenFreedError
 from ..msg import IP_PKTINFO, IPV6_PKTINFO, MsgHdr, send_view
 from ..protection import shortfall
@@ -249,8 +250,13 @@ def install(ffi: Any) -> None:
                 )
             if has_mark:
                 control.append((socket.SOL_SOCKET, socket.SO_MARK, struct.pack("=I", mark)))
-            view = send_view(sock, dest, control, socket.MSG_DONTROUTE if dontroute else 0)
-        configure_backend()
-        _actual, problems = shortfall(demand, view, api.resolve_backend())
+            flags = socket.MSG_DONTROUTE if dontroute else 0
+            configure_backend()
+            be = api.resolve_backend()
+            if isinstance(be, BrokerClient):  # btnsd reads the socket itself
+                be.check_send(sock, dest if has_dest else None, control, flags, demand)
+                return
+            view = send_view(sock, dest, control, flags)
+        _actual, problems = shortfall(demand, view, be)
         if problems:
             raise BtnsError("datagram refused, pToken not met: " + "; ".join(problems), errno.EACCES)

@@ -12,6 +12,7 @@ already provides it; methods strongSwan lacks (NULL auth, group keys) are EOPNOT
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import ipaddress
@@ -275,3 +276,12 @@ class EnforceHooks:
     def btns_serve(self, options: Mapping[str, str], local_addr: Any, ptoken: PToken) -> str:
         ctx = self.context(options)
         return serve(ctx.session, ctx.dataplane(), options, local_addr, ptoken)
+
+    @hookimpl
+    def btns_release(self, options: Mapping[str, str], name: str) -> bool:
+        """Terminate the IKE_SA of ``name`` (if any) and unload the connection."""
+        ctx = self.context(options)
+        with contextlib.suppress(BtnsError):
+            ctx.session.streamed("terminate", "control-log", {"ike": name, "force": "yes", "timeout": "-1"})
+        ctx.session.request("unload-conn", {"name": name})
+        return True

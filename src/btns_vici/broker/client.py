@@ -1,0 +1,207 @@
+"""The client side of btnsd: what the library uses when the process cannot ask a backend itself.
+
+One SOCK_SEQPACKET connection per process (thread-safe; reconnected on the next call after
+the daemon restarted), every request bounded by a deadline for the whole exchange. The
+socket in question always travels as SCM_RIGHTS: the broker reads it itself and never
+takes a client's word for its flow, device, mark or namespace.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import functools
+import itertools
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..errors import DaemonAccessError, DaemonDownError, DaemonTimeoutError
+from ..sockets import FileDescriptorLike, resolve_fd
+from ..tokens import PToken
+from . import protocol
+from .policy import DEFAULT_SOCKET
+
+DEFAULT_TIMEOUT = 5.0
+#: negotiations (prepare_connect: an IKE exchange) get longer
+SLOW_TIMEOUT = 30.0
+
+
+class BrokerClient:
+    """btnsd at ``path``; the library's handle when it answers through the broker."""
+
+    name = "btnsd"
+
+    def __init__(self, path: str = DEFAULT_SOCKET, timeout: float | None = None) -> None:
+        self.path = path
+        self.timeout = timeout if timeout is not None else float(os.environ.get("BTNS_BROKER_TIMEOUT", DEFAULT_TIMEOUT))
+        self.options: Mapping[str, str] = {"broker": path}
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+
+    def __repr__(self) -> str:
+        return f"BrokerClient({self.path!r})"
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+    def _connect(self, deadline: float) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            while True:
+                s.settimeout(max(0.001, deadline - time.monotonic()))
+                try:
+                    s.connect(self.path)
+                    break
+                except BlockingIOError:  # the broker's backlog is full (a burst of clients): wait our turn
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError from None
+                    time.sleep(0.005)
+        except TimeoutError:
+            s.close()
+            raise DaemonTimeoutError(f"btnsd at {self.path} did not accept in time", errno.ETIMEDOUT) from None
+        except PermissionError:
+            s.close()
+            raise DaemonAccessError(f"not allowed to connect to btnsd at {self.path} (write access to the "
+                                    "socket is needed)", errno.EACCES) from None
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            s.close()
+            raise DaemonDownError(f"btnsd does not answer at {self.path}: {exc.strerror}", exc.errno) from None
+        s.setblocking(False)
+        return s
+
+    def request(self, op: str, fd: FileDescriptorLike | None = None, timeout: float | None = None,
+                **args: Any) -> dict[str, Any]:
+        """One request and its answer (the result object), or the OSError the broker answered."""
+        num = resolve_fd(fd) if fd is not None else None
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        with self._lock:
+            for attempt in (0, 1):
+                fresh = self._sock is None
+                if self._sock is None:
+                    self._sock = self._connect(deadline)
+                try:
+                    return self._exchange(self._sock, op, num, args, deadline)
+                except (BrokenPipeError, ConnectionResetError, _Closed):
+                    self._sock.close()
+                    self._sock = None
+                    if fresh or attempt:  # the daemon went away mid-request: say so
+                        raise DaemonDownError(f"btnsd at {self.path} closed the connection",
+                                              errno.ECONNRESET) from None
+                except BaseException:
+                    self._sock.close()  # a timeout or a bad frame: never reuse a desynchronised socket
+                    self._sock = None
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _exchange(self, s: socket.socket, op: str, fd: int | None, args: dict[str, Any],
+                  deadline: float) -> dict[str, Any]:
+        ident = next(self._ids) & 0x7FFFFFFF
+        frame = protocol.request(op, ident, **args)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())] if fd is not None else []
+        self._wait(s, select.POLLOUT, deadline)
+        s.sendmsg([frame], anc)
+        while True:
+            self._wait(s, select.POLLIN, deadline)
+            data = s.recv(protocol.MAX_FRAME + 1)
+            if not data:
+                raise _Closed()
+            got, body = protocol.split(data, protocol.RESPONSE)
+            if got == ident:
+                return _parsed(body)
+
+    def _wait(self, s: socket.socket, event: int, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        p = select.poll()
+        p.register(s, event)
+        if left <= 0 or not p.poll(left * 1000):
+            raise DaemonTimeoutError(f"btnsd at {self.path} did not answer in time", errno.ETIMEDOUT)
+
+    # ---- the library's operations -----------------------------------------------------------
+    def hello(self) -> dict[str, Any]:
+        return self.request("hello")
+
+    def probe(self) -> bool:
+        try:
+            self.hello()
+        except OSError:
+            return False
+        return True
+
+    def get_socket_ptoken(self, fd: FileDescriptorLike) -> PToken:
+        return self.request("get_socket_ptoken", fd)["token"]
+
+    def set_socket_ptoken(self, fd: FileDescriptorLike, ptoken: PToken) -> None:
+        self.request("set_socket_ptoken", fd, timeout=SLOW_TIMEOUT, ptoken=protocol.ptoken_to_wire(ptoken))
+
+    def prepare_connect(self, fd: FileDescriptorLike, address: tuple[str, int]) -> None:
+        self.request("prepare_connect", fd, timeout=SLOW_TIMEOUT, address=[str(address[0]), int(address[1])])
+
+    def prepare_listen(self, fd: FileDescriptorLike) -> None:
+        self.request("prepare_listen", fd, timeout=SLOW_TIMEOUT)
+
+    def verify(self, fd: FileDescriptorLike, demand: PToken | None = None) -> PToken:
+        args = {"ptoken": protocol.ptoken_to_wire(demand)} if demand is not None else {}
+        return self.request("verify", fd, **args)["token"]
+
+    def get_msg_ptoken(self, fd: FileDescriptorLike, name: tuple, local: tuple, ifindex: int | None,
+                       proto: int) -> PToken:
+        res = self.request("get_msg_ptoken", fd, name=[str(name[0]), int(name[1])],
+                           local=[str(local[0]), int(local[1])], ifindex=ifindex, proto=proto)
+        return res["token"]
+
+    def check_send(self, fd: FileDescriptorLike, dest: tuple | None, control: list[tuple[int, int, bytes]],
+                   flags: int, demand: PToken) -> None:
+        self.request("check_send", fd, dest=[str(dest[0]), int(dest[1])] if dest else None,
+                     control=[[lvl, kind, data.hex()] for lvl, kind, data in control], flags=flags,
+                     ptoken=protocol.ptoken_to_wire(demand))
+
+    def watch(self, callback: Callable[[Any], None]) -> Callable[[], None]:
+        """Latches of broker clients re-check on a timer (the broker's SA events stay in the broker)."""
+        from ..backend import SAEvent
+
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(0.5):
+                callback(SAEvent("reset"))
+
+        t = threading.Thread(target=run, name="btns-broker-watch", daemon=True)
+        t.start()
+
+        def stopper() -> None:
+            stop.set()
+            t.join(2)
+
+        return stopper
+
+
+@functools.lru_cache(maxsize=512)
+def _parsed_memo(body: bytes) -> tuple[dict[str, Any], PToken | None]:
+    result = protocol.raise_for(protocol.parse_body(body))
+    wire = result.get("ptoken")
+    return result, (protocol.ptoken_from_wire(wire, trusted=True) if wire is not None else None)
+
+
+def _parsed(body: bytes) -> dict[str, Any]:
+    """The result of a response body; the same bytes (the same answer) are parsed once."""
+    try:
+        result, tok = _parsed_memo(body)
+    except OSError:
+        raise
+    out = dict(result)
+    if tok is not None:
+        out["token"] = tok.copy()
+    return out
+
+
+class _Closed(Exception):
+    """The broker closed the connection (EOF)."""

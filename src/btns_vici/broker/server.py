@@ -1,0 +1,616 @@
+"""btnsd: the privileged broker. Applications hand it their socket; it answers and enforces for it.
+
+One process per host, as root or with CAP_NET_ADMIN and access to the IKE daemon's control
+socket. It owns the backends (one event-fed SA index each, for the whole host) and makes the
+socket-exact proof (:mod:`btns_vici.protection`) for sockets it RECEIVED over SCM_RIGHTS:
+possession of a socket is the authority to ask about it or demand protection for it;
+SO_PEERCRED names the caller for policy, quotas and logs.
+
+I/O: one thread runs a selector over the listening socket and every client (unix
+SOCK_SEQPACKET: a request arrives whole or not at all, so a slow client cannot hold a
+half-read request); answers that need no negotiation are made inline, negotiations
+(set_socket_ptoken, prepare_connect, prepare_listen) in a bounded thread pool. Every
+descriptor received is closed when its request is done; excess descriptors are discarded by
+the kernel (the ancillary buffer holds one). Bad input gets an error frame with its errno, or
+the connection is closed; nobody else is disturbed.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import logging
+import os
+import selectors
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import guard
+from ..backend import Backend
+from ..derive import ptoken_for, unprotected_ptoken
+from ..errors import BtnsError
+from ..msg import send_view
+from ..plugins import get_backend
+from ..protection import ptoken_of, shortfall
+from ..records import IN, NotCarried, Protection, SocketView
+from ..requirements import satisfies
+from ..selectors import Flow
+from ..sockets import endpoint, inspect, is_connected, netns_of, resolve_fd, source_address, view_of
+from ..tokens import PToken
+from . import protocol
+from .policy import Config
+
+log = logging.getLogger("btnsd")
+SO_PEERCRED = 17
+_CRED = struct.Struct("=iII")
+SLOW_OPS = {"set_socket_ptoken", "prepare_connect", "prepare_listen"}
+
+
+@dataclass
+class Client:
+    sock: socket.socket
+    pid: int
+    uid: int
+    gid: int
+    gids: frozenset[int]
+    ident: int
+    last: float = field(default_factory=time.monotonic)
+    tokens: float = 0.0
+    refill: float = field(default_factory=time.monotonic)
+    inflight: int = 0
+    watching: Callable[[], None] | None = None
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
+
+    def label(self) -> str:
+        return f"pid {self.pid} uid {self.uid}"
+
+
+def _groups(pid: int, gid: int) -> frozenset[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:]) | {gid}
+    except (OSError, ValueError):
+        pass
+    return frozenset({gid})
+
+
+class Metrics:
+    """Prometheus metrics when prometheus_client is installed and --metrics given; no-ops otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = False
+        if not enabled:
+            return
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.queries = Counter("btnsd_queries_total", "Requests by op and answer", ["op", "answer"],
+                               registry=self.registry)
+        self.latency = Histogram("btnsd_request_seconds", "Request latency", ["op"], registry=self.registry,
+                                 buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 1, 10))
+        self.clients = Gauge("btnsd_clients", "Connected clients", registry=self.registry)
+        self.errors = Counter("btnsd_broker_errors_total", "Malformed or refused client input", ["kind"],
+                              registry=self.registry)
+        self.latch_breaks = Counter("btnsd_latch_breaks_total", "Latch breaks seen", registry=self.registry)
+        self.enabled = True
+
+    def serve(self, where: str) -> None:
+        from prometheus_client import start_http_server
+
+        host, _, port = where.rpartition(":")
+        start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+
+    def query(self, op: str, answer: str, seconds: float) -> None:
+        if self.enabled:
+            self.queries.labels(op, answer).inc()
+            self.latency.labels(op).observe(seconds)
+
+    def error(self, kind: str) -> None:
+        if self.enabled:
+            self.errors.labels(kind).inc()
+
+
+class Server:
+    def __init__(self, config: Config, listener: socket.socket, metrics: Metrics | None = None,
+                 backends: list[Backend] | None = None) -> None:
+        self.config = config
+        self.listener = listener
+        self.listener.setblocking(False)
+        self.metrics = metrics or Metrics(False)
+        self.backends = backends if backends is not None else [
+            get_backend(o.get("name") or None, {k: v for k, v in o.items() if k != "name"}) for o in config.backends
+        ]
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(listener, selectors.EVENT_READ, None)
+        self.clients: dict[int, Client] = {}
+        self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="btnsd-slow")
+        self._ids = 0
+        self._lock = threading.Lock()
+        #: socket identity -> (owning client ident, demand): what set_socket_ptoken attached
+        self.demands: dict[tuple[int, int], tuple[int, PToken]] = {}
+        #: connection name -> (backend, idents of the clients it was loaded for)
+        self.loaded: dict[str, tuple[Backend, set[int]]] = {}
+        self._stop = threading.Event()
+        #: (id(verdict), flow, facts) -> (verdict, encoded answer); the verdict reference keeps ids unique
+        self._answers: dict[tuple[Any, ...], tuple[Any, bytes]] = {}
+
+    # ---- backends ------------------------------------------------------------------------------
+    def backend_for(self, ns: tuple[int, int] | None) -> Backend | None:
+        """The backend that speaks for the namespace ``ns`` (None: no backend does)."""
+        if ns is None:
+            return None
+        for be in self.backends:
+            if be.netns_id == ns:
+                return be
+        return None
+
+    def _backend_or_unprotected(self, view: SocketView) -> Backend | PToken:
+        be = self.backend_for(view.netns)
+        if be is None:
+            where = f"net:[{view.netns[1]}]" if view.netns else "an unreadable namespace"
+            return unprotected_ptoken(view.flow, f"btnsd has no backend for the socket's namespace {where}")
+        return be
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve_forever(self) -> None:
+        last_sweep = time.monotonic()
+        while not self._stop.is_set():
+            for key, _mask in self.sel.select(timeout=0.5):
+                if key.data is None:
+                    self._accept()
+                else:
+                    self._readable(key.data)
+            now = time.monotonic()
+            if now - last_sweep > 1.0:
+                last_sweep = now
+                for c in list(self.clients.values()):
+                    if now - c.last > self.config.idle_timeout and c.inflight == 0 and c.watching is None:
+                        log.info("closing idle client %s", c.label())
+                        self._drop(c)
+        for c in list(self.clients.values()):
+            self._drop(c)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                conn, _addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: keep serving the others
+                log.warning("accept failed: %s", exc)
+                self.metrics.error("accept")
+                return
+            conn.setblocking(False)
+            pid, uid, gid = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, SO_PEERCRED, _CRED.size))
+            per_uid = sum(1 for c in self.clients.values() if c.uid == uid)
+            if len(self.clients) >= self.config.max_clients or per_uid >= self.config.max_clients_per_uid:
+                log.warning("refusing client pid %d uid %d: too many clients", pid, uid)
+                self.metrics.error("too_many_clients")
+                conn.close()
+                continue
+            self._ids += 1
+            c = Client(conn, pid, uid, gid, _groups(pid, gid), self._ids, tokens=float(self.config.quota.burst))
+            self.clients[c.ident] = c
+            self.sel.register(conn, selectors.EVENT_READ, c)
+            if self.metrics.enabled:
+                self.metrics.clients.set(len(self.clients))
+
+    def _readable(self, c: Client) -> None:
+        fds: list[int] = []
+        try:
+            data, anc, flags, _ = c.sock.recvmsg(protocol.MAX_FRAME + 1, socket.CMSG_SPACE(4))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(c)
+            return
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                fds.extend(arr)
+        if not data and not anc:
+            self._drop(c)  # the client went away
+            return
+        c.last = time.monotonic()
+        try:
+            self._request(c, data, fds, flags)
+        except BaseException:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+
+    def _request(self, c: Client, data: bytes, fds: list[int], flags: int) -> None:
+        ident = 0
+        try:
+            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+                raise protocol.FrameError("request truncated: at most one descriptor and "
+                                          f"{protocol.MAX_FRAME} bytes per request", errno.EMSGSIZE)
+            ident, body = protocol.split(data, protocol.REQUEST)
+            req = protocol.parse_body(body)
+            op = req.get("op")
+            if op not in protocol.OPS:
+                raise BtnsError(f"unknown op {op!r}", errno.EOPNOTSUPP)
+            if protocol.OPS[op] and len(fds) != 1:
+                raise BtnsError(f"{op} needs exactly one socket descriptor (SCM_RIGHTS), got {len(fds)}",
+                                errno.EBADF)
+            if not protocol.OPS[op] and fds:
+                raise BtnsError(f"{op} takes no descriptor", errno.EINVAL)
+            self._ratelimit(c)
+        except OSError as exc:
+            self.metrics.error("bad_request")
+            for fd in fds:
+                os.close(fd)
+            self._send(c, protocol.error(ident, exc))
+            return
+        fd = fds[0] if fds else -1
+        if op in SLOW_OPS:
+            if c.inflight >= self.config.quota.concurrent:
+                os.close(fd)
+                self._send(c, protocol.error(ident, BtnsError(
+                    f"more than {self.config.quota.concurrent} concurrent negotiations for uid {c.uid}", errno.EAGAIN)))
+                return
+            c.inflight += 1
+            self.pool.submit(self._run, c, ident, op, req, fd, True)
+        else:
+            self._run(c, ident, op, req, fd, False)
+
+    def _ratelimit(self, c: Client) -> None:
+        q = self.config.quota
+        now = time.monotonic()
+        c.tokens = min(float(q.burst), c.tokens + (now - c.refill) * q.requests_per_second)
+        c.refill = now
+        if c.tokens < 1.0:
+            raise BtnsError(f"request rate over {q.requests_per_second}/s for uid {c.uid}", errno.EAGAIN)
+        c.tokens -= 1.0
+
+    def _run(self, c: Client, ident: int, op: str, req: dict[str, Any], fd: int, slow: bool) -> None:
+        t0 = time.perf_counter()
+        answer = "ok"
+        try:
+            result = getattr(self, f"op_{op}")(c, req, fd)
+            body = result if isinstance(result, bytes) else protocol.ok_body(result)
+            frame = protocol.frame(protocol.RESPONSE, ident, body)
+        except OSError as exc:
+            answer = errno.errorcode.get(exc.errno or 0, "error")
+            frame = protocol.error(ident, exc)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:  # malformed arguments
+            answer = "EINVAL"
+            frame = protocol.error(ident, BtnsError(f"malformed {op} arguments: {exc}", errno.EINVAL))
+        finally:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if slow:
+                c.inflight -= 1
+        self.metrics.query(op, answer, time.perf_counter() - t0)
+        self._send(c, frame)
+
+    def _send(self, c: Client, frame: bytes) -> None:
+        with c.send_lock:
+            if c.closed:
+                return
+            try:
+                c.sock.send(frame)
+                return
+            except BlockingIOError:
+                pass  # a client that does not read its answers is dropped below
+            except OSError:
+                pass
+        self._drop(c)
+
+    def _drop(self, c: Client) -> None:
+        with c.send_lock:
+            if c.closed:
+                return
+            c.closed = True
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(c.sock)
+        c.sock.close()
+        self.clients.pop(c.ident, None)
+        if c.watching is not None:
+            c.watching()
+        with self._lock:
+            for key in [k for k, (owner, _) in self.demands.items() if owner == c.ident]:
+                del self.demands[key]
+            unused = []
+            for name, (be, owners) in self.loaded.items():
+                owners.discard(c.ident)
+                if not owners:
+                    unused.append((name, be))
+            for name, _ in unused:
+                del self.loaded[name]
+        for name, be in unused:
+            self.pool.submit(self._release, be, name)
+        if self.metrics.enabled:
+            self.metrics.clients.set(len(self.clients))
+
+    @staticmethod
+    def _release(be: Backend, name: str) -> None:
+        try:
+            be.release(name)
+            log.info("unloaded %s: its last client went away", name)
+        except OSError as exc:
+            log.warning("could not unload %s: %s", name, exc)
+
+    def _own(self, c: Client, be: Backend, name: str) -> None:
+        with self._lock:
+            entry = self.loaded.get(name)
+            if entry is None:
+                mine = sum(1 for _, owners in self.loaded.values() for o in owners
+                           if self.clients.get(o) is not None and self.clients[o].uid == c.uid)
+                if mine >= self.config.quota.connections:
+                    raise BtnsError(f"uid {c.uid} already has {mine} connections loaded by btnsd (quota)",
+                                    errno.EDQUOT)
+                entry = self.loaded[name] = (be, set())
+            entry[1].add(c.ident)
+
+    # ---- operations (one socket each, received) -------------------------------------------------
+    def op_hello(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
+        return {"server": "btnsd", "version": protocol.VERSION, "uid": c.uid,
+                "backends": [be.name for be in self.backends]}
+
+    def _demand_of(self, key: tuple[int, int]) -> PToken | None:
+        with self._lock:
+            entry = self.demands.get(key)
+        return entry[1] if entry else None
+
+    def op_get_socket_ptoken(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any] | bytes:
+        key, view = inspect(fd)
+        if view is None:
+            demand = self._demand_of(key)
+            if demand is None:
+                raise BtnsError("socket is not connected and has no pToken attached", errno.ENOTCONN)
+            return {"ptoken": protocol.ptoken_to_wire(demand), "attached": True}
+        be = self._backend_or_unprotected(view)
+        if isinstance(be, PToken):
+            return {"ptoken": protocol.ptoken_to_wire(be)}
+        return self._answer(view, be.protect(view))
+
+    def _answer(self, view: SocketView, verdict: Protection | NotCarried) -> bytes:
+        """The encoded answer for ``view``: the same verdict objects (nothing changed) give the same bytes."""
+        # Protection objects are made per call; their parts are the backend's memoized records.
+        parts = (verdict.ike_sa, verdict.child_sa, verdict.proof) if isinstance(verdict, Protection) else (verdict,)
+        key = (*(id(p) for p in parts), view.flow, view.facts())
+        hit = self._answers.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], parts, strict=True)):
+            return hit[1]
+        if isinstance(verdict, NotCarried):
+            tok = unprotected_ptoken(view.flow, f"{verdict.reason} [socket {view.facts()}]")
+        else:
+            tok = ptoken_for(verdict)
+        body = protocol.ok_body({"ptoken": protocol.ptoken_to_wire(tok)})
+        if len(self._answers) >= 4096:
+            self._answers.clear()
+        self._answers[key] = (parts, body)
+        return body
+
+    def _demand_arg(self, c: Client, req: dict[str, Any]) -> PToken:
+        demand = protocol.ptoken_from_wire(req.get("ptoken"), trusted=False)
+        itok = demand.itoken
+        if itok is not None:
+            from ..constants import AuthMethod, Setting
+
+            for m in AuthMethod:
+                if itok.auth_method(m) == Setting.ENABLE:
+                    why = self.config.allows(c.uid, c.gids, m)
+                    if why:
+                        raise BtnsError(why, errno.EACCES)
+        return demand
+
+    def op_set_socket_ptoken(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
+        demand = self._demand_arg(c, req)
+        resolve_fd(fd)
+        if is_connected(fd):
+            raise BtnsError("socket is already connected: a pToken must be set before connect()/listen()",
+                            errno.EISCONN)
+        with socket.socket(fileno=os.dup(fd)) as s:
+            ns = netns_of(s)
+        be = self.backend_for(ns)
+        if be is None:
+            raise BtnsError("btnsd has no backend for this socket's network namespace", errno.EOPNOTSUPP)
+        how = be.enforce(fd, demand)
+        key = inspect(fd)[0]
+        with self._lock:
+            self.demands[key] = (c.ident, demand.copy())
+        log.info("%s: pToken set on socket %s (%s)", c.label(), key[1], how.dataplane_guard)
+        return {"guard": how.dataplane_guard}
+
+    def op_prepare_connect(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
+        key = inspect(fd)[0]
+        demand = self._demand_of(key)
+        if demand is None:
+            return {"demand": False}
+        remote, rport = endpoint(tuple(req["address"]))
+        why = self.config.allows(c.uid, c.gids, None, remote)
+        if why:
+            raise BtnsError(why, errno.EACCES)
+        with socket.socket(fileno=os.dup(fd)) as s:
+            local = source_address(s, remote)
+            proto = socket.IPPROTO_TCP if s.type == socket.SOCK_STREAM else socket.IPPROTO_UDP
+            ns = netns_of(s)
+        be = self.backend_for(ns)
+        if be is None:
+            raise BtnsError("btnsd has no backend for this socket's network namespace", errno.EOPNOTSUPP)
+        prospective = Flow(proto, local, 0, remote, rport)
+        existing = be.protect(view_of(fd, prospective))
+        if isinstance(existing, Protection) and satisfies(demand, ptoken_for(existing)):
+            if existing.proof.dataplane == guard.XFRM:
+                guard.apply(fd, guard.XFRM, reqid=existing.child_sa.reqid)
+            return {"demand": True, "established": existing.ike_sa.name}
+        name = be.establish(prospective, demand)
+        self._own(c, be, name)
+        return {"demand": True, "established": name}
+
+    def op_prepare_listen(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
+        key = inspect(fd)[0]
+        demand = self._demand_of(key)
+        if demand is None:
+            return {"demand": False}
+        with socket.socket(fileno=os.dup(fd)) as s:
+            local = endpoint(s.getsockname())[0]
+            ns = netns_of(s)
+        be = self.backend_for(ns)
+        if be is None:
+            raise BtnsError("btnsd has no backend for this socket's network namespace", errno.EOPNOTSUPP)
+        name = be.serve(local, demand)
+        self._own(c, be, name)
+        return {"demand": True, "serving": name}
+
+    def op_verify(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
+        """After connect/accept: the socket's pToken against its demand (the one set, or ``ptoken``)."""
+        key, view = inspect(fd)
+        if view is None:
+            raise BtnsError("socket is not connected", errno.ENOTCONN)
+        demand = self._demand_of(key)
+        if demand is None and req.get("ptoken") is not None:
+            demand = protocol.ptoken_from_wire(req["ptoken"], trusted=False)
+        be = self._backend_or_unprotected(view)
+        if isinstance(be, PToken):
+            actual, problems = be, ["btnsd has no backend for the socket's namespace"] if demand else []
+        elif demand is None:
+            actual, problems = ptoken_of(view, be), []
+        else:
+            actual, problems = shortfall(demand, view, be)
+        if problems:
+            raise BtnsError("protection does not meet the socket's pToken: " + "; ".join(problems), errno.EACCES)
+        if demand is not None:
+            with self._lock:
+                self.demands[key] = (c.ident, demand.copy())
+        return {"ptoken": protocol.ptoken_to_wire(actual)}
+
+    def op_latch(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
+        return self.op_verify(c, req, fd)
+
+    def op_get_msg_ptoken(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
+        """A datagram the client received on the socket ``fd``: where it came from and arrived."""
+        with socket.socket(fileno=os.dup(fd)) as s:
+            ns = netns_of(s)
+        raddr, rport = endpoint(tuple(req["name"]))
+        laddr, lport = endpoint(tuple(req["local"]))
+        ifindex = req.get("ifindex")
+        if ifindex is not None and not isinstance(ifindex, int):
+            raise BtnsError("ifindex must be an integer", errno.EINVAL)
+        proto = int(req.get("proto", socket.IPPROTO_UDP))
+        unknown = () if ifindex is not None else ("the device it arrived on is unknown (no IP_PKTINFO)",)
+        view = SocketView(flow=Flow(proto, laddr, lport, raddr, rport), netns=ns, direction=IN,
+                          arrival_ifindex=ifindex, unknown=unknown)
+        be = self._backend_or_unprotected(view)
+        tok = be if isinstance(be, PToken) else ptoken_of(view, be)
+        return {"ptoken": protocol.ptoken_to_wire(tok)}
+
+    def op_check_send(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
+        demand = protocol.ptoken_from_wire(req["ptoken"], trusted=False)
+        control = []
+        for level, kind, hexed in req.get("control", [])[:16]:
+            control.append((int(level), int(kind), bytes.fromhex(str(hexed))[:256]))
+        flags = int(req.get("flags", 0))
+        with socket.socket(fileno=os.dup(fd)) as s:
+            dest = tuple(req["dest"]) if req.get("dest") else s.getpeername()
+            view = send_view(s, dest, control, flags)
+        be = self._backend_or_unprotected(view)
+        if isinstance(be, PToken):
+            raise BtnsError("datagram refused: btnsd has no backend for the socket's namespace", errno.EACCES)
+        _actual, problems = shortfall(demand, view, be)
+        if problems:
+            raise BtnsError("datagram refused, pToken not met: " + "; ".join(problems), errno.EACCES)
+        return {}
+
+
+def listen_socket(path: str) -> socket.socket:
+    """The broker's listening socket: ``$LISTEN_FDS`` from systemd when given, else bound at ``path``."""
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and int(os.environ.get("LISTEN_FDS", "0")) >= 1:
+        sock = socket.socket(fileno=3)
+        for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(var, None)
+        if sock.type != socket.SOCK_SEQPACKET or sock.family != socket.AF_UNIX:
+            raise BtnsError("the socket systemd passed is not a unix SOCK_SEQPACKET socket "
+                            "(ListenSequentialPacket=)", errno.EPROTOTYPE)
+        return sock
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.bind(path)
+    os.chmod(path, 0o666)  # anyone may ask: authority comes from the socket they send
+    sock.listen(4096)  # a burst of clients queues here (net.core.somaxconn caps it)
+    return sock
+
+
+def notify_ready() -> None:
+    """sd_notify READY=1 when started by systemd with Type=notify."""
+    where = os.environ.get("NOTIFY_SOCKET")
+    if not where:
+        return
+    addr = "\0" + where[1:] if where.startswith("@") else where
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+        s.sendto(b"READY=1\nSTATUS=serving\n", addr)
+
+
+def drop_privileges(keep: tuple[int, ...] = (12, 21, 1, 19)) -> None:
+    """Drop every capability but CAP_NET_ADMIN (12), CAP_SYS_ADMIN (21: setns), CAP_DAC_OVERRIDE (1:
+    the daemon's control socket) and CAP_SYS_PTRACE (19: pidfd_getfd for `btns token`), from the
+    bounding set too, and forbid gaining new ones (no_new_privs)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 24, 38
+    for cap in range(0, 41):
+        if cap not in keep:
+            libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    mask = [0, 0]
+    for cap in keep:
+        mask[cap // 32] |= 1 << (cap % 32)
+    hdr = Header(0x20080522, 0)
+    data = (Data * 2)(Data(mask[0], mask[0], 0), Data(mask[1], mask[1], 0))
+    if libc.capset(ctypes.byref(hdr), data) != 0:
+        log.warning("capset failed: %s", os.strerror(ctypes.get_errno()))
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+
+def run(config: Config, socket_path: str | None = None, metrics_at: str | None = None,
+        drop: bool = True) -> None:
+    """Start serving (the body of ``btns daemon`` / ``btnsd``)."""
+    metrics = Metrics(metrics_at is not None)
+    if metrics_at:
+        metrics.serve(metrics_at)
+    listener = listen_socket(socket_path or config.socket)
+    server = Server(config, listener, metrics)
+    if drop and os.geteuid() == 0:
+        drop_privileges()
+    log.info("btnsd serving on %s with backends %s", socket_path or config.socket,
+             ", ".join(f"{b.name}@{b.options.get('netns') or 'own netns'}" for b in server.backends))
+    notify_ready()
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    try:
+        server.serve_forever()
+    finally:
+        listener.close()
+
+
+__all__ = ["Config", "Server", "listen_socket", "notify_ready", "run"]

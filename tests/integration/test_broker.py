@@ -1,0 +1,427 @@
+"""btnsd on the host testbed: a real broker (root) and real clients, unprivileged ones included.
+
+The broker speaks for both peers' namespaces. Unprivileged clients run as ``nobody`` inside
+peer A's namespace, from a venv on Debian's own python3 (the pyenv interpreter is not
+readable by other users), with ``BTNS_BROKER`` naming the broker's socket.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import btns_vici
+from btns_vici import Setting
+from btns_vici.broker import protocol
+from btns_vici.broker.client import BrokerClient
+from btns_vici.testbed import Testbed, connected_pair
+
+pytestmark = pytest.mark.testbed
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+class Broker:
+    def __init__(self, path: str, proc: subprocess.Popen[bytes], conf: Path, log: Path) -> None:
+        self.path, self.proc, self.conf, self.log = path, proc, conf, log
+
+    def client(self) -> BrokerClient:
+        return BrokerClient(self.path)
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+
+def start_broker(tb: Testbed, workdir: Path, extra: str = "") -> Broker:
+    conf = workdir / "btnsd.toml"
+    keys = workdir / "keys"
+    conf.write_text(textwrap.dedent(f"""
+        [broker]
+        idle_timeout = 30
+        [[backend]]
+        name = "strongswan"
+        vici_socket = "{tb.a.vici_path}"
+        netns = "{tb.a.netns}"
+        key_dir = "{keys}-a"
+        peer_keys = "{workdir}/peers-a"
+        [[backend]]
+        name = "strongswan"
+        vici_socket = "{tb.b.vici_path}"
+        netns = "{tb.b.netns}"
+        key_dir = "{keys}-b"
+        peer_keys = "{workdir}/peers-b"
+    """) + extra)
+    path = str(workdir / "btnsd.sock")
+    log = workdir / "btnsd.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "btns_vici.broker", "--socket", path, "--config", str(conf),
+                                 "-v"], stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if os.path.exists(path) and BrokerClient(path, timeout=1).probe():
+            return Broker(path, proc, conf, log)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"btnsd did not start: {log.read_text()}")
+
+
+def stop_broker(b: Broker) -> None:
+    if b.proc.poll() is None:
+        b.proc.send_signal(signal.SIGTERM)
+        try:
+            b.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            b.proc.kill()
+            b.proc.wait()
+
+
+@contextlib.contextmanager
+def shared_dir(prefix: str) -> Iterator[Path]:
+    """A directory other users can reach (pytest's own tmp is root's, mode 0700); removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def broker(testbed: Testbed) -> Iterator[Broker]:
+    with shared_dir("btns-brk-") as work:
+        yield from _broker(testbed, work)
+
+
+def _broker(testbed: Testbed, work: Path) -> Iterator[Broker]:
+    for side in ("a", "b"):
+        (work / f"peers-{side}").mkdir()
+    b = start_broker(testbed, work)
+    yield b
+    stop_broker(b)
+
+
+@pytest.fixture(scope="module")
+def unpriv_python() -> Iterator[str]:
+    """A venv on Debian's python3 that ``nobody`` can run, seeing this checkout and the test venv's packages."""
+    with shared_dir("btns-unpriv-") as root:
+        yield _unpriv_venv(root)
+
+
+def _unpriv_venv(root: Path) -> str:
+    venv = root / "venv"
+    subprocess.run([SYSTEM_PYTHON, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    ours = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    (site / "btns-test.pth").write_text(f"{REPO / 'src'}\n{REPO / 'plugins/btns-libreswan/src'}\n{ours}\n")
+    for p in [root, *root.rglob("*")]:
+        os.chmod(p, os.stat(p).st_mode | 0o005 | (0o010 if p.is_dir() else 0))
+    return str(venv / "bin" / "python")
+
+
+def run_as_nobody(tb: Testbed, python: str, code: str, env: dict[str, str], timeout: float = 60) -> dict:
+    """Run ``code`` as nobody in peer A's namespace; it prints one JSON object as its last line."""
+    assigns = [f"{k}={v}" for k, v in env.items()]
+    res = subprocess.run(
+        ["ip", "netns", "exec", tb.a.netns, "runuser", "-u", "nobody", "--", "env", *assigns,
+         python, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    assert lines, f"no result (exit {res.returncode}): {res.stdout}\n{res.stderr}"
+    return json.loads(lines[-1])
+
+
+def serve_in_b(tb: Testbed, port: int) -> tuple[socket.socket, list]:
+    with tb.in_netns(tb.b):
+        srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((str(tb.b.v4), port))
+    srv.listen(8)
+    got: list = []
+
+    def run() -> None:
+        srv.settimeout(30)
+        try:
+            while True:
+                conn, _ = srv.accept()
+                got.append(conn)
+                conn.sendall(b"hello from b")
+        except OSError:
+            pass
+
+    threading.Thread(target=run, daemon=True).start()
+    return srv, got
+
+
+QUERY = """
+    import json, os, socket, btns_vici
+    s = socket.socket()
+    s.settimeout(10)
+    s.connect((os.environ["PEER"], int(os.environ["PORT"])))
+    s.recv(64)
+    out = {"uid": os.getuid()}
+    try:
+        t = btns_vici.get_socket_ptoken(s)
+        out.update(protected=t.protected, privacy=t.privacy_protected.name, info=t.information_string,
+                   peer=t.itoken.audit_string if t.itoken else None)
+    except OSError as exc:
+        out.update(errno=exc.errno, error=str(exc))
+    print(json.dumps(out))
+"""
+
+
+def test_an_unprivileged_process_asks_through_the_broker(tb, broker, unpriv_python):
+    tb.up("brk1", "rawkey", 4)
+    srv, conns = serve_in_b(tb, 28001)
+    with srv:
+        env = {"PEER": str(tb.b.v4), "PORT": "28001", "BTNS_BROKER": broker.path}
+        out = run_as_nobody(tb, unpriv_python, QUERY, env)
+        assert out["uid"] != 0
+        assert out.get("protected") is True, out
+        assert out["privacy"] == "LEVEL_HIGH" and "b-brk1-v4@btns.test" in out["peer"]
+        # The same process without the broker: charon's VICI socket is root's, the truth is EACCES.
+        denied = run_as_nobody(tb, unpriv_python, QUERY, {k: v for k, v in env.items() if k != "BTNS_BROKER"})
+        assert denied.get("errno") in (errno.EACCES, errno.ECONNREFUSED, errno.ENOENT), denied
+        for c in conns:
+            c.close()
+
+
+DEMAND = """
+    import json, os, socket, btns_vici
+    from btns_vici import PToken, Setting, IToken, AuthMethod
+    p = PToken()
+    p.privacy_protected = Setting.LEVEL_MEDIUM
+    t = IToken()
+    t.set_auth_method(AuthMethod.BTNS, Setting.ENABLE)
+    p.itoken = t
+    s = socket.socket()
+    s.settimeout(20)
+    out = {}
+    try:
+        btns_vici.set_socket_ptoken(s, p)
+        btns_vici.connect(s, (os.environ["PEER"], int(os.environ["PORT"])), latch_=False)
+        s.recv(64)
+        tok = btns_vici.get_socket_ptoken(s)
+        out.update(protected=tok.protected, info=tok.information_string,
+                   method=tok.itoken.authentication_method.name)
+    except OSError as exc:
+        out.update(errno=exc.errno, error=str(exc))
+    print(json.dumps(out))
+"""
+
+
+def test_an_unprivileged_process_demands_btns_and_the_broker_negotiates(tb, broker, unpriv_python):
+    # Both brokers' host keys are each other's peer keys (the operator's one-time exchange).
+    from btns_vici.hostkey import load_or_create
+
+    conf = broker.conf.read_text()
+    work = broker.conf.parent
+    key_a, key_b = load_or_create(str(work / "keys-a")), load_or_create(str(work / "keys-b"))
+    (work / "peers-a" / "b.pem").write_bytes(key_b.public_pem)
+    (work / "peers-b" / "a.pem").write_bytes(key_a.public_pem)
+    assert "keys-a" in conf
+    listener = btns_vici.PToken()
+    listener.privacy_protected = Setting.LEVEL_MEDIUM
+    with tb.in_netns(tb.b):
+        srv = socket.socket()
+    srv.bind((str(tb.b.v4), 28002))
+    b_backend = BrokerClient(broker.path)
+    btns_vici.set_socket_ptoken(srv, listener, b_backend)
+    btns_vici.listen(srv, 4, b_backend)
+    accepted: list = []
+
+    def acc() -> None:
+        srv.settimeout(30)
+        with __import__("contextlib").suppress(OSError):
+            conn, _ = btns_vici.accept(srv, b_backend, latch_=False)
+            conn.sendall(b"hi")
+            accepted.append(conn)
+
+    threading.Thread(target=acc, daemon=True).start()
+    out = run_as_nobody(tb, unpriv_python, DEMAND,
+                        {"PEER": str(tb.b.v4), "PORT": "28002", "BTNS_BROKER": broker.path})
+    srv.close()
+    assert out.get("protected") is True, (out, broker.log.read_text()[-2000:])
+    assert out["method"] in ("BTNS", "LEAPOFFAITH")
+    # The client process exited: what the broker loaded for it is unloaded (the responder conn stays:
+    # its client, this test process, is still connected).
+    deadline = time.monotonic() + 10
+    names: list[str] = []
+    while time.monotonic() < deadline:
+        names = [n for entry in tb.a.session().list_conns() for n in entry]
+        if not any(n.startswith("btns-init") for n in names):
+            break
+        time.sleep(0.1)
+    assert not any(n.startswith("btns-init") for n in names), names
+    for c in accepted:
+        c.close()
+    b_backend.close()
+    tb.a.close_sessions()
+
+
+def _raw(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(5)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            s.connect(path)
+            return s
+        except BlockingIOError:  # backlog full while the broker accepts the others
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+
+def _ask(s: socket.socket, packet: bytes, fds: list[int] | None = None) -> dict:
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    s.sendmsg([packet], anc)
+    _, payload = protocol.decode(s.recv(protocol.MAX_FRAME), protocol.RESPONSE)
+    return payload
+
+
+def test_hostile_clients_get_precise_errors_and_leak_nothing(tb, broker, tmp_path):
+    before = broker.fds()
+    s = _raw(broker.path)
+    with s:
+        assert _ask(s, b"garbage")["errno"] == errno.EPROTO
+        assert _ask(s, protocol.request("nosuch", 1))["errno"] == errno.EOPNOTSUPP
+        assert _ask(s, protocol.request("get_socket_ptoken", 2))["errno"] == errno.EBADF  # no descriptor
+        r, w = os.pipe()
+        try:
+            assert _ask(s, protocol.request("get_socket_ptoken", 3), [r])["errno"] == errno.ENOTSOCK
+            many = [os.dup(r) for _ in range(200)]
+            try:  # 200 descriptors: the broker's buffer holds one, the kernel discards the rest
+                assert _ask(s, protocol.request("get_socket_ptoken", 4), many)["errno"] in (errno.EMSGSIZE,
+                                                                                            errno.EBADF)
+            finally:
+                for fd in many:
+                    os.close(fd)
+        finally:
+            os.close(r)
+            os.close(w)
+        s.send(b"BT\x01\x01" + bytes(4) + (70000).to_bytes(4, "big") + bytes(65000))
+        assert protocol.decode(s.recv(protocol.MAX_FRAME), protocol.RESPONSE)[1]["errno"] in (
+            errno.EMSGSIZE, errno.EPROTO)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as unconnected:
+            assert _ask(s, protocol.request("get_socket_ptoken", 5), [unconnected.fileno()])["errno"] == errno.ENOTCONN
+        bad = protocol.request("set_socket_ptoken", 6, ptoken={"attrs": {"informationString": "00"}})
+        with socket.socket() as fresh:
+            assert _ask(s, bad, [fresh.fileno()])["errno"] in (errno.EPERM, errno.EINVAL)
+        assert _ask(s, protocol.request("hello", 7))["ok"] is True  # still served after all that
+    time.sleep(0.3)
+    assert broker.fds() <= before + 1, "descriptors left behind in the broker"
+
+
+def test_a_socket_of_a_namespace_no_backend_speaks_for_is_unprotected(broker):
+    with socket.socket() as lst, socket.socket() as cli:  # the test's own (host) namespace
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        cli.connect(lst.getsockname())
+        tok = broker.client().get_socket_ptoken(cli)
+    assert not tok.protected and "no backend for the socket's namespace" in tok.information_string
+
+
+def test_a_thousand_concurrent_clients(tb, broker):
+    tb.up("brk2", "rawkey", 4)
+    cli, srv = connected_pair(tb, socket.IPPROTO_TCP, 4)
+    with cli, srv:
+        clients = [_raw(broker.path) for _ in range(1000)]
+        try:
+            frame = protocol.request("get_socket_ptoken", 1)
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [cli.fileno()]).tobytes())]
+            for c in clients:
+                c.sendmsg([frame], anc)
+            answers = [protocol.decode(c.recv(protocol.MAX_FRAME), protocol.RESPONSE)[1] for c in clients]
+        finally:
+            for c in clients:
+                c.close()
+    assert all(a["ok"] for a in answers)
+    assert all(protocol.ptoken_from_wire(a["result"]["ptoken"], trusted=True).protected for a in answers[:10])
+
+
+def test_the_broker_restarts_and_clients_reconnect(tb, testbed, tmp_path):
+    for side in ("a", "b"):
+        (tmp_path / f"peers-{side}").mkdir()
+    b = start_broker(testbed, tmp_path)
+    c = b.client()
+    try:
+        assert c.hello()["server"] == "btnsd"
+        b.proc.kill()  # kill -9
+        b.proc.wait()
+        with pytest.raises(OSError) as e:
+            c.hello()
+        assert e.value.errno in (errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOENT)
+        b = start_broker(testbed, tmp_path)
+        assert c.hello()["server"] == "btnsd"  # the next call reconnects
+    finally:
+        c.close()
+        stop_broker(b)
+
+
+def test_a_client_killed_mid_request_does_not_disturb_the_broker(tb, broker, unpriv_python):
+    code = """
+        import socket, os, btns_vici
+        from btns_vici import PToken, Setting
+        p = PToken(); p.privacy_protected = Setting.LEVEL_MEDIUM
+        s = socket.socket(); s.settimeout(30)
+        btns_vici.set_socket_ptoken(s, p)
+        print("{}", flush=True)
+        btns_vici.connect(s, ("10.231.0.99", 9), latch_=False)  # nobody answers there: a long negotiation
+    """
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", tb.a.netns, "runuser", "-u", "nobody", "--", "env", f"BTNS_BROKER={broker.path}",
+         unpriv_python, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "{}"
+        time.sleep(0.5)
+        proc.kill()
+    finally:
+        proc.wait(10)
+    assert broker.client().hello()["server"] == "btnsd"
+
+
+def test_systemd_socket_activation_and_unit_files(tb, testbed, tmp_path):
+    path = str(tmp_path / "activated.sock")
+    conf = tmp_path / "btnsd.toml"
+    conf.write_text(f'[[backend]]\nname = "strongswan"\nvici_socket = "{testbed.a.vici_path}"\n'
+                    f'netns = "{testbed.a.netns}"\n')
+    proc = subprocess.Popen(["systemd-socket-activate", "--seqpacket", "-l", path, sys.executable, "-m",
+                             "btns_vici.broker", "--config", str(conf)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        c = BrokerClient(path, timeout=10)
+        assert c.hello()["server"] == "btnsd"  # the first connection started it (LISTEN_FDS)
+        c.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    unit_dir = tmp_path / "units"
+    unit_dir.mkdir()
+    btnsd = Path(sys.executable).parent / "btnsd"
+    service = (REPO / "conf/systemd/btnsd.service").read_text().replace("/usr/local/bin/btnsd", str(btnsd))
+    (unit_dir / "btnsd.service").write_text(service)
+    (unit_dir / "btnsd.socket").write_text((REPO / "conf/systemd/btnsd.socket").read_text())
+    res = subprocess.run(["systemd-analyze", "verify", str(unit_dir / "btnsd.service"), str(unit_dir / "btnsd.socket")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and not res.stderr.strip(), res.stderr

@@ -425,3 +425,33 @@ def test_systemd_socket_activation_and_unit_files(tb, testbed, tmp_path):
     res = subprocess.run(["systemd-analyze", "verify", str(unit_dir / "btnsd.service"), str(unit_dir / "btnsd.socket")],
                          capture_output=True, text=True)
     assert res.returncode == 0 and not res.stderr.strip(), res.stderr
+
+
+def test_prometheus_metrics(tb, testbed, tmp_path):
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    conf = tmp_path / "btnsd.toml"
+    conf.write_text(f'[[backend]]\nname = "strongswan"\nvici_socket = "{testbed.a.vici_path}"\n'
+                    f'netns = "{testbed.a.netns}"\n')
+    path = str(tmp_path / "m.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "btns_vici.broker", "--socket", path, "--config", str(conf),
+                             "--metrics", f"127.0.0.1:{port}"])
+    try:
+        deadline = time.monotonic() + 20
+        while not (os.path.exists(path) and BrokerClient(path, timeout=1).probe()):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        c = BrokerClient(path)
+        with socket.socket() as s:
+            with pytest.raises(OSError):
+                c.get_socket_ptoken(s)  # unconnected, no pToken: ENOTCONN
+        c.close()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert 'btnsd_queries_total{answer="ENOTCONN",op="get_socket_ptoken"} 1.0' in text
+    assert "btnsd_request_seconds_bucket" in text and "btnsd_clients" in text

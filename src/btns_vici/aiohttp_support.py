@@ -1,6 +1,6 @@
 """aiohttp: the peer's verified IPsec identity in every request (``btns-vici[aiohttp]``).
 
-The same contract as :mod:`btns_vici.asgi`: ``request["btns"]`` is the dict of
+The same contract as :mod:`btns_vici.asgi`: ``btns_info(request)`` (``request[KEY]``) is the dict of
 :func:`btns_vici.aio.connection_info` (``ptoken``, ``itoken``, ``source``, ``proxied``, ...),
 made from the request's own connected socket (``request.transport.get_extra_info("socket")``,
 so always ``source`` "socket"). Behind a reverse proxy (a forwarding header, or
@@ -10,7 +10,7 @@ so always ``source`` "socket"). Behind a reverse proxy (a forwarding header, or
 
     @require_ipsec(peer=pin_key(client_pem))
     async def handler(request):
-        return web.json_response({"peer": request["btns"]["itoken"].channel_binding})
+        return web.json_response({"peer": btns_info(request)["itoken"].channel_binding})
 
 (Named ``aiohttp_support`` so that it never shadows the ``aiohttp`` package.)
 """
@@ -27,7 +27,8 @@ from . import aio
 from .constants import Setting
 from .tokens import IToken, PToken
 
-KEY = "btns"
+#: Where the info lives: ``request[KEY]`` (a ``web.RequestKey`` where aiohttp has them, else "btns").
+KEY: Any = web.RequestKey("btns", dict) if hasattr(web, "RequestKey") else "btns"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -48,7 +49,7 @@ async def request_info(request: web.Request, backend: Any = None, *, forwarded: 
 
 def ipsec_middleware(backend: Any = None, *, forwarded: str = "refuse", require: PToken | None = None,
                      inline: bool = False) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """An aiohttp middleware setting ``request["btns"]``; with ``require`` (a demand, see
+    """An aiohttp middleware setting ``request[KEY]`` (see :func:`btns_info`); with ``require`` (a demand, see
     :func:`btns_vici.aio.demand`) every request not meeting it gets 403."""
     if forwarded not in ("refuse", "hop"):
         raise ValueError("forwarded must be 'refuse' or 'hop'")

@@ -253,7 +253,7 @@ def test_latch_break_runs_the_callback_on_the_loop_and_fails_the_stream(tb, side
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        srv, seen = await echo_server(b, 26104, btns_demand())
+        srv, _seen = await echo_server(b, 26104, btns_demand())
         broke: list[tuple[LatchBroken, bool]] = []
         event = asyncio.Event()
 

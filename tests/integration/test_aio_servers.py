@@ -42,7 +42,8 @@ def listener(tb: Testbed, addr: str, port: int) -> socket.socket:
     return s
 
 
-async def http_get(tb: Testbed, host: str, port: int, local: str, path: str = "/", headers: str = "") -> tuple[int, bytes]:
+async def http_get(tb: Testbed, host: str, port: int, local: str, path: str = "/",
+                   headers: str = "") -> tuple[int, bytes]:
     """One HTTP/1.1 GET from a fresh socket in A's namespace (made on the loop thread, briefly in A)."""
     loop = asyncio.get_running_loop()
     with netns.entered(tb.a.netns):

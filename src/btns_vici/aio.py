@@ -391,9 +391,9 @@ async def open_connection(
                     made.append(s)
                     if local_addr is not None:
                         s.bind(local_addr)
-                if ptoken is not None and api.attached_ptoken(s) is None:
+                if addr is not None and ptoken is not None and api.attached_ptoken(s) is None:
                     await set_socket_ptoken(s, ptoken, be)
-                if addr is None:  # already connected
+                if addr is None:  # already connected: verified against ptoken, if any
                     tok, lt = await run_blocking(_admit_sync, s, ptoken, be, latch, callback)
                 elif ptoken is not None or api.attached_ptoken(s) is not None:
                     tok, lt = await run_blocking(_connect_sync, s, addr, be, True, timeout, latch, callback,

@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from . import aio
+from .backend import Backend
 from .constants import Setting
 from .tokens import IToken, PToken
 
@@ -54,9 +55,13 @@ def ipsec_middleware(backend: Any = None, *, forwarded: str = "refuse", require:
     if forwarded not in ("refuse", "hop"):
         raise ValueError("forwarded must be 'refuse' or 'hop'")
 
+    resolved: list[Backend] = []
+
     @web.middleware
     async def btns_ipsec(request: web.Request, handler: Handler) -> web.StreamResponse:
-        info = await request_info(request, backend, forwarded=forwarded, inline=inline)
+        if not resolved:  # once: the default selection probes daemons
+            resolved.append(await aio.resolve_backend(backend))
+        info = await request_info(request, resolved[0], forwarded=forwarded, inline=inline)
         request[KEY] = info
         if require is not None:
             _enforce(info, require)

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from . import aio
+from .backend import Backend
 from .constants import Setting
 from .tokens import IToken, PToken
 
@@ -108,6 +109,8 @@ class IPsecMiddleware:
         if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        if not isinstance(self.backend, Backend):  # resolved once (the default selection probes daemons)
+            self.backend = await aio.resolve_backend(self.backend)
         info = await aio.connection_info(
             sock=find_socket(send), client=scope.get("client"), server=scope.get("server"),
             headers=scope.get("headers") or (), backend=self.backend, forwarded=self.forwarded, inline=self.inline,

@@ -344,3 +344,24 @@ def test_aio_connect_and_listen_on_plain_sockets(tb, sides):
             s.close()
 
     run(main())
+
+
+def test_open_connection_on_an_already_connected_socket(sa_exact, pair_factory, backend_a):
+    """asyncio's form (sock= connected, no host/port): verified against the demand, not re-armed."""
+    tb = sa_exact
+    cli, srv = pair_factory(socket.IPPROTO_TCP, 4)
+    plain, _ = pair_factory(socket.IPPROTO_TCP, 4, plain=True)
+    want = aio.demand(aio.pin_key(tb.b.key.public_pem))
+
+    async def main() -> None:
+        _reader, writer = await aio.open_connection(sock=cli, ptoken=want, backend=backend_a)
+        assert writer.get_extra_info("btns_ptoken").itoken.pub_key_id == tb.b.key.public_der
+        writer.write(b"abc")
+        await writer.drain()
+        assert srv.recv(3) == b"abc"
+        with pytest.raises(OSError) as e:
+            await aio.open_connection(sock=plain, ptoken=want, backend=backend_a)
+        assert e.value.errno == errno.EACCES
+        writer.close()
+
+    run(main())

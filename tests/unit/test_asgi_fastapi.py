@@ -8,11 +8,12 @@ import pytest
 from btns_vici import aio
 from btns_vici.derive import unprotected_ptoken
 
-from .test_asgi_unit import KEY, protected_token
+from .test_asgi_unit import KEY, no_daemon, protected_token  # noqa: F401 (no_daemon: a fixture)
 
 fastapi = pytest.importorskip("fastapi")
 
 
+@pytest.mark.usefixtures("no_daemon")
 def test_require_ipsec_answers_403_and_500_under_fastapi(monkeypatch):
     from fastapi.testclient import TestClient
     from starlette.websockets import WebSocketDisconnect

@@ -19,6 +19,16 @@ from btns_vici.tokens import IToken, PToken
 KEY = b"0*0\x05\x06\x03+ep\x03!\x00" + bytes(range(32))  # an ed25519 SPKI
 
 
+@pytest.fixture
+def no_daemon(monkeypatch):
+    """The middleware resolves its backend first: give it a stand-in (the tests stub the queries)."""
+
+    async def fake_backend(backend=None):
+        return backend
+
+    monkeypatch.setattr(aio, "resolve_backend", fake_backend)
+
+
 def protected_token(key: bytes = KEY) -> PToken:
     tok = PToken()
     tok._set_internal(Attr.privacyProtected, int(Setting.LEVEL_HIGH))
@@ -140,7 +150,7 @@ def test_demand_pin_key_and_check():
     assert aio.pin_key(pem).pub_key_id == KEY
 
 
-def test_middleware_require_denies_http_and_websocket(monkeypatch):
+def test_middleware_require_denies_http_and_websocket(monkeypatch, no_daemon):
     starlette = pytest.importorskip("starlette")
     del starlette
     from starlette.applications import Starlette
@@ -173,7 +183,7 @@ def test_middleware_require_denies_http_and_websocket(monkeypatch):
         IPsecMiddleware(app, forwarded="guess")
 
 
-def test_lifespan_and_other_scopes_pass_through():
+def test_lifespan_and_other_scopes_pass_through(no_daemon):
     from btns_vici.asgi import IPsecMiddleware
 
     got = []

@@ -152,7 +152,9 @@ def test_aio_queries_inside_a_running_loop(sa_exact, pair_factory, backend_a):
         assert tok.protected and fast.protected and flow.protected and all(m.protected for m in many)
         assert tok.itoken.pub_key_id == tb.b.key.public_der
         assert not clear.protected
-        assert t.worst_ms < 10, t.gaps
+        # 200 lookups in flight keep 4 pool threads busy in Python: the loop then waits for the GIL
+        # (5 ms switch interval) now and then. Bounded, but looser than during a negotiation.
+        assert t.worst_ms < 50, t.gaps
 
     run(main())
 

@@ -30,6 +30,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/pip install -q -e '.[test]'
+.venv/bin/pip install -q -e '.[web-test]'  # asyncio/web-server tests (issue 18): optional extras + servers
 if [ -f plugins/btns-libreswan/pyproject.toml ]; then
   .venv/bin/pip install -q -e plugins/btns-libreswan
 fi

@@ -46,10 +46,9 @@ from .backend import Backend
 from .constants import AuthMethod, Setting
 from .derive import unprotected_ptoken
 from .errors import BtnsError, ProtectionLostError
-from .protection import ptoken_of_flow, shortfall
+from .protection import ptoken_of_flow
 from .requirements import unmet
 from .selectors import Flow
-from .sockets import view_of
 from .tokens import IToken, PToken
 
 log = logging.getLogger(__name__)
@@ -224,12 +223,7 @@ async def listen(sock: socket.socket, backlog: int = 128, backend: BackendLike =
 def _admit_sync(conn: Any, demand: PToken | None, be: Backend, want_latch: bool,
                 on_break: Callable[[Any], None]) -> tuple[PToken, Any]:
     """In a worker: what api.accept checks for an accepted connection (and the latch)."""
-    if demand is None:
-        tok = api.get_socket_ptoken(conn, be)
-    else:
-        tok, problems = shortfall(demand, view_of(conn), be)
-        if problems:
-            raise BtnsError("protection does not meet the socket's pToken: " + "; ".join(problems), errno.EACCES)
+    tok = api.get_socket_ptoken(conn, be) if demand is None else api.admit(conn, demand, be)
     lt = None
     if want_latch and tok.protected:
         try:
@@ -241,15 +235,8 @@ def _admit_sync(conn: Any, demand: PToken | None, be: Backend, want_latch: bool,
 
 
 def _forget_latch(lt: Any) -> None:
-    """Drop a latch whose socket is closing (what latch.unlatch does, by the latch's own key)."""
-    with _latch._reg_lock:
-        if _latch._registry.get(lt.key) is lt:
-            _latch._registry.pop(lt.key, None)
-        watcher = _latch._watchers.get(id(lt.backend))
-        if watcher is not None:
-            with watcher.lock:
-                if watcher.latches.get(lt.key) is lt:
-                    watcher.latches.pop(lt.key, None)
+    """Drop a latch whose socket is closing."""
+    _latch.forget(lt)
 
 
 # -- streams ------------------------------------------------------------------------------------

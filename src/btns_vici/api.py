@@ -16,7 +16,7 @@ import stat
 import threading
 from collections.abc import Mapping
 
-from . import guard
+from . import forksafe, guard
 from .backend import Backend
 from .broker.client import BrokerClient
 from .broker.policy import DEFAULT_SOCKET as DEFAULT_BROKER_SOCKET
@@ -112,6 +112,13 @@ def resolve_backend(backend: BackendLike = None, options: Mapping[str, str] | No
         return _default
 
 
+@forksafe.in_child
+def _reset_after_fork() -> None:
+    global _default, _lock
+    _default = None
+    _lock = threading.Lock()
+
+
 def _select_default() -> Authority:
     path = os.environ.get("BTNS_BROKER")
     if path:
@@ -205,21 +212,26 @@ def connect(sock: socket.socket, address: tuple, backend: BackendLike = None, la
     backend negotiates an SA for the flow first; after connecting, the actual
     protection is checked against the pToken: a shortfall shuts the socket down
     and raises EACCES. The connection is then latched (see :mod:`btns_vici.latch`).
+    The same in two steps around your own connect (an event loop's, say):
+    :func:`prepare_connect` and :func:`finish_connect`.
     """
+    if not prepare_connect(sock, address, backend):
+        sock.connect(address)
+        return
+    sock.connect(address)
+    finish_connect(sock, backend, latch_)
+
+
+def prepare_connect(sock: socket.socket, address: tuple, backend: BackendLike = None) -> bool:
+    """Before connecting: have the IKE daemon bring up an SA meeting the socket's pToken (False: none set)."""
     demand = _demand_or_none(sock)
     if demand is None:
-        sock.connect(address)
-        return
+        return False
     be = resolve_backend(backend)
     if isinstance(be, BrokerClient):  # the broker negotiates for the socket it receives
-        be.prepare_connect(sock, (str(endpoint(address)[0]), endpoint(address)[1]))
-        sock.connect(address)
-        _verify_or_abort(sock, demand, be)
-        if latch_:
-            from .latch import latch
-
-            latch(sock, be, shutdown=True)
-        return
+        remote, rport = endpoint(address)
+        be.prepare_connect(sock, (str(remote), rport))
+        return True
     remote, rport = endpoint(address)
     local = source_address(sock, remote)
     proto = socket.IPPROTO_TCP if sock.type == socket.SOCK_STREAM else socket.IPPROTO_UDP
@@ -231,12 +243,21 @@ def connect(sock: socket.socket, address: tuple, backend: BackendLike = None, la
             guard.apply(sock, guard.XFRM, reqid=existing.child_sa.reqid)
     else:
         be.establish(prospective, demand)
-    sock.connect(address)
-    _verify_or_abort(sock, demand, be)
+    return True
+
+
+def finish_connect(sock: socket.socket, backend: BackendLike = None, latch_: bool = True) -> PToken | None:
+    """After connecting: verify the connection meets the socket's pToken (EACCES and shut down if not), latch it."""
+    demand = _demand_or_none(sock)
+    if demand is None:
+        return None
+    be = resolve_backend(backend)
+    actual = _verify_or_abort(sock, demand, be)
     if latch_:
         from .latch import latch
 
         latch(sock, be, shutdown=True)
+    return actual
 
 
 def listen(sock: socket.socket, backlog: int = 128, backend: BackendLike = None) -> None:
@@ -260,16 +281,23 @@ def accept(sock: socket.socket, backend: BackendLike = None, latch_: bool = True
         return conn, addr
     be = resolve_backend(backend)
     try:
-        _verify_or_abort(conn, demand, be)
+        admit(conn, demand, be)
     except BtnsError:
         conn.close()
         raise
-    _attached[socket_key(conn)] = demand.copy()
     if latch_:
         from .latch import latch
 
         latch(conn, be, shutdown=True)
     return conn, addr
+
+
+def admit(conn: socket.socket, demand: PToken, backend: BackendLike = None) -> PToken:
+    """For a connection already accepted (by an event loop, say): check it meets ``demand`` (EACCES and
+    shut down if not) and attach the demand to it, as :func:`accept` does. Returns its pToken."""
+    actual = _verify_or_abort(conn, demand, resolve_backend(backend))
+    _attached[socket_key(conn)] = demand.copy()
+    return actual
 
 
 def _verify_or_abort(sock: socket.socket, demand: PToken, be: Authority) -> PToken:

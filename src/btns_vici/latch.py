@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import forksafe
 from .api import Authority, BackendLike, resolve_backend
 from .backend import SAEvent
 from .broker.client import BrokerClient
@@ -183,6 +184,26 @@ def latched(sock: FileDescriptorLike) -> Latch | None:
 def latch_of(key: tuple[int, int]) -> Latch | None:
     """The latch of the socket whose identity (sockets.socket_key) is ``key``."""
     return _registry.get(key)
+
+
+@forksafe.in_child
+def _reset_after_fork() -> None:
+    global _reg_lock
+    _registry.clear()  # the watcher threads did not survive the fork; the parent keeps its latches
+    _watchers.clear()
+    _reg_lock = threading.Lock()
+
+
+def forget(lt: Latch) -> None:
+    """Drop the latch ``lt`` (its socket may already be closed: it is found by the latch's own key)."""
+    with _reg_lock:
+        if _registry.get(lt.key) is lt:
+            _registry.pop(lt.key, None)
+        watcher = _watchers.get(id(lt.backend))
+        if watcher is not None:
+            with watcher.lock:
+                if watcher.latches.get(lt.key) is lt:
+                    watcher.latches.pop(lt.key, None)
 
 
 def unlatch(sock: FileDescriptorLike) -> None:

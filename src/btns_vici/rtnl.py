@@ -25,6 +25,7 @@ import struct
 import threading
 from dataclasses import dataclass
 
+from . import forksafe
 from . import netns as _netns
 from .selectors import IPAddress
 
@@ -321,6 +322,16 @@ def routing(netns_name: str | None) -> RoutingView:
             if view is None:
                 view = _views[netns_name] = RoutingView(netns_name)
     return view
+
+
+@forksafe.in_child
+def _reset_after_fork() -> None:
+    global _views_lock
+    views = list(_views.values())
+    _views.clear()
+    _views_lock = threading.Lock()
+    for v in views:
+        forksafe.close_quietly(v._sock, v._mon)
 
 
 def forget(netns_name: str | None) -> None:

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 
 from pyroute2.netlink import NETLINK_XFRM, NLM_F_DUMP, NLM_F_REQUEST
 
-from . import _xfrm_socket
+from . import _xfrm_socket, forksafe
 from . import _xfrm_wire as wire
 from . import netns as _netns
 from ._xfrm_monitor import GROUPS, XfrmMonitor, watch
@@ -332,6 +332,16 @@ def _spd(netns: str | None) -> _SpdView:
             if view is None:
                 view = _views[netns] = _SpdView(netns)
     return view
+
+
+@forksafe.in_child
+def _reset_after_fork() -> None:
+    global _views_lock
+    views = list(_views.values())
+    _views.clear()
+    _views_lock = threading.Lock()
+    for v in views:
+        forksafe.close_quietly(v._mon, v._info)
 
 
 def forget(netns: str | None) -> None:

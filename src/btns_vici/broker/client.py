@@ -17,9 +17,11 @@ import select
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .. import forksafe
 from ..errors import DaemonAccessError, DaemonDownError, DaemonTimeoutError
 from ..sockets import FileDescriptorLike, resolve_fd
 from ..tokens import PToken
@@ -29,6 +31,17 @@ from .policy import DEFAULT_SOCKET
 DEFAULT_TIMEOUT = 5.0
 #: negotiations (prepare_connect: an IKE exchange) get longer
 SLOW_TIMEOUT = 30.0
+
+
+_clients: weakref.WeakSet[BrokerClient] = weakref.WeakSet()
+
+
+@forksafe.in_child
+def _reset_after_fork() -> None:
+    for c in list(_clients):
+        forksafe.close_quietly(c._sock)
+        c._sock = None
+        c._lock = threading.Lock()
 
 
 class BrokerClient:
@@ -43,6 +56,7 @@ class BrokerClient:
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        _clients.add(self)
 
     def __repr__(self) -> str:
         return f"BrokerClient({self.path!r})"

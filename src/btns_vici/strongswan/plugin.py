@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
+from .. import forksafe
 from ..backend import BackendInfo, Capabilities, SAEvent
 from ..constants import AuthMethod
 from ..dataplane import LIBIPSEC, XFRM, verify
@@ -231,3 +232,14 @@ def watch(path: str, callback: Callable[[SAEvent], None], timeout: float | None 
 
 
 plugin = StrongswanPlugin()
+
+
+@forksafe.in_child
+def _reset_after_fork() -> None:
+    """A forked child gets its own sessions and index (the parent's event thread is not in the child)."""
+    contexts = list(plugin._contexts.values())
+    plugin._contexts.clear()
+    plugin._last = None
+    plugin._lock = threading.Lock()
+    for ctx in contexts:
+        ctx.session._drop()  # the child's copy of the command connection; the index's stays unused

@@ -29,7 +29,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/pip install -q -e '.[test]'
+# test: pytest, hypothesis; dev: ruff (scripts/test.sh lints); cabi: cffi for the C ABI.
+.venv/bin/pip install -q -e '.[test,dev,cabi]'
+# The wheel is pure Python: the C ABI (libbtns-ipsec.so, ipsec_api.h, btns-ipsec.pc) is an
+# explicit build step, into the venv's prefix (.venv/lib, .venv/include) for tests/cabi.
+.venv/bin/btns-cabi build --prefix .venv >/dev/null
 if [ -f plugins/btns-libreswan/pyproject.toml ]; then
   .venv/bin/pip install -q -e plugins/btns-libreswan
 fi

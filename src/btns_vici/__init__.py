@@ -6,6 +6,7 @@ functions under their exact names; this package exports the pythonic API.
 
 from __future__ import annotations
 
+from ._version import __version__ as __version__
 from .api import attached_ptoken, get_socket_ptoken, ptoken_for_flow, set_default_backend, set_socket_ptoken
 from .backend import Backend, BackendInfo, Capabilities, Enforcement, SAEvent
 from .constants import Attr, AuthMethod, Level, Setting
@@ -26,8 +27,6 @@ from .plugins import backends, get_backend
 from .requirements import satisfies, unmet
 from .selectors import Flow, TrafficSelector
 from .tokens import IToken, PToken
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Attr",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .._version import __version__
 from . import exits
 from .tbstate import DEFAULT_STATE, STATE_ENV
 
@@ -99,6 +100,8 @@ def build() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="btns", description=DESCRIPTION, epilog=exits.epilog(), formatter_class=fmt, parents=[_globals(False)]
     )
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = _globals(True)
     cmds = {}

@@ -11,6 +11,7 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-system-data busybox-static cpio linux-libc-dev
   podman runc debootstrap
   gcc pkg-config libpython3.11-dev valgrind
+  zsh groff-base man-db
 )
 
 missing=()

@@ -67,3 +67,27 @@ def test_cabi_build_says_what_is_missing(system_venv: Venv) -> None:
     code = "import sys; sys.modules['cffi'] = None; from btns_vici.cabi.build import main; sys.exit(main(['build']))"
     res = run([system_venv.python, "-c", code])
     assert res.returncode == 1 and "btns-vici[cabi]" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_non_root_user_gets_exit_4_from_the_system_python_install(system_venv: Venv) -> None:
+    """`runuser -u nobody -- btns sas` against a root-only VICI socket: exit 4, not 3."""
+    import socket
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="btns-ctl-") as d:
+        Path(d).chmod(0o755)
+        path = Path(d) / "charon.vici"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+            srv.bind(str(path))
+            srv.listen(1)
+            path.chmod(0o600)  # as charon's: srwx------ root
+            res = run(["runuser", "-u", "nobody", "--", system_venv.bin("btns"), "--backend", "strongswan",
+                       "--vici-socket", path, "sas"])
+            assert res.returncode == 4, res.stderr
+            assert "permission denied" in res.stderr
+            res = run(["runuser", "-u", "nobody", "--", system_venv.bin("btns"), "--version"])
+            assert res.returncode == 0 and res.stdout.strip() == f"btns {__version__}"
+        # No socket at all is still "daemon unavailable".
+        res = run(["runuser", "-u", "nobody", "--", system_venv.bin("btns"), "--backend", "strongswan",
+                   "--vici-socket", path, "sas"])
+        assert res.returncode == 3, res.stderr

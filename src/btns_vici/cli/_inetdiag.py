@@ -5,16 +5,30 @@ What ``ss`` does, in about a hundred lines: pyroute2's generic netlink message c
 µs per socket and imports nothing but the standard library. Each reply is returned as a dict
 with the field names of ``struct inet_diag_msg`` as pyroute2 names them (``idiag_state``,
 ``idiag_src``, ``idiag_sport``, ...; ports in host order, addresses as text) plus ``attrs``:
-the netlink attributes as ``{type: bytes}`` (e.g. ``INET_DIAG_MARK``, present for a
-CAP_NET_ADMIN requester) and ``idiag_if`` (the bound device's ifindex, 0 when unbound).
+``src_addr``/``dst_addr``: the addresses as :mod:`ipaddress` objects (cached: sockets share
+addresses); ``idiag_if`` (the bound device's ifindex, 0 when unbound); and ``attrs_raw``, the
+netlink attributes undecoded: ``attributes(msg)`` gives them as ``{type: bytes}`` (e.g.
+``INET_DIAG_MARK``, present for a CAP_NET_ADMIN requester).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import struct
 from typing import Any
+
+_ADDRS: dict[bytes, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+
+
+def _addr(packed: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    a = _ADDRS.get(packed)
+    if a is None:
+        if len(_ADDRS) > 65536:
+            _ADDRS.clear()
+        a = _ADDRS[packed] = (ipaddress.IPv4Address if len(packed) == 4 else ipaddress.IPv6Address)(packed)
+    return a
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -48,6 +62,21 @@ _RTA = struct.Struct("=HH")
 
 class DiagError(OSError):
     """The kernel refused the dump (NLMSG_ERROR)."""
+
+
+def attributes(msg: dict[str, Any]) -> dict[int, bytes]:
+    """The netlink attributes of one reply as ``{type: payload}`` (decoded on demand: most listings
+    need none of them)."""
+    raw = msg.get("attrs_raw", b"")
+    out: dict[int, bytes] = {}
+    pos = 0
+    while pos + 4 <= len(raw):
+        alen, atype = _RTA.unpack_from(raw, pos)
+        if alen < 4:
+            break
+        out[atype & 0x3FFF] = raw[pos + 4:pos + alen]
+        pos += (alen + 3) & ~3
+    return out
 
 
 def request(family: int, protocol: int, states: int = ALL_STATES, ext: int = 0, seq: int = 1) -> bytes:
@@ -96,18 +125,13 @@ def dump(sock: socket.socket, family: int, protocol: int, states: int = ALL_STAT
                 body = pos + _NLMSGHDR.size
                 (fam, state, _timer, _retrans, sport, dport, src, dst, ifindex, _cookie,
                  _expires, _rq, _wq, uid, inode) = unpack_msg(buf, body)
-                attrs: dict[int, bytes] = {}
-                apos, end = body + _MSG.size, pos + length
-                while apos + 4 <= end:
-                    alen, atype = _RTA.unpack_from(buf, apos)
-                    if alen < 4:
-                        break
-                    attrs[atype & 0x3FFF] = bytes(view[apos + 4:apos + alen])
-                    apos += (alen + 3) & ~3
+                src, dst = src[:addr_len], dst[:addr_len]
                 out.append({
                     "idiag_family": fam, "idiag_state": state,
                     "idiag_sport": _PORT.unpack(sport)[0], "idiag_dport": _PORT.unpack(dport)[0],
-                    "idiag_src": ntop(fam, src[:addr_len]), "idiag_dst": ntop(fam, dst[:addr_len]),
-                    "idiag_if": ifindex, "idiag_uid": uid, "idiag_inode": inode, "attrs": attrs,
+                    "idiag_src": ntop(fam, src), "idiag_dst": ntop(fam, dst),
+                    "src_addr": _addr(src), "dst_addr": _addr(dst),
+                    "idiag_if": ifindex, "idiag_uid": uid, "idiag_inode": inode,
+                    "attrs_raw": bytes(view[body + _MSG.size:pos + length]),
                 })
             pos += (length + 3) & ~3

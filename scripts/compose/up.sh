@@ -44,12 +44,26 @@ if [ "${build}" = yes ] || ! btns_image_exists localhost/btns-cmp-peer:latest; t
             || { tail -n 40 "${log}.build.log" >&2; exit 1; }
     else
         # Both services name the same image: build it once (the file asks for the host network).
-        btns_compose build alice >"${log}.build.log" 2>&1 || { tail -n 40 "${log}.build.log" >&2; exit 1; }
+        # Compose v2 can exit 0 after a failed build (seen with 2.40.3 against podman's Docker API):
+        # the log is checked too.
+        before="$(btns_engine image inspect --format '{{.Id}}' localhost/btns-cmp-peer:latest 2>/dev/null || true)"
+        if ! btns_compose build alice >"${log}.build.log" 2>&1 \
+            || grep -qE '(^|[^A-Za-z])(ERROR|Error:|error:)|level=error|failed to solve' "${log}.build.log" \
+            || ! btns_image_exists localhost/btns-cmp-peer:latest; then
+            tail -n 40 "${log}.build.log" >&2
+            exit 1
+        fi
+        after="$(btns_engine image inspect --format '{{.Id}}' localhost/btns-cmp-peer:latest 2>/dev/null || true)"
+        [ "${before}" != "${after}" ] || btns_log "build left the image as it was (all layers cached)"
     fi
     btns_log "built in $(btns_since "${t0}") s"
     # Earlier builds' images that this one replaced and the untagged deps stage (it saw the
     # build-time CA): only ours, by the label the Dockerfile sets.
-    btns_engine image prune -f --filter label=btns.testbed=btns-cmp >/dev/null
+    if ! btns_engine image prune -f --filter label=btns.testbed=btns-cmp >/dev/null 2>"${log}.prune.log"; then
+        sleep 1  # an engine may still be removing the build's containers
+        btns_engine image prune -f --filter label=btns.testbed=btns-cmp >/dev/null 2>"${log}.prune.log" \
+            || btns_log "warning: could not prune the untagged build stages: $(tail -n 1 "${log}.prune.log")"
+    fi
 fi
 t1=${EPOCHREALTIME}
 btns_compose up -d >"${log}.up.log" 2>&1 || { cat "${log}.up.log" >&2; exit 1; }

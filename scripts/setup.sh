@@ -11,6 +11,7 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-system-data busybox-static cpio linux-libc-dev
   podman runc debootstrap
   gcc pkg-config libpython3.11-dev valgrind
+  zsh groff-base man-db
 )
 
 missing=()
@@ -29,8 +30,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/pip install -q -e '.[test]'
-.venv/bin/pip install -q -e '.[web-test]'  # asyncio/web-server tests (issue 18): optional extras + servers
+# test: pytest, hypothesis, prometheus_client; dev: ruff (scripts/test.sh lints); cabi: cffi for the C ABI;
+# web-test: the asyncio/web-server integrations and real servers (uvicorn, hypercorn) for their tests.
+.venv/bin/pip install -q -e '.[test,dev,cabi,web-test]'
+# The wheel is pure Python: the C ABI (libbtns-ipsec.so, ipsec_api.h, btns-ipsec.pc) is an
+# explicit build step, into the venv's prefix (.venv/lib, .venv/include) for tests/cabi.
+.venv/bin/btns-cabi build --prefix .venv >/dev/null
 if [ -f plugins/btns-libreswan/pyproject.toml ]; then
   .venv/bin/pip install -q -e plugins/btns-libreswan
 fi

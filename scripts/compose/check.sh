@@ -20,7 +20,7 @@ both_up() {
     for svc in alice bob; do
         id="$(btns_container "${svc}")"
         [ -n "${id}" ] || return 1
-        out="$(podman exec "${id}" swanctl --list-sas --ike btns 2>/dev/null)" || return 1
+        out="$(btns_engine exec "${id}" swanctl --list-sas --ike btns 2>/dev/null)" || return 1
         grep -q ESTABLISHED <<<"${out}" && grep -q INSTALLED <<<"${out}" || return 1
     done
 }
@@ -32,9 +32,9 @@ until both_up; do
         for svc in alice bob; do
             id="$(btns_container "${svc}" -a)"
             if [ -z "${id}" ]; then echo "--- ${svc}: no container ---" >&2; continue; fi
-            echo "--- ${svc}: $(podman ps -a --format '{{.Names}} {{.Status}}' --filter "id=${id}") ---" >&2
-            [ -z "$(btns_container "${svc}")" ] || podman exec "${id}" swanctl --list-sas >&2 2>&1 || true
-            [ -z "${id}" ] || podman logs --tail 30 "${id}" >&2 2>&1 || true
+            echo "--- ${svc}: $(btns_engine ps -a --format '{{.Names}} {{.Status}}' --filter "id=${id}") ---" >&2
+            [ -z "$(btns_container "${svc}")" ] || btns_engine exec "${id}" swanctl --list-sas >&2 2>&1 || true
+            [ -z "${id}" ] || btns_engine logs --tail 30 "${id}" >&2 2>&1 || true
         done
         exit 1
     fi
@@ -43,6 +43,6 @@ done
 if [ "${quiet}" = no ]; then
     for svc in alice bob; do
         echo "--- ${svc} ---"
-        podman exec "$(btns_container "${svc}")" swanctl --list-sas
+        btns_engine exec "$(btns_container "${svc}")" swanctl --list-sas
     done
 fi

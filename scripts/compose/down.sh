@@ -6,17 +6,27 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 label="label=com.docker.compose.project=${BTNS_COMPOSE_PROJECT}"
-# By the project label rather than `podman-compose down --volumes`: same result, one podman
+# By the project label rather than `compose down --volumes`: same result, one engine
 # call per kind instead of one per container (about 1 s instead of 3-5 s).
-mapfile -t ids < <(podman ps -aq --filter "${label}")
-[ "${#ids[@]}" -eq 0 ] || podman rm -f -t 5 "${ids[@]}" >/dev/null
-mapfile -t vols < <(podman volume ls -q --filter "${label}")
-[ "${#vols[@]}" -eq 0 ] || podman volume rm -f "${vols[@]}" >/dev/null
-mapfile -t nets < <(podman network ls --format '{{.Name}}' --filter "${label}")
+mapfile -t ids < <(btns_engine ps -aq --filter "${label}")
+if [ "${#ids[@]}" -gt 0 ]; then
+    if [ "${BTNS_ENGINE}" = podman ]; then
+        podman rm -f -t 5 "${ids[@]}" >/dev/null
+    else
+        docker stop -t 5 "${ids[@]}" >/dev/null || true
+        docker rm -f "${ids[@]}" >/dev/null
+    fi
+fi
+mapfile -t vols < <(btns_engine volume ls -q --filter "${label}")
+[ "${#vols[@]}" -eq 0 ] || btns_engine volume rm -f "${vols[@]}" >/dev/null
+mapfile -t nets < <(btns_engine network ls --format '{{.Name}}' --filter "${label}")
 for net in "${nets[@]}"; do
-    # With the CNI backend the bridge outlives its network: remove the one this network made.
-    bridge="$(podman network inspect --format '{{.NetworkInterface}}' "${net}" 2>/dev/null || true)"
-    podman network rm -f "${net}" >/dev/null
+    bridge=""
+    if [ "${BTNS_ENGINE}" = podman ]; then
+        # With the CNI backend the bridge outlives its network: remove the one this network made.
+        bridge="$(podman network inspect --format '{{.NetworkInterface}}' "${net}" 2>/dev/null || true)"
+    fi
+    btns_engine network rm "${net}" >/dev/null
     if [ -n "${bridge}" ] && ip link show "${bridge}" >/dev/null 2>&1; then
         ip link delete "${bridge}"
     fi
@@ -24,7 +34,7 @@ for net in "${nets[@]}"; do
     case "${net}" in btns-cmp*) rm -rf "/var/lib/cni/networks/${net}" ;; esac
 done
 if [ "${1:-}" = "--rmi" ]; then
-    podman rmi -f localhost/btns-cmp-peer:latest >/dev/null 2>&1 || true
+    btns_engine rmi -f localhost/btns-cmp-peer:latest >/dev/null 2>&1 || true
 fi
 btns_restore_sysctls
 btns_log "project ${BTNS_COMPOSE_PROJECT} is down"

@@ -28,7 +28,7 @@ if [ -z "${BTNS_EXTRA_CA_PEM+set}" ]; then
 fi
 export BTNS_EXTRA_CA_PEM
 
-if [ -n "$(podman ps -aq --filter "label=com.docker.compose.project=${BTNS_COMPOSE_PROJECT}")" ]; then
+if [ -n "$(btns_engine ps -aq --filter "label=com.docker.compose.project=${BTNS_COMPOSE_PROJECT}")" ]; then
     btns_log "project ${BTNS_COMPOSE_PROJECT} exists: taking it down first"
     "$(dirname "${BASH_SOURCE[0]}")/down.sh"
 fi
@@ -36,14 +36,34 @@ fi
 btns_save_sysctls
 t0=${EPOCHREALTIME}
 log="${BTNS_COMPOSE_CACHE}/${BTNS_COMPOSE_PROJECT}"
-if [ "${build}" = yes ] || ! podman image exists localhost/btns-cmp-peer:latest; then
-    # One build at a time (podman-compose would build alice's and bob's identical image in
-    # parallel), on the host network (RUN steps then leave podman's default bridge alone).
-    btns_compose --parallel 1 --podman-build-args=--network=host build >"${log}.build.log" 2>&1 \
-        || { tail -n 40 "${log}.build.log" >&2; exit 1; }
+if [ "${build}" = yes ] || ! btns_image_exists localhost/btns-cmp-peer:latest; then
+    if [ "${BTNS_ENGINE}" = podman ]; then
+        # One build at a time (podman-compose would build alice's and bob's identical image in
+        # parallel), on the host network (RUN steps then leave podman's default bridge alone).
+        btns_compose --parallel 1 --podman-build-args=--network=host build >"${log}.build.log" 2>&1 \
+            || { tail -n 40 "${log}.build.log" >&2; exit 1; }
+    else
+        # Both services name the same image: build it once (the file asks for the host network).
+        # Compose v2 can exit 0 after a failed build (seen with 2.40.3 against podman's Docker API):
+        # the log is checked too.
+        before="$(btns_engine image inspect --format '{{.Id}}' localhost/btns-cmp-peer:latest 2>/dev/null || true)"
+        if ! btns_compose build alice >"${log}.build.log" 2>&1 \
+            || grep -qE '(^|[^A-Za-z])(ERROR|Error:|error:)|level=error|failed to solve' "${log}.build.log" \
+            || ! btns_image_exists localhost/btns-cmp-peer:latest; then
+            tail -n 40 "${log}.build.log" >&2
+            exit 1
+        fi
+        after="$(btns_engine image inspect --format '{{.Id}}' localhost/btns-cmp-peer:latest 2>/dev/null || true)"
+        [ "${before}" != "${after}" ] || btns_log "build left the image as it was (all layers cached)"
+    fi
     btns_log "built in $(btns_since "${t0}") s"
-    # Earlier builds' images that this one replaced (only ours, by the label the Dockerfile sets).
-    podman image prune -f --filter label=btns.testbed=btns-cmp >/dev/null
+    # Earlier builds' images that this one replaced and the untagged deps stage (it saw the
+    # build-time CA): only ours, by the label the Dockerfile sets.
+    if ! btns_engine image prune -f --filter label=btns.testbed=btns-cmp >/dev/null 2>"${log}.prune.log"; then
+        sleep 1  # an engine may still be removing the build's containers
+        btns_engine image prune -f --filter label=btns.testbed=btns-cmp >/dev/null 2>"${log}.prune.log" \
+            || btns_log "warning: could not prune the untagged build stages: $(tail -n 1 "${log}.prune.log")"
+    fi
 fi
 t1=${EPOCHREALTIME}
 btns_compose up -d >"${log}.up.log" 2>&1 || { cat "${log}.up.log" >&2; exit 1; }

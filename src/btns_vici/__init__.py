@@ -6,41 +6,108 @@ functions under their exact names; this package exports the pythonic API.
 
 from __future__ import annotations
 
-from .api import (
-    accept,
-    attached_ptoken,
-    connect,
-    get_socket_ptoken,
-    listen,
-    ptoken_for_flow,
-    set_default_backend,
-    set_socket_ptoken,
-)
-from .backend import Backend, BackendInfo, Capabilities, Enforcement, SAEvent
-from .constants import Attr, AuthMethod, Level, Setting
-from .errors import (
-    BackendError,
-    BtnsError,
-    CommandFailedError,
-    DaemonAccessError,
-    DaemonDownError,
-    DaemonTimeoutError,
-    NotSupportedError,
-    NoValueError,
-    ProtectionLostError,
-    ProtocolError,
-    ReadOnlyAttributeError,
-    SerializationError,
-    TokenAttributeError,
-    TokenFreedError,
-)
-from .msg import MsgHdr, enable_pktinfo, recvmsg, sendmsg
-from .plugins import backends, get_backend
-from .requirements import satisfies, unmet
-from .selectors import Flow, TrafficSelector
-from .tokens import IToken, PToken
+from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
+
+# The public names load on first use (PEP 562): `import btns_vici` and the `btns` command's
+# start-up do not pay for pyroute2, pluggy, cryptography and vici until something needs them.
+if TYPE_CHECKING:
+    from .api import (
+        accept,
+        attached_ptoken,
+        connect,
+        get_socket_ptoken,
+        listen,
+        ptoken_for_flow,
+        set_default_backend,
+        set_socket_ptoken,
+    )
+    from .backend import Backend, BackendInfo, Capabilities, Enforcement, SAEvent
+    from .constants import Attr, AuthMethod, Level, Setting
+    from .errors import (
+        BackendError,
+        BtnsError,
+        CommandFailedError,
+        DaemonAccessError,
+        DaemonDownError,
+        DaemonTimeoutError,
+        NotSupportedError,
+        NoValueError,
+        ProtectionLostError,
+        ProtocolError,
+        ReadOnlyAttributeError,
+        SerializationError,
+        TokenAttributeError,
+        TokenFreedError,
+    )
+    from .msg import MsgHdr, enable_pktinfo, recvmsg, sendmsg
+    from .plugins import backends, get_backend
+    from .requirements import satisfies, unmet
+    from .selectors import Flow, TrafficSelector
+    from .tokens import IToken, PToken
+
+_LAZY = {
+    "Attr": "constants",
+    "AuthMethod": "constants",
+    "Backend": "backend",
+    "BackendError": "errors",
+    "BackendInfo": "backend",
+    "BtnsError": "errors",
+    "Capabilities": "backend",
+    "CommandFailedError": "errors",
+    "DaemonAccessError": "errors",
+    "DaemonDownError": "errors",
+    "DaemonTimeoutError": "errors",
+    "Enforcement": "backend",
+    "Flow": "selectors",
+    "IToken": "tokens",
+    "Level": "constants",
+    "MsgHdr": "msg",
+    "NoValueError": "errors",
+    "NotSupportedError": "errors",
+    "PToken": "tokens",
+    "ProtectionLostError": "errors",
+    "ProtocolError": "errors",
+    "ReadOnlyAttributeError": "errors",
+    "SAEvent": "backend",
+    "SerializationError": "errors",
+    "Setting": "constants",
+    "TokenAttributeError": "errors",
+    "TokenFreedError": "errors",
+    "TrafficSelector": "selectors",
+    "accept": "api",
+    "attached_ptoken": "api",
+    "backends": "plugins",
+    "connect": "api",
+    "enable_pktinfo": "msg",
+    "get_backend": "plugins",
+    "get_socket_ptoken": "api",
+    "listen": "api",
+    "ptoken_for_flow": "api",
+    "recvmsg": "msg",
+    "satisfies": "requirements",
+    "sendmsg": "msg",
+    "set_default_backend": "api",
+    "set_socket_ptoken": "api",
+    "unmet": "requirements",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "Attr",

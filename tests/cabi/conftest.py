@@ -1,16 +1,17 @@
 """Fixtures for the C ABI tests: the package installed into a fresh prefix, and a C compiler.
 
 ``cabi_prefix`` copies the source tree to a temporary directory and installs it,
-non-editable, into a new virtual environment there (``pip install``: the same
-step a user takes; pip fetches the build and runtime requirements from the
-package index). Every C program is then compiled as the README says:
+non-editable, into a new virtual environment there, then builds the C ABI into
+that environment (``pip install '.[cabi]'`` and ``btns-cabi build``: the steps a
+user takes; pip fetches the build and runtime requirements from the package
+index). Every C program is then compiled as the README says:
 ``cc -std=c99 -Wall -Wextra -Werror prog.c $(pkg-config --cflags --libs btns-ipsec)``
 with PKG_CONFIG_PATH=<prefix>/lib/pkgconfig, and run with a minimal environment
 (no virtualenv activation, no LD_LIBRARY_PATH, no PYTHONPATH).
 
 ``BTNS_CABI_PREFIX=/path/to/env`` reuses an environment that already has the
-package installed (e.g. the dev ``.venv`` after ``pip install -e .``) and skips
-the install step.
+package and the C ABI installed (e.g. the dev ``.venv`` after scripts/setup.sh) and
+skips the install steps.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ CFLAGS = ("-std=c99", "-Wall", "-Wextra", "-Werror")
 #: Where no backend daemon answers: the library must report ECONNREFUSED, not hang or crash.
 NO_DAEMON = {"BTNS_BACKEND": "strongswan", "BTNS_VICI_SOCKET": "/nonexistent/btns-cabi-test.vici"}
 
-_COPY = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "src", "examples")
+_COPY = ("pyproject.toml", "MANIFEST.in", "README.md", "LICENSE", "src", "examples")
 
 
 def _copy_tree(dest: Path) -> None:
@@ -56,10 +57,14 @@ def cabi_prefix(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _copy_tree(tree)
     venv.create(prefix, with_pip=True, symlinks=True)
     proc = subprocess.run(
-        [str(prefix / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(tree)],
+        [str(prefix / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         f"{tree}[cabi]"],
         capture_output=True, text=True, timeout=900, check=False,
     )
     assert proc.returncode == 0, f"pip install failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    proc = subprocess.run([str(prefix / "bin" / "btns-cabi"), "build"], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, f"btns-cabi build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return prefix
 
 

@@ -202,10 +202,10 @@ def test_core_that_cannot_start_gives_elibacc(compile_c: Compiler) -> None:
 
 
 def test_dev_environment_has_the_library() -> None:
-    """``pip install -e .`` (scripts/setup.sh) installs the C ABI into the dev venv too."""
+    """scripts/setup.sh builds the C ABI into the dev venv too (``btns-cabi build --prefix .venv``)."""
     paths = installed_paths(sys.prefix)
     missing = [str(p) for p in paths.values() if not p.is_file()]
-    assert not missing, f"not installed: {missing}; run scripts/setup.sh (pip install -e .)"
+    assert not missing, f"not installed: {missing}; run scripts/setup.sh (btns-cabi build)"
 
 
 

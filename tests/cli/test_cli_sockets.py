@@ -40,7 +40,7 @@ def test_sockets_shows_protected_clear_and_listening(tb, conn, pair_factory, bac
         assert p["protection"]["peer_id"] == f"b-{conn}-v4@btns.test"
         assert p["protection"]["auth_method"] == "BTNS"
         assert p["ptoken"]["iToken"]["pubKeyID"] == tb.b.key.public_der.hex()
-        assert p["processes"] == [{"pid": os.getpid(), "comm": p["processes"][0]["comm"]}]
+        assert p["processes"] == [{"pid": os.getpid(), "comm": p["processes"][0]["comm"], "fd": protected.fileno()}]
 
         c = _by_port(entries, clear.getsockname()[1])
         assert c["status"] == "clear" and c["protection"] is None

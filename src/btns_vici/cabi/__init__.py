@@ -1,8 +1,9 @@
 """The C ABI (draft-ietf-btns-c-api-04 in C): libbtns-ipsec.so, ipsec_api.h, btns-ipsec.pc.
 
-Installing the package compiles the library (setup.py -> :mod:`.build`, cffi
-embedding) and installs it under the environment's prefix: ``<prefix>/lib``,
-``<prefix>/include``, ``<prefix>/lib/pkgconfig``. The library's Python side is
+The wheel is pure Python and carries only the sources; ``btns-cabi build`` (:mod:`.build`,
+cffi embedding) compiles the library for the running interpreter and installs it under the
+environment's prefix: ``<prefix>/lib``, ``<prefix>/include``, ``<prefix>/lib/pkgconfig``
+(``scripts/setup.sh`` does it for the dev venv). The library's Python side is
 :mod:`._runtime`. See README "C ABI".
 """
 

@@ -127,6 +127,17 @@ static void btns_start_python(void)
         }
     }
 
+#ifdef BTNS_BUILD_PYTHON
+    /* Installed outside the environment it was built for (btns-cabi build --prefix):
+     * start the interpreter it was built with, so that environment's btns_vici is found. */
+    if (!have_exe) {
+        struct stat st;
+
+        snprintf(exe, sizeof exe, "%s", BTNS_BUILD_PYTHON);
+        have_exe = stat(exe, &st) == 0 && S_ISREG(st.st_mode) && (st.st_mode & S_IXUSR);
+    }
+#endif
+
     if (!Py_IsInitialized()) {
         PyConfig config;
         PyStatus status;

@@ -14,7 +14,8 @@ from . import exits
 from .parser import build
 
 #: command -> module with ``run(args) -> int`` (imported on use: `btns sas` loads no sock_diag)
-_COMMANDS = {name: f"{__name__}.cmd_{name}" for name in ("sockets", "sas", "watch", "token", "testbed", "demo")}
+_COMMANDS = {name: f"{__name__}.cmd_{name}"
+             for name in ("sockets", "sas", "watch", "token", "testbed", "demo", "man", "completion")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,5 +34,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:  # a bug: keep the traceback, but never exit 1 (which means "not protected")
             traceback.print_exc()
             message = f"internal error: {exc!r}"
+        code = exits.code_for(exc)
+        if code == exits.BACKEND:  # not answering because we may not ask? That is exit 4.
+            from .permission import diagnose
+
+            denied = diagnose(args)
+            if denied is not None:
+                message, code = denied, exits.PERMISSION
         print(f"btns {args.command}: {message}", file=sys.stderr)
-        return exits.code_for(exc)
+        return code

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from ..records import IkeSA
@@ -29,8 +30,26 @@ def rows(sas: list[IkeSA]) -> list[list[Any]]:
     return out
 
 
+def select(sas: list[IkeSA], args: argparse.Namespace) -> list[IkeSA]:
+    """--ike/--ike-id/--child/--child-id, as swanctl --list-sas and VICI's list-sas filters select."""
+    ike, ike_id = getattr(args, "ike", None), getattr(args, "ike_id", None)
+    child, child_id = getattr(args, "child", None), getattr(args, "child_id", None)
+    out = []
+    for sa in sas:
+        if (ike is not None and sa.name != ike) or (ike_id is not None and sa.uniqueid != ike_id):
+            continue
+        if child is None and child_id is None:
+            out.append(sa)
+            continue
+        kept = tuple(c for c in sa.children if (child is None or c.name == child)
+                     and (child_id is None or c.uniqueid == child_id))
+        if kept:
+            out.append(dataclasses.replace(sa, children=kept))
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
-    sas = open_backend(args).list_sas()
+    sas = select(open_backend(args).list_sas(), args)
     if args.json:
         emit_json(sas)
     else:

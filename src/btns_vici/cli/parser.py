@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .._version import __version__
 from . import exits
 from .tbstate import DEFAULT_STATE, STATE_ENV
 
@@ -19,11 +20,25 @@ COMMANDS = {
         "--netns, with the processes holding it and its protection: the SA (conn/child), SPIs,\n"
         "mode, algorithms, peer identity and authentication method, or `clear` when no CHILD_SA\n"
         "verified in both the IKE daemon and the data plane covers its flow. Listening and\n"
-        "unconnected sockets have no flow and are shown as `listening` / `unconnected`.",
+        "unconnected sockets have no flow and are shown as `listening` / `unconnected`.\n"
+        "\n"
+        "Selection as in ss(8): -t/-u (TCP/UDP), -4/-6 (IPv4/IPv6), -l (listening TCP and\n"
+        "unconnected UDP sockets only), -a (all states: the default here, unlike ss), then an\n"
+        "optional FILTER: `state STATE` / `exclude STATE` (established, syn-sent, syn-recv,\n"
+        "fin-wait-1, fin-wait-2, time-wait, closed, close-wait, last-ack, listening, closing, or\n"
+        "the groups all, connected, synchronized, bucket, big) followed by an expression of\n"
+        "`dst ADDR[/LEN][:PORT]`, `src ...`, `dport OP PORT`, `sport OP PORT` (OP: = != < > <= >=\n"
+        "or eq ne lt gt le ge), joined by and/or/not and parentheses, e.g.\n"
+        "  btns sockets -t state established '( dport = :443 or sport = :443 )'\n"
+        "  btns sockets -4 dst 10.231.0.0/24 and not dport = 22\n"
+        "-n and -p are accepted for ss habits (addresses are always numeric, processes always\n"
+        "shown: PROCESS is ss -p's users:((\"name\",pid=P,fd=N),...)).",
     ),
     "sas": (
         "the backend's IKE and CHILD SAs",
-        "List the active backend's IKE_SAs and CHILD_SAs, normalized (one row per CHILD_SA).",
+        "List the active backend's IKE_SAs and CHILD_SAs, normalized (one row per CHILD_SA).\n"
+        "--ike, --ike-id, --child and --child-id select as swanctl --list-sas does: an IKE_SA\n"
+        "whose name (unique id) matches, with only its CHILD_SAs of that name (unique id).",
     ),
     "watch": (
         "SA and latching events as they happen",
@@ -54,6 +69,17 @@ COMMANDS = {
         "status: show the recorded testbed and whether its charons run and answer (exit 1 when\n"
         "not). down: stop exactly the recorded charons, delete the recorded namespaces and workdir.\n"
         "Other commands given --netns of a recorded namespace use that peer's VICI socket.",
+    ),
+    "man": (
+        "print the manual page (roff), generated from this parser",
+        "Print btns(1) in roff, generated from this command's parser (docs/btns.1 is a copy):\n"
+        "  btns man | man -l -",
+    ),
+    "completion": (
+        "print a bash or zsh completion script",
+        "Print a completion script generated from this command's parser, e.g.\n"
+        "  btns completion bash > /etc/bash_completion.d/btns\n"
+        "  btns completion zsh > /usr/local/share/zsh/site-functions/_btns",
     ),
     "demo": (
         "the two-peer demo",
@@ -99,13 +125,33 @@ def build() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="btns", description=DESCRIPTION, epilog=exits.epilog(), formatter_class=fmt, parents=[_globals(False)]
     )
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = _globals(True)
     cmds = {}
     for name, (short, long) in COMMANDS.items():
         cmds[name] = sub.add_parser(name, help=short, description=long, epilog=exits.epilog(),
                                     formatter_class=fmt, parents=[common])
-    cmds["sockets"].add_argument("--connected", action="store_true", help="only sockets with a peer (a flow)")
+    so = cmds["sockets"]
+    so.add_argument("--connected", action="store_true", help="only sockets with a peer (a flow)")
+    sel = so.add_argument_group("selection (as ss)")
+    sel.add_argument("-t", "--tcp", action="store_true", help="TCP sockets")
+    sel.add_argument("-u", "--udp", action="store_true", help="UDP sockets")
+    sel.add_argument("-4", "--ipv4", action="store_true", help="IPv4 sockets")
+    sel.add_argument("-6", "--ipv6", action="store_true", help="IPv6 sockets")
+    sel.add_argument("-l", "--listening", action="store_true",
+                     help="only listening TCP and unconnected UDP sockets")
+    sel.add_argument("-a", "--all", action="store_true", help="sockets in every state (the default)")
+    sel.add_argument("-n", "--numeric", action="store_true", help="accepted for ss habits (always numeric)")
+    sel.add_argument("-p", "--processes", action="store_true", help="accepted for ss habits (always shown)")
+    so.add_argument("filter", nargs="*", metavar="FILTER",
+                    help="ss(8) state filter and expression (see above)")
+    sa = cmds["sas"]
+    sa.add_argument("--ike", metavar="NAME", help="only IKE_SAs of this connection name")
+    sa.add_argument("--ike-id", metavar="ID", help="only the IKE_SA of this unique id")
+    sa.add_argument("--child", metavar="NAME", help="only CHILD_SAs of this name (and their IKE_SAs)")
+    sa.add_argument("--child-id", metavar="ID", help="only the CHILD_SA of this unique id")
     w = cmds["watch"]
     w.add_argument("--count", type=_positive, metavar="N", help="stop after N events")
     w.add_argument("--timeout", type=_seconds, metavar="S", help="stop after S seconds")
@@ -117,4 +163,5 @@ def build() -> argparse.ArgumentParser:
     tb.add_argument("action", choices=("up", "down", "status"), metavar="ACTION", help="up, status or down")
     tb.add_argument("--state", metavar="PATH", help=f"state file (default: ${STATE_ENV}, else {DEFAULT_STATE})")
     cmds["demo"].add_argument("--ipv6", action="store_true", help="connect over IPv6")
+    cmds["completion"].add_argument("shell", choices=("bash", "zsh"), metavar="SHELL", help="bash or zsh")
     return parser

@@ -1,0 +1,137 @@
+"""A minimal NETLINK_SOCK_DIAG client for TCP/UDP sockets: one dump request, struct-unpacked replies.
+
+What ``ss`` does, in about a hundred lines: pyroute2's generic netlink message classes cost
+~75 µs per socket to decode (0.8 s for 10,000 sockets) and ~170 ms to import; this costs a few
+µs per socket and imports nothing but the standard library. Each reply is returned as a dict
+with the field names of ``struct inet_diag_msg`` as pyroute2 names them (``idiag_state``,
+``idiag_src``, ``idiag_sport``, ...; ports in host order, addresses as text) plus ``attrs``:
+``src_addr``/``dst_addr``: the addresses as :mod:`ipaddress` objects (cached: sockets share
+addresses); ``idiag_if`` (the bound device's ifindex, 0 when unbound); and ``attrs_raw``, the
+netlink attributes undecoded: ``attributes(msg)`` gives them as ``{type: bytes}`` (e.g.
+``INET_DIAG_MARK``, present for a CAP_NET_ADMIN requester).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+from typing import Any
+
+_ADDRS: dict[bytes, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+
+
+def _addr(packed: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    a = _ADDRS.get(packed)
+    if a is None:
+        if len(_ADDRS) > 65536:
+            _ADDRS.clear()
+        a = _ADDRS[packed] = (ipaddress.IPv4Address if len(packed) == 4 else ipaddress.IPv6Address)(packed)
+    return a
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+
+# inet_diag attribute types (include/uapi/linux/inet_diag.h)
+INET_DIAG_MEMINFO = 1
+INET_DIAG_INFO = 2
+INET_DIAG_CONG = 4
+INET_DIAG_TOS = 5
+INET_DIAG_SKMEMINFO = 7
+INET_DIAG_SHUTDOWN = 8
+INET_DIAG_MARK = 15
+INET_DIAG_CGROUP_ID = 21
+INET_DIAG_SOCKOPT = 22
+
+ALL_STATES = 0xFFFFFFFF
+
+_NLMSGHDR = struct.Struct("=IHHII")
+# inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid (zero: match all)
+_REQ = struct.Struct("=BBBxI48x")
+# inet_diag_msg: family, state, timer, retrans, sport, dport (big-endian), src[16], dst[16],
+# if, cookie[2], expires, rqueue, wqueue, uid, inode
+_MSG = struct.Struct("=BBBB2s2s16s16sI8sIIIII")
+_PORT = struct.Struct("!H")
+_RTA = struct.Struct("=HH")
+
+
+class DiagError(OSError):
+    """The kernel refused the dump (NLMSG_ERROR)."""
+
+
+def attributes(msg: dict[str, Any]) -> dict[int, bytes]:
+    """The netlink attributes of one reply as ``{type: payload}`` (decoded on demand: most listings
+    need none of them)."""
+    raw = msg.get("attrs_raw", b"")
+    out: dict[int, bytes] = {}
+    pos = 0
+    while pos + 4 <= len(raw):
+        alen, atype = _RTA.unpack_from(raw, pos)
+        if alen < 4:
+            break
+        out[atype & 0x3FFF] = raw[pos + 4:pos + alen]
+        pos += (alen + 3) & ~3
+    return out
+
+
+def request(family: int, protocol: int, states: int = ALL_STATES, ext: int = 0, seq: int = 1) -> bytes:
+    body = _REQ.pack(family, protocol, ext, states)
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+
+
+def open_socket() -> socket.socket:
+    """A NETLINK_SOCK_DIAG socket (in the calling thread's network namespace, which it keeps)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.bind((0, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def dump(sock: socket.socket, family: int, protocol: int, states: int = ALL_STATES,
+         seq: int = 1) -> list[dict[str, Any]]:
+    """Every socket of ``family``/``protocol`` in ``states`` (a bit mask of TCP states)."""
+    sock.send(request(family, protocol, states, seq=seq))
+    out: list[dict[str, Any]] = []
+    addr_len = 4 if family == socket.AF_INET else 16
+    ntop = socket.inet_ntop
+    unpack_msg = _MSG.unpack_from
+    unpack_hdr = _NLMSGHDR.unpack_from
+    buf = bytearray(1 << 18)
+    view = memoryview(buf)
+    while True:
+        n = sock.recv_into(buf)
+        pos = 0
+        while pos + _NLMSGHDR.size <= n:
+            length, kind, _flags, _seq, _pid = unpack_hdr(buf, pos)
+            if length < _NLMSGHDR.size:
+                raise DiagError(0, "malformed sock_diag reply")
+            if kind == NLMSG_DONE:
+                return out
+            if kind == NLMSG_ERROR:
+                (err,) = struct.unpack_from("=i", buf, pos + _NLMSGHDR.size)
+                if err == 0:
+                    return out
+                raise DiagError(-err, f"sock_diag: {os.strerror(-err)}")
+            if kind == SOCK_DIAG_BY_FAMILY:
+                body = pos + _NLMSGHDR.size
+                (fam, state, _timer, _retrans, sport, dport, src, dst, ifindex, _cookie,
+                 _expires, _rq, _wq, uid, inode) = unpack_msg(buf, body)
+                src, dst = src[:addr_len], dst[:addr_len]
+                out.append({
+                    "idiag_family": fam, "idiag_state": state,
+                    "idiag_sport": _PORT.unpack(sport)[0], "idiag_dport": _PORT.unpack(dport)[0],
+                    "idiag_src": ntop(fam, src), "idiag_dst": ntop(fam, dst),
+                    "src_addr": _addr(src), "dst_addr": _addr(dst),
+                    "idiag_if": ifindex, "idiag_uid": uid, "idiag_inode": inode,
+                    "attrs_raw": bytes(view[body + _MSG.size:pos + length]),
+                })
+            pos += (length + 3) & ~3

@@ -15,7 +15,9 @@ keep=${BTNS_LOWER_VENV:+1}
 chmod 755 "$VENV"  # the CLI tests run the venv as nobody
 trap '[ -n "$keep" ] || rm -rf "$VENV"' EXIT
 "$PY" -m venv --clear "$VENV"
-"$VENV/bin/pip" install -q --disable-pip-version-check "${LOWER[@]}" "pytest>=7" "hypothesis>=6" 2>&1 \
+# The optional integrations' packages (not bounded here) so that their unit tests run too.
+OPTIONAL=("prometheus_client>=0.17" "starlette>=0.37" "aiohttp>=3.9" "fastapi>=0.110" "httpx>=0.27")
+"$VENV/bin/pip" install -q --disable-pip-version-check "${LOWER[@]}" "${OPTIONAL[@]}" "pytest>=7" "hypothesis>=6" 2>&1 \
   | grep -v "^WARNING: Location" || true
 "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/pip" check

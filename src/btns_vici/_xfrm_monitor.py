@@ -13,8 +13,6 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 
-from pyroute2.netlink import NETLINK_XFRM
-
 from . import _xfrm_wire as wire
 from . import netns as _netns
 from ._xfrm_records import XfrmEvent, XfrmPolicy, XfrmState
@@ -25,6 +23,7 @@ log = logging.getLogger("btns_vici.xfrm")
 #: Multicast groups (``XFRMNLGRP_*``) by name.
 GROUPS = {"acquire": 1, "expire": 2, "sa": 3, "policy": 4, "aevents": 5, "report": 6, "migrate": 7, "mapping": 8}
 SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
+NETLINK_XFRM = 6  # linux/netlink.h
 
 
 class XfrmMonitor:

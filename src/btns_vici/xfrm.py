@@ -26,8 +26,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
-from pyroute2.netlink import NETLINK_XFRM, NLM_F_DUMP, NLM_F_REQUEST
-
 from . import _xfrm_socket, forksafe
 from . import _xfrm_wire as wire
 from . import netns as _netns
@@ -67,6 +65,7 @@ from .records import IN, OUT, ChildSA, DataplaneProof, IkeSA, NotCarried, Socket
 from .selectors import Flow, IPAddress, normalize_address
 
 XFRM = "kernel-xfrm"
+NETLINK_XFRM, NLM_F_REQUEST, NLM_F_DUMP = 6, 0x1, 0x300  # linux/netlink.h
 _SOL_NETLINK, _NETLINK_ADD_MEMBERSHIP = 270, 1
 
 __all__ = [

@@ -49,7 +49,8 @@ def test_wheel_metadata(dists: Dists) -> None:
     assert meta["Author"] and meta.get_all("Project-URL") and len(meta.get_all("Classifier")) >= 5
     assert meta["Description-Content-Type"] == "text/markdown"
     requires = meta.get_all("Requires-Dist")
-    assert "pyroute2>=0.7.12" in requires
+    assert not [r for r in requires if r.startswith("pyroute2") and "extra" not in r], "pyroute2: tests only"
+    assert any(r.startswith("pyroute2>=0.7.12") and 'extra == "test"' in r for r in requires)
     assert not [r for r in requires if r.startswith("cffi") and "extra" not in r], "cffi only in the cabi extra"
     assert not [r for r in requires if r.startswith("ruff") and 'extra == "test"' in r], "ruff is a dev tool"
     assert any(r.startswith("ruff") and 'extra == "dev"' in r for r in requires)

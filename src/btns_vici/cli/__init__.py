@@ -15,7 +15,7 @@ from .parser import build
 
 #: command -> module with ``run(args) -> int`` (imported on use: `btns sas` loads no sock_diag)
 _COMMANDS = {name: f"{__name__}.cmd_{name}"
-             for name in ("sockets", "sas", "watch", "token", "testbed", "demo", "man", "completion")}
+             for name in ("sockets", "sas", "watch", "token", "testbed", "demo", "man", "completion", "daemon")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -70,6 +70,12 @@ COMMANDS = {
         "not). down: stop exactly the recorded charons, delete the recorded namespaces and workdir.\n"
         "Other commands given --netns of a recorded namespace use that peer's VICI socket.",
     ),
+    "daemon": (
+        "run btnsd, the broker for unprivileged applications",
+        "Run the btns-vici broker (also installed as btnsd): it answers and enforces pTokens for\n"
+        "sockets any local application hands it over a unix socket (SCM_RIGHTS), so that\n"
+        "applications need no privileges (README: btnsd). Runs until SIGTERM.",
+    ),
     "man": (
         "print the manual page (roff), generated from this parser",
         "Print btns(1) in roff, generated from this command's parser (docs/btns.1 is a copy):\n"
@@ -163,5 +169,12 @@ def build() -> argparse.ArgumentParser:
     tb.add_argument("action", choices=("up", "down", "status"), metavar="ACTION", help="up, status or down")
     tb.add_argument("--state", metavar="PATH", help=f"state file (default: ${STATE_ENV}, else {DEFAULT_STATE})")
     cmds["demo"].add_argument("--ipv6", action="store_true", help="connect over IPv6")
+    d = cmds["daemon"]
+    d.add_argument("--socket", metavar="PATH", help="listening socket (default: the config's, else "
+                   "/run/btns-vici/btnsd.sock; systemd's LISTEN_FDS wins)")
+    d.add_argument("--config", metavar="PATH", help="btnsd.toml: backends, [[allow]] rules, [quota]")
+    d.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics (prometheus_client)")
+    d.add_argument("--keep-privileges", action="store_true", help="do not drop capabilities after start")
+    d.add_argument("-v", "--verbose", action="store_true", help="log requests and connections")
     cmds["completion"].add_argument("shell", choices=("bash", "zsh"), metavar="SHELL", help="bash or zsh")
     return parser

@@ -1,0 +1,20 @@
+"""``btns daemon``: run btnsd (the same as the ``btnsd`` command)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..broker.__main__ import main
+
+    argv = []
+    for flag in ("socket", "config", "metrics"):
+        value = getattr(args, flag, None)
+        if value:
+            argv += [f"--{flag}", value]
+    if args.keep_privileges:
+        argv.append("--keep-privileges")
+    if args.verbose:
+        argv.append("-v")
+    return main(argv)

@@ -455,3 +455,29 @@ def test_prometheus_metrics(tb, testbed, tmp_path):
         proc.wait(10)
     assert 'btnsd_queries_total{answer="ENOTCONN",op="get_socket_ptoken"} 1.0' in text
     assert "btnsd_request_seconds_bucket" in text and "btnsd_clients" in text
+
+
+def test_an_unprivileged_c_program_asks_through_the_broker(tb, broker, unpriv_python):
+    """The C ABI built against Debian's python3 (the venv nobody can run), a C program as nobody."""
+    venv = Path(unpriv_python).parent.parent
+    subprocess.run([unpriv_python, "-m", "btns_vici.cabi.build", "build", "--prefix", str(venv)], check=True,
+                   capture_output=True)
+    pc = venv / "lib" / "pkgconfig"
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "btns-ipsec"], env={**os.environ,
+                           "PKG_CONFIG_PATH": str(pc)}, capture_output=True, text=True, check=True).stdout.split()
+    exe = venv / "get_ptoken"
+    subprocess.run(["cc", "-std=c99", "-o", str(exe), str(REPO / "examples/c/get_ptoken.c"),
+                    f"-I{REPO / 'examples/c'}", *flags], check=True)
+    for p in [venv, *venv.rglob("*")]:
+        os.chmod(p, os.stat(p).st_mode | 0o005 | (0o010 if p.is_dir() else 0))
+    tb.up("brkc", "rawkey", 4)
+    srv, conns = serve_in_b(tb, 28005)
+    with srv:
+        res = subprocess.run(["ip", "netns", "exec", tb.a.netns, "runuser", "-u", "nobody", "--", "env",
+                              f"BTNS_BROKER={broker.path}", str(exe), str(tb.b.v4), "28005"],
+                             capture_output=True, text=True, timeout=60)
+        for c in conns:
+            c.close()
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert "privacyProtected" in res.stdout and "LEVEL_HIGH" in res.stdout, res.stdout
+    assert "b-brkc-v4@btns.test" in res.stdout

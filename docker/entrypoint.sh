@@ -4,6 +4,7 @@
 # Environment:
 #   BTNS_NAME, BTNS_PEER            this peer's and the other peer's names (alice, bob)
 #   BTNS_LOCAL_ADDR, BTNS_PEER_ADDR their addresses on the testbed network
+#   BTNS_INBOUND_FILTER             yes (default) | no: libipsec only, see README "Inbound filter"
 #   BTNS_INITIATOR=yes|no           whether this peer brings the SAs up (the other one responds)
 #   BTNS_DATAPLANE=xfrm|libipsec    kernel ESP in transport mode | userspace ESP in tunnel mode
 #   BTNS_AUTH=pubkey|psk|x509       BTNS raw public keys | pre-shared key | certificates from a testbed CA
@@ -68,6 +69,18 @@ case "${BTNS_DATAPLANE}" in
     libipsec)
         mode=tunnel
         [ -c /dev/net/tun ] || die "BTNS_DATAPLANE=libipsec needs the device /dev/net/tun (compose: devices)"
+        if [ "${BTNS_INBOUND_FILTER:-yes}" = yes ]; then
+            # README "Inbound filter": with kernel-libipsec nothing else stops a clear packet from the
+            # peer's address reaching a socket not bound to ipsec0; refuse clear TCP/UDP from it by
+            # routing (IKE and ESP-in-UDP excepted), where btns_vici's inbound check sees it.
+            fam=-4; case "${BTNS_PEER_ADDR}" in *:*) fam=-6 ;; esac
+            dev=$(ip -o "$fam" route get "${BTNS_PEER_ADDR}" | sed -n 's/.* dev \([^ ]*\).*/\1/p')
+            ip "$fam" rule add pref 100 lookup local && ip "$fam" rule del pref 0 lookup local
+            sel=(iif "$dev" from "${BTNS_PEER_ADDR}" to "${BTNS_LOCAL_ADDR}")
+            for port in 500 4500; do ip "$fam" rule add pref 10 "${sel[@]}" ipproto udp dport "$port" lookup local; done
+            for proto in tcp udp; do ip "$fam" rule add pref 11 "${sel[@]}" ipproto "$proto" prohibit; done
+            log "inbound filter on ${dev}: clear TCP/UDP from ${BTNS_PEER_ADDR} refused"
+        fi
         ;;
     *) die "BTNS_DATAPLANE must be xfrm or libipsec, not '${BTNS_DATAPLANE}'" ;;
 esac

@@ -121,8 +121,11 @@ class BrokerClient:
         ident = next(self._ids) & 0x7FFFFFFF
         frame = protocol.request(op, ident, **args)
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())] if fd is not None else []
-        self._wait(s, select.POLLOUT, deadline)
-        s.sendmsg([frame], anc)
+        try:
+            s.sendmsg([frame], anc)  # a packet this small only waits when the broker is swamped
+        except BlockingIOError:
+            self._wait(s, select.POLLOUT, deadline)
+            s.sendmsg([frame], anc)
         while True:
             self._wait(s, select.POLLIN, deadline)
             data = s.recv(protocol.MAX_FRAME + 1)

@@ -25,7 +25,7 @@ from .errors import BackendError, BtnsError
 from .plugins import get_backend
 from .protection import ptoken_of, ptoken_of_flow, shortfall
 from .records import Protection
-from .requirements import satisfies
+from .requirements import is_no_demand, operator_policy, satisfies
 from .selectors import Flow
 from .sockets import (
     FileDescriptorLike,
@@ -225,7 +225,7 @@ def connect(sock: socket.socket, address: tuple, backend: BackendLike = None, la
 def prepare_connect(sock: socket.socket, address: tuple, backend: BackendLike = None) -> bool:
     """Before connecting: have the IKE daemon bring up an SA meeting the socket's pToken (False: none set)."""
     demand = _demand_or_none(sock)
-    if demand is None:
+    if demand is None or is_no_demand(demand):
         return False
     be = resolve_backend(backend)
     if isinstance(be, BrokerClient):  # the broker negotiates for the socket it receives
@@ -243,6 +243,10 @@ def prepare_connect(sock: socket.socket, address: tuple, backend: BackendLike = 
             guard.apply(sock, guard.XFRM, reqid=existing.child_sa.reqid)
     else:
         be.establish(prospective, demand)
+        if operator_policy(demand) is not None:  # the operator's SA has its own reqid: the guard must name it
+            up = be.protect(view_of(sock, prospective))
+            if isinstance(up, Protection) and up.proof.dataplane == guard.XFRM:
+                guard.apply(sock, guard.XFRM, reqid=up.child_sa.reqid)
     return True
 
 
@@ -253,7 +257,7 @@ def finish_connect(sock: socket.socket, backend: BackendLike = None, latch_: boo
         return None
     be = resolve_backend(backend)
     actual = _verify_or_abort(sock, demand, be)
-    if latch_:
+    if latch_ and actual.protected:  # a demand met in clear (all ANY, "btns:use") has nothing to latch
         from .latch import latch
 
         latch(sock, be, shutdown=True)
@@ -281,11 +285,11 @@ def accept(sock: socket.socket, backend: BackendLike = None, latch_: bool = True
         return conn, addr
     be = resolve_backend(backend)
     try:
-        admit(conn, demand, be)
+        actual = admit(conn, demand, be)
     except BtnsError:
         conn.close()
         raise
-    if latch_:
+    if latch_ and actual.protected:
         from .latch import latch
 
         latch(conn, be, shutdown=True)

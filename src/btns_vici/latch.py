@@ -85,7 +85,7 @@ class Latch:
         with self._lock:
             if self.broken is None:
                 current = self._current()
-                reasons = unmet(self.latched, current)
+                reasons = unmet(self.latched, current, policy=False)
                 if reasons:
                     self._break(LatchBroken(self.flow, tuple(reasons), self.latched.copy(), current))
                 else:

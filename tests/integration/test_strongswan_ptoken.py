@@ -32,10 +32,14 @@ def _check_identity(tok, tb: Testbed, auth: str, peer) -> None:
     assert tok.get_attr(Attr(EXPECTED_METHOD[auth])) == Setting.ENABLE
     if auth == "psk":
         assert tok.pub_key_id is None
-        assert tok.channel_binding.startswith("btns-cb-v1:psk-id-sha256:")
+        assert tok.channel_binding.startswith("btns-cb-v2:endpoints-sha256:")  # both ends' identities
+        assert "peer-key-binding btns-cb-v1:psk-id-sha256:" in tok.audit_string
         return
     assert tok.pub_key_id == peer.key.public_der
-    assert tok.channel_binding == "btns-cb-v1:spki-sha256:" + hashlib.sha256(peer.key.public_der).hexdigest()
+    # channelBinding is the connection's (both ends' identities); the one-sided peer-key value is in auditString.
+    assert tok.channel_binding.startswith("btns-cb-v2:endpoints-sha256:")
+    assert "peer-key-binding btns-cb-v1:spki-sha256:" + hashlib.sha256(peer.key.public_der).hexdigest() in (
+        tok.audit_string)
     if auth == "x509":
         assert tok.certificate_dn == f"CN=host-{peer.name}.btns.test"
         assert tok.certificate_authority_dn == f"CN=BTNS Test CA {tb.tag}"

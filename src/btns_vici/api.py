@@ -162,16 +162,16 @@ def get_socket_ptoken(sock: FileDescriptorLike, backend: BackendLike = None) -> 
     socket gets the pToken attached with :func:`set_socket_ptoken`, or ENOTCONN.
     """
     key, view = inspect(sock)  # one dup/fstat: this is the hot path
+    from .latch import latch_of  # latch builds on this module
+
+    lt = latch_of(key)
+    if lt is not None and (view is not None or lt.broken is not None):
+        return lt.check()  # ProtectionLostError once the latch broke (also after SOCK_DESTROY unconnected it)
     if view is None:
         attached = _attached.get(key)
         if attached is None:
             raise BtnsError("socket is not connected and has no pToken attached", errno.ENOTCONN)
         return attached.copy()
-    from .latch import latch_of  # latch builds on this module
-
-    lt = latch_of(key)
-    if lt is not None:
-        return lt.check()  # ProtectionLostError once the latch broke
     be = resolve_backend(backend)
     if isinstance(be, BrokerClient):
         return be.get_socket_ptoken(sock)

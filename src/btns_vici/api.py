@@ -25,7 +25,7 @@ from .errors import BackendError, BtnsError
 from .plugins import get_backend
 from .protection import ptoken_of, ptoken_of_flow, shortfall
 from .records import Protection
-from .requirements import is_no_demand, operator_policy, satisfies
+from .requirements import is_no_demand, is_opportunistic, operator_policy, satisfies
 from .selectors import Flow
 from .sockets import (
     FileDescriptorLike,
@@ -243,10 +243,13 @@ def prepare_connect(sock: socket.socket, address: tuple, backend: BackendLike = 
             guard.apply(sock, guard.XFRM, reqid=existing.child_sa.reqid)
     else:
         be.establish(prospective, demand)
-        if operator_policy(demand) is not None:  # the operator's SA has its own reqid: the guard must name it
+        # The operator's SA has its own reqid: the guard must name it. "btns:use" that got an SA is
+        # held to it from now on (required, not optional: it is latched like any protected connection).
+        if operator_policy(demand) is not None or is_opportunistic(demand):
             up = be.protect(view_of(sock, prospective))
-            if isinstance(up, Protection) and up.proof.dataplane == guard.XFRM:
-                guard.apply(sock, guard.XFRM, reqid=up.child_sa.reqid)
+            if isinstance(up, Protection):
+                xfrm_reqid = up.child_sa.reqid if up.proof.dataplane == guard.XFRM else 0
+                guard.apply(sock, up.proof.dataplane, reqid=xfrm_reqid)
     return True
 
 

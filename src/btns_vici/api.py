@@ -242,14 +242,14 @@ def prepare_connect(sock: socket.socket, address: tuple, backend: BackendLike = 
             # The kernel matches a socket policy's reqid exactly: name the SA that will carry us.
             guard.apply(sock, guard.XFRM, reqid=existing.child_sa.reqid)
     else:
-        be.establish(prospective, demand)
+        name = be.establish(prospective, demand)
         # The operator's SA has its own reqid: the guard must name it. "btns:use" that got an SA is
         # held to it from now on (required, not optional: it is latched like any protected connection).
-        if operator_policy(demand) is not None or is_opportunistic(demand):
-            up = be.protect(view_of(sock, prospective))
-            if isinstance(up, Protection):
-                xfrm_reqid = up.child_sa.reqid if up.proof.dataplane == guard.XFRM else 0
-                guard.apply(sock, up.proof.dataplane, reqid=xfrm_reqid)
+        if operator_policy(demand) is not None or (is_opportunistic(demand) and name):
+            found = be.find_sa(prospective)
+            if found is not None:
+                dp = be.capabilities().dataplane
+                guard.apply(sock, dp, reqid=found[1].reqid if dp == guard.XFRM else 0)
     return True
 
 

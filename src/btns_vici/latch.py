@@ -111,10 +111,10 @@ class Latch:
         return ptoken_of(view, self.backend)
 
     def _break(self, info: LatchBroken) -> None:
+        self.broken = info  # first: whoever sees the connection end (asyncio's transport) finds it broken
         log.warning("latch broken for %s: %s", info.flow, "; ".join(info.reasons))
-        if self.shutdown:  # stop the connection first (fail closed), then tell
+        if self.shutdown:
             self.how_stopped = _stop_socket(self.fd, self.key)
-        self.broken = info
         if self.on_break is not None:
             try:
                 self.on_break(info)

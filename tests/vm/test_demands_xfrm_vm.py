@@ -177,7 +177,7 @@ def test_broken_latch_destroys_the_kernel_socket(sides) -> None:
             for _ in ses.terminate({"ike": name, "timeout": "5000"}):
                 pass
         deadline = time.monotonic() + 10
-        while lt.broken is None and time.monotonic() < deadline:
+        while not lt.how_stopped and time.monotonic() < deadline:
             time.sleep(0.02)
         assert lt.broken is not None and lt.how_stopped == "destroyed"
         with pytest.raises(OSError) as exc:

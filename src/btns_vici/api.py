@@ -25,7 +25,7 @@ from .errors import BackendError, BtnsError
 from .plugins import get_backend
 from .protection import ptoken_of, ptoken_of_flow, shortfall
 from .records import Protection
-from .requirements import satisfies
+from .requirements import is_no_demand, is_opportunistic, operator_policy, satisfies
 from .selectors import Flow
 from .sockets import (
     FileDescriptorLike,
@@ -162,16 +162,16 @@ def get_socket_ptoken(sock: FileDescriptorLike, backend: BackendLike = None) -> 
     socket gets the pToken attached with :func:`set_socket_ptoken`, or ENOTCONN.
     """
     key, view = inspect(sock)  # one dup/fstat: this is the hot path
+    from .latch import latch_of  # latch builds on this module
+
+    lt = latch_of(key)
+    if lt is not None and (view is not None or lt.broken is not None):
+        return lt.check()  # ProtectionLostError once the latch broke (also after SOCK_DESTROY unconnected it)
     if view is None:
         attached = _attached.get(key)
         if attached is None:
             raise BtnsError("socket is not connected and has no pToken attached", errno.ENOTCONN)
         return attached.copy()
-    from .latch import latch_of  # latch builds on this module
-
-    lt = latch_of(key)
-    if lt is not None:
-        return lt.check()  # ProtectionLostError once the latch broke
     be = resolve_backend(backend)
     if isinstance(be, BrokerClient):
         return be.get_socket_ptoken(sock)
@@ -225,7 +225,7 @@ def connect(sock: socket.socket, address: tuple, backend: BackendLike = None, la
 def prepare_connect(sock: socket.socket, address: tuple, backend: BackendLike = None) -> bool:
     """Before connecting: have the IKE daemon bring up an SA meeting the socket's pToken (False: none set)."""
     demand = _demand_or_none(sock)
-    if demand is None:
+    if demand is None or is_no_demand(demand):
         return False
     be = resolve_backend(backend)
     if isinstance(be, BrokerClient):  # the broker negotiates for the socket it receives
@@ -242,7 +242,14 @@ def prepare_connect(sock: socket.socket, address: tuple, backend: BackendLike = 
             # The kernel matches a socket policy's reqid exactly: name the SA that will carry us.
             guard.apply(sock, guard.XFRM, reqid=existing.child_sa.reqid)
     else:
-        be.establish(prospective, demand)
+        name = be.establish(prospective, demand)
+        # The operator's SA has its own reqid: the guard must name it. "btns:use" that got an SA is
+        # held to it from now on (required, not optional: it is latched like any protected connection).
+        if operator_policy(demand) is not None or (is_opportunistic(demand) and name):
+            found = be.find_sa(prospective)
+            if found is not None:
+                dp = be.capabilities().dataplane
+                guard.apply(sock, dp, reqid=found[1].reqid if dp == guard.XFRM else 0)
     return True
 
 
@@ -253,7 +260,7 @@ def finish_connect(sock: socket.socket, backend: BackendLike = None, latch_: boo
         return None
     be = resolve_backend(backend)
     actual = _verify_or_abort(sock, demand, be)
-    if latch_:
+    if latch_ and actual.protected:  # a demand met in clear (all ANY, "btns:use") has nothing to latch
         from .latch import latch
 
         latch(sock, be, shutdown=True)
@@ -281,11 +288,11 @@ def accept(sock: socket.socket, backend: BackendLike = None, latch_: bool = True
         return conn, addr
     be = resolve_backend(backend)
     try:
-        admit(conn, demand, be)
+        actual = admit(conn, demand, be)
     except BtnsError:
         conn.close()
         raise
-    if latch_:
+    if latch_ and actual.protected:
         from .latch import latch
 
         latch(conn, be, shutdown=True)

@@ -69,11 +69,13 @@ def integrity_level(child: ChildSA) -> Setting:
 
 
 def channel_binding(identity: Identity) -> str | None:
-    """A stable, memcmp()-comparable string naming what authenticated the peer.
+    """The ONE-SIDED peer-key binding of ``identity`` (README "Channel bindings": ``peer_key_binding``).
 
     Key-based methods bind to the SHA-256 of the peer's DER SubjectPublicKeyInfo;
     PSK/group keys can only bind to the claimed IKE identity; NULL/BTNS without a
-    key has nothing authenticated to bind to (no channel binding).
+    key has nothing authenticated to bind to (None). The two ends of one connection
+    get different values from this (each names the other); the iToken attribute
+    ``channelBinding`` is :func:`connection_binding`, equal at both ends.
     """
     if identity.public_key:
         return "btns-cb-v1:spki-sha256:" + hashlib.sha256(identity.public_key).hexdigest()
@@ -83,24 +85,62 @@ def channel_binding(identity: Identity) -> str | None:
     return None
 
 
-def itoken_for(identity: Identity) -> IToken:
-    """The iToken of one end of an IKE_SA (draft 2.1.2)."""
-    return _itoken_memo(identity).copy()
+#: The documented name of the one-sided value (what ``channelBinding`` was before v2).
+peer_key_binding = channel_binding
+
+CONNECTION_BINDING_PREFIX = "btns-cb-v2:endpoints-sha256:"
+
+
+def _endpoint_octets(identity: Identity) -> bytes | None:
+    """What authenticated one end, as octets that cannot collide with another kind."""
+    if identity.public_key:
+        body, tag = identity.public_key, b"spki"
+    elif identity.auth_method in (AuthMethod.PRESHAREDKEY, AuthMethod.GROUPKEY):
+        body, tag = identity.ike_id.encode("utf-8"), b"psk-id"
+    else:
+        return None
+    return tag + b"\0" + len(body).to_bytes(4, "big") + body
+
+
+def connection_binding(a: Identity, b: Identity) -> str | None:
+    """The end-point channel binding (RFC 5056 section 2.1) of a connection between ``a`` and ``b``.
+
+    SHA-256 over both authenticated end-point identities in canonical (bytewise sorted)
+    order, so both ends of one connection compute the same string whichever is local;
+    None when either end authenticated nothing (NULL authentication). README "Channel bindings".
+    """
+    ea, eb = _endpoint_octets(a), _endpoint_octets(b)
+    if ea is None or eb is None:
+        return None
+    h = hashlib.sha256(b"btns-cb-v2\0")
+    for part in sorted((ea, eb)):
+        h.update(len(part).to_bytes(4, "big") + part)
+    return CONNECTION_BINDING_PREFIX + h.hexdigest()
+
+
+def itoken_for(identity: Identity, other: Identity | None = None) -> IToken:
+    """The iToken of one end of an IKE_SA (draft 2.1.2); ``other`` is the other end.
+
+    With ``other`` its ``channelBinding`` is the connection's :func:`connection_binding`;
+    without (an identity outside any connection, e.g. a host's exported key) it has none.
+    """
+    return _itoken_memo(identity, other).copy()
 
 
 @functools.lru_cache(maxsize=4096)
-def _itoken_memo(identity: Identity) -> IToken:
-    """itoken_for is pure in the (frozen) Identity: build each iToken once (hot path of get_socket_pToken)."""
+def _itoken_memo(identity: Identity, other: Identity | None) -> IToken:
+    """itoken_for is pure in the (frozen) Identities: build each iToken once (hot path of get_socket_pToken)."""
     what = _AUTH_WORDS.get(identity.auth_method, identity.auth_class)
     audit = f"id '{identity.ike_id}' authenticated by {what}"
-    if identity.public_key:
-        audit += ", key spki-sha256:" + hashlib.sha256(identity.public_key).hexdigest()[:16]
+    one_sided = channel_binding(identity)
+    if one_sided:
+        audit += f", peer-key-binding {one_sided}"
     return IToken.from_identity(
         authentication_method=identity.auth_method,
         pub_key_id=identity.public_key or None,
         certificate_dn=identity.certificate_dn,
         certificate_authority_dn=identity.ca_dn,
-        channel_binding=channel_binding(identity),
+        channel_binding=connection_binding(identity, other) if other is not None else None,
         audit_string=audit,
     )
 
@@ -155,8 +195,8 @@ def _ptoken_template(ike: IkeSA, child: ChildSA, proof: DataplaneProof) -> PToke
     # Tunnel mode protects the whole inner header; in transport mode only AH covers options.
     tok._set_internal(Attr.ipoptionsProtected, _on(tunnel or child.protocol.upper() == "AH"))
     tok._set_internal(Attr.policyName, f"{ike.name}/{child.name}")
-    tok._set_internal(Attr.iToken, itoken_for(ike.remote))
-    tok._set_internal(Attr.remote_iToken, itoken_for(ike.local))
+    tok._set_internal(Attr.iToken, itoken_for(ike.remote, ike.local))
+    tok._set_internal(Attr.remote_iToken, itoken_for(ike.local, ike.remote))
     tok._set_internal(
         Attr.auditString,
         f"backend={ike.backend} ike_sa={ike.name}#{ike.uniqueid} child_sa={child.name}#{child.uniqueid} "
@@ -205,9 +245,11 @@ def fill(target: PToken, source: PToken) -> None:
 __all__ = [
     "IkeSA",
     "channel_binding",
+    "connection_binding",
     "fill",
     "integrity_level",
     "itoken_for",
+    "peer_key_binding",
     "privacy_level",
     "ptoken_for",
     "unprotected_ptoken",

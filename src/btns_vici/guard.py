@@ -9,6 +9,11 @@
 * ``kernel-xfrm``: per-socket policies (IP_XFRM_POLICY / IPV6_XFRM_POLICY) in
   both directions requiring ESP: without an SA the kernel refuses to send
   (EAGAIN on connect) instead of sending in clear.
+
+``optional=True`` ("use IPsec if the peer can, else clear", policyName ``btns:use``): on
+kernel XFRM the socket policies' templates are ``level use`` (the kernel uses an SA when
+one exists, else sends clear); on kernel-libipsec the socket is left unbound (routing
+sends it into ``ipsec0`` exactly when an SA covers it).
 """
 
 from __future__ import annotations
@@ -29,10 +34,18 @@ def bound_device(sock: socket.socket) -> str:
     return raw.split(b"\0", 1)[0].decode()
 
 
-def apply(fd: FileDescriptorLike, dataplane: str, reqid: int = 0) -> str:
+def apply(fd: FileDescriptorLike, dataplane: str, reqid: int = 0, optional: bool = False) -> str:
     """Arm the guard of ``dataplane`` on ``fd``; returns a description for Enforcement."""
     with borrowed_socket(fd) as sock:
         check_inet(sock)
+        if optional and dataplane == LIBIPSEC:
+            return "none (opportunistic: routed into ipsec0 only while an SA covers the flow)"
+        if optional and dataplane == XFRM:
+            from . import xfrm
+
+            for direction in ("out", "in"):
+                xfrm.set_socket_policy(sock, direction, ["esp"], level="use", reqid=reqid)
+            return "per-socket XFRM policy in/out, ESP level use (opportunistic)"
         if dataplane == LIBIPSEC:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, LIBIPSEC_DEVICE.encode())

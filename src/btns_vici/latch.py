@@ -7,7 +7,9 @@ from the backend trigger a re-check; so does every :func:`check`. When the SA
 disappears, or is replaced by one with another peer identity or weaker
 protection, the latch breaks for good: the callback runs once, every later
 query raises :class:`~btns_vici.errors.ProtectionLostError` (ECONNABORTED), and
-if asked, the socket is shut down. A rekey to an equivalent SA does not break it.
+if asked, the socket is destroyed in the kernel (sock_diag SOCK_DESTROY, see
+:mod:`btns_vici.sockdestroy`: every process holding it sees ECONNABORTED on its next
+call), or shut down where that is not allowed. A rekey to an equivalent SA does not break it.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ class Latch:
         if not self.latched.protected:
             raise BtnsError(f"cannot latch {self.flow}: it is not protected", errno.EACCES)
         self.broken: LatchBroken | None = None
+        #: How the connection was stopped when the latch broke: "destroyed" (SOCK_DESTROY: every
+        #: holder gets ECONNABORTED), "shutdown" (no CAP_NET_ADMIN), "closed" (already gone), or "".
+        self.how_stopped = ""
         self._lock = threading.Lock()
 
     def alive(self) -> bool:
@@ -85,7 +90,7 @@ class Latch:
         with self._lock:
             if self.broken is None:
                 current = self._current()
-                reasons = unmet(self.latched, current)
+                reasons = unmet(self.latched, current, policy=False)
                 if reasons:
                     self._break(LatchBroken(self.flow, tuple(reasons), self.latched.copy(), current))
                 else:
@@ -106,21 +111,39 @@ class Latch:
         return ptoken_of(view, self.backend)
 
     def _break(self, info: LatchBroken) -> None:
-        self.broken = info
+        self.broken = info  # first: whoever sees the connection end (asyncio's transport) finds it broken
         log.warning("latch broken for %s: %s", info.flow, "; ".join(info.reasons))
         if self.shutdown:
-            with contextlib.suppress(OSError):
-                dup = socket.socket(fileno=os.dup(self.fd))
-                try:
-                    if socket_key(dup) == self.key:  # still the same socket, not a reused fd
-                        dup.shutdown(socket.SHUT_RDWR)
-                finally:
-                    dup.close()
+            self.how_stopped = _stop_socket(self.fd, self.key)
         if self.on_break is not None:
             try:
                 self.on_break(info)
             except Exception:  # the application's callback must not kill the watcher
                 log.exception("latch callback failed")
+
+
+def _stop_socket(fd: int, key: tuple[int, int]) -> str:
+    """End the latched connection for every holder: SOCK_DESTROY in the kernel (ECONNABORTED on
+    everyone's next call, whatever the language); shutdown(2) when that is not possible here."""
+    from . import sockdestroy
+
+    try:
+        dup = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return "closed"
+    try:
+        if socket_key(dup) != key:  # the fd was reused by another file: not ours to stop
+            return "closed"
+        try:
+            sockdestroy.destroy(dup)
+            return "destroyed"
+        except OSError as exc:
+            log.info("SOCK_DESTROY failed (%s): shutting the socket down instead", exc.strerror)
+        with contextlib.suppress(OSError):
+            dup.shutdown(socket.SHUT_RDWR)
+        return "shutdown"
+    finally:
+        dup.close()
 
 
 def _ptoken_now(sock: FileDescriptorLike, backend: Authority) -> PToken:

@@ -12,6 +12,18 @@ equal: peer pinning, section 2.1) and authentication methods: the actual
 method's switch must not be DISABLE, and if any switch is ENABLE the actual
 method must be one of the enabled ones. A raw-key (BTNS) peer whose key equals the
 pinned pubKeyID also counts as LEAPOFFAITH.
+
+Settings beyond the attribute values (README "Demand settings"):
+
+* a pToken demanding nothing (every level and switch ANY, no constraining iToken,
+  remote_iToken or policyName: :func:`is_no_demand`) is the system default: nothing is
+  forced, no guard, no negotiation;
+* ``policyName`` = :data:`USE_POLICY` (``"btns:use"``) is "use IPsec if the peer can,
+  else clear" (KAME ``use``, OpenBSD ``IPSEC_LEVEL_USE``): an SA meeting the other
+  attributes is attempted, a clear connection is accepted, and the pToken read
+  afterwards says which it got;
+* any other ``policyName`` (``conn`` or ``conn/child``) demands that operator
+  connection: the connection's SA must come from it.
 """
 
 from __future__ import annotations
@@ -31,6 +43,45 @@ _IDENTITY = (
     Attr.channelBinding,
     Attr.authenticationMethod,
 )
+
+
+#: policyName value meaning "use IPsec if the peer can, else clear".
+USE_POLICY = "btns:use"
+#: policyName values starting with this are library keywords, never operator connections.
+KEYWORD_PREFIX = "btns:"
+
+
+def is_opportunistic(demand: PToken) -> bool:
+    """True for a "use IPsec if the peer can, else clear" demand (policyName ``btns:use``)."""
+    return demand.attributes().get(Attr.policyName) == USE_POLICY
+
+
+def operator_policy(demand: PToken) -> tuple[str, str | None] | None:
+    """The demanded operator connection (conn, child or None), from policyName ``conn[/child]``."""
+    name = demand.attributes().get(Attr.policyName)
+    if not isinstance(name, str) or not name or name.startswith(KEYWORD_PREFIX):
+        return None
+    conn, _, child = name.partition("/")
+    return conn, (child or None)
+
+
+def _itoken_constrains(tok: object) -> bool:
+    if not isinstance(tok, IToken):
+        return False
+    attrs = tok.attributes()
+    return any(a in attrs for a in _IDENTITY) or any(
+        attrs.get(Attr(m), Setting.ANY) != Setting.ANY for m in AuthMethod
+    )
+
+
+def is_no_demand(demand: PToken) -> bool:
+    """True when ``demand`` asks for nothing: the system default (nothing forced, no guard)."""
+    want = demand.attributes()
+    if any(want.get(a, Setting.ANY) != Setting.ANY for a in (*_LEVELLED, *_SWITCHES)):
+        return False
+    if Attr.policyName in want:
+        return False
+    return not (_itoken_constrains(want.get(Attr.iToken)) or _itoken_constrains(want.get(Attr.remote_iToken)))
 
 
 def _level_ok(demand: int, actual: int | None) -> bool:
@@ -85,10 +136,24 @@ def unmet_identity(demand: IToken, actual: IToken | None, who: str = "peer") -> 
     return problems
 
 
-def unmet(demand: PToken, actual: PToken) -> list[str]:
-    """Every way ``actual`` falls short of ``demand``; empty when it satisfies it."""
+def unmet(demand: PToken, actual: PToken, policy: bool = True) -> list[str]:
+    """Every way ``actual`` falls short of ``demand``; empty when it satisfies it.
+
+    ``policy=False`` ignores policyName (latching: the protection must stay, not its name).
+    An opportunistic demand (:data:`USE_POLICY`) is met by a clear connection; a protected
+    one must meet its other attributes.
+    """
     want, have = demand.attributes(), actual.attributes()
-    problems = []
+    problems: list[str] = []
+    if policy and want.get(Attr.policyName) == USE_POLICY:
+        if not actual.protected:
+            return problems
+    elif policy and (op := operator_policy(demand)) is not None:
+        got = have.get(Attr.policyName)
+        conn, child = op
+        ok = isinstance(got, str) and (got == f"{conn}/{child}" if child else got.partition("/")[0] == conn)
+        if not ok:
+            problems.append(f"policyName: required {want[Attr.policyName]}, have {got or 'nothing'}")
     for attr in _LEVELLED:
         d = want.get(attr, Setting.ANY)
         if not _level_ok(d, have.get(attr)):  # type: ignore[arg-type]
@@ -138,7 +203,11 @@ def choose_proposals(demand: PToken, candidates: Iterable[tuple[str, Setting, Se
     Raises NotSupportedError (EOPNOTSUPP) when none does.
     """
     want_p, want_i = demanded(demand, Attr.privacyProtected), demanded(demand, Attr.integrityProtected)
-    found = [name for name, p, i in candidates if _level_ok(want_p, p) and _level_ok(want_i, i)]
+    found = [
+        name for name, p, i in candidates
+        # Integrity-only proposals (ESP-NULL) only when privacy DISABLE is demanded, never as a fallback.
+        if _level_ok(want_p, p) and _level_ok(want_i, i) and (p != Setting.DISABLE or want_p == Setting.DISABLE)
+    ]
     if not found:
         raise NotSupportedError(
             f"no ESP proposal meets privacy {Setting(want_p).name} and integrity {Setting(want_i).name}"

@@ -13,7 +13,6 @@ up a second testbed (its own namespaces and charons) for these tests.
 from __future__ import annotations
 
 import errno
-import hashlib
 import socket
 import subprocess
 import threading
@@ -23,8 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from btns_vici import IToken, get_socket_ptoken
+from btns_vici import AuthMethod, IToken, get_socket_ptoken
+from btns_vici.derive import connection_binding
 from btns_vici.plugins import get_backend
+from btns_vici.records import Identity
 from btns_vici.testbed import Testbed
 
 from ..integration import conftest as integration
@@ -100,7 +101,8 @@ def test_get_ptoken_example_across_the_testbed(
     b_der, a_der = tb.b.key.public_der, tb.a.key.public_der
     assert got["iToken.authenticationMethod"] == "BTNS (17)"
     assert got["iToken.pubKeyID"] == f"{len(b_der)} bytes {b_der.hex()}"
-    assert got["iToken.channelBinding"] == "btns-cb-v1:spki-sha256:" + hashlib.sha256(b_der).hexdigest()
+    assert got["iToken.channelBinding"] == connection_binding(
+        Identity("", AuthMethod.BTNS, public_key=b_der), Identity("", AuthMethod.BTNS, public_key=a_der))
     assert got["iToken.authMeth_BTNS"] == "ENABLE (1)"
     assert got["remote_iToken.pubKeyID"] == f"{len(a_der)} bytes {a_der.hex()}"
     assert got["saved"].startswith(f"{saved.stat().st_size} bytes")

@@ -67,7 +67,7 @@ def test_compose_demo_runs_and_both_ends_agree() -> None:
     assert out.count("[ok]") == 9 and "[FAIL]" not in out, out
     # Both ends' iTokens and remote_iTokens: four raw-key identities, BTNS, with channel bindings.
     assert out.count("authenticationMethod: BTNS") == 4, out
-    assert len(re.findall(r"channelBinding: +btns-cb-v1:spki-sha256:[0-9a-f]{64}", out)) == 4, out
+    assert len(re.findall(r"channelBinding: +btns-cb-v2:endpoints-sha256:[0-9a-f]{64}", out)) == 4, out
     # The SAs are the library's own (set_socket_pToken + connect/listen), not an operator conn.
     assert re.search(r"policyName: +btns-init-[0-9a-f]{12}/", out), out
     assert re.search(r"policyName: +btns-resp-[0-9a-f]{12}/", out), out

@@ -113,7 +113,7 @@ def test_example_serves_only_the_pinned_ipsec_peer(sa, tmp_path, server):
         body = ok.json()
         assert body["protected"] and body["source"] == "socket", body
         assert body["peer_key_sha256"] == hashlib.sha256(tb.a.key.public_der).hexdigest()
-        assert body["channel_binding"] == "btns-cb-v1:spki-sha256:" + hashlib.sha256(tb.a.key.public_der).hexdigest()
+        assert body["channel_binding"].startswith("btns-cb-v2:endpoints-sha256:")  # both ends' keys
         assert body["privacy"].startswith("LEVEL_") and body["integrity"].startswith("LEVEL_")
 
         clear = get(tb, f"http://{tb.b.v4_plain}:{port}/whoami", str(tb.a.v4_plain))

@@ -32,10 +32,14 @@ def _check_identity(tok, tb: Testbed, auth: str, peer) -> None:
     assert tok.get_attr(Attr(EXPECTED_METHOD[auth])) == Setting.ENABLE
     if auth == "psk":
         assert tok.pub_key_id is None
-        assert tok.channel_binding.startswith("btns-cb-v1:psk-id-sha256:")
+        assert tok.channel_binding.startswith("btns-cb-v2:endpoints-sha256:")  # both ends' identities
+        assert "peer-key-binding btns-cb-v1:psk-id-sha256:" in tok.audit_string
         return
     assert tok.pub_key_id == peer.key.public_der
-    assert tok.channel_binding == "btns-cb-v1:spki-sha256:" + hashlib.sha256(peer.key.public_der).hexdigest()
+    # channelBinding is the connection's (both ends' identities); the one-sided peer-key value is in auditString.
+    assert tok.channel_binding.startswith("btns-cb-v2:endpoints-sha256:")
+    assert "peer-key-binding btns-cb-v1:spki-sha256:" + hashlib.sha256(peer.key.public_der).hexdigest() in (
+        tok.audit_string)
     if auth == "x509":
         assert tok.certificate_dn == f"CN=host-{peer.name}.btns.test"
         assert tok.certificate_authority_dn == f"CN=BTNS Test CA {tb.tag}"
@@ -66,7 +70,8 @@ def test_protected_socket_ptoken(tb, backend_a, backend_b, pair_factory, auth, f
     # Both ends agree: what A sees as its peer is what B showed, and vice versa.
     assert pa.itoken.equivalent(pb.remote_itoken)
     assert pb.itoken.equivalent(pa.remote_itoken)
-    assert not pa.itoken.equivalent(pa.remote_itoken)
+    if auth != "psk":  # PSK iTokens carry no key: both ends' differ only in auditString (the IKE identity),
+        assert not pa.itoken.equivalent(pa.remote_itoken)  # channelBinding being the connection's, equal
     # The SA's selectors: A's local TS is B's remote TS.
     assert set(pa.local_ts) == set(pb.remote_ts) and set(pa.remote_ts) == set(pb.local_ts)
 

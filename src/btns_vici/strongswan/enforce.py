@@ -27,7 +27,14 @@ from ..errors import BtnsError, NotSupportedError
 from ..guard import LIBIPSEC, XFRM
 from ..hookspecs import hookimpl
 from ..hostkey import HostIdentity
-from ..requirements import allowed_methods, choose_proposals, demanded
+from ..requirements import (
+    allowed_methods,
+    choose_proposals,
+    demanded,
+    is_no_demand,
+    is_opportunistic,
+    operator_policy,
+)
 from ..tokens import PToken
 
 #: ESP proposals the library offers, in preference order, with their (privacy, integrity) levels.
@@ -40,6 +47,11 @@ CANDIDATES: tuple[tuple[str, Setting, Setting], ...] = (
     ("aes128-sha256", Setting.LEVEL_MEDIUM, Setting.LEVEL_MEDIUM),
     ("aes128gcm16", Setting.LEVEL_MEDIUM, Setting.LEVEL_HIGH),
     ("aes128-sha1", Setting.LEVEL_MEDIUM, Setting.LEVEL_LOW),
+    # Integrity-only ESP (ESP-NULL, RFC 2410 + an HMAC): offered only when privacy DISABLE is
+    # demanded (requirements.choose_proposals), e.g. under TLS to avoid encrypting twice.
+    ("null-sha384", Setting.DISABLE, Setting.LEVEL_HIGH),
+    ("null-sha256", Setting.DISABLE, Setting.LEVEL_MEDIUM),
+    ("null-sha1", Setting.DISABLE, Setting.LEVEL_LOW),
 )
 RAW_KEY_METHODS = frozenset({AuthMethod.BTNS, AuthMethod.LEAPOFFAITH})
 #: Methods strongSwan can authenticate with when the operator configured them.
@@ -74,6 +86,22 @@ def child_mode(demand: PToken, dataplane: str) -> str:
 
 def check_supported(demand: PToken, dataplane: str) -> None:
     """Raise EOPNOTSUPP for any requirement this backend on ``dataplane`` cannot meet."""
+    if is_no_demand(demand):
+        return
+    if demanded(demand, Attr.privacyProtected) == Setting.DISABLE:
+        if demanded(demand, Attr.integrityProtected) in (Setting.DISABLE, Setting.ANY):
+            raise NotSupportedError(
+                "privacy DISABLE without integrity asks for no IPsec at all: leave the pToken unset (all ANY) "
+                "or demand integrity (ESP-NULL)"
+            )
+        if dataplane == LIBIPSEC:
+            raise NotSupportedError(
+                "kernel-libipsec has no ESP-NULL (its ESP context accepts no NULL cipher); integrity-only ESP "
+                "needs kernel ESP (kernel-netlink, CONFIG_CRYPTO_NULL)"
+            )
+    if operator_policy(demand) is not None:
+        child_mode(demand, dataplane)
+        return  # the operator's connection decides proposals and authentication; verified after connecting
     esp_proposals(demand)
     child_mode(demand, dataplane)
     if demanded(demand, Attr.compressionAvailable) == Setting.ENABLE and dataplane == LIBIPSEC:
@@ -82,6 +110,40 @@ def check_supported(demand: PToken, dataplane: str) -> None:
     if not methods & (RAW_KEY_METHODS | OPERATOR_METHODS):
         names = ", ".join(sorted(m.name for m in methods)) or "none"
         raise NotSupportedError(f"strongSwan cannot authenticate with any allowed method ({names})")
+
+
+def local_identity(demand: PToken, options: Mapping[str, str]) -> HostIdentity:
+    """Which of our keys to authenticate with: the one the demanded remote_iToken names, else host.key.
+
+    Every ``*.key`` (PKCS#8 PEM, owner-only) in the key directory is one of our identities; a
+    remote_iToken pinning a pubKeyID selects the key whose public half it is (ENOKEY if none).
+    """
+    from ..hostkey import _check_private, key_dir, load_or_create
+
+    default = load_or_create(options.get("key_dir"))
+    tok = demand.remote_itoken
+    wanted = tok.pub_key_id if tok is not None else None
+    if wanted is None or wanted == default.public_der:
+        return default
+    from cryptography.hazmat.primitives import serialization
+
+    directory = key_dir(options.get("key_dir"))
+    for path in sorted(directory.glob("*.key")):
+        try:
+            _check_private(path)
+            pem = path.read_bytes()
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (OSError, ValueError, TypeError, BtnsError):
+            continue
+        der = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        if der == wanted:
+            return HostIdentity(path, pem, der)
+    raise BtnsError(
+        f"the demanded remote_iToken names a key that is none of ours (no matching *.key in {directory})",
+        errno.ENOKEY,
+    )
 
 
 def pinned_key(demand: PToken) -> bytes | None:
@@ -132,10 +194,13 @@ def _host_ts(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     return f"{addr}/{addr.max_prefixlen}"
 
 
-def conn_name(role: str, local: str, remote: str, demand: PToken, keys: list[bytes], dataplane: str) -> str:
-    """A stable name per (role, endpoints, demand): the same demand reuses its connection."""
+def conn_name(
+    role: str, local: str, remote: str, demand: PToken, keys: list[bytes], dataplane: str, host_key: bytes = b""
+) -> str:
+    """A stable name per (role, endpoints, demand, our key): the same demand reuses its connection."""
     h = hashlib.sha256()
-    for part in (role, local, remote, dataplane, *esp_proposals(demand), child_mode(demand, dataplane), *keys):
+    parts = (role, local, remote, dataplane, *esp_proposals(demand), child_mode(demand, dataplane), *keys)
+    for part in (*parts, *((b"local-key", host_key) if host_key else ())):
         h.update(part if isinstance(part, bytes) else part.encode())
         h.update(b"\0")
     return f"{CONN_PREFIX}{role}-{h.hexdigest()[:12]}"
@@ -207,17 +272,26 @@ def establish(
     timeout_ms: int = 10000,
 ) -> str:
     """Load and initiate a raw-key connection to ``remote_addr`` meeting ``demand``; its name."""
-    from ..hostkey import load_or_create
 
     check_supported(demand, dataplane)
+    if is_no_demand(demand):
+        return ""  # the system default: nothing to negotiate
+    op = operator_policy(demand)
+    if op is not None:
+        return initiate_operator(session, op, remote_addr, timeout_ms)
+    if is_opportunistic(demand):
+        try:
+            return establish(session, dataplane, options, local_addr, remote_addr, _without_policy(demand), timeout_ms)
+        except BtnsError:
+            return ""  # "use": the peer cannot; the connection goes out in clear, and is reported so
     if not demand_allows_raw_keys(demand):
         raise NotSupportedError(
             "the demanded authentication methods need a connection the operator configured "
             "(the library builds raw-key connections only), and no such SA covers this flow"
         )
-    host = load_or_create(options.get("key_dir"))
+    host = local_identity(demand, options)
     keys = peer_keys(demand, options)
-    name = conn_name("init", str(local_addr), str(remote_addr), demand, keys, dataplane)
+    name = conn_name("init", str(local_addr), str(remote_addr), demand, keys, dataplane, _alt(host, options))
     _load_host_key(session, host)
     session.request("load-conn", conn_config(name, local_addr, remote_addr, host, keys, demand, dataplane))
     msg = {"ike": name, "child": name, "timeout": str(timeout_ms), "init-limits": "no"}
@@ -230,6 +304,51 @@ def establish(
     return name
 
 
+def _alt(host: HostIdentity, options: Mapping[str, str]) -> bytes:
+    """Our key's DER when it is not the default host key (part of the connection's name), else b""."""
+    from ..hostkey import KEY_NAME
+
+    return b"" if host.path.name == KEY_NAME else host.public_der
+
+
+def _without_policy(demand: PToken) -> PToken:
+    """``demand`` without its policyName keyword (what an opportunistic attempt negotiates)."""
+    from ..constants import Attr as _A
+
+    out = PToken()
+    for attr, value in demand.attributes().items():
+        if attr != _A.policyName:
+            out.set_attr(attr, value)
+    return out
+
+
+def initiate_operator(
+    session: Any, op: tuple[str, str | None], remote_addr: Any, timeout_ms: int = 10000
+) -> str:
+    """Bring up the operator connection the demanded policyName names (conn, child) unless it is up."""
+    conn, child = op
+    known: dict[str, Any] = {}
+    for entry in session.list_conns(ike=conn):
+        known.update(entry)
+    cfg = known.get(conn)
+    if cfg is None:
+        raise BtnsError(f"policyName {conn!r}: the IKE daemon has no such connection", errno.EHOSTUNREACH)
+    children = list((cfg.get("children") or {}).keys())
+    if child is None:
+        if not children:
+            raise BtnsError(f"policyName {conn!r}: the connection has no CHILD config", errno.EHOSTUNREACH)
+        child = children[0] if isinstance(children[0], str) else children[0].decode()
+    elif child not in [c if isinstance(c, str) else c.decode() for c in children]:
+        raise BtnsError(f"policyName {conn}/{child}: no such CHILD config", errno.EHOSTUNREACH)
+    msg = {"ike": conn, "child": child, "timeout": str(timeout_ms), "init-limits": "no"}
+    try:
+        session.streamed("initiate", "control-log", msg)
+    except BtnsError as exc:
+        raise BtnsError(f"operator connection {conn}/{child} to {remote_addr} did not come up: {exc.strerror}",
+                        errno.EHOSTUNREACH) from None
+    return f"{conn}/{child}"
+
+
 def serve(
     session: Any,
     dataplane: str,
@@ -238,17 +357,43 @@ def serve(
     demand: PToken,
 ) -> str:
     """Load a responder connection for ``local_addr`` accepting peers that meet ``demand``; its name."""
-    from ..hostkey import load_or_create
 
     check_supported(demand, dataplane)
+    if is_no_demand(demand) or operator_policy(demand) is not None:
+        return ""  # nothing to load: the system default, or the operator's own connection answers
+    if is_opportunistic(demand):
+        demand = _without_policy(demand)
+        try:
+            peer_keys(demand, options)
+        except BtnsError:
+            return ""  # "use" without any peer key: clear only
     if not demand_allows_raw_keys(demand):
         raise NotSupportedError("the library builds raw-key responder connections only")
-    host = load_or_create(options.get("key_dir"))
+    host = local_identity(demand, options)
     keys = peer_keys(demand, options)
-    name = conn_name("resp", str(local_addr), "%any", demand, keys, dataplane)
+    name = conn_name("resp", str(local_addr), "%any", demand, keys, dataplane, _alt(host, options))
     _load_host_key(session, host)
     session.request("load-conn", conn_config(name, local_addr, None, host, keys, demand, dataplane))
     return name
+
+
+def operator_reqid(session: Any, op: tuple[str, str | None]) -> int:
+    """The reqid an operator connection's CHILD_SAs use: configured, or of one installed now (0: unknown)."""
+    conn, child = op
+    for entry in session.list_sas(ike=conn):
+        for sec in entry.values():
+            for c in (sec.get("child-sas") or {}).values():
+                name = c.get("name", b"").decode()
+                if (child is None or name == child) and c.get("state") == b"INSTALLED":
+                    return int(c.get("reqid", b"0"))
+    for entry in session.list_conns(ike=conn):
+        for sec in entry.values():
+            for name, c in (sec.get("children") or {}).items():
+                name = name if isinstance(name, str) else name.decode()
+                if child is None or name == child:
+                    with contextlib.suppress(ValueError, TypeError):
+                        return int(c.get("reqid", b"0"))
+    return 0
 
 
 class EnforceHooks:
@@ -264,7 +409,17 @@ class EnforceHooks:
         ctx = self.context(options)
         dataplane = ctx.dataplane()
         check_supported(ptoken, dataplane)
-        how = guard.apply(sock, dataplane, reqid=XFRM_REQID if dataplane == XFRM else 0)
+        if is_no_demand(ptoken):
+            return Enforcement(connection="(none: system default)", dataplane_guard="none (no demand)")
+        if is_opportunistic(ptoken):
+            how = guard.apply(sock, dataplane, reqid=XFRM_REQID if dataplane == XFRM else 0, optional=True)
+            return Enforcement(connection="(attempted on connect/listen; clear if the peer cannot)",
+                               dataplane_guard=how)
+        op = operator_policy(ptoken)
+        reqid = XFRM_REQID
+        if op is not None and dataplane == XFRM:
+            reqid = operator_reqid(ctx.session, op) or XFRM_REQID
+        how = guard.apply(sock, dataplane, reqid=reqid if dataplane == XFRM else 0)
         return Enforcement(connection="(established on connect/listen)", dataplane_guard=how)
 
     @hookimpl

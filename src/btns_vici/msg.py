@@ -6,10 +6,11 @@ ancillary data. So (README: "Datagrams"):
 * :func:`recvmsg` records where a datagram came from and which local address
   it reached (IP_PKTINFO / IPV6_RECVPKTINFO); ``ipsec_get_msg_pToken`` then
   reports the protection of that flow as verified at query time.
-* ``ipsec_set_msg_pToken`` adds a private control message (level
-  :data:`SOL_BTNS`) holding a per-process handle of the pToken; :func:`sendmsg`
-  removes it, checks the flow to the destination satisfies the pToken right
-  before sending, and refuses with EACCES otherwise. The check and the send are
+* ``ipsec_set_msg_pToken`` adds a private control message (level SOL_SOCKET,
+  type :data:`BTNS_PTOKEN`, unknown to the kernel: a plain sendmsg of it fails
+  with EINVAL, never sends unchecked) holding a per-process handle of the pToken;
+  :func:`sendmsg` removes it, checks this socket's datagram satisfies the pToken
+  right before sending, and refuses with EACCES otherwise. The check and the send are
   not atomic: an SA that disappears in between is not caught for that datagram.
 """
 
@@ -45,7 +46,11 @@ from .tokens import PToken
 
 #: Private cmsg level/type: never passed to the kernel ("BT", 1).
 SOL_BTNS = 0x4254
-BTNS_PTOKEN = 1
+#: The pToken's control message: level SOL_SOCKET and a type the kernel does not know, so that a
+#: plain ``socket.sendmsg``/sendmsg(2) of a message carrying it fails with EINVAL instead of silently
+#: sending unchecked; :func:`sendmsg` checks and strips it.
+PTOKEN_LEVEL = socket.SOL_SOCKET
+BTNS_PTOKEN = 0x4254
 _HANDLE = struct.Struct("=Q")
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
@@ -124,14 +129,14 @@ def attach(msg: MsgHdr, ptoken: PToken) -> None:
         handle = next(_handles)
         _registry[handle] = copy
     msg._keep.append(copy)  # the msghdr keeps the token alive
-    msg.control = [c for c in msg.control if c[:2] != (SOL_BTNS, BTNS_PTOKEN)]
-    msg.control.append((SOL_BTNS, BTNS_PTOKEN, _HANDLE.pack(handle)))
+    msg.control = [c for c in msg.control if c[:2] != (PTOKEN_LEVEL, BTNS_PTOKEN)]
+    msg.control.append((PTOKEN_LEVEL, BTNS_PTOKEN, _HANDLE.pack(handle)))
 
 
 def attached(msg: MsgHdr) -> PToken | None:
     """The pToken whose handle msg's ancillary data carries, if any."""
     for level, kind, data in msg.control:
-        if (level, kind) == (SOL_BTNS, BTNS_PTOKEN):
+        if (level, kind) == (PTOKEN_LEVEL, BTNS_PTOKEN):
             if len(data) != _HANDLE.size:
                 raise BtnsError("malformed btns pToken control message", errno.EINVAL)
             tok = _registry.get(_HANDLE.unpack(data)[0])
@@ -256,7 +261,7 @@ def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: obje
     from .protection import shortfall
 
     demand = attached(msg)
-    control = [c for c in msg.control if c[0] != SOL_BTNS]
+    control = [c for c in msg.control if c[0] != SOL_BTNS and c[:2] != (PTOKEN_LEVEL, BTNS_PTOKEN)]
     with _as_socket(sock) as s:
         check_inet(s)
         if demand is not None:

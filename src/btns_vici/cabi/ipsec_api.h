@@ -106,7 +106,7 @@ int ipsec_get_socket_pToken(int fd, ipsec_pToken_t pToken);
  * set: msg->msg_controllen is the capacity of msg->msg_control; the control
  * messages already there end at the first cmsghdr with cmsg_len 0 (zero the
  * buffer first) or at the end of the buffer. A control message (level
- * SOL_BTNS, type IPSEC_CMSG_PTOKEN, data: the pToken handle as uint64_t) is
+ * IPSEC_CMSG_PTOKEN_LEVEL (SOL_SOCKET), type IPSEC_CMSG_PTOKEN, data: the pToken handle as uint64_t) is
  * appended, or an existing one replaced, and msg_controllen is set to the
  * length used. No room: -1, ENOBUFS. The pToken must stay alive until the
  * message is sent with ipsec_sendmsg().
@@ -132,7 +132,11 @@ int ipsec_dup_pToken(const ipsec_pToken_t p, ipsec_pToken_t *p_dup);
 
 /* Private control-message level ("BT") and types; the kernel never sees them. */
 #define SOL_BTNS 0x4254
-#define IPSEC_CMSG_PTOKEN 1    /* data: uint64_t pToken handle */
+/* The pToken's control message has level SOL_SOCKET and a type the kernel does not know, so that a
+ * plain sendmsg(2) of a message carrying it fails with EINVAL instead of silently sending without
+ * the check: only ipsec_sendmsg() honours (and strips) it. */
+#define IPSEC_CMSG_PTOKEN_LEVEL SOL_SOCKET
+#define IPSEC_CMSG_PTOKEN 0x4254 /* data: uint64_t pToken handle */
 #define IPSEC_CMSG_LOCALPORT 2 /* data: uint16_t local port, host byte order */
 #define IPSEC_CMSG_NETNS 3     /* data: uint64_t st_dev, st_ino of the receiving socket's network namespace */
 /* Control-buffer space ipsec_set_msg_pToken needs (include <sys/socket.h>). */

@@ -328,7 +328,7 @@ int ipsec_set_msg_pToken(struct msghdr *msg, const ipsec_pToken_t pToken)
     base = msg->msg_control;
     cap = msg->msg_controllen;
     while ((r = btns_next_cmsg(base, cap, &off, &hdr)) == 1) {
-        if (hdr.cmsg_level == SOL_BTNS && hdr.cmsg_type == IPSEC_CMSG_PTOKEN &&
+        if (hdr.cmsg_level == IPSEC_CMSG_PTOKEN_LEVEL && hdr.cmsg_type == IPSEC_CMSG_PTOKEN &&
             hdr.cmsg_len == CMSG_LEN(sizeof handle))
             found = off;
         off = btns_cmsg_end(off, &hdr, cap);
@@ -342,7 +342,7 @@ int ipsec_set_msg_pToken(struct msghdr *msg, const ipsec_pToken_t pToken)
             return btns_fail(ENOBUFS);
         memset(&hdr, 0, sizeof hdr);
         hdr.cmsg_len = CMSG_LEN(sizeof handle);
-        hdr.cmsg_level = SOL_BTNS;
+        hdr.cmsg_level = IPSEC_CMSG_PTOKEN_LEVEL;
         hdr.cmsg_type = IPSEC_CMSG_PTOKEN;
         memset(base + off, 0, CMSG_SPACE(sizeof handle));
         memcpy(base + off, &hdr, sizeof hdr);
@@ -510,8 +510,9 @@ ssize_t ipsec_sendmsg(int fd, const struct msghdr *msg, int flags)
     }
     while ((r = btns_next_cmsg(base, msg->msg_controllen, &off, &hdr)) == 1) {
         size_t end = btns_cmsg_end(off, &hdr, msg->msg_controllen);
-        if (hdr.cmsg_level == SOL_BTNS) {
-            if (hdr.cmsg_type == IPSEC_CMSG_PTOKEN && hdr.cmsg_len == CMSG_LEN(sizeof handle)) {
+        if (hdr.cmsg_level == SOL_BTNS ||
+            (hdr.cmsg_level == IPSEC_CMSG_PTOKEN_LEVEL && hdr.cmsg_type == IPSEC_CMSG_PTOKEN)) {
+            if (hdr.cmsg_level == IPSEC_CMSG_PTOKEN_LEVEL && hdr.cmsg_len == CMSG_LEN(sizeof handle)) {
                 memcpy(&handle, base + off + CMSG_LEN(0), sizeof handle);
                 have_token = 1;
             }

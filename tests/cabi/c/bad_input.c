@@ -257,8 +257,8 @@ int main(void)
         CHECK("set_msg_pToken", ipsec_set_msg_pToken(&msg, p), 0, 0);
         c = CMSG_FIRSTHDR(&msg);
         memcpy(&h, CMSG_DATA(c), sizeof h);
-        TRUE("  ... one SOL_BTNS cmsg with the handle",
-             msg.msg_controllen == IPSEC_MSG_PTOKEN_SPACE && c->cmsg_level == SOL_BTNS &&
+        TRUE("  ... one IPSEC_CMSG_PTOKEN cmsg with the handle",
+             msg.msg_controllen == IPSEC_MSG_PTOKEN_SPACE && c->cmsg_level == IPSEC_CMSG_PTOKEN_LEVEL &&
                  c->cmsg_type == IPSEC_CMSG_PTOKEN && c->cmsg_len == CMSG_LEN(sizeof h) && h == (uint64_t)(uintptr_t)p);
         msg.msg_controllen = sizeof ctl.bytes;
         CHECK("set_msg_pToken again (replaces)", ipsec_set_msg_pToken(&msg, q), 0, 0);

@@ -77,8 +77,9 @@ case "${BTNS_DATAPLANE}" in
             dev=$(ip -o "$fam" route get "${BTNS_PEER_ADDR}" | sed -n 's/.* dev \([^ ]*\).*/\1/p')
             ip "$fam" rule add pref 100 lookup local && ip "$fam" rule del pref 0 lookup local
             sel=(iif "$dev" from "${BTNS_PEER_ADDR}" to "${BTNS_LOCAL_ADDR}")
-            for port in 500 4500; do ip "$fam" rule add pref 10 "${sel[@]}" ipproto udp dport "$port" lookup local; done
-            for proto in tcp udp; do ip "$fam" rule add pref 11 "${sel[@]}" ipproto "$proto" prohibit; done
+            # protocol numbers, not names: a minimal image has no /etc/protocols (udp 17, tcp 6)
+            for port in 500 4500; do ip "$fam" rule add pref 10 "${sel[@]}" ipproto 17 dport "$port" lookup local; done
+            for proto in 6 17; do ip "$fam" rule add pref 11 "${sel[@]}" ipproto "$proto" prohibit; done
             log "inbound filter on ${dev}: clear TCP/UDP from ${BTNS_PEER_ADDR} refused"
         fi
         ;;

@@ -384,8 +384,8 @@ class Testbed:
         for fam, addr, mine in (("-4", other.v4, p.v4), ("-6", other.v6, p.v6)):
             sel = ("iif", p.link, "from", str(addr), "to", str(mine))
             for port in ("500", "4500"):
-                rules.append((fam, "pref", "10", *sel, "ipproto", "udp", "dport", port, "lookup", "local"))
-            for proto in ("tcp", "udp"):  # only these: ARP and neighbour discovery do route lookups too
+                rules.append((fam, "pref", "10", *sel, "ipproto", "17", "dport", port, "lookup", "local"))
+            for proto in ("6", "17"):  # TCP, UDP only: ARP and neighbour discovery do route lookups too
                 rules.append((fam, "pref", "11", *sel, "ipproto", proto, "prohibit"))
         for rule in rules:  # idempotent: never twice
             p.exec("ip", rule[0], "rule", "del", *rule[1:], check=False)

@@ -6,6 +6,7 @@ import errno
 import os
 import select
 import socket
+import threading
 import time
 
 from cryptography.exceptions import InvalidSignature
@@ -18,7 +19,7 @@ from ..hostkey import HostIdentity
 from . import wire
 
 #: Total time one exchange may take, and how often a datagram is retransmitted within it.
-TIMEOUT = 1.5
+TIMEOUT = 3.0
 RETRANSMIT = 0.25
 
 
@@ -48,11 +49,26 @@ def _wait(sock: socket.socket, nonce: bytes, want: tuple[int, ...], deadline: fl
             return msg
 
 
+_locks: dict[tuple[str | None, str, int], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
 def exchange(peer: str, port: int, host: HostIdentity, netns_name: str | None = None,
-             timeout: float = TIMEOUT) -> bytes:
+             timeout: float = TIMEOUT, bind_port: bool = True) -> bytes:
+    """:func:`exchange_once`, one at a time per (namespace, peer, port) in this process (they share
+    the 4-tuple when bound to the learner's port)."""
+    with _locks_guard:
+        lock = _locks.setdefault((netns_name, peer, port), threading.Lock())
+    with lock:
+        return exchange_once(peer, port, host, netns_name, timeout, bind_port)
+
+
+def exchange_once(peer: str, port: int, host: HostIdentity, netns_name: str | None = None,
+                  timeout: float = TIMEOUT, bind_port: bool = True) -> bytes:
     """Run HELLO/COOKIE/KEYREQ/KEY with ``peer``; its host key (DER SPKI), proven possessed.
 
-    The socket is connected (only datagrams from ``peer``:``port`` are read). Errors:
+    The socket is bound to ``port`` too (SO_REUSEADDR: next to this host's own learner; a
+    connected socket wins the replies) and connected (only datagrams from ``peer``:``port`` are read). Errors:
     ETIMEDOUT (no answer), ECONNREFUSED (nobody listens), EACCES (REFUSED, with the reason),
     EPROTO (a KEY whose signature does not verify).
     """
@@ -64,6 +80,13 @@ def exchange(peer: str, port: int, host: HostIdentity, netns_name: str | None = 
     with netns.entered(netns_name):
         sock = socket.socket(fam, socket.SOCK_DGRAM)
     with sock:
+        # From the learner's own port, like IKE's 500 -> 500: an inbound filter then lets in only
+        # udp/5386 (README "Leap of faith"), never clear datagrams from a port an attacker chooses.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", port if bind_port else 0))
+        except OSError:
+            sock.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", 0))
         sock.connect((peer, port))
         deadline = time.monotonic() + timeout
         nonce = os.urandom(wire.NONCE_LEN)

@@ -123,6 +123,7 @@ class Responder:
         with netns.entered(self.options.get("netns")):
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             self.sock = socket.socket(family, socket.SOCK_DGRAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # next to our own initiators
             try:
                 if family == socket.AF_INET6 and host == "::":
                     self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)

@@ -22,6 +22,15 @@ log = logging.getLogger("btns_vici.leap")
 
 DEFAULT_PORT = 5386
 _TRUE = ("1", "yes", "true", "on")
+#: A successful exchange with a peer is not repeated for this long (seconds) in this process: many
+#: connections to one peer cost one exchange (and stay under its learner's per-source rate limit).
+RECENT_TTL = 10.0
+_recent: dict[tuple[str | None, str, int], tuple[float, bytes]] = {}
+
+
+def forget_recent() -> None:
+    """Drop the cache of recent exchanges (the next connection to any peer runs the exchange)."""
+    _recent.clear()
 
 
 def enabled(options: Mapping[str, str]) -> bool:
@@ -57,8 +66,18 @@ def initiator_key(peer: Any, allowed: frozenset[AuthMethod], options: Mapping[st
                             f"({found[1]}) covers it and would be downgraded", errno.EACCES)
     entry = store.get(addr)
     host = load_or_create(options.get("key_dir"))
+    import time
+
+    where = (options.get("netns"), addr, port(options))
+    hit = _recent.get(where)
+    if hit is not None and entry is not None and entry.spki == hit[1] and time.monotonic() - hit[0] < RECENT_TTL:
+        store.learn(addr, hit[1], knownpeers.LEARNED_INITIATOR)  # last seen
+        return hit[1]
     try:
         spki = exchange(addr, port(options), host, options.get("netns"))
+        if len(_recent) > 4096:
+            _recent.clear()
+        _recent[where] = (time.monotonic(), spki)
     except BtnsError as exc:
         if exc.errno == errno.EACCES:
             raise
@@ -78,4 +97,4 @@ def initiator_key(peer: Any, allowed: frozenset[AuthMethod], options: Mapping[st
     return spki
 
 
-__all__ = ["DEFAULT_PORT", "enabled", "initiator_key", "port", "requires_leap"]
+__all__ = ["DEFAULT_PORT", "enabled", "forget_recent", "initiator_key", "port", "requires_leap"]

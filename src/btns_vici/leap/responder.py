@@ -43,8 +43,8 @@ MAX_SOURCES = 4096
 class Limits:
     hello_rate: float = 20.0  # per source address, per second
     hello_burst: float = 40.0
-    keyreq_rate: float = 4.0
-    keyreq_burst: float = 8.0
+    keyreq_rate: float = 10.0
+    keyreq_burst: float = 20.0
     global_hello_rate: float = 5000.0
     global_keyreq_rate: float = 200.0
     max_peer_conns: int = 1024

@@ -32,6 +32,9 @@ from btns_vici.testbed import Peer, Testbed
 
 pytestmark = pytest.mark.testbed
 PORT = 5386
+#: The flood's rate: 1,000 times the per-source HELLO limit, below what one Python learner drains on
+#: a loaded 2-core machine (~90,000/s; beyond that the kernel drops at the socket queue, README).
+FLOOD_PPS = 20000
 
 
 def demand(*methods: AuthMethod) -> PToken:
@@ -256,6 +259,7 @@ def mitm(tb: Testbed, tmp_path: Path):
             _cleanup(m)
         m.stop_charon()
         tb.a.exec("ip", "route", "del", f"{tb.b.v4}/32", check=False)
+        tb.a.exec("ip", "link", "del", la, check=False)  # sockets may still hold the namespace: delete the link
         os.system(f"ip netns del {ns}")
 
 
@@ -296,7 +300,7 @@ def test_learning_port_flooded_real_connections_work(tb, leap):
     tb.b.exec("ip", "rule", "add", *rule)
     flooder = Path(__file__).with_name("leap_flooder.py")
     procs = [subprocess.Popen(["ip", "netns", "exec", tb.a.netns, sys.executable, str(flooder), str(tb.a.v4_plain),
-                               str(b.peer.v4), str(PORT), "4"], stdout=subprocess.PIPE, text=True)
+                               str(b.peer.v4), str(PORT), "4", str(FLOOD_PPS)], stdout=subprocess.PIPE, text=True)
              for _ in range(1)]  # another process: the flood does not share our GIL
     try:
         time.sleep(0.5)
@@ -315,7 +319,7 @@ def test_learning_port_flooded_real_connections_work(tb, leap):
     print(f"flood: {sent} datagrams sent, learner saw {st.received}, malformed {st.malformed}, "
           f"rate-limited {st.rate_limited}, bad cookies {st.bad_cookie}, cookies sent {st.cookies}, "
           f"bytes in {st.bytes_in} out {st.bytes_out}; connection took {took * 1000:.0f} ms")
-    assert st.received > 1000
+    assert st.received > 0.5 * sent  # the learner kept up: the limits, not the queue, dropped the flood
     assert st.rate_limited > 0 and st.bad_cookie > 0 and st.malformed > 0
     assert st.bytes_out < st.bytes_in / 3  # never an amplifier
     assert st.learned == 1  # only A: no state for the flood

@@ -214,3 +214,32 @@ def test_null_auth_record(tmp_path):
     assert s.note_null("10.0.0.2", "ID_NULL", "sa1")[0]
     assert s.note_null("10.0.0.2", "ID_NULL", "sa2")[0]
     assert not s.note_null("10.0.0.2", "@other", "sa3")[0]
+
+
+def test_cli_peers(tmp_path, capsys):
+    from btns_vici.cli import main
+
+    s = KnownPeers(tmp_path)
+    k = load_or_create(tmp_path / "1").public_der
+    s.learn("10.0.0.2", k, knownpeers.LEARNED_RESPONDER)
+    assert main(["peers", "list", "--key-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "10.0.0.2" in out and knownpeers.fingerprint(k) in out and "leap-responder" in out
+    assert main(["--json", "peers", "list", "--key-dir", str(tmp_path)]) == 0
+    assert '"address": "10.0.0.2"' in capsys.readouterr().out
+    pem = tmp_path / "p.pem"
+    pem.write_bytes(load_or_create(tmp_path / "2").public_pem)
+    assert main(["peers", "pin", "10.0.0.3", "--key", str(pem), "--key-dir", str(tmp_path)]) == 0
+    assert KnownPeers(tmp_path).get("10.0.0.3").pinned
+    assert main(["peers", "forget", "10.0.0.2", "--key-dir", str(tmp_path)]) == 0
+    assert main(["peers", "forget", "10.0.0.2", "--key-dir", str(tmp_path)]) == 5
+    assert main(["peers", "pin", "10.0.0.9", "--key-dir", str(tmp_path)]) == 5
+
+
+def test_leap_address():
+    from btns_vici.broker.server import leap_address
+
+    assert leap_address("[::]:5386") == ("::", 5386)
+    assert leap_address("5387") == ("::", 5387)
+    assert leap_address("10.0.0.1:5386") == ("10.0.0.1", 5386)
+    assert leap_address(":5386") == ("::", 5386)

@@ -6,6 +6,7 @@ format are documented in README.md ("Protection levels", "Channel bindings").
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 
@@ -195,8 +196,9 @@ def _ptoken_template(ike: IkeSA, child: ChildSA, proof: DataplaneProof) -> PToke
     # Tunnel mode protects the whole inner header; in transport mode only AH covers options.
     tok._set_internal(Attr.ipoptionsProtected, _on(tunnel or child.protocol.upper() == "AH"))
     tok._set_internal(Attr.policyName, f"{ike.name}/{child.name}")
-    tok._set_internal(Attr.iToken, itoken_for(ike.remote, ike.local))
-    tok._set_internal(Attr.remote_iToken, itoken_for(ike.local, ike.remote))
+    remote = reported_remote(ike)  # BTNS at first contact, LEAPOFFAITH once the key is a known peer's
+    tok._set_internal(Attr.iToken, itoken_for(remote, ike.local))
+    tok._set_internal(Attr.remote_iToken, itoken_for(ike.local, remote))
     tok._set_internal(
         Attr.auditString,
         f"backend={ike.backend} ike_sa={ike.name}#{ike.uniqueid} child_sa={child.name}#{child.uniqueid} "
@@ -209,12 +211,25 @@ def _ptoken_template(ike: IkeSA, child: ChildSA, proof: DataplaneProof) -> PToke
         Attr.informationString,
         f"is protected by IPsec {child.protocol} in {child.mode.lower()} mode "
         f"({_alg_text(child)}{', IPComp' if child.ipcomp else ''}) with peer '{ike.remote.ike_id}', "
-        f"authenticated by {_AUTH_WORDS.get(ike.remote.auth_method, ike.remote.auth_class)}; "
+        f"authenticated by {_AUTH_WORDS.get(remote.auth_method, remote.auth_class)}; "
         + ("" if proof.inbound else "received data is NOT integrity-protected (clear packets could reach it); ")
         + f"data plane {proof.dataplane}: {proof.detail}",
     )
     tok.local_ts, tok.remote_ts = child.local_ts, child.remote_ts
     return tok
+
+
+def reported_remote(ike: IkeSA) -> Identity:
+    """The peer identity as reported: a raw-key (BTNS) peer whose key the known-peers store held
+    before this IKE_SA is LEAPOFFAITH (README "Leap of faith"); first contact and changed keys stay BTNS."""
+    remote = ike.remote
+    if remote.auth_method != AuthMethod.BTNS or not remote.public_key:
+        return remote
+    from . import knownpeers
+
+    if knownpeers.method_for(ike) == AuthMethod.LEAPOFFAITH:
+        return dataclasses.replace(remote, auth_method=AuthMethod.LEAPOFFAITH)
+    return remote
 
 
 def unprotected_ptoken(flow: Flow | None, reason: str) -> PToken:

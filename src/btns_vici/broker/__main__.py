@@ -19,6 +19,10 @@ def parser() -> argparse.ArgumentParser:
                     "ignored when systemd passes one, LISTEN_FDS)")
     ap.add_argument("--config", help="btnsd.toml (backends, [[allow]] rules, [quota])")
     ap.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics (needs prometheus_client)")
+    ap.add_argument("--leap-of-faith", nargs="?", const="[::]:5386", metavar="[HOST:]PORT",
+                    help="answer the leap-of-faith key exchange (README \"Leap of faith\") on udp HOST:PORT "
+                    "(default [::]:5386) for every strongSwan backend, and learn the keys of peers nobody "
+                    "configured when connecting (backend option leap_of_faith)")
     ap.add_argument("--keep-privileges", action="store_true", help="do not drop capabilities after start")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
@@ -32,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load(args.config)
-        run(config, args.socket, args.metrics, drop=not args.keep_privileges)
+        run(config, args.socket, args.metrics, drop=not args.keep_privileges, leap=args.leap_of_faith)
     except OSError as exc:
         print(f"btnsd: {exc.strerror or exc}", file=sys.stderr)
         return 4 if exc.errno in (1, 13) else 3

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -592,15 +593,20 @@ def drop_privileges(keep: tuple[int, ...] = (12, 21, 1, 19)) -> None:
 
 
 def run(config: Config, socket_path: str | None = None, metrics_at: str | None = None,
-        drop: bool = True) -> None:
-    """Start serving (the body of ``btns daemon`` / ``btnsd``)."""
+        drop: bool = True, leap: str | None = None) -> None:
+    """Start serving (the body of ``btns daemon`` / ``btnsd``); ``leap``: "[HOST:]PORT" of the
+    leap-of-faith learner (README "Leap of faith"), None: off unless a backend's options turn it on."""
     metrics = Metrics(metrics_at is not None)
     if metrics_at:
         metrics.serve(metrics_at)
+    if leap is not None:
+        config = dataclasses.replace(config, backends=tuple(
+            {**o, "leap_of_faith": "yes", "leap_port": str(leap_address(leap)[1])} for o in config.backends))
     listener = listen_socket(socket_path or config.socket)
     server = Server(config, listener, metrics)
     if drop and os.geteuid() == 0:
         drop_privileges()
+    learners = start_learners(server, leap)  # after the drop: threads inherit the reduced capabilities
     log.info("btnsd serving on %s with backends %s", socket_path or config.socket,
              ", ".join(f"{b.name}@{b.options.get('netns') or 'own netns'}" for b in server.backends))
     notify_ready()
@@ -610,7 +616,33 @@ def run(config: Config, socket_path: str | None = None, metrics_at: str | None =
     try:
         server.serve_forever()
     finally:
+        for learner in learners:
+            learner.stop()
         listener.close()
+
+
+def leap_address(spec: str) -> tuple[str, int]:
+    """"[HOST:]PORT" / "[V6]:PORT" / "HOST:PORT" -> (host, port); the host defaults to "::" (dual stack)."""
+    host, sep, port = spec.rpartition(":")
+    if not sep:
+        host, port = "", spec
+    return (host.strip("[]") or "::"), int(port)
+
+
+def start_learners(server: Server, leap: str | None) -> list[Any]:
+    """One leap-of-faith learner per strongSwan backend with option ``leap_of_faith`` (in its namespace)."""
+    from .. import leap as leap_mod
+
+    learners = []
+    for be in server.backends:
+        if be.name != "strongswan" or not leap_mod.enabled(be.options):
+            continue
+        from ..leap.responder import Responder
+
+        host, port = leap_address(leap) if leap else ("::", leap_mod.port(be.options))
+        learners.append(Responder(be.options, host=host, port=port).start())
+        log.info("leap of faith: learner on udp [%s]:%d for %s", host, port, be.options.get("netns") or "own netns")
+    return learners
 
 
 __all__ = ["Config", "Server", "listen_socket", "notify_ready", "run"]

@@ -93,6 +93,14 @@ COMMANDS = {
         "ends demand encryption and BTNS with set_socket_pToken, and both ends' tokens compared.\n"
         "It builds its own testbed: --backend, --vici-socket and --netns do not apply.",
     ),
+    "peers": (
+        "the known-peers store (leap of faith)",
+        "list: every peer whose key was learned at first contact (leap of faith) or pinned, with its\n"
+        "fingerprint, when and how it was learned, when last seen, and other keys seen from its address.\n"
+        "forget ADDR: drop it (the next contact is a first contact again). pin ADDR [--key FILE]: pin the\n"
+        "stored key or FILE's (PEM/DER); a pinned peer's changed key is always refused. The store is\n"
+        "known_peers.json in --key-dir (default $BTNS_KEY_DIR, else /var/lib/btns-vici).",
+    ),
 }
 
 
@@ -168,6 +176,11 @@ def build() -> argparse.ArgumentParser:
     tb = cmds["testbed"]
     tb.add_argument("action", choices=("up", "down", "status"), metavar="ACTION", help="up, status or down")
     tb.add_argument("--state", metavar="PATH", help=f"state file (default: ${STATE_ENV}, else {DEFAULT_STATE})")
+    pe = cmds["peers"]
+    pe.add_argument("action", choices=("list", "forget", "pin"), metavar="ACTION", help="list, forget or pin")
+    pe.add_argument("address", nargs="?", metavar="ADDR", help="the peer's IP address (forget, pin)")
+    pe.add_argument("--key", metavar="FILE", help="pin: the peer's public key (PEM or DER)")
+    pe.add_argument("--key-dir", metavar="DIR", help="the host-key directory holding known_peers.json")
     cmds["demo"].add_argument("--ipv6", action="store_true", help="connect over IPv6")
     d = cmds["daemon"]
     d.add_argument("--socket", metavar="PATH", help="listening socket (default: the config's, else "

@@ -151,17 +151,31 @@ def pinned_key(demand: PToken) -> bytes | None:
     return tok.pub_key_id if tok is not None else None
 
 
-def peer_keys(demand: PToken, options: Mapping[str, str]) -> list[bytes]:
-    """DER SPKI keys the peer may authenticate with: the pinned one, else the peer-key directory."""
+def peer_keys(demand: PToken, options: Mapping[str, str], peer: Any = None, session: Any = None) -> list[bytes]:
+    """DER SPKI keys the peer may authenticate with: the pinned one; else, with leap of faith on
+    (README "Leap of faith"), the key the peer ``peer`` presents in the key exchange, checked
+    against the known-peers store; else the peer-key directory."""
     pinned = pinned_key(demand)
     if pinned is not None:
         return [pinned]
+    from .. import leap
+
+    if peer is not None and leap.enabled(options):
+        return [leap.initiator_key(peer, allowed_methods(demand), options, session)]
     directory = options.get("peer_keys") or os.environ.get("BTNS_PEER_KEYS")
     keys = []
     if directory and Path(directory).is_dir():
         for path in sorted(Path(directory).iterdir()):
             if path.suffix in (".pem", ".pub") and path.is_file():
                 keys.append(_der_of(path.read_bytes(), path))
+    if not keys and leap.enabled(options):
+        # A listener with leap of faith and no configured keys: the learner loads one responder
+        # connection per peer it learns; this one only our own key could satisfy (a placeholder).
+        from .. import knownpeers
+        from ..hostkey import load_or_create
+
+        knownpeers.register(options.get("key_dir"))
+        return [load_or_create(options.get("key_dir")).public_der]
     if not keys:
         raise BtnsError(
             "strongSwan cannot accept an unknown raw key: pin the peer with an iToken or put its public "
@@ -290,7 +304,7 @@ def establish(
             "(the library builds raw-key connections only), and no such SA covers this flow"
         )
     host = local_identity(demand, options)
-    keys = peer_keys(demand, options)
+    keys = peer_keys(demand, options, peer=remote_addr, session=session)
     name = conn_name("init", str(local_addr), str(remote_addr), demand, keys, dataplane, _alt(host, options))
     _load_host_key(session, host)
     session.request("load-conn", conn_config(name, local_addr, remote_addr, host, keys, demand, dataplane))

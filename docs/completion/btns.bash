@@ -7,17 +7,17 @@ _btns() {
     cmd=
     for ((i = 1; i < COMP_CWORD; i++)); do
         case "${COMP_WORDS[i]}" in
-            sockets|sas|watch|token|testbed|daemon|man|completion|demo) cmd=${COMP_WORDS[i]}; break ;;
+            sockets|sas|watch|token|testbed|daemon|man|completion|demo|peers) cmd=${COMP_WORDS[i]}; break ;;
         esac
     done
     case "$prev" in
         --backend) COMPREPLY=($(compgen -W "strongswan libreswan" -- "$cur")); return ;;
         --state|--vici-socket) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --netns) COMPREPLY=($(compgen -W "$(_btns_netns)" -- "$cur")); return ;;
-        --child|--child-id|--config|--count|--fd|--ike|--ike-id|--metrics|--pid|--socket|--timeout) COMPREPLY=(); return ;;
+        --child|--child-id|--config|--count|--fd|--ike|--ike-id|--key|--key-dir|--metrics|--pid|--socket|--timeout) COMPREPLY=(); return ;;
     esac
     case "$cmd" in
-        "") COMPREPLY=($(compgen -W "sockets sas watch token testbed daemon man completion demo -h --help --backend --vici-socket --netns --json -V --version" -- "$cur")) ;;
+        "") COMPREPLY=($(compgen -W "sockets sas watch token testbed daemon man completion demo peers -h --help --backend --vici-socket --netns --json -V --version" -- "$cur")) ;;
         sockets) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --connected -t --tcp -u --udp -4 --ipv4 -6 --ipv6 -l --listening -a --all -n --numeric -p --processes state exclude dst src dport sport and or not established syn-sent syn-recv fin-wait-1 fin-wait-2 time-wait closed close-wait last-ack listening closing all connected synchronized bucket big" -- "$cur")) ;;
         sas) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --ike --ike-id --child --child-id" -- "$cur")) ;;
         watch) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --count --timeout --sa-only" -- "$cur")) ;;
@@ -27,6 +27,7 @@ _btns() {
         man) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json" -- "$cur")) ;;
         completion) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json bash zsh" -- "$cur")) ;;
         demo) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --ipv6" -- "$cur")) ;;
+        peers) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --key --key-dir list forget pin" -- "$cur")) ;;
     esac
 }
 complete -F _btns btns

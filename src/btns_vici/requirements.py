@@ -128,6 +128,10 @@ def unmet_identity(demand: IToken, actual: IToken | None, who: str = "peer") -> 
     # A raw key that matches the pinned one is also a leap of faith (section 2.1.2).
     if m == AuthMethod.BTNS and Attr.pubKeyID in pinned and have.get(Attr.pubKeyID) == demanded[Attr.pubKeyID]:
         effective.add(AuthMethod.LEAPOFFAITH)
+    # A leap of faith is BTNS with a key seen before: it meets whatever BTNS meets (a BTNS-only demand,
+    # a connection latched at first contact and re-checked once the key is a known peer's).
+    if m == AuthMethod.LEAPOFFAITH:
+        effective.add(AuthMethod.BTNS)
     enabled = {k for k, s in switches.items() if s == Setting.ENABLE}
     if all(switches[e] == Setting.DISABLE for e in effective):
         problems.append(f"{who} authenticated by {m.name}, which is disabled")

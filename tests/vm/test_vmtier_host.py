@@ -46,3 +46,16 @@ def test_outcomes_of_a_real_junit_file(tmp_path: Path) -> None:
     assert "boom" in bad.text and "guest says hi" in bad.text
     assert "setup broke" in next(o for (_, n), o in outcomes.items() if n == "test_error").text
     assert junit_key("test_sample.py::test_ok") in outcomes
+
+
+def test_a_silent_guest_is_detected_and_killed_quickly(tmp_path):
+    import time
+
+    from .vmtier import _SILENT, _boot_and_run
+
+    t0 = time.monotonic()
+    rc = _boot_and_run(["sleep", "30"], tmp_path, {}, tmp_path / "c.log", timeout=60, first_output=1.0)
+    assert rc == _SILENT and time.monotonic() - t0 < 5
+    rc = _boot_and_run(["sh", "-c", "echo guest; exit 3"], tmp_path, {}, tmp_path / "d.log", timeout=60,
+                       first_output=1.0)
+    assert rc == 3 and (tmp_path / "d.log").read_text() == "guest\n"

@@ -12,7 +12,11 @@ next call in the child opens what it needs again. Tokens and sockets are untouch
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 _resets: list[Callable[[], None]] = []
 
@@ -37,6 +41,51 @@ def close_quietly(*socks: object) -> None:
         if close is not None:
             try:
                 close()
+            except OSError:
+                pass
+
+
+class PerNamespace(Generic[T]):
+    """One lazily made ``T`` per network namespace name (None: ours), thread-safe.
+
+    ``forget(name)`` closes and drops one; in a forked child every one is dropped (its
+    descriptors closed: they are the child's copies) and made anew on next use.
+    """
+
+    def __init__(self, factory: Callable[[str | None], T], close: Callable[[T], None]) -> None:
+        self._factory, self._close = factory, close
+        self._items: dict[str | None, T] = {}
+        self._lock = threading.Lock()
+        in_child(self._reset)
+
+    def get(self, name: str | None) -> T:
+        item = self._items.get(name)
+        if item is None:
+            with self._lock:
+                item = self._items.get(name)
+                if item is None:
+                    item = self._items[name] = self._factory(name)
+        return item
+
+    def forget(self, name: str | None) -> None:
+        with self._lock:
+            item = self._items.pop(name, None)
+        if item is not None:
+            self._close(item)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _reset(self) -> None:
+        items = list(self._items.values())
+        self._items.clear()
+        self._lock = threading.Lock()
+        for item in items:
+            try:
+                self._close(item)
             except OSError:
                 pass
 

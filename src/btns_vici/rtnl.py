@@ -309,34 +309,14 @@ class RoutingView:
         return link.name if link else f"ifindex {index} (gone)"
 
 
-_views: dict[str | None, RoutingView] = {}
-_views_lock = threading.Lock()
+_views: forksafe.PerNamespace[RoutingView] = forksafe.PerNamespace(RoutingView, RoutingView.close)
 
 
 def routing(netns_name: str | None) -> RoutingView:
     """The (cached) routing view of a namespace (None: the one this process started in)."""
-    view = _views.get(netns_name)
-    if view is None:
-        with _views_lock:
-            view = _views.get(netns_name)
-            if view is None:
-                view = _views[netns_name] = RoutingView(netns_name)
-    return view
-
-
-@forksafe.in_child
-def _reset_after_fork() -> None:
-    global _views_lock
-    views = list(_views.values())
-    _views.clear()
-    _views_lock = threading.Lock()
-    for v in views:
-        forksafe.close_quietly(v._sock, v._mon)
+    return _views.get(netns_name)
 
 
 def forget(netns_name: str | None) -> None:
     """Drop the cached view of a namespace (call when the namespace is deleted)."""
-    with _views_lock:
-        view = _views.pop(netns_name, None)
-    if view is not None:
-        view.close()
+    _views.forget(netns_name)

@@ -160,17 +160,11 @@ def set_socket_policy(
     level: str = "required",
     reqid: int = 0,
 ) -> SocketPolicy:
-    """Install a per-socket IPsec policy (``IP_XFRM_POLICY``/``IPV6_XFRM_POLICY``) for ``direction``.
+    """:func:`btns_vici._xfrm_socket.set_socket_policy` (same arguments), remembering the policy's SPD index.
 
-    ``templates`` are :class:`Template` (see :func:`socket_template`) or protocol names
-    ("esp", "ah", "comp"), which become transport-mode templates with ``level`` and ``reqid``.
-    An empty ``templates`` installs a bypass policy (this socket skips the global SPD).
-    With a required template and no SA the kernel asks the key manager (acquire) and
-    the socket fails closed (EAGAIN) until the SA exists. Raises OSError from setsockopt.
-
-    The policy is remembered with its SPD index (learnt from the namespace's SPD before
-    and after), so that the data-plane proof can tell this process's socket policies
-    from those of others (README "Socket-exact truth").
+    The index is learnt from the namespace's SPD before and after, so that the data-plane
+    proof can tell this process's socket policies from those of others (README "Socket-exact
+    truth"); when another process added one meanwhile it stays unknown (fail closed).
     """
     before = _socket_policy_indexes(sock, direction)
     policy = _set_socket_policy(sock, direction, templates, level, reqid)
@@ -319,36 +313,16 @@ def _ike_sockets(netns: str | None) -> int:
     return count
 
 
-_views: dict[str | None, _SpdView] = {}
-_views_lock = threading.Lock()
+_views: forksafe.PerNamespace[_SpdView] = forksafe.PerNamespace(_SpdView, _SpdView.close)
 
 
 def _spd(netns: str | None) -> _SpdView:
-    view = _views.get(netns)
-    if view is None:
-        with _views_lock:
-            view = _views.get(netns)
-            if view is None:
-                view = _views[netns] = _SpdView(netns)
-    return view
-
-
-@forksafe.in_child
-def _reset_after_fork() -> None:
-    global _views_lock
-    views = list(_views.values())
-    _views.clear()
-    _views_lock = threading.Lock()
-    for v in views:
-        forksafe.close_quietly(v._mon, v._info)
+    return _views.get(netns)
 
 
 def forget(netns: str | None) -> None:
     """Drop the cached SAD/SPD of a namespace (call when it is deleted)."""
-    with _views_lock:
-        view = _views.pop(netns, None)
-    if view is not None:
-        view.close()
+    _views.forget(netns)
 
 
 def _mark_matches(mark: Mark | None, value: int) -> bool:

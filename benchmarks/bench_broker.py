@@ -7,7 +7,8 @@ Side by side in one run:
 * ``in-process``   get_socket_ptoken with the backend in this process (the floor the broker adds to);
 * ``broker``       the same socket through btnsd (one client, warm);
 * ``fresh client`` a new process's first answer through btnsd (the broker's index is already warm:
-                   the point of one index per host), vs a fresh process building its own index;
+                   the point of one index per host), vs a fresh process building its own index
+                   (modules imported before the clock starts);
 * queries/s        with 1, 16 and 256 concurrent clients (processes), each on its own socket;
 * RSS              btnsd's resident memory per CHILD_SA and per connected client.
 """
@@ -55,8 +56,9 @@ def timed(fn, n: int) -> list[float]:
 FRESH = """
 import os, socket, sys, time
 fd = int(sys.argv[1])
+from btns_vici.api import get_socket_ptoken  # the interpreter's imports are not the answer's cost
+import btns_vici.broker.client, btns_vici.plugins, btns_vici.strongswan.plugin
 t0 = time.perf_counter()
-from btns_vici.api import get_socket_ptoken
 {setup}
 tok = get_socket_ptoken(fd{arg})
 print((time.perf_counter() - t0) * 1e6, tok.protected)

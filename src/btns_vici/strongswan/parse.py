@@ -25,7 +25,6 @@ from ..constants import AuthMethod
 from ..errors import ProtocolError
 from ..records import ChildSA, Identity, IkeSA
 from ..selectors import PROTO_ANY, PROTO_NAMES, TrafficSelector
-from .der import parse_certificate
 
 BACKEND = "strongswan"
 Section = Mapping[str, Any]
@@ -260,6 +259,8 @@ class CertStore:
                 # A raw key loaded without an id is known by its key id (SHA-1 of the DER SPKI).
                 pubkeys.setdefault(_keyid(data), data)
             elif kind == "X509" and _get(e, "flag", "NONE") != "CA":
+                from .der import parse_certificate  # cryptography loads only when a certificate is there
+
                 info = parse_certificate(data)
                 entry = (info.subject, info.issuer, info.spki)
                 certs[info.subject] = entry

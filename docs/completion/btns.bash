@@ -14,7 +14,7 @@ _btns() {
         --backend) COMPREPLY=($(compgen -W "strongswan libreswan" -- "$cur")); return ;;
         --state|--vici-socket) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --netns) COMPREPLY=($(compgen -W "$(_btns_netns)" -- "$cur")); return ;;
-        --child|--child-id|--config|--count|--fd|--ike|--ike-id|--key|--key-dir|--metrics|--pid|--socket|--timeout) COMPREPLY=(); return ;;
+        --child|--child-id|--config|--count|--fd|--ike|--ike-id|--key|--key-dir|--leap-of-faith|--metrics|--pid|--socket|--timeout) COMPREPLY=(); return ;;
     esac
     case "$cmd" in
         "") COMPREPLY=($(compgen -W "sockets sas watch token testbed daemon man completion demo peers -h --help --backend --vici-socket --netns --json -V --version" -- "$cur")) ;;
@@ -23,7 +23,7 @@ _btns() {
         watch) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --count --timeout --sa-only" -- "$cur")) ;;
         token) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --pid --fd" -- "$cur")) ;;
         testbed) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --state up down status" -- "$cur")) ;;
-        daemon) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --socket --config --metrics --keep-privileges -v --verbose" -- "$cur")) ;;
+        daemon) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --socket --config --metrics --keep-privileges --leap-of-faith -v --verbose" -- "$cur")) ;;
         man) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json" -- "$cur")) ;;
         completion) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json bash zsh" -- "$cur")) ;;
         demo) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --ipv6" -- "$cur")) ;;

@@ -15,6 +15,8 @@ def run(args: argparse.Namespace) -> int:
             argv += [f"--{flag}", value]
     if args.keep_privileges:
         argv.append("--keep-privileges")
+    if args.leap_of_faith:
+        argv += ["--leap-of-faith", args.leap_of_faith]
     if args.verbose:
         argv.append("-v")
     return main(argv)

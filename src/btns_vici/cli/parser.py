@@ -188,6 +188,8 @@ def build() -> argparse.ArgumentParser:
     d.add_argument("--config", metavar="PATH", help="btnsd.toml: backends, [[allow]] rules, [quota]")
     d.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics (prometheus_client)")
     d.add_argument("--keep-privileges", action="store_true", help="do not drop capabilities after start")
+    d.add_argument("--leap-of-faith", nargs="?", const="[::]:5386", metavar="[HOST:]PORT",
+                   help="answer the leap-of-faith key exchange on udp HOST:PORT (default [::]:5386)")
     d.add_argument("-v", "--verbose", action="store_true", help="log requests and connections")
     cmds["completion"].add_argument("shell", choices=("bash", "zsh"), metavar="SHELL", help="bash or zsh")
     return parser

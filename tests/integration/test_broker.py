@@ -481,3 +481,23 @@ def test_an_unprivileged_c_program_asks_through_the_broker(tb, broker, unpriv_py
     assert res.returncode == 0, (res.stdout, res.stderr)
     assert "privacyProtected" in res.stdout and "LEVEL_HIGH" in res.stdout, res.stdout
     assert "b-brkc-v4@btns.test" in res.stdout
+
+
+def test_btns_sockets_for_an_unprivileged_user_through_the_broker(tb, broker, unpriv_python):
+    tb.up("brks", "rawkey", 4)
+    cli, srv = connected_pair(tb, socket.IPPROTO_TCP, 4)
+    with cli, srv:
+        port = cli.getsockname()[1]
+        res = subprocess.run(
+            ["ip", "netns", "exec", tb.a.netns, "runuser", "-u", "nobody", "--", "env", f"BTNS_BROKER={broker.path}",
+             unpriv_python, "-m", "btns_vici.cli", "sockets", "--json", "-t", "state", "established"],
+            capture_output=True, text=True, timeout=60)
+        table = subprocess.run(
+            ["ip", "netns", "exec", tb.a.netns, "runuser", "-u", "nobody", "--", "env", f"BTNS_BROKER={broker.path}",
+             unpriv_python, "-m", "btns_vici.cli", "sockets", "-t"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    mine = [d for d in json.loads(res.stdout) if d["local_port"] == port]
+    assert len(mine) == 1 and mine[0]["status"] == "protected", mine
+    assert mine[0]["protection"]["peer_id"] == "b-brks-v4@btns.test"
+    assert mine[0]["processes"] == []  # root's process: not shown to nobody (as ss -p)
+    assert table.returncode == 0 and "b-brks-v4@btns.test" in table.stdout, table.stdout + table.stderr

@@ -181,6 +181,15 @@ class BrokerClient:
                      control=[[lvl, kind, data.hex()] for lvl, kind, data in control], flags=flags,
                      ptoken=protocol.ptoken_to_wire(demand))
 
+    def sockets(self, fd: FileDescriptorLike) -> list[dict[str, Any]]:
+        """Every socket of ``fd``'s namespace as ``btns sockets --json`` shows them (without pTokens)."""
+        out: list[dict[str, Any]] = []
+        while True:
+            res = self.request("sockets", fd, timeout=SLOW_TIMEOUT, offset=len(out))
+            out.extend(res["sockets"])
+            if len(out) >= res["total"] or not res["sockets"]:
+                return out
+
     def watch(self, callback: Callable[[Any], None]) -> Callable[[], None]:
         """Latches of broker clients re-check on a timer (the broker's SA events stay in the broker)."""
         from ..backend import SAEvent

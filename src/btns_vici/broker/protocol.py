@@ -53,6 +53,7 @@ OPS = {
     "prepare_listen": True,
     "verify": True,
     "latch": True,
+    "sockets": True,
 }
 
 

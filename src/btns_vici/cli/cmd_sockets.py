@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import socket
@@ -200,7 +201,67 @@ def selection(args: argparse.Namespace) -> tuple[Selection, set[int] | None, set
     return sel, protocols, families
 
 
+def _broker(args: argparse.Namespace) -> Any:
+    """btnsd, for a caller without root that names no backend of its own (README "btnsd"), else None."""
+    if os.geteuid() == 0 or args.backend or args.vici_socket or args.netns:
+        return None
+    from ..broker.client import BrokerClient
+    from ..broker.policy import DEFAULT_SOCKET
+
+    path = os.environ.get("BTNS_BROKER") or (DEFAULT_SOCKET if os.path.exists(DEFAULT_SOCKET) else None)
+    return BrokerClient(path) if path else None
+
+
+def _entry_of(d: dict[str, Any]) -> SocketEntry:
+    return SocketEntry(
+        proto=socket.IPPROTO_TCP if d["proto"] == "tcp" else socket.IPPROTO_UDP,
+        family=socket.AF_INET if d["family"] == 4 else socket.AF_INET6, state=d["state"],
+        local_addr=ipaddress.ip_address(d["local_addr"]), local_port=d["local_port"],
+        remote_addr=ipaddress.ip_address(d["remote_addr"]), remote_port=d["remote_port"],
+        inode=d["inode"], uid=d["uid"],
+    )
+
+
+def _cells_of(d: dict[str, Any]) -> list[Any]:
+    """Table cells from a socket's dict (what btnsd answers): as protection_cells gives them."""
+    p = d["protection"]
+    if p is None:
+        return ["clear", "", "", "", "", ""] if d["flow"] is not None else [d["status"]]
+    return [p["sa"], f"{p['spi_in']}/{p['spi_out']}", f"{p['protocol']}/{p['mode']}".lower(), p["algorithms"],
+            p["peer_id"], p["auth_method"]]
+
+
+def run_via_broker(args: argparse.Namespace, broker: Any) -> int:
+    """The listing btnsd makes for us (it reads every socket as root would, the processes only ours)."""
+    sel, protocols, families = selection(args)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as here:  # names our namespace to btnsd
+        dicts = broker.sockets(here)
+    kept = []
+    for d in dicts:
+        e = _entry_of(d)
+        if (protocols and e.proto not in protocols) or (families and e.family not in families):
+            continue
+        if (sel.states is not None and e.state not in sel.states) or (sel.predicate and not sel.predicate(e)):
+            continue
+        if args.connected and not e.connected:
+            continue
+        kept.append((e, d))
+    if args.json:
+        emit_array([d for _, d in kept])
+    else:
+        rows = []
+        for e, d in kept:
+            local = endpoint(e.local_addr, e.local_port)
+            peer = endpoint(e.remote_addr, e.remote_port) if e.flow is not None else "*"
+            rows.append([d["proto"], e.state, local, peer, users(d["processes"]), *_cells_of(d)])
+        table(HEADERS, rows)
+    return exits.OK
+
+
 def run(args: argparse.Namespace) -> int:
+    broker = _broker(args)
+    if broker is not None:
+        return run_via_broker(args, broker)
     sel, protocols, families = selection(args)
     entries = list_sockets(args.netns, protocols=protocols, families=families, states=sel.states)
     if sel.predicate is not None:

@@ -22,12 +22,14 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from btns_vici.plugins import get_backend, get_plugin_manager
 from btns_vici.selectors import Flow
 from btns_vici.testbed import Testbed
 
-BASE_PORT = 20000
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_socket_ptoken import BASE_PORT, bring_up
 
 FRESH = """
 import json, socket, sys, time, ipaddress
@@ -40,25 +42,6 @@ t = time.perf_counter()
 found = be.find_sa(flow)
 print(json.dumps([(time.perf_counter() - t) * 1000, found is not None]))
 """
-
-
-def bring_up(tb: Testbed, name: str, n: int) -> float:
-    a, b = tb.a.v4, tb.b.v4
-    children = {f"c{i}": ([f"{a}/32[tcp]"], [f"{b}/32[tcp/{BASE_PORT + i}]"]) for i in range(n)}
-    tb.load_conn(name, "psk", 4, children=children)
-    t = time.monotonic()
-    tb.initiate(name, "c0")
-    ctl = tb.a.ctl
-    for i in range(1, n):
-        for _ in ctl.initiate({"ike": name, "child": f"c{i}", "timeout": "-1"}):
-            pass
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        last = list(ctl.list_sas({"ike": name, "child": f"c{n - 1}"}))
-        if any(c.get("state") == b"INSTALLED" for e in last for c in e[name].get("child-sas", {}).values()):
-            return time.monotonic() - t
-        time.sleep(0.2)
-    raise RuntimeError(f"CHILD_SA c{n - 1} did not come up")
 
 
 def first_query(tb: Testbed, port: int) -> tuple[float, bool]:

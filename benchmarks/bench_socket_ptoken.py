@@ -53,6 +53,11 @@ def timed(fn: Callable[[], object], n: int) -> list[float]:
 
 
 def bring_up(tb: Testbed, name: str, n: int) -> float:
+    """One PSK connection with ``n`` per-port children, all initiated; seconds until the last is installed.
+
+    Only the last child is listed while waiting: an unfiltered list-sas of a big IKE_SA would exceed
+    charon's 512 KiB message limit.
+    """
     a, b = tb.a.v4, tb.b.v4
     children = {f"c{i}": ([f"{a}/32[tcp]"], [f"{b}/32[tcp/{BASE_PORT + i}]"]) for i in range(n)}
     tb.load_conn(name, "psk", 4, children=children)
@@ -62,16 +67,13 @@ def bring_up(tb: Testbed, name: str, n: int) -> float:
     for i in range(1, n):
         for _ in ctl.initiate({"ike": name, "child": f"c{i}", "timeout": "-1"}):
             pass
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        installed = sum(
-            1 for sa in ctl.list_sas({"ike": name}) for c in sa[name].get("child-sas", {}).values()
-            if c.get("state") == b"INSTALLED"
-        )
-        if installed >= n:
+        last = list(ctl.list_sas({"ike": name, "child": f"c{n - 1}"}))
+        if any(c.get("state") == b"INSTALLED" for e in last for c in e[name].get("child-sas", {}).values()):
             return time.monotonic() - t
         time.sleep(0.2)
-    raise RuntimeError(f"only {installed} of {n} CHILD_SAs came up")
+    raise RuntimeError(f"CHILD_SA c{n - 1} did not come up")
 
 
 def sockets_for(tb: Testbed, n: int, k: int) -> list[socket.socket]:

@@ -22,6 +22,7 @@ Two data planes exist (README "Data planes"):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from . import rtnl
@@ -157,8 +158,6 @@ def _inbound(rt: rtnl.RoutingView, view: SocketView, tun: int) -> tuple[bool, st
 
 
 def _err(code: int) -> str:
-    import os
-
     return f"{os.strerror(code)} (errno {code})"
 
 

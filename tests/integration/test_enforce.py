@@ -5,19 +5,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-import threading
 from pathlib import Path
 
 import pytest
 
 import btns_vici
 from btns_vici import AuthMethod, IToken, ProtectionLostError, PToken, Setting
-from btns_vici.api import accept, connect, listen
+from btns_vici.api import connect
 from btns_vici.backend import Backend
 from btns_vici.hostkey import HostIdentity, load_or_create
 from btns_vici.latch import LatchBroken, latch, unlatch
 from btns_vici.plugins import get_backend
 from btns_vici.testbed import Testbed
+
+from .acceptor import serve_with, wait_accept
 
 pytestmark = pytest.mark.testbed
 
@@ -78,32 +79,7 @@ def btns_demand(level: Setting = Setting.LEVEL_MEDIUM) -> PToken:
 
 def serve(b: Side, demand: PToken, port: int) -> tuple[socket.socket, list]:
     srv = b.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    btns_vici.set_socket_ptoken(srv, demand, b.backend)
-    srv.bind((str(b.peer.v4), port))
-    listen(srv, 4, b.backend)
-    got: list = []
-
-    def run() -> None:
-        try:
-            got.append(accept(srv, b.backend))
-        except OSError as exc:
-            got.append(exc)
-
-    threading.Thread(target=run, daemon=True).start()
-    return srv, got
-
-
-def wait_accept(got: list, timeout: float = 10.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not got and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert got, "server did not accept"
-    if isinstance(got[0], Exception):
-        raise got[0]
-    return got[0]
+    return srv, serve_with(srv, demand, b.backend, (str(b.peer.v4), port))
 
 
 def test_client_server_btns_enforced_end_to_end(tb, sides):

@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,13 +21,15 @@ import pytest
 import btns_vici
 from btns_vici import AuthMethod, IToken, PToken, Setting
 from btns_vici import leap as leap_mod
-from btns_vici.api import accept, connect, listen
+from btns_vici.api import connect
 from btns_vici.hostkey import load_or_create
 from btns_vici.knownpeers import KnownPeers
 from btns_vici.latch import unlatch
 from btns_vici.leap.responder import Limits, Responder
 from btns_vici.plugins import get_backend
 from btns_vici.testbed import Peer, Testbed
+
+from .acceptor import serve_with, wait_accept
 
 pytestmark = pytest.mark.testbed
 PORT = 5386
@@ -121,20 +122,7 @@ def leap(tb: Testbed, tmp_path: Path):
 
 def serve(b: LeapSide, want: PToken, port: int, peer: Peer | None = None):
     srv = b.socket() if peer is None else _socket_in(b.tb, peer)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    btns_vici.set_socket_ptoken(srv, want, b.backend)
-    srv.bind(("0.0.0.0", port))
-    listen(srv, 4, b.backend)
-    got: list = []
-
-    def run() -> None:
-        try:
-            got.append(accept(srv, b.backend))
-        except OSError as exc:
-            got.append(exc)
-
-    threading.Thread(target=run, daemon=True).start()
-    return srv, got
+    return srv, serve_with(srv, want, b.backend, ("0.0.0.0", port))
 
 
 def _socket_in(tb: Testbed, p: Peer) -> socket.socket:
@@ -142,16 +130,6 @@ def _socket_in(tb: Testbed, p: Peer) -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(10)
     return s
-
-
-def wait_accept(got: list, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while not got and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert got, "server did not accept"
-    if isinstance(got[0], Exception):
-        raise got[0]
-    return got[0]
 
 
 def contact(a: LeapSide, b: LeapSide, want_a: PToken, want_b: PToken, port: int):

@@ -11,17 +11,17 @@
 from __future__ import annotations
 
 import errno
-import threading
 import time
 
 import pytest
 
 import btns_vici
 from btns_vici import PToken, Setting, xfrm
-from btns_vici.api import accept, connect, listen
+from btns_vici.api import connect
 from btns_vici.latch import latch, unlatch
 from btns_vici.requirements import USE_POLICY
 
+from ..integration.acceptor import serve_with, wait_accept
 from ..integration.xfrm_support import ip
 from . import test_enforce_xfrm_vm as _enforce
 from .charon import child_sas
@@ -43,29 +43,7 @@ def _preload_null(ns: str) -> None:
 
 def _serve(b, demand: PToken):
     srv = b.socket()
-    btns_vici.set_socket_ptoken(srv, demand, b.backend)
-    srv.bind((str(B), 0))
-    listen(srv, 4, b.backend)
-    got: list = []
-
-    def run() -> None:
-        try:
-            got.append(accept(srv, b.backend))
-        except OSError as exc:
-            got.append(exc)
-
-    threading.Thread(target=run, daemon=True).start()
-    return srv, got
-
-
-def _accepted(got: list, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while not got and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert got, "the server did not accept"
-    if isinstance(got[0], Exception):
-        raise got[0]
-    return got[0]
+    return srv, serve_with(srv, demand, b.backend, (str(B), 0))
 
 
 def null_demand() -> PToken:
@@ -87,7 +65,7 @@ def test_privacy_disable_with_integrity_negotiates_esp_null(sides) -> None:
         btns_vici.set_socket_ptoken(cli, null_demand(), a.backend)
         with sniffer(b.host_ns.netns) as frames:
             connect(cli, (str(B), srv.getsockname()[1]), a.backend)
-            conn, _ = _accepted(got)
+            conn, _ = wait_accept(got, 30.0)
             assert exchange(cli, conn, marker) == marker
         (child,) = [c for c in child_sas(a.host_ns.charon) if c["state"] == "INSTALLED"]
         assert child["encr-alg"] == "NULL" and child["integ-alg"].startswith("HMAC_SHA2_"), child
@@ -125,7 +103,7 @@ def test_use_gets_esp_when_the_peer_can(sides) -> None:
         pols = guard_policies(a.host_ns.netns)
         assert pols and all(t.optional for p in pols for t in p.templates)  # level use
         connect(cli, (str(B), srv.getsockname()[1]), a.backend)
-        conn, _ = _accepted(got)
+        conn, _ = wait_accept(got, 30.0)
         assert exchange(cli, conn, b"use-esp") == b"use-esp"
         tok = btns_vici.get_socket_ptoken(cli, a.backend)
         # ESP out; inbound the optional template also accepts clear packets: integrity is reported DISABLE.
@@ -170,7 +148,7 @@ def test_broken_latch_destroys_the_kernel_socket(sides) -> None:
     try:
         btns_vici.set_socket_ptoken(cli, transport_demand(), a.backend)
         connect(cli, (str(B), srv.getsockname()[1]), a.backend, latch_=False)
-        conn, _ = _accepted(got)
+        conn, _ = wait_accept(got, 30.0)
         lt = latch(cli, a.backend, shutdown=True)
         ses = a.host_ns.charon.session()
         for name in [n for entry in ses.list_conns() for n in entry]:

@@ -52,7 +52,6 @@ OPS = {
     "prepare_connect": True,
     "prepare_listen": True,
     "verify": True,
-    "latch": True,
     "sockets": True,
 }
 

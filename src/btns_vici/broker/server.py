@@ -103,7 +103,6 @@ class Metrics:
         self.clients = Gauge("btnsd_clients", "Connected clients", registry=self.registry)
         self.errors = Counter("btnsd_broker_errors_total", "Malformed or refused client input", ["kind"],
                               registry=self.registry)
-        self.latch_breaks = Counter("btnsd_latch_breaks_total", "Latch breaks seen", registry=self.registry)
         self.enabled = True
 
     def serve(self, where: str) -> None:
@@ -498,9 +497,6 @@ class Server:
             with self._lock:
                 self.demands[key] = (c.ident, demand.copy())
         return {"ptoken": protocol.ptoken_to_wire(actual)}
-
-    def op_latch(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
-        return self.op_verify(c, req, fd)
 
     def op_get_msg_ptoken(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
         """A datagram the client received on the socket ``fd``: where it came from and arrived."""

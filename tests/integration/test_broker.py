@@ -501,3 +501,29 @@ def test_btns_sockets_for_an_unprivileged_user_through_the_broker(tb, broker, un
     assert mine[0]["protection"]["peer_id"] == "b-brks-v4@btns.test"
     assert mine[0]["processes"] == []  # root's process: not shown to nobody (as ss -p)
     assert table.returncode == 0 and "b-brks-v4@btns.test" in table.stdout, table.stdout + table.stderr
+
+
+def test_through_the_broker_and_btns_sockets_a_marked_socket_is_clear(tb, broker):
+    """The hostile case on the broker's and the CLI's paths: charon's bypass mark, bytes captured in clear."""
+    from .wire import capture, seen
+
+    tb.up("brkm", "rawkey", 4)
+    with tb.in_netns(tb.b):
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with tb.in_netns(tb.a):
+        marked = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with rx, marked:
+        rx.bind((str(tb.b.v4), 28006))
+        marked.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x42)
+        marked.connect((str(tb.b.v4), 28006))
+        with capture(tb.b.netns, tb.b.link) as frames:
+            marked.send(b"BROKER-MARKED-LEAK")
+        tok = broker.client().get_socket_ptoken(marked)
+        port = marked.getsockname()[1]
+        listing = subprocess.run([sys.executable, "-m", "btns_vici.cli", "sockets", "--json", "--netns", tb.a.netns,
+                                  "--vici-socket", tb.a.vici_path, "-u"], capture_output=True, text=True, timeout=60)
+    assert seen(frames, b"BROKER-MARKED-LEAK")  # it left in clear
+    assert not tok.protected and "mark=0x42" in tok.information_string, tok.information_string
+    assert listing.returncode == 0, listing.stderr
+    (row,) = [d for d in json.loads(listing.stdout) if d["local_port"] == port]
+    assert row["status"] == "clear" and "mark=0x42" in row["ptoken"]["informationString"], row

@@ -178,8 +178,11 @@ async def main_async(tb: Testbed, args: argparse.Namespace) -> None:
     with_mw = await served(tb, IPsecMiddleware(app, be_b), 28301, args.conns, args.requests)
     with_inline = await served(tb, IPsecMiddleware(app, be_b, inline=True), 28302, args.conns, args.requests)
     print(f"\nuvicorn over the SA, {args.conns} keep-alive connections, {args.requests:,} requests (one loop)")
-    for name, rps in (("app", base), ("IPsecMiddleware(app)", with_mw), ("IPsecMiddleware(app, inline=True)",
-                                                                        with_inline)):
+    for name, rps in (
+        ("app", base),
+        ("IPsecMiddleware(app)", with_mw),
+        ("IPsecMiddleware(app, inline=True)", with_inline),
+    ):
         extra = "" if rps == base else f"   (+{1e6 / rps - 1e6 / base:.0f} us/request)"
         print(f"  {name:<55} {rps:>10,.0f} req/s {1e6 / rps:>7.0f} us{extra}")
     cli.close()

@@ -79,8 +79,9 @@ print(n)
 
 def fresh(fd: int, setup: str, arg: str) -> float:
     code = FRESH.format(setup=setup, arg=arg)
-    out = subprocess.run([sys.executable, "-c", code, str(fd)], pass_fds=(fd,), capture_output=True, text=True,
-                         check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(fd)], pass_fds=(fd,), capture_output=True, text=True, check=True
+    ).stdout.split()
     return float(out[0])
 
 
@@ -93,8 +94,10 @@ def main() -> None:
     rows = []
     with Testbed(loglevel=-1) as tb, tempfile.TemporaryDirectory(prefix="btns-bench-") as work:
         conf = Path(work) / "btnsd.toml"
-        conf.write_text(f'[quota]\nrequests_per_second = 1e9\nburst = 1000000\n[[backend]]\nname = "strongswan"\n'
-                        f'vici_socket = "{tb.a.vici_path}"\nnetns = "{tb.a.netns}"\n')
+        conf.write_text(
+            f'[quota]\nrequests_per_second = 1e9\nburst = 1000000\n[[backend]]\nname = "strongswan"\n'
+            f'vici_socket = "{tb.a.vici_path}"\nnetns = "{tb.a.netns}"\n'
+        )
         path = str(Path(work) / "btnsd.sock")
         brk = subprocess.Popen([sys.executable, "-m", "btns_vici.broker", "--socket", path, "--config", str(conf)])
         while not (os.path.exists(path) and BrokerClient(path, timeout=1).probe()):
@@ -109,16 +112,23 @@ def main() -> None:
             client.get_socket_ptoken(cli)
             inproc = timed(lambda s=cli: get_socket_ptoken(s, be), args.queries)
             brok = timed(lambda s=cli: client.get_socket_ptoken(s), args.queries)
-            f_broker = statistics.median(fresh(cli.fileno(), f"os.environ['BTNS_BROKER'] = {path!r}", "")
-                                         for _ in range(5))
+            f_broker = statistics.median(
+                fresh(cli.fileno(), f"os.environ['BTNS_BROKER'] = {path!r}", "") for _ in range(5)
+            )
             opts = repr(dict(tb.a.options))
             own = f"from btns_vici.plugins import get_backend\nbe = get_backend('strongswan', {opts})"
             f_own = statistics.median(fresh(cli.fileno(), own, ", be") for _ in range(3))
             qps = {}
             for k in (1, 16, 256):
-                procs = [subprocess.Popen([sys.executable, "-c", LOAD, str(cli.fileno()), path, str(args.seconds)],
-                                          pass_fds=(cli.fileno(),), stdout=subprocess.PIPE, text=True)
-                         for _ in range(k)]
+                procs = [
+                    subprocess.Popen(
+                        [sys.executable, "-c", LOAD, str(cli.fileno()), path, str(args.seconds)],
+                        pass_fds=(cli.fileno(),),
+                        stdout=subprocess.PIPE,
+                        text=True,
+                    )
+                    for _ in range(k)
+                ]
                 total = sum(int(p.communicate()[0]) for p in procs)
                 qps[k] = total / args.seconds
             rows.append((n, p50(inproc), p50(brok), f_broker / 1000, f_own / 1000, qps, rss_kib(brk.pid)))
@@ -134,12 +144,16 @@ def main() -> None:
         brk.terminate()
         brk.wait()
     print(f"\nload average: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
-    print("| CHILD_SAs | in-process p50 µs | broker p50 µs | ratio | fresh client via broker ms | fresh process "
-          "own index ms | q/s 1 client | q/s 16 | q/s 256 | btnsd RSS KiB |")
+    print(
+        "| CHILD_SAs | in-process p50 µs | broker p50 µs | ratio | fresh client via broker ms | fresh process "
+        "own index ms | q/s 1 client | q/s 16 | q/s 256 | btnsd RSS KiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n, a, b, fb, fo, q, rss in rows:
-        print(f"| {n} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {fb:.1f} | {fo:.1f} | {q[1]:,.0f} | {q[16]:,.0f} | "
-              f"{q[256]:,.0f} | {rss:,} |")
+        print(
+            f"| {n} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {fb:.1f} | {fo:.1f} | {q[1]:,.0f} | {q[16]:,.0f} | "
+            f"{q[256]:,.0f} | {rss:,} |"
+        )
     print(f"\nbtnsd RSS: {rss_empty:,} KiB at start; {(rss_clients - rows[-1][6]) / 200:.1f} KiB per connected client")
 
 

@@ -108,8 +108,11 @@ def main() -> None:
         for n in (int(x) for x in args.sockets.split(",")):
             sockets = loopback_sockets(tb, n)
             ss = wall([*ns, "ss", "-tanp"], args.runs)
-            for what, rest in (("btns sockets", ["sockets"]), ("btns sockets --json", ["--json", "sockets"]),
-                               ("btns sockets -t state established", ["sockets", "-t", "state", "established"])):
+            for what, rest in (
+                ("btns sockets", ["sockets"]),
+                ("btns sockets --json", ["--json", "sockets"]),
+                ("btns sockets -t state established", ["sockets", "-t", "state", "established"]),
+            ):
                 rows.append((f"sockets, {n:,}", what, *both(ns, rest), ss))
             for s in sockets:
                 s.close()
@@ -120,8 +123,11 @@ def main() -> None:
             name = f"bsas{n}"
             bring_up(tb, name, n)
             swanctl = wall(["swanctl", "--list-sas", "--uri", f"unix://{tb.a.vici_path}"], args.runs)
-            for what, rest in (("btns sas", ["sas"]), ("btns sas --json", ["--json", "sas"]),
-                               ("btns sas --ike NAME", ["sas", "--ike", name])):
+            for what, rest in (
+                ("btns sas", ["sas"]),
+                ("btns sas --json", ["--json", "sas"]),
+                ("btns sas --ike NAME", ["sas", "--ike", name]),
+            ):
                 rows.append((f"sas, {n:,} CHILD_SAs", what, *both([], rest), swanctl))
             tb.unload_conn(name)
     print(f"median of {args.runs} runs, whole processes, ms; load average {os.getloadavg()[0]:.1f}")

@@ -115,11 +115,16 @@ def main(rounds: int) -> None:
             plain.append(time.perf_counter() - t0)
             s.close()
         srv.close()
-        for label, xs in (("raw VICI load-conn+initiate, then connect", raw),
-                          ("wrapper, cold (set_socket_ptoken+connect+verify+latch)", cold),
-                          ("wrapper, warm (SA up)", warm), ("plain connect over the SA", plain)):
-            print(f"{label:58s} p50 {statistics.median(xs) * 1000:8.2f} ms  "
-                  f"max {max(xs) * 1000:8.2f} ms  ({len(xs)} runs; {1 / statistics.median(xs):7.1f}/s)")
+        for label, xs in (
+            ("raw VICI load-conn+initiate, then connect", raw),
+            ("wrapper, cold (set_socket_ptoken+connect+verify+latch)", cold),
+            ("wrapper, warm (SA up)", warm),
+            ("plain connect over the SA", plain),
+        ):
+            print(
+                f"{label:58s} p50 {statistics.median(xs) * 1000:8.2f} ms  "
+                f"max {max(xs) * 1000:8.2f} ms  ({len(xs)} runs; {1 / statistics.median(xs):7.1f}/s)"
+            )
 
 
 if __name__ == "__main__":

@@ -140,16 +140,19 @@ def main() -> int:
         ctx_b = get_plugin_manager().get_plugin("strongswan").context(b.options)
         la, lb = ipaddress.ip_address(str(a.peer.v4)), ipaddress.ip_address(str(b.peer.v4))
         ctx_b.session.request("load-key", {"type": "any", "data": b.host.private_pem.decode()})
-        ctx_b.session.request("load-conn", conn_config("bench-raw", lb, la, b.host, [a.host.public_der], PToken(),
-                                                       ctx_b.dataplane()))
+        ctx_b.session.request(
+            "load-conn", conn_config("bench-raw", lb, la, b.host, [a.host.public_der], PToken(), ctx_b.dataplane())
+        )
         ctx_a.session.request("load-key", {"type": "any", "data": a.host.private_pem.decode()})
         for _ in range(args.rounds):
             arrived.clear()
             t0 = time.perf_counter()
-            ctx_a.session.request("load-conn", conn_config("bench-raw", la, lb, a.host, [b.host.public_der],
-                                                           PToken(), ctx_a.dataplane()))
-            ctx_a.session.streamed("initiate", "control-log", {"ike": "bench-raw", "child": "bench-raw",
-                                                               "timeout": "10000"})
+            ctx_a.session.request(
+                "load-conn", conn_config("bench-raw", la, lb, a.host, [b.host.public_der], PToken(), ctx_a.dataplane())
+            )
+            ctx_a.session.streamed(
+                "initiate", "control-log", {"ike": "bench-raw", "child": "bench-raw", "timeout": "10000"}
+            )
             cli = a.socket()
             cli.connect((str(b.peer.v4), TCP_PORT + 1))
             cli.sendall(b"x")

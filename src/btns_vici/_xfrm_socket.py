@@ -120,8 +120,14 @@ def socket_template(
         family = socket.AF_INET if daddr.version == 4 else socket.AF_INET6
     zero: IPAddress = ipaddress.IPv6Address(0) if family == socket.AF_INET6 else ipaddress.IPv4Address(0)
     return Template(
-        family=family, daddr=daddr or zero, saddr=saddr or zero, spi=spi, proto=proto_num,
-        mode=MODES[mode], reqid=reqid, optional=level == "use",
+        family=family,
+        daddr=daddr or zero,
+        saddr=saddr or zero,
+        spi=spi,
+        proto=proto_num,
+        mode=MODES[mode],
+        reqid=reqid,
+        optional=level == "use",
     )
 
 
@@ -135,9 +141,7 @@ def _sockopt(sock: socket.socket) -> tuple[int, int]:
 
 def _install(sock: socket.socket, policy: SocketPolicy) -> None:
     level, opt = _sockopt(sock)
-    templates = tuple(
-        t if t.family else replace(t, family=sock.family) for t in policy.templates
-    )
+    templates = tuple(t if t.family else replace(t, family=sock.family) for t in policy.templates)
     sock.setsockopt(level, opt, wire.encode_socket_policy(sock.family, DIRS[policy.direction], templates))
 
 
@@ -158,9 +162,7 @@ def set_socket_policy(
     """
     if direction not in DIRS:
         raise ValueError(f"direction must be 'in' or 'out', not {direction!r}")
-    tmpls = tuple(
-        socket_template(t, level=level, reqid=reqid) if isinstance(t, str) else t for t in templates
-    )
+    tmpls = tuple(socket_template(t, level=level, reqid=reqid) if isinstance(t, str) else t for t in templates)
     policy = SocketPolicy(direction, tmpls)
     with _records_lock:
         _install(sock, policy)

@@ -94,8 +94,18 @@ def decode_selector(raw: bytes, default_family: int = 0) -> Selector:
     dport, dport_mask, sport, sport_mask = _PORTS.unpack_from(raw, 32)
     afam = family or default_family
     return Selector(
-        family, _addr(saddr, afam), _addr(daddr, afam), plen_s, plen_d,
-        sport, sport_mask, dport, dport_mask, proto, ifindex, user,
+        family,
+        _addr(saddr, afam),
+        _addr(daddr, afam),
+        plen_s,
+        plen_d,
+        sport,
+        sport_mask,
+        dport,
+        dport_mask,
+        proto,
+        ifindex,
+        user,
     )
 
 
@@ -103,8 +113,18 @@ def decode_template(raw: bytes) -> Template:
     xid, family, saddr, reqid, mode, share, optional, aalgos, ealgos, calgos = USER_TMPL.unpack(raw)
     daddr, spi, proto = XFRM_ID.unpack(xid)
     return Template(
-        family, _addr(daddr, family), _addr(saddr, family), _be32(spi), proto, mode,
-        reqid, share, bool(optional), aalgos, ealgos, calgos,
+        family,
+        _addr(daddr, family),
+        _addr(saddr, family),
+        _be32(spi),
+        proto,
+        mode,
+        reqid,
+        share,
+        bool(optional),
+        aalgos,
+        ealgos,
+        calgos,
     )
 
 
@@ -138,13 +158,27 @@ class _Attrs:
     """What the attributes of one SA/policy message say, decoded leniently."""
 
     _SIZES = {
-        XFRMA_ENCAP: ENCAP_TMPL.size, XFRMA_MARK: MARK.size, XFRMA_IF_ID: U32.size, XFRMA_POLICY_TYPE: 1,
-        XFRMA_SA: USERSA_INFO.size, XFRMA_POLICY: USERPOLICY_INFO.size, XFRMA_SA_DIR: 1,
-        XFRMA_ALG_CRYPT: ALGO.size, XFRMA_ALG_AUTH: ALGO.size, XFRMA_ALG_COMP: ALGO.size,
-        XFRMA_ALG_AUTH_TRUNC: ALGO_LEN.size, XFRMA_ALG_AEAD: ALGO_LEN.size, XFRMA_TMPL: 0,
+        XFRMA_ENCAP: ENCAP_TMPL.size,
+        XFRMA_MARK: MARK.size,
+        XFRMA_IF_ID: U32.size,
+        XFRMA_POLICY_TYPE: 1,
+        XFRMA_SA: USERSA_INFO.size,
+        XFRMA_POLICY: USERPOLICY_INFO.size,
+        XFRMA_SA_DIR: 1,
+        XFRMA_ALG_CRYPT: ALGO.size,
+        XFRMA_ALG_AUTH: ALGO.size,
+        XFRMA_ALG_COMP: ALGO.size,
+        XFRMA_ALG_AUTH_TRUNC: ALGO_LEN.size,
+        XFRMA_ALG_AEAD: ALGO_LEN.size,
+        XFRMA_TMPL: 0,
     }
-    _ALGS = {XFRMA_ALG_CRYPT: "crypt", XFRMA_ALG_AUTH: "auth", XFRMA_ALG_AUTH_TRUNC: "auth",
-             XFRMA_ALG_AEAD: "aead", XFRMA_ALG_COMP: "comp"}
+    _ALGS = {
+        XFRMA_ALG_CRYPT: "crypt",
+        XFRMA_ALG_AUTH: "auth",
+        XFRMA_ALG_AUTH_TRUNC: "auth",
+        XFRMA_ALG_AEAD: "aead",
+        XFRMA_ALG_COMP: "comp",
+    }
 
     def __init__(self, raw: bytes) -> None:
         self.algorithms: dict[str, Algorithm] = {}
@@ -203,30 +237,61 @@ def decode_state(info: bytes, attrs: _Attrs) -> XfrmState:
     sel, xid, saddr, lft, cur, stats, seq, reqid, family, mode, replay_window, flags = USERSA_INFO.unpack(info)
     daddr, spi, proto = XFRM_ID.unpack(xid)
     return XfrmState(
-        sel=decode_selector(sel, family), daddr=_addr(daddr, family), saddr=_addr(saddr, family), spi=_be32(spi),
-        proto=proto, family=family, mode=mode, reqid=reqid, seq=seq, replay_window=replay_window, flags=flags,
-        lifetime=Lifetime(*LIFETIME_CFG.unpack(lft)), current=Current(*LIFETIME_CUR.unpack(cur)),
+        sel=decode_selector(sel, family),
+        daddr=_addr(daddr, family),
+        saddr=_addr(saddr, family),
+        spi=_be32(spi),
+        proto=proto,
+        family=family,
+        mode=mode,
+        reqid=reqid,
+        seq=seq,
+        replay_window=replay_window,
+        flags=flags,
+        lifetime=Lifetime(*LIFETIME_CFG.unpack(lft)),
+        current=Current(*LIFETIME_CUR.unpack(cur)),
         stats=Stats(*STATS.unpack(stats)),
         algorithms=tuple(attrs.algorithms[k] for k in _ALG_ORDER if k in attrs.algorithms),
-        encap=attrs.encap, mark=attrs.mark, if_id=attrs.if_id, direction=attrs.sa_dir,
+        encap=attrs.encap,
+        mark=attrs.mark,
+        if_id=attrs.if_id,
+        direction=attrs.sa_dir,
     )
 
 
 def decode_policy(info: bytes, attrs: _Attrs) -> XfrmPolicy:
     sel, lft, cur, priority, index, direction, action, flags, share = USERPOLICY_INFO.unpack(info)
     return XfrmPolicy(
-        sel=decode_selector(sel), dir=direction, priority=priority, index=index, action=action, flags=flags,
-        share=share, lifetime=Lifetime(*LIFETIME_CFG.unpack(lft)), current=Current(*LIFETIME_CUR.unpack(cur)),
-        templates=attrs.templates, mark=attrs.mark, if_id=attrs.if_id, type=attrs.policy_type,
+        sel=decode_selector(sel),
+        dir=direction,
+        priority=priority,
+        index=index,
+        action=action,
+        flags=flags,
+        share=share,
+        lifetime=Lifetime(*LIFETIME_CFG.unpack(lft)),
+        current=Current(*LIFETIME_CUR.unpack(cur)),
+        templates=attrs.templates,
+        mark=attrs.mark,
+        if_id=attrs.if_id,
+        type=attrs.policy_type,
     )
 
 
 def _decode_body(mtype: int, body: bytes) -> XfrmState | XfrmPolicy | XfrmEvent | None:
     kind = EVENT_KINDS[mtype]
     fixed = {
-        "new-sa": USERSA_INFO, "update-sa": USERSA_INFO, "del-sa": USERSA_ID, "expire": USER_EXPIRE,
-        "new-policy": USERPOLICY_INFO, "update-policy": USERPOLICY_INFO, "del-policy": USERPOLICY_ID,
-        "polexpire": USER_POLEXPIRE, "acquire": USER_ACQUIRE, "flush-sa": _USERSA_FLUSH, "flush-policy": None,
+        "new-sa": USERSA_INFO,
+        "update-sa": USERSA_INFO,
+        "del-sa": USERSA_ID,
+        "expire": USER_EXPIRE,
+        "new-policy": USERPOLICY_INFO,
+        "update-policy": USERPOLICY_INFO,
+        "del-policy": USERPOLICY_ID,
+        "polexpire": USER_POLEXPIRE,
+        "acquire": USER_ACQUIRE,
+        "flush-sa": _USERSA_FLUSH,
+        "flush-policy": None,
     }[kind]
     size = fixed.size if fixed else 0
     if len(body) < size:
@@ -252,10 +317,22 @@ def _decode_body(mtype: int, body: bytes) -> XfrmState | XfrmPolicy | XfrmEvent 
         daddr, spi, proto = XFRM_ID.unpack(xid)
         policy, flow_sel = decode_policy(pol, attrs), decode_selector(sel)
         family = (attrs.templates[0].family if attrs.templates else 0) or flow_sel.family or socket.AF_INET
-        return XfrmEvent(kind, acquire=Acquire(
-            _addr(daddr, family), _addr(saddr, family), _be32(spi), proto, flow_sel, policy,
-            aalgos, ealgos, calgos, seq, attrs.templates,
-        ))
+        return XfrmEvent(
+            kind,
+            acquire=Acquire(
+                _addr(daddr, family),
+                _addr(saddr, family),
+                _be32(spi),
+                proto,
+                flow_sel,
+                policy,
+                aalgos,
+                ealgos,
+                calgos,
+                seq,
+                attrs.templates,
+            ),
+        )
     return XfrmEvent(kind, proto=body[0] if kind == "flush-sa" and body else 0)
 
 
@@ -299,6 +376,7 @@ def split_messages(data: bytes) -> Iterator[bytes]:
 
 # ---- encoding: per-socket policies (IP_XFRM_POLICY / IPV6_XFRM_POLICY) ----
 
+
 def _addr_bytes(addr: IPAddress | None) -> bytes:
     return b"" if addr is None else addr.packed
 
@@ -311,8 +389,16 @@ def encode_selector(family: int) -> bytes:
 def encode_template(t: Template) -> bytes:
     xid = XFRM_ID.pack(_addr_bytes(t.daddr), t.spi.to_bytes(4, "big"), t.proto)
     return USER_TMPL.pack(
-        xid, t.family, _addr_bytes(t.saddr), t.reqid, t.mode, t.share, int(t.optional),
-        t.aalgos, t.ealgos, t.calgos,
+        xid,
+        t.family,
+        _addr_bytes(t.saddr),
+        t.reqid,
+        t.mode,
+        t.share,
+        int(t.optional),
+        t.aalgos,
+        t.ealgos,
+        t.calgos,
     )
 
 

@@ -181,8 +181,15 @@ def _loop_callback(loop: asyncio.AbstractEventLoop, *targets: Callable[[Any], An
     return from_thread
 
 
-def _connect_sync(sock: socket.socket, address: tuple, be: Backend, demand_set: bool, timeout: float | None,
-                  want_latch: bool, on_break: Callable[[Any], None]) -> tuple[PToken, Any]:
+def _connect_sync(
+    sock: socket.socket,
+    address: tuple,
+    be: Backend,
+    demand_set: bool,
+    timeout: float | None,
+    want_latch: bool,
+    on_break: Callable[[Any], None],
+) -> tuple[PToken, Any]:
     """In a worker: api.connect (negotiate, connect, verify) on the blocking socket, then latch."""
     sock.settimeout(timeout)
     try:
@@ -200,8 +207,15 @@ def _connect_sync(sock: socket.socket, address: tuple, be: Backend, demand_set: 
     return tok, lt
 
 
-async def connect(sock: socket.socket, address: tuple, backend: BackendLike = None, *, latch: bool = True,
-                  on_break: OnBreak | None = None, timeout: float | None = 30.0) -> PToken:
+async def connect(
+    sock: socket.socket,
+    address: tuple,
+    backend: BackendLike = None,
+    *,
+    latch: bool = True,
+    on_break: OnBreak | None = None,
+    timeout: float | None = 30.0,
+) -> PToken:
     """``api.connect`` for asyncio: the SA negotiation, the TCP handshake and the verification run
     in the negotiation pool; returns the verified pToken. A socket with a pToken attached that
     the connection does not meet is shut down and EACCES raised (EHOSTUNREACH when no SA could
@@ -209,8 +223,9 @@ async def connect(sock: socket.socket, address: tuple, backend: BackendLike = No
     loop = asyncio.get_running_loop()
     be = await resolve_backend(backend)
     demand_set = await run_blocking(api.attached_ptoken, sock) is not None
-    tok, _lt = await run_blocking(_connect_sync, sock, address, be, demand_set, timeout, latch,
-                                  _loop_callback(loop, on_break), kind="negotiation")
+    tok, _lt = await run_blocking(
+        _connect_sync, sock, address, be, demand_set, timeout, latch, _loop_callback(loop, on_break), kind="negotiation"
+    )
     return tok
 
 
@@ -220,8 +235,9 @@ async def listen(sock: socket.socket, backlog: int = 128, backend: BackendLike =
     await run_blocking(api.listen, sock, backlog, be)
 
 
-def _admit_sync(conn: Any, demand: PToken | None, be: Backend, want_latch: bool,
-                on_break: Callable[[Any], None]) -> tuple[PToken, Any]:
+def _admit_sync(
+    conn: Any, demand: PToken | None, be: Backend, want_latch: bool, on_break: Callable[[Any], None]
+) -> tuple[PToken, Any]:
     """In a worker: what api.accept checks for an accepted connection (and the latch)."""
     tok = api.get_socket_ptoken(conn, be) if demand is None else api.admit(conn, demand, be)
     lt = None
@@ -245,8 +261,13 @@ def _forget_latch(lt: Any) -> None:
 class BtnsStreamWriter(asyncio.StreamWriter):
     """An :class:`asyncio.StreamWriter` that also answers ``btns_ptoken`` and ``btns_latch``."""
 
-    def __init__(self, transport: asyncio.BaseTransport, protocol: _Protocol, reader: asyncio.StreamReader | None,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        transport: asyncio.BaseTransport,
+        protocol: _Protocol,
+        reader: asyncio.StreamReader | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         super().__init__(transport, protocol, reader, loop)  # type: ignore[arg-type]
         self._btns = protocol
 
@@ -383,8 +404,9 @@ async def open_connection(
                 if addr is None:  # already connected: verified against ptoken, if any
                     tok, lt = await run_blocking(_admit_sync, s, ptoken, be, latch, callback)
                 elif ptoken is not None or api.attached_ptoken(s) is not None:
-                    tok, lt = await run_blocking(_connect_sync, s, addr, be, True, timeout, latch, callback,
-                                                 kind="negotiation")
+                    tok, lt = await run_blocking(
+                        _connect_sync, s, addr, be, True, timeout, latch, callback, kind="negotiation"
+                    )
                 else:
                     s.setblocking(False)
                     await asyncio.wait_for(loop.sock_connect(s, addr), timeout)
@@ -429,8 +451,14 @@ class _ServerProtocol(_Protocol):
     async def _admit(self, transport: asyncio.BaseTransport) -> None:
         st = self._state
         try:
-            tok, lt = await run_blocking(_admit_sync, transport.get_extra_info("socket"), st.demand, st.backend,
-                                         st.latch, _loop_callback(self._loop, self.on_break, st.on_break))
+            tok, lt = await run_blocking(
+                _admit_sync,
+                transport.get_extra_info("socket"),
+                st.demand,
+                st.backend,
+                st.latch,
+                _loop_callback(self._loop, self.on_break, st.on_break),
+            )
         except OSError as exc:
             st.refused += 1
             log.info("refused %s: %s", transport.get_extra_info("peername"), exc)
@@ -454,8 +482,9 @@ class _ServerProtocol(_Protocol):
 
 
 class _ServerState:
-    def __init__(self, handler: ClientConnected, demand: PToken | None, backend: Backend, latch: bool,
-                 on_break: OnBreak | None) -> None:
+    def __init__(
+        self, handler: ClientConnected, demand: PToken | None, backend: Backend, latch: bool, on_break: OnBreak | None
+    ) -> None:
         self.handler, self.demand, self.backend, self.latch, self.on_break = handler, demand, backend, latch, on_break
         self.refused = 0
 
@@ -564,8 +593,9 @@ def _flow_of_peer(client: Any, server: Any) -> Flow | None:
         return None
 
 
-def _info(ptoken: PToken, source: str, flow: Flow | None, reason: str = "", proxied: bool = False,
-          hop: PToken | None = None) -> dict[str, Any]:
+def _info(
+    ptoken: PToken, source: str, flow: Flow | None, reason: str = "", proxied: bool = False, hop: PToken | None = None
+) -> dict[str, Any]:
     return {
         "ptoken": ptoken,
         "itoken": ptoken.itoken if ptoken.protected else None,
@@ -628,13 +658,18 @@ async def connection_info(
                     be = await resolve_backend(backend)
                     tok, peer = await run_blocking(_peer_sync, sock, be)
             except OSError as exc:
-                return _info(unprotected_ptoken(flow, f"the connection cannot be inspected: {exc}"),
-                             SOURCE_REFUSED, flow, str(exc))
+                return _info(
+                    unprotected_ptoken(flow, f"the connection cannot be inspected: {exc}"),
+                    SOURCE_REFUSED,
+                    flow,
+                    str(exc),
+                )
             source = SOURCE_SOCKET
             if client and not _same_endpoint(client, peer):
                 why_proxied = why_proxied or (
                     f"scope client {tuple(client)} is not the connection's peer {peer[:2]} (rewritten from "
-                    "forwarding headers)")
+                    "forwarding headers)"
+                )
     elif flow is None:
         reason = "neither the connection's socket nor its client/server addresses are known"
         return _info(unprotected_ptoken(None, reason), SOURCE_REFUSED, None, reason)
@@ -665,8 +700,9 @@ def pin_key(public_key: bytes) -> IToken:
     return IToken.from_identity(authentication_method=AuthMethod.BTNS, pub_key_id=public_key)
 
 
-def demand(peer: IToken | PToken | None = None, min_privacy: Setting = Setting.ENABLE,
-           min_integrity: Setting = Setting.ENABLE) -> PToken:
+def demand(
+    peer: IToken | PToken | None = None, min_privacy: Setting = Setting.ENABLE, min_integrity: Setting = Setting.ENABLE
+) -> PToken:
     """The pToken a handler demands: privacy and integrity at least these levels, and (``peer``)
     the peer identity an iToken pins, e.g. :func:`pin_key` or one saved from an earlier
     connection (``IToken.from_bytes``). A PToken passed as ``peer`` is used as it is."""

@@ -33,8 +33,9 @@ KEY: Any = web.RequestKey("btns", dict) if hasattr(web, "RequestKey") else "btns
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-async def request_info(request: web.Request, backend: Any = None, *, forwarded: str = "refuse",
-                       inline: bool = False) -> dict[str, Any]:
+async def request_info(
+    request: web.Request, backend: Any = None, *, forwarded: str = "refuse", inline: bool = False
+) -> dict[str, Any]:
     """:func:`btns_vici.aio.connection_info` for an aiohttp request."""
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
@@ -44,12 +45,14 @@ async def request_info(request: web.Request, backend: Any = None, *, forwarded: 
     if isinstance(peer, (tuple, list)) and len(peer) >= 2:
         client = (request.remote or peer[0], peer[1])  # request.remote differs once a proxy helper rewrote it
     headers = [(k.lower(), v) for k, v in request.raw_headers]
-    return await aio.connection_info(sock=sock, client=client, server=server, headers=headers, backend=backend,
-                                     forwarded=forwarded, inline=inline)
+    return await aio.connection_info(
+        sock=sock, client=client, server=server, headers=headers, backend=backend, forwarded=forwarded, inline=inline
+    )
 
 
-def ipsec_middleware(backend: Any = None, *, forwarded: str = "refuse", require: PToken | None = None,
-                     inline: bool = False) -> Callable[..., Awaitable[web.StreamResponse]]:
+def ipsec_middleware(
+    backend: Any = None, *, forwarded: str = "refuse", require: PToken | None = None, inline: bool = False
+) -> Callable[..., Awaitable[web.StreamResponse]]:
     """An aiohttp middleware setting ``request[KEY]`` (see :func:`btns_info`); with ``require`` (a demand, see
     :func:`btns_vici.aio.demand`) every request not meeting it gets 403."""
     if forwarded not in ("refuse", "hop"):
@@ -82,8 +85,12 @@ def _enforce(info: dict[str, Any] | None, want: PToken) -> dict[str, Any]:
     return info
 
 
-def check_ipsec(request: web.Request, peer: IToken | PToken | None = None, min_privacy: Setting = Setting.ENABLE,
-                min_integrity: Setting = Setting.ENABLE) -> dict[str, Any]:
+def check_ipsec(
+    request: web.Request,
+    peer: IToken | PToken | None = None,
+    min_privacy: Setting = Setting.ENABLE,
+    min_integrity: Setting = Setting.ENABLE,
+) -> dict[str, Any]:
     """The request's btns info if the peer meets the demand, else HTTPForbidden (403).
     Without :func:`ipsec_middleware`: HTTPInternalServerError."""
     info = btns_info(request)
@@ -92,8 +99,9 @@ def check_ipsec(request: web.Request, peer: IToken | PToken | None = None, min_p
     return _enforce(info, aio.demand(peer, min_privacy, min_integrity))
 
 
-def require_ipsec(peer: IToken | PToken | None = None, min_privacy: Setting = Setting.ENABLE,
-                  min_integrity: Setting = Setting.ENABLE) -> Callable[[Handler], Handler]:
+def require_ipsec(
+    peer: IToken | PToken | None = None, min_privacy: Setting = Setting.ENABLE, min_integrity: Setting = Setting.ENABLE
+) -> Callable[[Handler], Handler]:
     """A handler decorator: :func:`check_ipsec` before the handler runs (403 when unmet)."""
     want = aio.demand(peer, min_privacy, min_integrity)
 

@@ -144,8 +144,9 @@ def set_default_backend(backend: BackendLike, options: Mapping[str, str] | None 
 
 def _local(be: Authority, what: str) -> Backend:
     if isinstance(be, BrokerClient):
-        raise BtnsError(f"{what} needs a backend in this process: btnsd answers only for sockets it receives",
-                        errno.EOPNOTSUPP)
+        raise BtnsError(
+            f"{what} needs a backend in this process: btnsd answers only for sockets it receives", errno.EOPNOTSUPP
+        )
     return be
 
 

@@ -94,8 +94,15 @@ class IPsecMiddleware:
     also on a kept-alive connection); a WebSocket once, at the handshake.
     """
 
-    def __init__(self, app: ASGIApp, backend: Any = None, *, forwarded: str = "refuse",
-                 require: PToken | None = None, inline: bool = False) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        backend: Any = None,
+        *,
+        forwarded: str = "refuse",
+        require: PToken | None = None,
+        inline: bool = False,
+    ) -> None:
         if forwarded not in ("refuse", "hop"):
             raise ValueError("forwarded must be 'refuse' or 'hop'")
         self.app = app
@@ -112,8 +119,13 @@ class IPsecMiddleware:
         if not isinstance(self.backend, Backend):  # resolved once (the default selection probes daemons)
             self.backend = await aio.resolve_backend(self.backend)
         info = await aio.connection_info(
-            sock=find_socket(send), client=scope.get("client"), server=scope.get("server"),
-            headers=scope.get("headers") or (), backend=self.backend, forwarded=self.forwarded, inline=self.inline,
+            sock=find_socket(send),
+            client=scope.get("client"),
+            server=scope.get("server"),
+            headers=scope.get("headers") or (),
+            backend=self.backend,
+            forwarded=self.forwarded,
+            inline=self.inline,
         )
         scope = dict(scope)
         scope["extensions"] = {**(scope.get("extensions") or {}), EXTENSION: info}
@@ -132,8 +144,13 @@ async def deny(scope: Scope, receive: Receive, send: Send, problems: list[str]) 
         await send({"type": "websocket.close", "code": 1008, "reason": "IPsec requirement not met"[:120]})
         return
     body = json.dumps({"detail": "IPsec requirement not met", "problems": problems}).encode()
-    await send({"type": "http.response.start", "status": 403,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 403,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -143,8 +160,9 @@ def btns_info(scope_or_request: Any) -> dict[str, Any] | None:
     return (scope.get("extensions") or {}).get(EXTENSION)
 
 
-def require_ipsec(peer: IToken | PToken | None = None, min_privacy: Setting = Setting.ENABLE,
-                  min_integrity: Setting = Setting.ENABLE) -> Callable[..., Awaitable[dict[str, Any]]]:
+def require_ipsec(
+    peer: IToken | PToken | None = None, min_privacy: Setting = Setting.ENABLE, min_integrity: Setting = Setting.ENABLE
+) -> Callable[..., Awaitable[dict[str, Any]]]:
     """A FastAPI/Starlette dependency: the request's btns info when the peer meets the demand,
     else HTTPException 403 (WebSocket: WebSocketException 1008, the server answers 403).
 

@@ -201,8 +201,14 @@ def ipsec_get_msg_pToken(msg_: MsgHdr, pToken: PToken) -> int:
     if isinstance(be, BrokerClient):  # btnsd answers only with the receiving socket in hand
         fd = msg.receiver_of(msg_)
         if fd is None:
-            fill(target, unprotected_ptoken(view.flow, "the receiving socket is unknown or closed: btnsd "
-                                            "answers only for a socket it receives (use btns_vici.recvmsg)"))
+            fill(
+                target,
+                unprotected_ptoken(
+                    view.flow,
+                    "the receiving socket is unknown or closed: btnsd "
+                    "answers only for a socket it receives (use btns_vici.recvmsg)",
+                ),
+            )
         else:
             fill(target, be.get_msg_ptoken(fd, msg_.name, msg_.local, msg_.ifindex, msg_.proto))  # type: ignore[arg-type]
         return 0

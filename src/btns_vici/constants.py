@@ -95,17 +95,13 @@ ITOKEN_AUTH_SWITCHES = frozenset(Attr(m) for m in AuthMethod)
 ITOKEN_ATTRS = ITOKEN_IDENTITY_ATTRS | ITOKEN_AUTH_SWITCHES
 
 PTOKEN_LEVEL_ATTRS = frozenset({Attr.privacyProtected, Attr.integrityProtected})
-PTOKEN_SWITCH_ATTRS = frozenset(
-    {Attr.compressionAvailable, Attr.tunnelMode, Attr.ipoptionsProtected}
-)
+PTOKEN_SWITCH_ATTRS = frozenset({Attr.compressionAvailable, Attr.tunnelMode, Attr.ipoptionsProtected})
 PTOKEN_STRING_ATTRS = frozenset({Attr.policyName, Attr.auditString, Attr.informationString})
 PTOKEN_OBJECT_ATTRS = frozenset({Attr.iToken, Attr.remote_iToken})
 PTOKEN_ATTRS = PTOKEN_LEVEL_ATTRS | PTOKEN_SWITCH_ATTRS | PTOKEN_STRING_ATTRS | PTOKEN_OBJECT_ATTRS
 
 #: Attributes whose value is a 2-octet unsigned integer in host byte order.
-UINT16_ATTRS = (
-    ITOKEN_AUTH_SWITCHES | {Attr.authenticationMethod} | PTOKEN_LEVEL_ATTRS | PTOKEN_SWITCH_ATTRS
-)
+UINT16_ATTRS = ITOKEN_AUTH_SWITCHES | {Attr.authenticationMethod} | PTOKEN_LEVEL_ATTRS | PTOKEN_SWITCH_ATTRS
 #: Attributes whose value is a NUL-terminated character array.
 STRING_ATTRS = frozenset(
     {

@@ -46,9 +46,7 @@ def _verify_xfrm(view: SocketView, ike: IkeSA, child: ChildSA, netns_name: str |
     return xfrm.prove_socket(view, ike, child, netns_name)
 
 
-def verify(
-    view: SocketView, ike: IkeSA, child: ChildSA, dataplane_kind: str, netns_name: str | None = None
-) -> Verdict:
+def verify(view: SocketView, ike: IkeSA, child: ChildSA, dataplane_kind: str, netns_name: str | None = None) -> Verdict:
     """Proof that ``view``'s packets go through ``child`` on data plane ``dataplane_kind``."""
     if view.unknown:
         return NotCarried("cannot read the socket's routing keys: " + "; ".join(view.unknown))
@@ -98,8 +96,17 @@ def _prove_libipsec(rt: rtnl.RoutingView, view: SocketView, child: ChildSA) -> V
                 "SO_DONTROUTE is set: its packets skip the gateway routes, charon's table "
                 f"{LIBIPSEC_TABLE} included, and may leave in clear ({facts})"
             )
-        ans = rt.lookup(remote, local, oif=view.oif, mark=view.mark, uid=view.uid, tos=view.tos,
-                        proto=flow.proto, sport=flow.local_port, dport=flow.remote_port)
+        ans = rt.lookup(
+            remote,
+            local,
+            oif=view.oif,
+            mark=view.mark,
+            uid=view.uid,
+            tos=view.tos,
+            proto=flow.proto,
+            sport=flow.local_port,
+            dport=flow.remote_port,
+        )
         if ans.error:
             return NotCarried(f"the kernel has no route for this socket's packets ({_err(ans.error)}; {facts})")
         if ans.oif != tun:
@@ -107,8 +114,9 @@ def _prove_libipsec(rt: rtnl.RoutingView, view: SocketView, child: ChildSA) -> V
                 f"the kernel sends this socket's packets via {rt.ifname(ans.oif)} (ifindex {ans.oif}, "
                 f"table {ans.table}), not {LIBIPSEC_DEVICE}: they leave in clear ({facts})"
             )
-        route_text = (f"kernel route for this socket via {LIBIPSEC_DEVICE} (ifindex {tun}) "
-                      f"table {ans.table}" + (f" src {ans.prefsrc}" if ans.prefsrc else ""))
+        route_text = f"kernel route for this socket via {LIBIPSEC_DEVICE} (ifindex {tun}) table {ans.table}" + (
+            f" src {ans.prefsrc}" if ans.prefsrc else ""
+        )
     inbound, inbound_text = True, ""
     if view.direction == IN:
         if view.arrival_ifindex != tun:
@@ -133,8 +141,7 @@ def _prove_libipsec(rt: rtnl.RoutingView, view: SocketView, child: ChildSA) -> V
 def _inbound(rt: rtnl.RoutingView, view: SocketView, tun: int) -> tuple[bool, str]:
     """Would a clear packet from the peer's address, arriving on another link, reach this socket?"""
     if view.bound_ifindex == tun:
-        return True, (f"inbound: bound to {LIBIPSEC_DEVICE}, the kernel delivers it only what arrived "
-                      "decrypted there")
+        return True, (f"inbound: bound to {LIBIPSEC_DEVICE}, the kernel delivers it only what arrived decrypted there")
     flow = view.flow
     local, remote = normalize_address(flow.local_addr), normalize_address(flow.remote_addr)
     links = rt.links()
@@ -144,8 +151,7 @@ def _inbound(rt: rtnl.RoutingView, view: SocketView, tun: int) -> tuple[bool, st
         candidates = [link for link in links.values() if link.index != tun and link.up and link.name != "lo"]
     open_links = []
     for link in candidates:
-        ans = rt.lookup(local, remote, iif=link.index, proto=flow.proto, sport=flow.remote_port,
-                        dport=flow.local_port)
+        ans = rt.lookup(local, remote, iif=link.index, proto=flow.proto, sport=flow.remote_port, dport=flow.local_port)
         if ans.delivered_locally:
             open_links.append(link.name)
     if open_links:

@@ -79,9 +79,7 @@ def btns_verify_dataplane(
 
 
 @hookspec(firstresult=True)
-def btns_enforce(
-    options: Mapping[str, str], sock: Any, ptoken: PToken
-) -> Enforcement | None:
+def btns_enforce(options: Mapping[str, str], sock: Any, ptoken: PToken) -> Enforcement | None:
     """Make the daemon and the data plane demand ``ptoken``'s requirements for ``sock``.
 
     Raise NotSupportedError (EOPNOTSUPP) for a requirement the backend cannot meet.
@@ -89,9 +87,7 @@ def btns_enforce(
 
 
 @hookspec(firstresult=True)
-def btns_watch(
-    options: Mapping[str, str], callback: Callable[[SAEvent], None]
-) -> Callable[[], None] | None:
+def btns_watch(options: Mapping[str, str], callback: Callable[[SAEvent], None]) -> Callable[[], None] | None:
     """Deliver SA events (up, down, rekey) to ``callback`` from a background thread.
 
     Returns a function that stops the watch.

@@ -105,8 +105,9 @@ class Entry:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Entry:
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        d["changes"] = [Change(**{k: v for k, v in c.items() if k in Change.__dataclass_fields__})
-                        for c in d.get("changes", [])]
+        d["changes"] = [
+            Change(**{k: v for k, v in c.items() if k in Change.__dataclass_fields__}) for c in d.get("changes", [])
+        ]
         return cls(**d)
 
 
@@ -158,8 +159,9 @@ class KnownPeers:
             spare = sorted((e for e in peers.values() if not e.pinned), key=lambda e: e.last_seen)
             for e in spare[: len(peers) - MAX_PEERS]:
                 del peers[e.address]
-        data = json.dumps({"version": 1, "peers": {a: e.to_json() for a, e in sorted(peers.items())}},
-                          indent=1).encode()
+        data = json.dumps(
+            {"version": 1, "peers": {a: e.to_json() for a, e in sorted(peers.items())}}, indent=1
+        ).encode()
         tmp = self.dir / f".{FILE_NAME}.{os.getpid()}.{threading.get_ident()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -193,8 +195,7 @@ class KnownPeers:
             e = peers.get(a)
             if e is None:
                 e = peers[a] = Entry(a, _b64(spki), keyid(spki), now, now, how)
-                log.info("learned the key of peer %s (%s, %s): first contact, unauthenticated",
-                         a, e.fingerprint, how)
+                log.info("learned the key of peer %s (%s, %s): first contact, unauthenticated", a, e.fingerprint, how)
                 return NEW, e
             if e.spki == spki:
                 e.last_seen = now
@@ -206,10 +207,16 @@ class KnownPeers:
                 del e.changes[:-MAX_CHANGES]
             else:
                 ch.last_seen, ch.count = now, ch.count + 1
-            log.warning("KEY CHANGED for peer %s: it now presents %s, the stored key is %s (learned %s by %s%s); "
-                        "a different peer, or a man in the middle now or at first contact",
-                        a, fingerprint(spki), e.fingerprint, time.strftime("%Y-%m-%d %H:%M:%S",
-                        time.localtime(e.first_seen)), e.how, ", pinned" if e.pinned else "")
+            log.warning(
+                "KEY CHANGED for peer %s: it now presents %s, the stored key is %s (learned %s by %s%s); "
+                "a different peer, or a man in the middle now or at first contact",
+                a,
+                fingerprint(spki),
+                e.fingerprint,
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.first_seen)),
+                e.how,
+                ", pinned" if e.pinned else "",
+            )
             return CHANGED, e
 
         return self._update(fn)
@@ -247,6 +254,7 @@ class KnownPeers:
         if sa_id in e.first_sas:
             return AuthMethod.BTNS, e
         if e.first_open:
+
             def fn(peers: dict[str, Entry]) -> AuthMethod:
                 cur = peers.get(a)
                 if cur is None or cur.spki != spki:
@@ -259,6 +267,7 @@ class KnownPeers:
                     return AuthMethod.BTNS
                 cur.contacts += 1
                 return AuthMethod.LEAPOFFAITH
+
             return self._update(fn), e
         return AuthMethod.LEAPOFFAITH, e
 
@@ -277,8 +286,12 @@ class KnownPeers:
                 return True, e
             e.last_seen = now
             if e.ike_id != who:
-                log.warning("peer %s now claims IKE identity %r (before: %r); NULL authentication proves nothing",
-                            a, ike_id, e.ike_id)
+                log.warning(
+                    "peer %s now claims IKE identity %r (before: %r); NULL authentication proves nothing",
+                    a,
+                    ike_id,
+                    e.ike_id,
+                )
                 return False, e
             return True, e
 
@@ -330,8 +343,11 @@ def method_for(ike: Any) -> AuthMethod:
     if store is None:
         return AuthMethod.BTNS
     try:
-        method, _ = store.note_sa(ike.remote_host, remote.public_key,
-                                  f"{ike.local_spi}_{ike.remote_spi}" if ike.remote_spi else f"#{ike.uniqueid}")
+        method, _ = store.note_sa(
+            ike.remote_host,
+            remote.public_key,
+            f"{ike.local_spi}_{ike.remote_spi}" if ike.remote_spi else f"#{ike.uniqueid}",
+        )
     except OSError as exc:
         log.warning("known-peers store %s unusable: %s", store.path, exc)
         return AuthMethod.BTNS
@@ -343,12 +359,14 @@ def read_pubkey(data: bytes) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
     try:
-        key = (serialization.load_pem_public_key(data) if b"-----BEGIN" in data
-               else serialization.load_der_public_key(data))
+        key = (
+            serialization.load_pem_public_key(data)
+            if b"-----BEGIN" in data
+            else serialization.load_der_public_key(data)
+        )
     except ValueError as exc:
         raise BtnsError(f"not a public key ({exc})", errno.EINVAL) from None
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 __all__ = ["Entry", "KnownPeers", "fingerprint", "keyid", "method_for", "register"]
-

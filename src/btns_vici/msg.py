@@ -116,8 +116,9 @@ def view_of_msg(msg: MsgHdr) -> SocketView:
             "the device it arrived on is unknown (no IP_PKTINFO when it was queued: receive with "
             "btns_vici.recvmsg after btns_vici.enable_pktinfo)"
         )
-    return SocketView(flow=flow_of_msg(msg), netns=msg.netns, direction=IN, arrival_ifindex=msg.ifindex,
-                      unknown=tuple(unknown))
+    return SocketView(
+        flow=flow_of_msg(msg), netns=msg.netns, direction=IN, arrival_ifindex=msg.ifindex, unknown=tuple(unknown)
+    )
 
 
 def attach(msg: MsgHdr, ptoken: PToken) -> None:
@@ -202,8 +203,17 @@ def recvmsg(sock: FileDescriptorLike, bufsize: int, ancbufsize: int = 256, flags
         ns = netns_of(s)
         st = os.fstat(s.fileno())
         receiver = (resolve_fd(sock), (st.st_dev, st.st_ino))
-    return MsgHdr(iov=[data], name=address, control=list(ancdata), flags=msg_flags, local=local or s.getsockname(),
-                  proto=proto, ifindex=ifindex, netns=ns, _receiver=receiver)
+    return MsgHdr(
+        iov=[data],
+        name=address,
+        control=list(ancdata),
+        flags=msg_flags,
+        local=local or s.getsockname(),
+        proto=proto,
+        ifindex=ifindex,
+        netns=ns,
+        _receiver=receiver,
+    )
 
 
 def receiver_of(msg: MsgHdr) -> int | None:

@@ -47,8 +47,11 @@ def get_plugin_manager() -> pluggy.PluginManager:
                 try:
                     plugin = ep.load()
                 except Exception as exc:  # a broken third-party plugin must not take the library down
-                    warnings.warn(f"btns_vici: backend plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}",
-                                  RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"btns_vici: backend plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                     continue
                 pm.register(plugin, name=ep.name)
         _pm = pm
@@ -65,8 +68,9 @@ def backends() -> list[BackendInfo]:
 SELECTION_TIMEOUT = 3.0
 
 
-def _probe_all(infos: list[BackendInfo], pm: pluggy.PluginManager, opts: Mapping[str, str]
-               ) -> list[tuple[Backend | None, bool, BaseException | None]]:
+def _probe_all(
+    infos: list[BackendInfo], pm: pluggy.PluginManager, opts: Mapping[str, str]
+) -> list[tuple[Backend | None, bool, BaseException | None]]:
     """Probe every backend at once, each in its own thread; results in ``infos`` order.
 
     A probe still running after :data:`SELECTION_TIMEOUT` counts as timed out (its thread
@@ -93,8 +97,10 @@ def _probe_all(infos: list[BackendInfo], pm: pluggy.PluginManager, opts: Mapping
             if not remaining[0]:
                 done.set()
 
-    threads = [threading.Thread(target=run, args=(i, info), name=f"btns-probe-{info.name}", daemon=True)
-               for i, info in enumerate(infos)]
+    threads = [
+        threading.Thread(target=run, args=(i, info), name=f"btns-probe-{info.name}", daemon=True)
+        for i, info in enumerate(infos)
+    ]
     for t in threads:
         t.start()
     if infos:

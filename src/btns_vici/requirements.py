@@ -69,9 +69,7 @@ def _itoken_constrains(tok: object) -> bool:
     if not isinstance(tok, IToken):
         return False
     attrs = tok.attributes()
-    return any(a in attrs for a in _IDENTITY) or any(
-        attrs.get(Attr(m), Setting.ANY) != Setting.ANY for m in AuthMethod
-    )
+    return any(a in attrs for a in _IDENTITY) or any(attrs.get(Attr(m), Setting.ANY) != Setting.ANY for m in AuthMethod)
 
 
 def is_no_demand(demand: PToken) -> bool:
@@ -208,7 +206,8 @@ def choose_proposals(demand: PToken, candidates: Iterable[tuple[str, Setting, Se
     """
     want_p, want_i = demanded(demand, Attr.privacyProtected), demanded(demand, Attr.integrityProtected)
     found = [
-        name for name, p, i in candidates
+        name
+        for name, p, i in candidates
         # Integrity-only proposals (ESP-NULL) only when privacy DISABLE is demanded, never as a fallback.
         if _level_ok(want_p, p) and _level_ok(want_i, i) and (p != Setting.DISABLE or want_p == Setting.DISABLE)
     ]

@@ -38,8 +38,18 @@ RTA_DST, RTA_SRC, RTA_IIF, RTA_OIF, RTA_PREFSRC, RTA_TABLE, RTA_MARK, RTA_UID = 
 RTA_IP_PROTO, RTA_SPORT, RTA_DPORT = 27, 28, 29
 IFLA_IFNAME = 3
 IFF_UP = 0x1
-RTN_NAMES = {1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole",
-             7: "unreachable", 8: "prohibit", 9: "throw", 10: "nat"}
+RTN_NAMES = {
+    1: "unicast",
+    2: "local",
+    3: "broadcast",
+    4: "anycast",
+    5: "multicast",
+    6: "blackhole",
+    7: "unreachable",
+    8: "prohibit",
+    9: "throw",
+    10: "nat",
+}
 RTN_LOCAL = 2
 
 # rtnetlink multicast groups: link, v4/v6 address, v4/v6 route, v4/v6 rule
@@ -124,8 +134,20 @@ def encode_getroute(
         attrs += _attr(RTA_SPORT, struct.pack("!H", sport))
     if dport:
         attrs += _attr(RTA_DPORT, struct.pack("!H", dport))
-    body = _RTMSG.pack(family, bits, bits if src is not None and not src.is_unspecified else 0, tos & 0xFF,
-                       0, 0, 0, 0, RTM_F_LOOKUP_TABLE) + attrs
+    body = (
+        _RTMSG.pack(
+            family,
+            bits,
+            bits if src is not None and not src.is_unspecified else 0,
+            tos & 0xFF,
+            0,
+            0,
+            0,
+            0,
+            RTM_F_LOOKUP_TABLE,
+        )
+        + attrs
+    )
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETROUTE, NLM_F_REQUEST, seq, 0) + body
 
 
@@ -164,8 +186,11 @@ def decode_route(data: bytes, seq: int) -> RouteAnswer | None:
                 prefsrc = str(ipaddress.ip_address(pref)) if pref and len(pref) in (4, 16) else None
                 table = _u32(a, RTA_TABLE)
                 return RouteAnswer(
-                    table=table if table is not None else table8, oif=_u32(a, RTA_OIF), iif=_u32(a, RTA_IIF),
-                    prefsrc=prefsrc, rtype=rtype,
+                    table=table if table is not None else table8,
+                    oif=_u32(a, RTA_OIF),
+                    iif=_u32(a, RTA_IIF),
+                    prefsrc=prefsrc,
+                    rtype=rtype,
                 )
         pos += (length + 3) & ~3
     return None
@@ -269,8 +294,9 @@ class RoutingView:
             hit = self._routes.get(key)
             if hit is None:
                 seq = next(self._seq) & 0xFFFFFFFF
-                req = encode_getroute(seq, dst, src, oif=oif, iif=iif, mark=mark, uid=uid, tos=tos,
-                                      proto=proto, sport=sport, dport=dport)
+                req = encode_getroute(
+                    seq, dst, src, oif=oif, iif=iif, mark=mark, uid=uid, tos=tos, proto=proto, sport=sport, dport=dport
+                )
                 hit = self._ask(req, seq)
                 if len(self._routes) >= MAX_CACHE:
                     self._routes.clear()
@@ -289,8 +315,9 @@ class RoutingView:
     def _dump_links(self) -> dict[int, Link]:
         seq = next(self._seq) & 0xFFFFFFFF
         req = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-        self._sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP,
-                                       seq, 0) + req)
+        self._sock.send(
+            _NLMSGHDR.pack(_NLMSGHDR.size + len(req), RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + req
+        )
         out: dict[int, Link] = {}
         for _ in range(10000):
             part, done = decode_links(self._sock.recv(1 << 20))

@@ -29,9 +29,7 @@ class TrafficSelector:
             raise ValueError("bad protocol or port range")
 
     @classmethod
-    def from_network(
-        cls, net: str, proto: int = PROTO_ANY, port_lo: int = 0, port_hi: int = 65535
-    ) -> TrafficSelector:
+    def from_network(cls, net: str, proto: int = PROTO_ANY, port_lo: int = 0, port_hi: int = 65535) -> TrafficSelector:
         n = ipaddress.ip_network(net, strict=False)
         return cls(n.network_address, n.broadcast_address, proto, port_lo, port_hi)
 
@@ -57,8 +55,10 @@ class TrafficSelector:
         addr = str(nets[0]) if len(nets) == 1 else f"{self.start}..{self.end}"
         if self.proto == PROTO_ANY:
             return addr
-        ports = "" if (self.port_lo, self.port_hi) == (0, 65535) else (
-            f"/{self.port_lo}" if self.port_lo == self.port_hi else f"/{self.port_lo}-{self.port_hi}"
+        ports = (
+            ""
+            if (self.port_lo, self.port_hi) == (0, 65535)
+            else (f"/{self.port_lo}" if self.port_lo == self.port_hi else f"/{self.port_lo}-{self.port_hi}")
         )
         return f"{addr}[{self.proto}{ports}]"
 
@@ -93,9 +93,7 @@ def normalize_address(addr: IPAddress) -> IPAddress:
     return addr
 
 
-def flow_covered(
-    flow: Flow, local_ts: tuple[TrafficSelector, ...], remote_ts: tuple[TrafficSelector, ...]
-) -> bool:
+def flow_covered(flow: Flow, local_ts: tuple[TrafficSelector, ...], remote_ts: tuple[TrafficSelector, ...]) -> bool:
     """True when some local selector covers the flow's local end and some remote one its remote end."""
     la, ra = normalize_address(flow.local_addr), normalize_address(flow.remote_addr)
     return any(ts.covers(la, flow.proto, flow.local_port) for ts in local_ts) and any(

@@ -150,8 +150,10 @@ def _view(sock: socket.socket, st: os.stat_result, flow: Flow, direction: str) -
     v6 = sock.family == socket.AF_INET6
     unicast = 0
     if flow.proto == socket.IPPROTO_UDP:  # TCP ignores IP_UNICAST_IF
-        raw = opt(socket.IPPROTO_IPV6, IPV6_UNICAST_IF, "IPV6_UNICAST_IF") if v6 else opt(
-            socket.IPPROTO_IP, IP_UNICAST_IF, "IP_UNICAST_IF"
+        raw = (
+            opt(socket.IPPROTO_IPV6, IPV6_UNICAST_IF, "IPV6_UNICAST_IF")
+            if v6
+            else opt(socket.IPPROTO_IP, IP_UNICAST_IF, "IP_UNICAST_IF")
         )
         unicast = socket.ntohl(raw & 0xFFFFFFFF)  # both options speak network byte order
     if v6:

@@ -147,11 +147,26 @@ def make_ca(workdir: Path, cn: str) -> tuple[KeyPair, bytes]:
     """A self-signed test CA: (key, certificate PEM)."""
     key = generate_key(workdir, "ca")
     out = workdir / "ca.crt"
-    _run([
-        "openssl", "req", "-x509", "-new", "-key", str(workdir / "ca.key"), "-subj", f"/CN={cn}",
-        "-days", "2", "-out", str(out), "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-    ])
+    _run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            str(workdir / "ca.key"),
+            "-subj",
+            f"/CN={cn}",
+            "-days",
+            "2",
+            "-out",
+            str(out),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]
+    )
     return key, out.read_bytes()
 
 
@@ -163,8 +178,22 @@ def issue_cert(workdir: Path, name: str, cn: str, san: str) -> tuple[KeyPair, by
     ext.write_text(f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n")
     out = workdir / f"{name}.crt"
     _run(
-        ["openssl", "x509", "-req", "-CA", str(workdir / "ca.crt"), "-CAkey", str(workdir / "ca.key"),
-         "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(out)],
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-CA",
+            str(workdir / "ca.crt"),
+            "-CAkey",
+            str(workdir / "ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            str(ext),
+            "-out",
+            str(out),
+        ],
         input=csr,
     )
     return key, out.read_bytes()
@@ -219,16 +248,27 @@ class Peer:
         if self.proc is not None and self.proc.poll() is None:
             raise TestbedError(f"charon {self.name} already running")
         conf = self.workdir / "strongswan.conf"
-        conf.write_text(
-            _CONF.format(plugins=PLUGINS, log=self.log_path, vici=self.vici_path, loglevel=self.loglevel)
-        )
+        conf.write_text(_CONF.format(plugins=PLUGINS, log=self.log_path, vici=self.vici_path, loglevel=self.loglevel))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.vici_path)
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "STRONGSWAN_CONF": str(conf)}
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation", "private",
-             "sh", "-c", f"mount -t tmpfs btns-tb /run && exec {CHARON}"],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.netns,
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f"mount -t tmpfs btns-tb /run && exec {CHARON}",
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
             stderr=open(self.workdir / "charon.stderr", "ab"),
         )
         deadline = time.monotonic() + timeout
@@ -313,11 +353,15 @@ class Testbed:
         wd = self.workdir / name
         wd.mkdir()
         return Peer(
-            name=name, netns=f"{NETNS_PREFIX}{self.tag}-{name}", link=f"{LINK_PREFIX}{self.tag}{name}",
-            v4=ipaddress.IPv4Address(f"10.231.0.{host}"), v6=ipaddress.IPv6Address(f"fd00:b75::{host}"),
+            name=name,
+            netns=f"{NETNS_PREFIX}{self.tag}-{name}",
+            link=f"{LINK_PREFIX}{self.tag}{name}",
+            v4=ipaddress.IPv4Address(f"10.231.0.{host}"),
+            v6=ipaddress.IPv6Address(f"fd00:b75::{host}"),
             v4_plain=ipaddress.IPv4Address(f"10.231.0.{host + 10}"),
             v6_plain=ipaddress.IPv6Address(f"fd00:b75::{host + 10}"),
-            workdir=wd, loglevel=loglevel,
+            workdir=wd,
+            loglevel=loglevel,
         )
 
     @property
@@ -341,8 +385,7 @@ class Testbed:
             _run(["ip", "netns", "add", p.netns])
             self._netns_created.append(p.netns)
         a, b = self.a, self.b
-        _run(["ip", "link", "add", a.link, "netns", a.netns, "type", "veth", "peer", "name", b.link,
-              "netns", b.netns])
+        _run(["ip", "link", "add", a.link, "netns", a.netns, "type", "veth", "peer", "name", b.link, "netns", b.netns])
         for p in self.peers:
             p.exec("sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0")
             p.exec("ip", "link", "set", "lo", "up")
@@ -468,15 +511,27 @@ class Testbed:
             if p is self.b:
                 lts, rts = rts, lts
             kids[cname] = {
-                "local_ts": list(lts), "remote_ts": list(rts), "mode": "tunnel",
-                "esp_proposals": [esp], "start_action": "none", "dpd_action": "clear",
-                "rekey_time": "0", "life_time": "0",
+                "local_ts": list(lts),
+                "remote_ts": list(rts),
+                "mode": "tunnel",
+                "esp_proposals": [esp],
+                "start_action": "none",
+                "dpd_action": "clear",
+                "rekey_time": "0",
+                "life_time": "0",
             }
         return {
             name: {
-                "version": "2", "local_addrs": [str(p.addr(family))], "remote_addrs": [str(q.addr(family))],
-                "proposals": [ike], "rekey_time": "0", "reauth_time": "0", "unique": "never",
-                "local-1": local, "remote-1": remote, "children": kids,
+                "version": "2",
+                "local_addrs": [str(p.addr(family))],
+                "remote_addrs": [str(q.addr(family))],
+                "proposals": [ike],
+                "rekey_time": "0",
+                "reauth_time": "0",
+                "unique": "never",
+                "local-1": local,
+                "remote-1": remote,
+                "children": kids,
             }
         }
 

@@ -467,9 +467,7 @@ class PToken(_Token):
         """ipsec_dup_pToken (draft 2.3.6): a deep copy."""
         self._check_live()
         new = PToken()
-        new._attrs = {
-            k: (v.copy() if isinstance(v, IToken) else v) for k, v in self._attrs.items()
-        }
+        new._attrs = {k: (v.copy() if isinstance(v, IToken) else v) for k, v in self._attrs.items()}
         new.local_ts, new.remote_ts = self.local_ts, self.remote_ts
         return new
 
@@ -480,9 +478,7 @@ class PToken(_Token):
         for a in (Attr.iToken, Attr.remote_iToken):
             tok = self._attrs.get(a)
             idents.append(
-                None
-                if tok is None
-                else (tok.identity_key(), tuple(tok._attrs.get(Attr(m)) for m in AuthMethod))  # type: ignore[union-attr]
+                None if tok is None else (tok.identity_key(), tuple(tok._attrs.get(Attr(m)) for m in AuthMethod))  # type: ignore[union-attr]
             )
         return (
             tuple(self._attrs.get(a) for a in _PTOKEN_CRYPTO_KEYS),

@@ -106,7 +106,6 @@ __all__ = [
 ]
 
 
-
 _NLMSGHDR = struct.Struct("=IHHII")
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _DUMP_DEADLINE = 5.0
@@ -202,13 +201,15 @@ def policies_covering(
     which socket they belong to (see :func:`socket_policies` for our own sockets).
     """
     pols = [
-        p for p in dump_policies(netns)
+        p
+        for p in dump_policies(netns)
         if p.direction == direction and (include_socket or not p.is_socket) and p.sel.covers(flow, direction)
     ]
     return sorted(pols, key=lambda p: (p.priority, p.index))
 
 
 # ---- data-plane proof (btns_vici.dataplane, "kernel-xfrm") ----
+
 
 def _proto_num(name: str) -> int:
     return PROTOS.get(name.lower(), -1)
@@ -329,26 +330,30 @@ def _mark_matches(mark: Mark | None, value: int) -> bool:
     return mark is None or (value & mark.mask) == (mark.value & mark.mask)
 
 
-def _best(
-    policies: list[XfrmPolicy], flow: Flow, direction: str, mark: int, ifindex: int | None
-) -> XfrmPolicy | None:
+def _best(policies: list[XfrmPolicy], flow: Flow, direction: str, mark: int, ifindex: int | None) -> XfrmPolicy | None:
     """The global policy the kernel picks for ``flow`` (lowest priority, then oldest), as it matches.
 
     ``ifindex`` is the device the packet leaves (out) or arrives (in) by; None: any device,
     so only policies that do not name one can be relied upon.
     """
     covering = [
-        p for p in policies
-        if not p.is_socket and p.direction == direction and p.if_id == 0 and p.type == 0
-        and _mark_matches(p.mark, mark) and p.sel.covers(flow, direction)
+        p
+        for p in policies
+        if not p.is_socket
+        and p.direction == direction
+        and p.if_id == 0
+        and p.type == 0
+        and _mark_matches(p.mark, mark)
+        and p.sel.covers(flow, direction)
         and (p.sel.ifindex == 0 or (ifindex is not None and p.sel.ifindex == ifindex))
     ]
     return min(covering, key=lambda p: (p.priority, p.index), default=None)
 
 
 def _requires(policy_templates: tuple[Template, ...], proto: int, mode: int, reqid: int) -> bool:
-    return any(t.proto == proto and t.mode == mode and t.reqid in (reqid, 0) and not t.optional
-               for t in policy_templates)
+    return any(
+        t.proto == proto and t.mode == mode and t.reqid in (reqid, 0) and not t.optional for t in policy_templates
+    )
 
 
 def prove_socket(view: SocketView, ike: IkeSA, child: ChildSA, netns: str | None = None) -> DataplaneProof | NotCarried:
@@ -372,8 +377,9 @@ def prove_socket(view: SocketView, ike: IkeSA, child: ChildSA, netns: str | None
     out_sa = states.get((child.spi_out, proto, ike.remote_host))
     in_sa = states.get((child.spi_in, proto, ike.local_host))
     if out_sa is None or in_sa is None:
-        return NotCarried(f"the kernel SAD lacks the CHILD_SA's SAs (spi 0x{child.spi_out:08x} out, "
-                          f"0x{child.spi_in:08x} in)")
+        return NotCarried(
+            f"the kernel SAD lacks the CHILD_SA's SAs (spi 0x{child.spi_out:08x} out, 0x{child.spi_in:08x} in)"
+        )
     reqid = out_sa.reqid
     if child.reqid not in (reqid, 0) or in_sa.reqid != reqid:
         return NotCarried(f"reqid mismatch: charon {child.reqid}, kernel {out_sa.reqid}/{in_sa.reqid}")
@@ -383,7 +389,8 @@ def prove_socket(view: SocketView, ike: IkeSA, child: ChildSA, netns: str | None
     _xfrm_socket.prune(view.netns, present)
     # This socket's own policies, as we installed them, if still in force (index still in the SPD).
     mine = {
-        d: p for d, p in (_xfrm_socket.recorded(view.key).items() if view.key is not None else ())
+        d: p
+        for d, p in (_xfrm_socket.recorded(view.key).items() if view.key is not None else ())
         if p.index is not None and p.index in present
     }
     needed = {"out", "in"} - ({"in"} if view.direction == OUT else {"out"} if view.direction == IN else set())
@@ -394,8 +401,11 @@ def prove_socket(view: SocketView, ike: IkeSA, child: ChildSA, netns: str | None
         # a bypass pair. Any other one might be on this socket: then nothing can be proven.
         ours = _xfrm_socket.recorded_indexes(view.netns)
         for d in sorted(needed - set(mine)):
-            risky = [p for p in sock_pols if p.direction == d and p.index not in ours
-                     and not _requires(p.templates, proto, mode, reqid)]
+            risky = [
+                p
+                for p in sock_pols
+                if p.direction == d and p.index not in ours and not _requires(p.templates, proto, mode, reqid)
+            ]
             if len(risky) > ike_socks:
                 idx = ", ".join(f"{p.index} ({'bypass' if not p.templates else 'other templates'})" for p in risky)
                 return NotCarried(
@@ -408,9 +418,17 @@ def prove_socket(view: SocketView, ike: IkeSA, child: ChildSA, netns: str | None
     rt = rtnl.routing(netns)
     out_text = ""
     if view.direction != IN:
-        ans = rt.lookup(normalize_address(flow.remote_addr), normalize_address(flow.local_addr), oif=view.oif,
-                        mark=view.mark, uid=view.uid, tos=view.tos, proto=flow.proto,
-                        sport=flow.local_port, dport=flow.remote_port)
+        ans = rt.lookup(
+            normalize_address(flow.remote_addr),
+            normalize_address(flow.local_addr),
+            oif=view.oif,
+            mark=view.mark,
+            uid=view.uid,
+            tos=view.tos,
+            proto=flow.proto,
+            sport=flow.local_port,
+            dport=flow.remote_port,
+        )
         if ans.error:
             return NotCarried(f"the kernel has no route for this socket's packets (errno {ans.error}; {facts})")
         if not _mark_matches(out_sa.mark, view.mark):
@@ -418,18 +436,26 @@ def prove_socket(view: SocketView, ike: IkeSA, child: ChildSA, netns: str | None
         own = mine.get("out")
         if own is not None:
             if not _requires(own.templates, proto, mode, reqid):
-                return NotCarried(f"this socket carries its own out policy that does not require the SA "
-                                  f"(templates {[t.level for t in own.templates] or 'none: bypass'}; {facts})")
+                return NotCarried(
+                    f"this socket carries its own out policy that does not require the SA "
+                    f"(templates {[t.level for t in own.templates] or 'none: bypass'}; {facts})"
+                )
             out_text = f"the socket's own out policy requires {child.protocol} reqid {reqid}"
         else:
             best = _best(policies, flow, "out", view.mark, ans.oif)
             if best is None or best.action != 0 or not _requires(best.templates, proto, mode, reqid):
-                what = "no out policy covers it" if best is None else (
-                    f"the out policy index {best.index} (priority {best.priority}, action {best.action_name}) "
-                    "does not require it"
+                what = (
+                    "no out policy covers it"
+                    if best is None
+                    else (
+                        f"the out policy index {best.index} (priority {best.priority}, action {best.action_name}) "
+                        "does not require it"
+                    )
                 )
-                return NotCarried(f"the kernel will not send this socket's packets through the SA: {what} "
-                                  f"({facts}, route dev {rt.ifname(ans.oif)})")
+                return NotCarried(
+                    f"the kernel will not send this socket's packets through the SA: {what} "
+                    f"({facts}, route dev {rt.ifname(ans.oif)})"
+                )
             out_text = f"SPD out policy index {best.index} (priority {best.priority}) requires it"
     inbound, in_text = True, ""
     if view.direction != OUT:
@@ -440,15 +466,20 @@ def prove_socket(view: SocketView, ike: IkeSA, child: ChildSA, netns: str | None
         else:
             best = _best(policies, flow, "in", 0, view.arrival_ifindex)
             inbound = best is not None and best.action == 0 and _requires(best.templates, proto, mode, reqid)
-            in_text = (f"SPD in policy index {best.index} {'requires' if inbound else 'does NOT require'} it"
-                       if best is not None else "no in policy covers it: clear packets are accepted")
+            in_text = (
+                f"SPD in policy index {best.index} {'requires' if inbound else 'does NOT require'} it"
+                if best is not None
+                else "no in policy covers it: clear packets are accepted"
+            )
         if view.direction == IN and not inbound:
             return NotCarried(f"the kernel accepts such datagrams in clear: {in_text} ({facts})")
     detail = (
         f"kernel SAD: {out_sa.proto_name} SA spi 0x{out_sa.spi:08x} -> {out_sa.daddr} "
         f"({out_sa.current.bytes} bytes, {out_sa.current.packets} packets) and spi 0x{in_sa.spi:08x} "
         f"-> {in_sa.daddr}, reqid {reqid}, {out_sa.mode_name} mode; "
-        + "; ".join(t for t in (out_text, in_text) if t) + census + f"; socket {facts}"
+        + "; ".join(t for t in (out_text, in_text) if t)
+        + census
+        + f"; socket {facts}"
     )
     return DataplaneProof(dataplane=XFRM, detail=detail, spi_out=out_sa.spi, reqid=reqid, inbound=inbound)
 

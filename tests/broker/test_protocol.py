@@ -69,9 +69,15 @@ def test_ptoken_wire_form_round_trips() -> None:
 @pytest.mark.parametrize(
     "wire",
     [
-        None, [], {"attrs": []}, {"attrs": {"nosuch": "00"}}, {"attrs": {"privacyProtected": "zz"}},
-        {"attrs": {"privacyProtected": "0900"}}, {"attrs": {}, "local_ts": [["x", "y", 0, 0, 0]]},
-        {"attrs": {}, "local_ts": "nope"}, {"attrs": {"privacyProtected": 5}},
+        None,
+        [],
+        {"attrs": []},
+        {"attrs": {"nosuch": "00"}},
+        {"attrs": {"privacyProtected": "zz"}},
+        {"attrs": {"privacyProtected": "0900"}},
+        {"attrs": {}, "local_ts": [["x", "y", 0, 0, 0]]},
+        {"attrs": {}, "local_ts": "nope"},
+        {"attrs": {"privacyProtected": 5}},
     ],
 )
 def test_a_malformed_demand_is_einval(wire: object) -> None:

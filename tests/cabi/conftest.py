@@ -57,13 +57,24 @@ def cabi_prefix(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _copy_tree(tree)
     venv.create(prefix, with_pip=True, symlinks=True)
     proc = subprocess.run(
-        [str(prefix / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         f"{tree}[cabi]"],
-        capture_output=True, text=True, timeout=900, check=False,
+        [
+            str(prefix / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            f"{tree}[cabi]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     assert proc.returncode == 0, f"pip install failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    proc = subprocess.run([str(prefix / "bin" / "btns-cabi"), "build"], capture_output=True, text=True,
-                          timeout=300, check=False)
+    proc = subprocess.run(
+        [str(prefix / "bin" / "btns-cabi"), "build"], capture_output=True, text=True, timeout=300, check=False
+    )
     assert proc.returncode == 0, f"btns-cabi build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return prefix
 
@@ -72,7 +83,9 @@ def pkg_config(prefix: Path, *args: str) -> list[str]:
     out = subprocess.run(
         ["pkg-config", *args, "btns-ipsec"],
         env={**os.environ, "PKG_CONFIG_PATH": str(prefix / "lib" / "pkgconfig")},
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return out.stdout.split()
 
@@ -110,9 +123,7 @@ def run(
     exe: Path | list[str], *args: str, env: Mapping[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     cmd = [str(exe)] if isinstance(exe, Path) else list(exe)
-    return subprocess.run(
-        [*cmd, *args], env=run_env(env), capture_output=True, text=True, timeout=timeout, check=False
-    )
+    return subprocess.run([*cmd, *args], env=run_env(env), capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def fields(output: str) -> dict[str, str]:
@@ -123,4 +134,3 @@ def fields(output: str) -> dict[str, str]:
         if sep:
             result[name] = value
     return result
-

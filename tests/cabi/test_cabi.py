@@ -41,9 +41,18 @@ def test_library_exports_every_draft_function(cabi_prefix: Path) -> None:
     ).stdout
     exported = set(re.findall(r" T (ipsec_\w+)", out))
     draft = {
-        "ipsec_create_iToken", "ipsec_free_iToken", "ipsec_get_token_attr", "ipsec_set_token_attr",
-        "ipsec_create_pToken", "ipsec_free_pToken", "ipsec_set_socket_pToken", "ipsec_get_socket_pToken",
-        "ipsec_set_msg_pToken", "ipsec_get_msg_pToken", "ipsec_cmp_pToken", "ipsec_dup_pToken",
+        "ipsec_create_iToken",
+        "ipsec_free_iToken",
+        "ipsec_get_token_attr",
+        "ipsec_set_token_attr",
+        "ipsec_create_pToken",
+        "ipsec_free_pToken",
+        "ipsec_set_socket_pToken",
+        "ipsec_get_socket_pToken",
+        "ipsec_set_msg_pToken",
+        "ipsec_get_msg_pToken",
+        "ipsec_cmp_pToken",
+        "ipsec_dup_pToken",
     }
     extensions = {"ipsec_import_iToken", "ipsec_export_iToken", "ipsec_sendmsg", "ipsec_recvmsg"}
     assert exported == draft | extensions
@@ -56,7 +65,9 @@ def test_header_alone_compiles_strictly(cabi_prefix: Path, tmp_path: Path) -> No
     for std in ("-std=c99", "-std=c11"):
         proc = subprocess.run(
             ["cc", std, "-pedantic", "-Wall", "-Wextra", "-Werror", "-fsyntax-only", *include, str(src)],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         assert proc.returncode == 0, proc.stderr
 
@@ -88,8 +99,15 @@ def test_bad_input_under_valgrind(compile_c: Compiler) -> None:
         pytest.skip("valgrind not installed")
     exe = compile_c(C_DIR / "bad_input.c")
     proc = run(
-        ["/usr/bin/valgrind", "--error-exitcode=99", "--errors-for-leak-kinds=none", "--leak-check=no",
-         "--suppressions=/dev/null", "--undef-value-errors=no", str(exe)],
+        [
+            "/usr/bin/valgrind",
+            "--error-exitcode=99",
+            "--errors-for-leak-kinds=none",
+            "--leak-check=no",
+            "--suppressions=/dev/null",
+            "--undef-value-errors=no",
+            str(exe),
+        ],
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -194,8 +212,15 @@ def test_msg_functions_over_udp_loopback(compile_c: Compiler, addr: str) -> None
 def test_core_that_cannot_start_gives_elibacc(compile_c: Compiler) -> None:
     """If the embedded Python cannot import btns_vici, every call fails with ELIBACC (and does not crash)."""
     exe = compile_c(C_DIR / "bad_input.c")
-    proc = run(exe, env={"PYTHONPATH": "/nonexistent", "PYTHONNOUSERSITE": "1", "PYTHONSAFEPATH": "1",
-                         "PYTHONHOME": "/nonexistent/btns-no-python"})
+    proc = run(
+        exe,
+        env={
+            "PYTHONPATH": "/nonexistent",
+            "PYTHONNOUSERSITE": "1",
+            "PYTHONSAFEPATH": "1",
+            "PYTHONHOME": "/nonexistent/btns-no-python",
+        },
+    )
     assert proc.returncode == 1
     assert f"errno={errno.ELIBACC}" in proc.stdout
     assert "Segmentation" not in proc.stderr
@@ -206,7 +231,6 @@ def test_dev_environment_has_the_library() -> None:
     paths = installed_paths(sys.prefix)
     missing = [str(p) for p in paths.values() if not p.is_file()]
     assert not missing, f"not installed: {missing}; run scripts/setup.sh (btns-cabi build)"
-
 
 
 def test_library_loaded_into_a_python_process(cabi_prefix: Path) -> None:

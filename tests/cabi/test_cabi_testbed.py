@@ -102,7 +102,8 @@ def test_get_ptoken_example_across_the_testbed(
     assert got["iToken.authenticationMethod"] == "BTNS (17)"
     assert got["iToken.pubKeyID"] == f"{len(b_der)} bytes {b_der.hex()}"
     assert got["iToken.channelBinding"] == connection_binding(
-        Identity("", AuthMethod.BTNS, public_key=b_der), Identity("", AuthMethod.BTNS, public_key=a_der))
+        Identity("", AuthMethod.BTNS, public_key=b_der), Identity("", AuthMethod.BTNS, public_key=a_der)
+    )
     assert got["iToken.authMeth_BTNS"] == "ENABLE (1)"
     assert got["remote_iToken.pubKeyID"] == f"{len(a_der)} bytes {a_der.hex()}"
     assert got["saved"].startswith(f"{saved.stat().st_size} bytes")
@@ -164,7 +165,10 @@ def test_datagram_ptokens_across_the_testbed(integration_tb: Testbed, compile_c:
     b_env = {"BTNS_BACKEND": "strongswan", "BTNS_VICI_SOCKET": tb.b.vici_path}
     receiver = subprocess.Popen(
         ["ip", "netns", "exec", tb.b.netns, str(exe), "recv", str(tb.b.addr(family)), port],
-        env=run_env(b_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=run_env(b_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert receiver.stdout is not None

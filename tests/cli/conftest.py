@@ -23,12 +23,14 @@ SCRIPT = Path(sys.executable).with_name("btns")
 BTNS = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "btns_vici.cli"]
 
 
-def btns(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
-         prefix: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+def btns(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, prefix: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
     """Run ``btns ARGS`` and return the finished process (text output)."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([*prefix, *BTNS, *args], capture_output=True, text=True, timeout=timeout,
-                          env=full_env, check=False)
+    return subprocess.run(
+        [*prefix, *BTNS, *args], capture_output=True, text=True, timeout=timeout, env=full_env, check=False
+    )
 
 
 def btns_json(*args: str, code: int = 0, **kw: Any) -> Any:

@@ -13,8 +13,32 @@ from btns_vici.cli.parser import build
 def test_btns_daemon_forwards_its_options_to_btnsd(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[str]] = []
     monkeypatch.setattr("btns_vici.broker.__main__.main", lambda argv: seen.append(argv) or 0)
-    args = build().parse_args(["daemon", "--socket", "/x.sock", "--config", "/c.toml", "--metrics", ":9464",
-                               "--keep-privileges", "-v", "--leap-of-faith"])
+    args = build().parse_args(
+        [
+            "daemon",
+            "--socket",
+            "/x.sock",
+            "--config",
+            "/c.toml",
+            "--metrics",
+            ":9464",
+            "--keep-privileges",
+            "-v",
+            "--leap-of-faith",
+        ]
+    )
     assert isinstance(args, argparse.Namespace) and cmd_daemon.run(args) == 0
-    assert seen == [["--socket", "/x.sock", "--config", "/c.toml", "--metrics", ":9464", "--keep-privileges",
-                     "--leap-of-faith", "[::]:5386", "-v"]]
+    assert seen == [
+        [
+            "--socket",
+            "/x.sock",
+            "--config",
+            "/c.toml",
+            "--metrics",
+            ":9464",
+            "--keep-privileges",
+            "--leap-of-faith",
+            "[::]:5386",
+            "-v",
+        ]
+    ]

@@ -71,18 +71,37 @@ def test_selection_flags_and_filters(tb, conn, pair_factory):
         assert _ports(src) == {("tcp", p_tcp)}
         notdst = btns_json("sockets", "-t", *args, "state", "established", "not", "dst", str(tb.b.v4))
         assert all(e["remote_addr"] != str(tb.b.v4) for e in notdst)
-        gt = btns_json("sockets", "-t", *args, "sport", ">", str(max(p_tcp, p_clear) - 1),
-                       "and", "sport", "<=", str(max(p_tcp, p_clear)))
+        gt = btns_json(
+            "sockets",
+            "-t",
+            *args,
+            "sport",
+            ">",
+            str(max(p_tcp, p_clear) - 1),
+            "and",
+            "sport",
+            "<=",
+            str(max(p_tcp, p_clear)),
+        )
         assert _ports(gt) == {("tcp", max(p_tcp, p_clear))}
 
         text = btns("sockets", "-tn", "-p", *args, "sport", "=", str(p_tcp))
         assert text.returncode == 0, text.stderr
         row = text.stdout.splitlines()[1]
-        assert f'pid={os.getpid()},fd={tcp4.fileno()})' in row and row.split()[4].startswith('users:(("')
+        assert f"pid={os.getpid()},fd={tcp4.fileno()})" in row and row.split()[4].startswith('users:(("')
 
 
-@pytest.mark.parametrize("words", [["state", "nosuch"], ["dport", "=", "notaport99"], ["dst"],
-                                   ["(", "sport", "=", "1"], ["frobnicate"], ["dst", "300.1.1.1"]])
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["state", "nosuch"],
+        ["dport", "=", "notaport99"],
+        ["dst"],
+        ["(", "sport", "=", "1"],
+        ["frobnicate"],
+        ["dst", "300.1.1.1"],
+    ],
+)
 def test_bad_filters_are_exit_2(tb, words):
     res = btns("sockets", *peer_args(tb.a), *words)
     assert res.returncode == 2 and "bad filter" in res.stderr, res.stderr
@@ -119,7 +138,13 @@ def test_unreachable_control_socket_is_exit_4(tmp_path):
         srv.bind(str(path))
         srv.listen(1)
         path.chmod(0o600)
-        res = btns("--backend", "strongswan", "--vici-socket", str(path), "sas",
-                   prefix=[setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"])
+        res = btns(
+            "--backend",
+            "strongswan",
+            "--vici-socket",
+            str(path),
+            "sas",
+            prefix=[setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"],
+        )
     assert res.returncode == 4, res.stderr
     assert "permission denied" in res.stderr and str(path) in res.stderr

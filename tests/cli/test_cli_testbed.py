@@ -49,7 +49,8 @@ def test_testbed_up_status_down_leaves_nothing_behind(tmp_path):
         ]
         sockets = btns_json("sockets", "--netns", names[0], env=env)
         assert {(s["local_port"], s["status"]) for s in sockets if s["proto"] == "udp"} >= {
-            (500, "unconnected"), (4500, "unconnected")
+            (500, "unconnected"),
+            (4500, "unconnected"),
         }
         assert all(p["pid"] == pids[0] for s in sockets for p in s["processes"])  # charon A's sockets
 

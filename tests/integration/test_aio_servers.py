@@ -42,8 +42,9 @@ def listener(tb: Testbed, addr: str, port: int) -> socket.socket:
     return s
 
 
-async def http_get(tb: Testbed, host: str, port: int, local: str, path: str = "/",
-                   headers: str = "") -> tuple[int, bytes]:
+async def http_get(
+    tb: Testbed, host: str, port: int, local: str, path: str = "/", headers: str = ""
+) -> tuple[int, bytes]:
     """One HTTP/1.1 GET from a fresh socket in A's namespace (made on the loop thread, briefly in A)."""
     loop = asyncio.get_running_loop()
     with netns.entered(tb.a.netns):
@@ -61,8 +62,9 @@ async def http_get(tb: Testbed, host: str, port: int, local: str, path: str = "/
 
 @contextlib.asynccontextmanager
 async def uvicorn_on(app, sock: socket.socket, **kw):
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
-                                           backlog=4096, **kw))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, backlog=4096, **kw)
+    )
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         await asyncio.sleep(0.01)
@@ -182,8 +184,13 @@ def test_aiohttp_middleware_and_require_ipsec(sa, backend_b, tmp_path):
 
     async def whoami(request: web.Request) -> web.Response:
         info = btns_info_aiohttp(request)
-        return web.json_response({"source": info["source"], "protected": info["ptoken"].protected,
-                                  "cb": info["itoken"].channel_binding if info["itoken"] else None})
+        return web.json_response(
+            {
+                "source": info["source"],
+                "protected": info["ptoken"].protected,
+                "cb": info["itoken"].channel_binding if info["itoken"] else None,
+            }
+        )
 
     pinned_ok = require_ipsec(peer=aio.pin_key(tb.a.key.public_pem))(whoami)
     pinned_wrong = require_ipsec(peer=aio.pin_key(stranger.public_pem))(whoami)

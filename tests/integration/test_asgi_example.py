@@ -43,19 +43,29 @@ def sa(tb: Testbed) -> Testbed:
 @contextlib.contextmanager
 def service(tb: Testbed, server: str, port: int, peer_key: Path | None) -> Iterator[subprocess.Popen]:
     """The example app under ``server`` in B's namespace, listening on every address of B."""
-    env = {**os.environ, "BTNS_BACKEND": "strongswan", "BTNS_VICI_SOCKET": tb.b.vici_path,
-           "PYTHONPATH": str(EXAMPLE)}
+    env = {**os.environ, "BTNS_BACKEND": "strongswan", "BTNS_VICI_SOCKET": tb.b.vici_path, "PYTHONPATH": str(EXAMPLE)}
     env.pop("BTNS_EXAMPLE_PEER_KEY", None)
     if peer_key is not None:
         env["BTNS_EXAMPLE_PEER_KEY"] = str(peer_key)
     if server == "uvicorn":
-        cmd = [sys.executable, "-m", "uvicorn", "app:app", "--host", "0.0.0.0", "--port", str(port),
-               "--log-level", "warning"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app:app",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ]
     else:
         cmd = [sys.executable, "-m", "hypercorn", "--bind", f"0.0.0.0:{port}", "--log-level", "warning", "app:app"]
     log = open(tb.workdir / f"{server}-{port}.log", "wb")
-    proc = subprocess.Popen(["ip", "netns", "exec", tb.b.netns, *cmd], env=env, cwd=EXAMPLE,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", tb.b.netns, *cmd], env=env, cwd=EXAMPLE, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + 20
         while True:

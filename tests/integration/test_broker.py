@@ -52,7 +52,8 @@ class Broker:
 def start_broker(tb: Testbed, workdir: Path, extra: str = "") -> Broker:
     conf = workdir / "btnsd.toml"
     keys = workdir / "keys"
-    conf.write_text(textwrap.dedent(f"""
+    conf.write_text(
+        textwrap.dedent(f"""
         [broker]
         idle_timeout = 30
         [[backend]]
@@ -67,12 +68,17 @@ def start_broker(tb: Testbed, workdir: Path, extra: str = "") -> Broker:
         netns = "{tb.b.netns}"
         key_dir = "{keys}-b"
         peer_keys = "{workdir}/peers-b"
-    """) + extra)
+    """)
+        + extra
+    )
     path = str(workdir / "btnsd.sock")
     log = workdir / "btnsd.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "btns_vici.broker", "--socket", path, "--config", str(conf),
-                                 "-v"], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "btns_vici.broker", "--socket", path, "--config", str(conf), "-v"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if os.path.exists(path) and BrokerClient(path, timeout=1).probe():
@@ -141,9 +147,24 @@ def run_as_nobody(tb: Testbed, python: str, code: str, env: dict[str, str], time
     """Run ``code`` as nobody in peer A's namespace; it prints one JSON object as its last line."""
     assigns = [f"{k}={v}" for k, v in env.items()]
     res = subprocess.run(
-        ["ip", "netns", "exec", tb.a.netns, "runuser", "-u", "nobody", "--", "env", *assigns,
-         python, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=timeout,
+        [
+            "ip",
+            "netns",
+            "exec",
+            tb.a.netns,
+            "runuser",
+            "-u",
+            "nobody",
+            "--",
+            "env",
+            *assigns,
+            python,
+            "-c",
+            textwrap.dedent(code),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     assert lines, f"no result (exit {res.returncode}): {res.stdout}\n{res.stderr}"
@@ -257,8 +278,7 @@ def test_an_unprivileged_process_demands_btns_and_the_broker_negotiates(tb, brok
             accepted.append(conn)
 
     threading.Thread(target=acc, daemon=True).start()
-    out = run_as_nobody(tb, unpriv_python, DEMAND,
-                        {"PEER": str(tb.b.v4), "PORT": "28002", "BTNS_BROKER": broker.path})
+    out = run_as_nobody(tb, unpriv_python, DEMAND, {"PEER": str(tb.b.v4), "PORT": "28002", "BTNS_BROKER": broker.path})
     srv.close()
     assert out.get("protected") is True, (out, broker.log.read_text()[-2000:])
     assert out["method"] in ("BTNS", "LEAPOFFAITH")
@@ -310,8 +330,7 @@ def test_hostile_clients_get_precise_errors_and_leak_nothing(tb, broker, tmp_pat
             assert _ask(s, protocol.request("get_socket_ptoken", 3), [r])["errno"] == errno.ENOTSOCK
             many = [os.dup(r) for _ in range(200)]
             try:  # 200 descriptors: the broker's buffer holds one, the kernel discards the rest
-                assert _ask(s, protocol.request("get_socket_ptoken", 4), many)["errno"] in (errno.EMSGSIZE,
-                                                                                            errno.EBADF)
+                assert _ask(s, protocol.request("get_socket_ptoken", 4), many)["errno"] in (errno.EMSGSIZE, errno.EBADF)
             finally:
                 for fd in many:
                     os.close(fd)
@@ -320,7 +339,9 @@ def test_hostile_clients_get_precise_errors_and_leak_nothing(tb, broker, tmp_pat
             os.close(w)
         s.send(b"BT\x01\x01" + bytes(4) + (70000).to_bytes(4, "big") + bytes(65000))
         assert protocol.decode(s.recv(protocol.MAX_FRAME), protocol.RESPONSE)[1]["errno"] in (
-            errno.EMSGSIZE, errno.EPROTO)
+            errno.EMSGSIZE,
+            errno.EPROTO,
+        )
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as unconnected:
             assert _ask(s, protocol.request("get_socket_ptoken", 5), [unconnected.fileno()])["errno"] == errno.ENOTCONN
         bad = protocol.request("set_socket_ptoken", 6, ptoken={"attrs": {"informationString": "00"}})
@@ -388,8 +409,24 @@ def test_a_client_killed_mid_request_does_not_disturb_the_broker(tb, broker, unp
         btns_vici.connect(s, ("10.231.0.99", 9), latch_=False)  # nobody answers there: a long negotiation
     """
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", tb.a.netns, "runuser", "-u", "nobody", "--", "env", f"BTNS_BROKER={broker.path}",
-         unpriv_python, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True)
+        [
+            "ip",
+            "netns",
+            "exec",
+            tb.a.netns,
+            "runuser",
+            "-u",
+            "nobody",
+            "--",
+            "env",
+            f"BTNS_BROKER={broker.path}",
+            unpriv_python,
+            "-c",
+            textwrap.dedent(code),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "{}"
         time.sleep(0.5)
@@ -402,10 +439,23 @@ def test_a_client_killed_mid_request_does_not_disturb_the_broker(tb, broker, unp
 def test_systemd_socket_activation_and_unit_files(tb, testbed, tmp_path):
     path = str(tmp_path / "activated.sock")
     conf = tmp_path / "btnsd.toml"
-    conf.write_text(f'[[backend]]\nname = "strongswan"\nvici_socket = "{testbed.a.vici_path}"\n'
-                    f'netns = "{testbed.a.netns}"\n')
-    proc = subprocess.Popen(["systemd-socket-activate", "--seqpacket", "-l", path, sys.executable, "-m",
-                             "btns_vici.broker", "--config", str(conf)], stderr=subprocess.PIPE)
+    conf.write_text(
+        f'[[backend]]\nname = "strongswan"\nvici_socket = "{testbed.a.vici_path}"\nnetns = "{testbed.a.netns}"\n'
+    )
+    proc = subprocess.Popen(
+        [
+            "systemd-socket-activate",
+            "--seqpacket",
+            "-l",
+            path,
+            sys.executable,
+            "-m",
+            "btns_vici.broker",
+            "--config",
+            str(conf),
+        ],
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 10
         while not os.path.exists(path) and time.monotonic() < deadline:
@@ -422,8 +472,11 @@ def test_systemd_socket_activation_and_unit_files(tb, testbed, tmp_path):
     service = (REPO / "conf/systemd/btnsd.service").read_text().replace("/usr/local/bin/btnsd", str(btnsd))
     (unit_dir / "btnsd.service").write_text(service)
     (unit_dir / "btnsd.socket").write_text((REPO / "conf/systemd/btnsd.socket").read_text())
-    res = subprocess.run(["systemd-analyze", "verify", str(unit_dir / "btnsd.service"), str(unit_dir / "btnsd.socket")],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        ["systemd-analyze", "verify", str(unit_dir / "btnsd.service"), str(unit_dir / "btnsd.socket")],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0 and not res.stderr.strip(), res.stderr
 
 
@@ -434,11 +487,23 @@ def test_prometheus_metrics(tb, testbed, tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     conf = tmp_path / "btnsd.toml"
-    conf.write_text(f'[[backend]]\nname = "strongswan"\nvici_socket = "{testbed.a.vici_path}"\n'
-                    f'netns = "{testbed.a.netns}"\n')
+    conf.write_text(
+        f'[[backend]]\nname = "strongswan"\nvici_socket = "{testbed.a.vici_path}"\nnetns = "{testbed.a.netns}"\n'
+    )
     path = str(tmp_path / "m.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "btns_vici.broker", "--socket", path, "--config", str(conf),
-                             "--metrics", f"127.0.0.1:{port}"])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "btns_vici.broker",
+            "--socket",
+            path,
+            "--config",
+            str(conf),
+            "--metrics",
+            f"127.0.0.1:{port}",
+        ]
+    )
     try:
         deadline = time.monotonic() + 20
         while not (os.path.exists(path) and BrokerClient(path, timeout=1).probe()):
@@ -460,22 +525,47 @@ def test_prometheus_metrics(tb, testbed, tmp_path):
 def test_an_unprivileged_c_program_asks_through_the_broker(tb, broker, unpriv_python):
     """The C ABI built against Debian's python3 (the venv nobody can run), a C program as nobody."""
     venv = Path(unpriv_python).parent.parent
-    subprocess.run([unpriv_python, "-m", "btns_vici.cabi.build", "build", "--prefix", str(venv)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [unpriv_python, "-m", "btns_vici.cabi.build", "build", "--prefix", str(venv)], check=True, capture_output=True
+    )
     pc = venv / "lib" / "pkgconfig"
-    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "btns-ipsec"], env={**os.environ,
-                           "PKG_CONFIG_PATH": str(pc)}, capture_output=True, text=True, check=True).stdout.split()
+    flags = subprocess.run(
+        ["pkg-config", "--cflags", "--libs", "btns-ipsec"],
+        env={**os.environ, "PKG_CONFIG_PATH": str(pc)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     exe = venv / "get_ptoken"
-    subprocess.run(["cc", "-std=c99", "-o", str(exe), str(REPO / "examples/c/get_ptoken.c"),
-                    f"-I{REPO / 'examples/c'}", *flags], check=True)
+    subprocess.run(
+        ["cc", "-std=c99", "-o", str(exe), str(REPO / "examples/c/get_ptoken.c"), f"-I{REPO / 'examples/c'}", *flags],
+        check=True,
+    )
     for p in [venv, *venv.rglob("*")]:
         os.chmod(p, os.stat(p).st_mode | 0o005 | (0o010 if p.is_dir() else 0))
     tb.up("brkc", "rawkey", 4)
     srv, conns = serve_in_b(tb, 28005)
     with srv:
-        res = subprocess.run(["ip", "netns", "exec", tb.a.netns, "runuser", "-u", "nobody", "--", "env",
-                              f"BTNS_BROKER={broker.path}", str(exe), str(tb.b.v4), "28005"],
-                             capture_output=True, text=True, timeout=60)
+        res = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                tb.a.netns,
+                "runuser",
+                "-u",
+                "nobody",
+                "--",
+                "env",
+                f"BTNS_BROKER={broker.path}",
+                str(exe),
+                str(tb.b.v4),
+                "28005",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         for c in conns:
             c.close()
     assert res.returncode == 0, (res.stdout, res.stderr)
@@ -489,12 +579,52 @@ def test_btns_sockets_for_an_unprivileged_user_through_the_broker(tb, broker, un
     with cli, srv:
         port = cli.getsockname()[1]
         res = subprocess.run(
-            ["ip", "netns", "exec", tb.a.netns, "runuser", "-u", "nobody", "--", "env", f"BTNS_BROKER={broker.path}",
-             unpriv_python, "-m", "btns_vici.cli", "sockets", "--json", "-t", "state", "established"],
-            capture_output=True, text=True, timeout=60)
+            [
+                "ip",
+                "netns",
+                "exec",
+                tb.a.netns,
+                "runuser",
+                "-u",
+                "nobody",
+                "--",
+                "env",
+                f"BTNS_BROKER={broker.path}",
+                unpriv_python,
+                "-m",
+                "btns_vici.cli",
+                "sockets",
+                "--json",
+                "-t",
+                "state",
+                "established",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         table = subprocess.run(
-            ["ip", "netns", "exec", tb.a.netns, "runuser", "-u", "nobody", "--", "env", f"BTNS_BROKER={broker.path}",
-             unpriv_python, "-m", "btns_vici.cli", "sockets", "-t"], capture_output=True, text=True, timeout=60)
+            [
+                "ip",
+                "netns",
+                "exec",
+                tb.a.netns,
+                "runuser",
+                "-u",
+                "nobody",
+                "--",
+                "env",
+                f"BTNS_BROKER={broker.path}",
+                unpriv_python,
+                "-m",
+                "btns_vici.cli",
+                "sockets",
+                "-t",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert res.returncode == 0, res.stderr
     mine = [d for d in json.loads(res.stdout) if d["local_port"] == port]
     assert len(mine) == 1 and mine[0]["status"] == "protected", mine
@@ -520,8 +650,23 @@ def test_through_the_broker_and_btns_sockets_a_marked_socket_is_clear(tb, broker
             marked.send(b"BROKER-MARKED-LEAK")
         tok = broker.client().get_socket_ptoken(marked)
         port = marked.getsockname()[1]
-        listing = subprocess.run([sys.executable, "-m", "btns_vici.cli", "sockets", "--json", "--netns", tb.a.netns,
-                                  "--vici-socket", tb.a.vici_path, "-u"], capture_output=True, text=True, timeout=60)
+        listing = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "btns_vici.cli",
+                "sockets",
+                "--json",
+                "--netns",
+                tb.a.netns,
+                "--vici-socket",
+                tb.a.vici_path,
+                "-u",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert seen(frames, b"BROKER-MARKED-LEAK")  # it left in clear
     assert not tok.protected and "mark=0x42" in tok.information_string, tok.information_string
     assert listing.returncode == 0, listing.stderr

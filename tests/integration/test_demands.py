@@ -74,8 +74,9 @@ def test_broken_latch_destroys_the_socket_for_a_c_program(tb, backend_a, victim)
         lt = latch(cli, backend_a, on_break=broken.append, shutdown=True)
         cli.settimeout(None)  # the C program blocks in recv (a Python timeout makes the file O_NONBLOCK)
         # The connection now belongs to a plain C program as well (inherited descriptor).
-        proc = subprocess.Popen([str(victim), str(cli.fileno())], pass_fds=(cli.fileno(),),
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [str(victim), str(cli.fileno())], pass_fds=(cli.fileno(),), stdout=subprocess.PIPE, text=True
+        )
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         conn.sendall(b"hello")
         assert proc.stdout.readline().strip() == "data 5"
@@ -257,15 +258,12 @@ def test_remote_itoken_selects_our_key(tb, sides) -> None:
 
     a, b = sides
     alt = ed25519.Ed25519PrivateKey.generate()
-    pem = alt.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = alt.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     path = a.key_dir / "alt.key"
     path.write_bytes(pem)
     os.chmod(path, 0o600)
-    alt_der = alt.public_key().public_bytes(serialization.Encoding.DER,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo)
-    alt_pub = alt.public_key().public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    alt_der = alt.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    alt_pub = alt.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     (b.peer_dir / "peer.pem").write_bytes(alt_pub)  # B knows A only by its alternative key
     srv, got = serve(b, btns_demand(), 28412)
     s = a.socket()

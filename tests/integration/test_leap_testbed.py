@@ -99,8 +99,22 @@ def _learner_port(tb: Testbed, on: bool) -> None:
     """Let the learner's udp/5386 through the testbed's inbound filter (as IKE's 500/4500 are)."""
     for p in tb.peers:
         other = tb.peer_of(p)
-        rule = ("pref", "10", "iif", p.link, "from", str(other.v4), "to", str(p.v4), "ipproto", "udp",
-                "dport", str(PORT), "lookup", "local")
+        rule = (
+            "pref",
+            "10",
+            "iif",
+            p.link,
+            "from",
+            str(other.v4),
+            "to",
+            str(p.v4),
+            "ipproto",
+            "udp",
+            "dport",
+            str(PORT),
+            "lookup",
+            "local",
+        )
         p.exec("ip", "rule", "del", *rule, check=False)
         if on:
             p.exec("ip", "rule", "add", *rule)
@@ -220,8 +234,9 @@ def mitm(tb: Testbed, tmp_path: Path):
     la, lm = f"btns-{tag}ma", f"btns-{tag}mm"
     wd = tmp_path / "m"
     wd.mkdir()
-    m = Peer(name="m", netns=ns, link=lm, v4=tb.b.v4, v6=tb.b.v6, v4_plain=tb.b.v4_plain,
-             v6_plain=tb.b.v6_plain, workdir=wd)
+    m = Peer(
+        name="m", netns=ns, link=lm, v4=tb.b.v4, v6=tb.b.v6, v4_plain=tb.b.v4_plain, v6_plain=tb.b.v6_plain, workdir=wd
+    )
     os.system(f"ip netns add {ns}")
     try:
         os.system(f"ip link add {la} netns {tb.a.netns} type veth peer name {lm} netns {ns}")
@@ -273,13 +288,44 @@ def test_learning_port_flooded_real_connections_work(tb, leap):
     lim = Limits(hello_rate=20, hello_burst=40, keyreq_rate=4, keyreq_burst=8)
     r = b.learner(lim)
     # The flooder's source is A's plain address: let it through B's filter too.
-    rule = ("pref", "10", "iif", tb.b.link, "from", str(tb.a.v4_plain), "to", str(tb.b.v4), "ipproto", "udp",
-            "dport", str(PORT), "lookup", "local")
+    rule = (
+        "pref",
+        "10",
+        "iif",
+        tb.b.link,
+        "from",
+        str(tb.a.v4_plain),
+        "to",
+        str(tb.b.v4),
+        "ipproto",
+        "udp",
+        "dport",
+        str(PORT),
+        "lookup",
+        "local",
+    )
     tb.b.exec("ip", "rule", "add", *rule)
     flooder = Path(__file__).with_name("leap_flooder.py")
-    procs = [subprocess.Popen(["ip", "netns", "exec", tb.a.netns, sys.executable, str(flooder), str(tb.a.v4_plain),
-                               str(b.peer.v4), str(PORT), "4", str(FLOOD_PPS)], stdout=subprocess.PIPE, text=True)
-             for _ in range(1)]  # another process: the flood does not share our GIL
+    procs = [
+        subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                tb.a.netns,
+                sys.executable,
+                str(flooder),
+                str(tb.a.v4_plain),
+                str(b.peer.v4),
+                str(PORT),
+                "4",
+                str(FLOOD_PPS),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(1)
+    ]  # another process: the flood does not share our GIL
     try:
         time.sleep(0.5)
         t0 = time.monotonic()
@@ -294,9 +340,11 @@ def test_learning_port_flooded_real_connections_work(tb, leap):
             sent += int(out.strip() or 0)
         tb.b.exec("ip", "rule", "del", *rule, check=False)
     st = r.stats
-    print(f"flood: {sent} datagrams sent, learner saw {st.received}, malformed {st.malformed}, "
-          f"rate-limited {st.rate_limited}, bad cookies {st.bad_cookie}, cookies sent {st.cookies}, "
-          f"bytes in {st.bytes_in} out {st.bytes_out}; connection took {took * 1000:.0f} ms")
+    print(
+        f"flood: {sent} datagrams sent, learner saw {st.received}, malformed {st.malformed}, "
+        f"rate-limited {st.rate_limited}, bad cookies {st.bad_cookie}, cookies sent {st.cookies}, "
+        f"bytes in {st.bytes_in} out {st.bytes_out}; connection took {took * 1000:.0f} ms"
+    )
     assert st.received > 0.5 * sent  # the learner kept up: the limits, not the queue, dropped the flood
     assert st.rate_limited > 0 and st.bad_cookie > 0 and st.malformed > 0
     assert st.bytes_out < st.bytes_in / 3  # never an amplifier

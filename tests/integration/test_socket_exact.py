@@ -124,11 +124,30 @@ def twin_namespaces(tb: Testbed) -> Iterator[tuple[str, str]]:
         for ns in names:
             subprocess.run(["ip", "netns", "add", ns], check=True)
             made.append(ns)
-        subprocess.run(["ip", "link", "add", links[0], "netns", names[0], "type", "veth", "peer", "name", links[1],
-                        "netns", names[1]], check=True)
+        subprocess.run(
+            [
+                "ip",
+                "link",
+                "add",
+                links[0],
+                "netns",
+                names[0],
+                "type",
+                "veth",
+                "peer",
+                "name",
+                links[1],
+                "netns",
+                names[1],
+            ],
+            check=True,
+        )
         for ns, link, addr in zip(names, links, (tb.a.v4, tb.b.v4), strict=True):
-            for cmd in (["ip", "addr", "add", f"{addr}/24", "dev", link], ["ip", "link", "set", link, "up"],
-                        ["ip", "link", "set", "lo", "up"]):
+            for cmd in (
+                ["ip", "addr", "add", f"{addr}/24", "dev", link],
+                ["ip", "link", "set", link, "up"],
+                ["ip", "link", "set", "lo", "up"],
+            ):
                 subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True)
         yield names
     finally:

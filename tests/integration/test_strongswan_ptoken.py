@@ -39,7 +39,8 @@ def _check_identity(tok, tb: Testbed, auth: str, peer) -> None:
     # channelBinding is the connection's (both ends' identities); the one-sided peer-key value is in auditString.
     assert tok.channel_binding.startswith("btns-cb-v2:endpoints-sha256:")
     assert "peer-key-binding btns-cb-v1:spki-sha256:" + hashlib.sha256(peer.key.public_der).hexdigest() in (
-        tok.audit_string)
+        tok.audit_string
+    )
     if auth == "x509":
         assert tok.certificate_dn == f"CN=host-{peer.name}.btns.test"
         assert tok.certificate_authority_dn == f"CN=BTNS Test CA {tb.tag}"

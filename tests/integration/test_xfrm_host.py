@@ -56,15 +56,52 @@ def test_policy_dump_equals_iproute2_field_by_field() -> None:
         assert (pol.sel.sport, pol.sel.dport, pol.sel.sport_mask, pol.sel.dport_mask) == (1234, 80, 0xFFFF, 0xFFFF)
         assert (pol.mark.value, pol.mark.mask, pol.direction, pol.is_socket) == (5, 0xFF, "out", False)
         assert [t.proto_name for t in next(p for p in xfrm.dump_policies(ns) if p.priority == 70).templates] == [
-            "ah", "comp", "esp"]
+            "ah",
+            "comp",
+            "esp",
+        ]
 
 
 def test_larval_state_dump_equals_iproute2() -> None:
     with netns("sa") as ns:
-        ip("xfrm", "state", "allocspi", "src", "10.0.0.1", "dst", "10.0.0.2", "proto", "esp", "reqid", "5",
-           "mode", "tunnel", "min", "0x1000", "max", "0x1fff", netns=ns)
-        ip("xfrm", "state", "allocspi", "src", "fd00::1", "dst", "fd00::2", "proto", "ah", "reqid", "6",
-           "min", "0x2000", "max", "0x2fff", netns=ns)
+        ip(
+            "xfrm",
+            "state",
+            "allocspi",
+            "src",
+            "10.0.0.1",
+            "dst",
+            "10.0.0.2",
+            "proto",
+            "esp",
+            "reqid",
+            "5",
+            "mode",
+            "tunnel",
+            "min",
+            "0x1000",
+            "max",
+            "0x1fff",
+            netns=ns,
+        )
+        ip(
+            "xfrm",
+            "state",
+            "allocspi",
+            "src",
+            "fd00::1",
+            "dst",
+            "fd00::2",
+            "proto",
+            "ah",
+            "reqid",
+            "6",
+            "min",
+            "0x2000",
+            "max",
+            "0x2fff",
+            netns=ns,
+        )
         states = xfrm.dump_states(ns)
         ours = {(r["spi"], r["dst"]): r for r in map(view, states)}
         theirs = {(r["spi"], r["dst"]): r for r in parse_ip_xfrm(ip("-s", "xfrm", "state", netns=ns))}
@@ -85,7 +122,8 @@ def test_socket_policy_visible_then_gone_after_close(family: int) -> None:
         assert sorted((p.direction, p.is_socket) for p in pols) == [("in", True), ("out", True)]
         out = next(p for p in pols if p.direction == "out")
         assert [(t.proto_name, t.mode_name, t.reqid, t.level, t.family) for t in out.templates] == [
-            ("esp", "transport", 11, "required", family)]
+            ("esp", "transport", 11, "required", family)
+        ]
         inbound = next(p for p in pols if p.direction == "in")
         assert [(t.proto_name, t.level) for t in inbound.templates] == [("esp", "use"), ("comp", "use")]
         text = parse_ip_xfrm(ip("-s", "xfrm", "policy", netns=ns))
@@ -165,8 +203,25 @@ def test_udp_send_fails_closed_without_sa() -> None:
 
 def test_monitor_reports_policy_and_sa_events() -> None:
     with netns("mon") as ns, xfrm.XfrmMonitor(netns=ns) as mon:
-        ip("xfrm", "policy", "add", "src", "10.7.0.0/16", "dst", "10.8.0.0/16", "dir", "out", "priority", "9",
-           "tmpl", "proto", "esp", "mode", "transport", netns=ns)
+        ip(
+            "xfrm",
+            "policy",
+            "add",
+            "src",
+            "10.7.0.0/16",
+            "dst",
+            "10.8.0.0/16",
+            "dir",
+            "out",
+            "priority",
+            "9",
+            "tmpl",
+            "proto",
+            "esp",
+            "mode",
+            "transport",
+            netns=ns,
+        )
         ip("xfrm", "policy", "del", "src", "10.7.0.0/16", "dst", "10.8.0.0/16", "dir", "out", netns=ns)
         ip("xfrm", "state", "allocspi", "src", "10.7.0.1", "dst", "10.8.0.1", "proto", "esp", netns=ns)
         ip("xfrm", "state", "flush", netns=ns)  # notifies only when something was flushed
@@ -199,14 +254,66 @@ def test_watch_calls_back_from_a_thread() -> None:
 
 def test_policies_covering_orders_by_priority() -> None:
     with netns("cover") as ns:
-        ip("xfrm", "policy", "add", "src", "10.0.0.0/8", "dst", "10.0.0.0/8", "dir", "out", "priority", "500",
-           netns=ns)
-        ip("xfrm", "policy", "add", "src", "10.0.0.1", "dst", "10.0.0.2", "proto", "tcp", "dport", "443",
-           "dir", "out", "priority", "100", "tmpl", "proto", "esp", "mode", "transport", "reqid", "8", netns=ns)
-        ip("xfrm", "policy", "add", "src", "10.0.0.1", "dst", "10.0.0.2", "proto", "udp", "dir", "out",
-           "priority", "50", netns=ns)
-        ip("xfrm", "policy", "add", "src", "10.0.0.2", "dst", "10.0.0.1", "proto", "tcp", "sport", "443",
-           "dir", "in", "priority", "100", netns=ns)
+        ip("xfrm", "policy", "add", "src", "10.0.0.0/8", "dst", "10.0.0.0/8", "dir", "out", "priority", "500", netns=ns)
+        ip(
+            "xfrm",
+            "policy",
+            "add",
+            "src",
+            "10.0.0.1",
+            "dst",
+            "10.0.0.2",
+            "proto",
+            "tcp",
+            "dport",
+            "443",
+            "dir",
+            "out",
+            "priority",
+            "100",
+            "tmpl",
+            "proto",
+            "esp",
+            "mode",
+            "transport",
+            "reqid",
+            "8",
+            netns=ns,
+        )
+        ip(
+            "xfrm",
+            "policy",
+            "add",
+            "src",
+            "10.0.0.1",
+            "dst",
+            "10.0.0.2",
+            "proto",
+            "udp",
+            "dir",
+            "out",
+            "priority",
+            "50",
+            netns=ns,
+        )
+        ip(
+            "xfrm",
+            "policy",
+            "add",
+            "src",
+            "10.0.0.2",
+            "dst",
+            "10.0.0.1",
+            "proto",
+            "tcp",
+            "sport",
+            "443",
+            "dir",
+            "in",
+            "priority",
+            "100",
+            netns=ns,
+        )
         a, b = ipaddress.ip_address("10.0.0.1"), ipaddress.ip_address("10.0.0.2")
         flow = Flow(socket.IPPROTO_TCP, a, 40000, b, 443)
         assert [p.priority for p in xfrm.policies_covering(flow, netns=ns)] == [100, 500]

@@ -47,6 +47,7 @@ def socket_in(ns: str, *args: int) -> socket.socket:
 
 # ---- iproute2 text -> dicts ----
 
+
 def _num(tok: str) -> int:
     """'0x054d0902(88934658)', '5(0x00000005)', '(INF)(bytes)', '30(sec)' -> int."""
     head = tok.split("(")[0] if not tok.startswith("(") else tok
@@ -65,9 +66,13 @@ def _selector(words: list[str]) -> dict[str, Any]:
     dst, _, plen_d = kv["dst"].partition("/")
     proto = kv.get("proto", "0")
     return {
-        "saddr": src, "daddr": dst, "prefixlen_s": int(plen_s or 0), "prefixlen_d": int(plen_d or 0),
+        "saddr": src,
+        "daddr": dst,
+        "prefixlen_s": int(plen_s or 0),
+        "prefixlen_d": int(plen_d or 0),
         "proto": socket.getprotobyname(proto) if not proto.isdigit() else int(proto),
-        "sport": int(kv.get("sport", kv.get("type", 0))), "dport": int(kv.get("dport", kv.get("code", 0))),
+        "sport": int(kv.get("sport", kv.get("type", 0))),
+        "dport": int(kv.get("dport", kv.get("code", 0))),
     }
 
 
@@ -117,7 +122,9 @@ def parse_ip_xfrm(text: str) -> list[dict[str, Any]]:
             rec[f"soft_{unit}_limit"], rec[f"hard_{unit}_limit"] = _num(words[2].rstrip(",")), _num(words[4])
         elif head == "expire":
             rec[f"soft_{words[1][:-1]}_expires"], rec[f"hard_{words[1][:-1]}_expires"] = (
-                _num(words[3].rstrip(",")), _num(words[5]))
+                _num(words[3].rstrip(",")),
+                _num(words[5]),
+            )
         elif head == "lifetime" and words[1] == "current:":
             cur = lines[n + 1].split()
             rec["bytes"], rec["packets"] = _num(cur[0]), _num(cur[1])
@@ -139,44 +146,74 @@ def parse_ip_xfrm(text: str) -> list[dict[str, Any]]:
 
 def _sel_view(sel: Any) -> dict[str, Any]:
     return {
-        "saddr": str(sel.saddr), "daddr": str(sel.daddr), "prefixlen_s": sel.prefixlen_s,
-        "prefixlen_d": sel.prefixlen_d, "proto": sel.proto, "sport": sel.sport, "dport": sel.dport,
+        "saddr": str(sel.saddr),
+        "daddr": str(sel.daddr),
+        "prefixlen_s": sel.prefixlen_s,
+        "prefixlen_d": sel.prefixlen_d,
+        "proto": sel.proto,
+        "sport": sel.sport,
+        "dport": sel.dport,
     }
 
 
 def _lifetime_view(lft: Any) -> dict[str, int]:
     return {
-        "soft_byte_limit": lft.soft_byte_limit, "hard_byte_limit": lft.hard_byte_limit,
-        "soft_packet_limit": lft.soft_packet_limit, "hard_packet_limit": lft.hard_packet_limit,
-        "soft_add_expires": lft.soft_add_expires_seconds, "hard_add_expires": lft.hard_add_expires_seconds,
-        "soft_use_expires": lft.soft_use_expires_seconds, "hard_use_expires": lft.hard_use_expires_seconds,
+        "soft_byte_limit": lft.soft_byte_limit,
+        "hard_byte_limit": lft.hard_byte_limit,
+        "soft_packet_limit": lft.soft_packet_limit,
+        "hard_packet_limit": lft.hard_packet_limit,
+        "soft_add_expires": lft.soft_add_expires_seconds,
+        "hard_add_expires": lft.hard_add_expires_seconds,
+        "soft_use_expires": lft.soft_use_expires_seconds,
+        "hard_use_expires": lft.hard_use_expires_seconds,
     }
 
 
 def view(rec: XfrmPolicy | XfrmState) -> dict[str, Any]:
     """Our record in the shape :func:`parse_ip_xfrm` gives iproute2's text."""
     out: dict[str, Any] = {
-        "sel": _sel_view(rec.sel), **_lifetime_view(rec.lifetime),
-        "bytes": rec.current.bytes, "packets": rec.current.packets,
-        "templates": [], "algorithms": {},
+        "sel": _sel_view(rec.sel),
+        **_lifetime_view(rec.lifetime),
+        "bytes": rec.current.bytes,
+        "packets": rec.current.packets,
+        "templates": [],
+        "algorithms": {},
     }
     if rec.mark is not None:
         out["mark"] = (rec.mark.value, rec.mark.mask)
     if rec.if_id:
         out["if_id"] = rec.if_id
     if isinstance(rec, XfrmPolicy):
-        out.update(socket=rec.is_socket, dir=rec.direction, action=rec.action_name, index=rec.index,
-                   priority=rec.priority)
+        out.update(
+            socket=rec.is_socket, dir=rec.direction, action=rec.action_name, index=rec.index, priority=rec.priority
+        )
         out["templates"] = [
-            {"src": str(t.saddr), "dst": str(t.daddr), "proto": t.proto_name, "spi": t.spi, "reqid": t.reqid,
-             "mode": t.mode_name, "level": t.level}
+            {
+                "src": str(t.saddr),
+                "dst": str(t.daddr),
+                "proto": t.proto_name,
+                "spi": t.spi,
+                "reqid": t.reqid,
+                "mode": t.mode_name,
+                "level": t.level,
+            }
             for t in rec.templates
         ]
     else:
-        out.update(src=str(rec.saddr), dst=str(rec.daddr), proto=rec.proto_name, spi=rec.spi, reqid=rec.reqid,
-                   mode=rec.mode_name, replay_window=rec.replay_window)
+        out.update(
+            src=str(rec.saddr),
+            dst=str(rec.daddr),
+            proto=rec.proto_name,
+            spi=rec.spi,
+            reqid=rec.reqid,
+            mode=rec.mode_name,
+            replay_window=rec.replay_window,
+        )
         out["algorithms"] = {a.kind: (a.name, a.key_bits) for a in rec.algorithms}
         if rec.encap is not None:
-            out["encap"] = ({2: "espinudp", 1: "espinudp-nonike"}.get(rec.encap.type, str(rec.encap.type)),
-                            rec.encap.sport, rec.encap.dport)
+            out["encap"] = (
+                {2: "espinudp", 1: "espinudp-nonike"}.get(rec.encap.type, str(rec.encap.type)),
+                rec.encap.sport,
+                rec.encap.dport,
+            )
     return out

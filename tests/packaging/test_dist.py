@@ -68,7 +68,7 @@ def test_one_version_source() -> None:
     hits = []
     for path in [ROOT / "pyproject.toml", *sorted((ROOT / "src").rglob("*.py"))]:
         for line in path.read_text().splitlines():
-            if line.replace(" ", "").startswith(("version=\"", "__version__=\"")):
+            if line.replace(" ", "").startswith(('version="', '__version__="')):
                 hits.append(str(path.relative_to(ROOT)))
     assert hits == ["src/btns_vici/_version.py"]
 
@@ -76,8 +76,15 @@ def test_one_version_source() -> None:
 def test_sdist_contents(dists: Dists) -> None:
     with tarfile.open(dists.sdist) as t:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
-    for needed in ("LICENSE", "README.md", "pyproject.toml", "tests/unit/test_tokens.py", "tests/cabi/conftest.py",
-                   "src/btns_vici/cabi/ipsec_api.h", "examples/c/README.md"):
+    for needed in (
+        "LICENSE",
+        "README.md",
+        "pyproject.toml",
+        "tests/unit/test_tokens.py",
+        "tests/cabi/conftest.py",
+        "src/btns_vici/cabi/ipsec_api.h",
+        "examples/c/README.md",
+    ):
         assert needed in names, needed
     assert not [n for n in names if "__pycache__" in n or n.endswith(".so")]
 
@@ -88,8 +95,15 @@ def test_sdist_passes_its_unit_tests(dists: Dists, tmp_path: Path) -> None:
         t.extractall(tmp_path, filter="data")
     (tree,) = tmp_path.iterdir()
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/unit"],
-                          cwd=tree, env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/unit"],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout.splitlines()[-1]
     import btns_vici

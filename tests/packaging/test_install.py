@@ -81,14 +81,38 @@ def test_non_root_user_gets_exit_4_from_the_system_python_install(system_venv: V
             srv.bind(str(path))
             srv.listen(1)
             path.chmod(0o600)  # as charon's: srwx------ root
-            res = run(["runuser", "-u", "nobody", "--", system_venv.bin("btns"), "--backend", "strongswan",
-                       "--vici-socket", path, "sas"])
+            res = run(
+                [
+                    "runuser",
+                    "-u",
+                    "nobody",
+                    "--",
+                    system_venv.bin("btns"),
+                    "--backend",
+                    "strongswan",
+                    "--vici-socket",
+                    path,
+                    "sas",
+                ]
+            )
             assert res.returncode == 4, res.stderr
             assert "permission denied" in res.stderr
             res = run(["runuser", "-u", "nobody", "--", system_venv.bin("btns"), "--version"])
             assert res.returncode == 0 and res.stdout.strip() == f"btns {__version__}"
         # No socket at all is still "daemon unavailable".
         path.unlink()
-        res = run(["runuser", "-u", "nobody", "--", system_venv.bin("btns"), "--backend", "strongswan",
-                   "--vici-socket", path, "sas"])
+        res = run(
+            [
+                "runuser",
+                "-u",
+                "nobody",
+                "--",
+                system_venv.bin("btns"),
+                "--backend",
+                "strongswan",
+                "--vici-socket",
+                path,
+                "sas",
+            ]
+        )
         assert res.returncode == 3, res.stderr

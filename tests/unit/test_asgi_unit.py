@@ -129,8 +129,7 @@ def test_socket_whose_peer_is_not_scope_client_is_refused(monkeypatch):
         assert info["proxied"] and not info["ptoken"].protected and info["hop_ptoken"].protected
         same = run(aio.connection_info(sock=s, client=("10.0.0.9", 5555), server=("10.0.0.2", 80)))
         assert same["source"] == "socket" and same["ptoken"].protected and not same["proxied"]
-        hop = run(aio.connection_info(sock=s, client=("198.51.100.1", 1234), server=("10.0.0.2", 80),
-                                      forwarded="hop"))
+        hop = run(aio.connection_info(sock=s, client=("198.51.100.1", 1234), server=("10.0.0.2", 80), forwarded="hop"))
         assert hop["proxied"] and hop["ptoken"].protected
     with socket.socket(socket.AF_UNIX) as u:
         info = run(aio.connection_info(sock=u, client=None, server=None))
@@ -145,8 +144,10 @@ def test_demand_pin_key_and_check():
     assert aio.check(None, want)
     high = aio.demand(min_privacy=Setting.LEVEL_HIGH)
     assert aio.check({"ptoken": protected_token()}, high) == []
-    pem = (b"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAAAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n"
-           b"-----END PUBLIC KEY-----\n")
+    pem = (
+        b"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAAAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n"
+        b"-----END PUBLIC KEY-----\n"
+    )
     assert aio.pin_key(pem).pub_key_id == KEY
 
 
@@ -196,9 +197,11 @@ def test_lifespan_and_other_scopes_pass_through(no_daemon):
 
 
 def test_core_imports_no_web_framework():
-    code = ("import sys, btns_vici, btns_vici.aio, btns_vici.api, btns_vici.capi; "
-            "bad = [m for m in ('starlette', 'fastapi', 'aiohttp', 'uvicorn', 'hypercorn') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, btns_vici, btns_vici.aio, btns_vici.api, btns_vici.capi; "
+        "bad = [m for m in ('starlette', 'fastapi', 'aiohttp', 'uvicorn', 'hypercorn') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 

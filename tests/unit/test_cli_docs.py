@@ -15,8 +15,9 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 REGEN = "regenerate: btns man > docs/btns.1; btns completion bash|zsh > docs/completion/{btns.bash,_btns}"
 
 
-@pytest.mark.parametrize(("path", "make"), [("btns.1", manpage), ("completion/btns.bash", bash),
-                                            ("completion/_btns", zsh)])
+@pytest.mark.parametrize(
+    ("path", "make"), [("btns.1", manpage), ("completion/btns.bash", bash), ("completion/_btns", zsh)]
+)
 def test_checked_in_copy_is_current(path, make, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     assert (DOCS / path).read_text() == make(build()), REGEN

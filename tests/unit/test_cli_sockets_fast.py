@@ -37,11 +37,31 @@ def test_dump_matches_pyroute2():
         for family, proto in ((socket.AF_INET, socket.IPPROTO_TCP), (socket.AF_INET6, socket.IPPROTO_UDP)):
             with DiagSocket() as d:
                 d.bind()
-                theirs = {(m["idiag_inode"], m["idiag_state"], m["idiag_src"], m["idiag_sport"], m["idiag_dst"],
-                           m["idiag_dport"], m["idiag_uid"]) for m in d.get_sock_stats(family=family, protocol=proto)}
+                theirs = {
+                    (
+                        m["idiag_inode"],
+                        m["idiag_state"],
+                        m["idiag_src"],
+                        m["idiag_sport"],
+                        m["idiag_dst"],
+                        m["idiag_dport"],
+                        m["idiag_uid"],
+                    )
+                    for m in d.get_sock_stats(family=family, protocol=proto)
+                }
             with _inetdiag.open_socket() as s:
-                ours = {(m["idiag_inode"], m["idiag_state"], m["idiag_src"], m["idiag_sport"], m["idiag_dst"],
-                         m["idiag_dport"], m["idiag_uid"]) for m in _inetdiag.dump(s, family, proto)}
+                ours = {
+                    (
+                        m["idiag_inode"],
+                        m["idiag_state"],
+                        m["idiag_src"],
+                        m["idiag_sport"],
+                        m["idiag_dst"],
+                        m["idiag_dport"],
+                        m["idiag_uid"],
+                    )
+                    for m in _inetdiag.dump(s, family, proto)
+                }
             mine = {x for x in ours if x[0] in {_inode(srv), _inode(cli), _inode(acc), _inode(udp6)}}
             assert mine and mine <= theirs
         with _inetdiag.open_socket() as s:
@@ -73,8 +93,12 @@ addrs6 = st.ip_addresses(v=6)
 ports = st.integers(0, 65535)
 
 
-@given(st.one_of(st.tuples(addrs4, addrs4), st.tuples(addrs6, addrs6)), ports, ports,
-       st.sampled_from([socket.IPPROTO_TCP, socket.IPPROTO_UDP]))
+@given(
+    st.one_of(st.tuples(addrs4, addrs4), st.tuples(addrs6, addrs6)),
+    ports,
+    ports,
+    st.sampled_from([socket.IPPROTO_TCP, socket.IPPROTO_UDP]),
+)
 def test_clear_ptoken_template(pair, lport, rport, proto):
     flow = Flow(proto, pair[0], lport, pair[1], rport)
     reason = clear_reason(_B())

@@ -37,8 +37,7 @@ from btns_vici.strongswan.session import ViciSession, decode_bytes
 from .fake_vici import CMD_RESPONSE, FakeVici, event, packet, read_request, response, scripted
 
 DATA = Path(__file__).parent.parent / "data" / "vici"
-FLOW = Flow(socket.IPPROTO_TCP, ipaddress.ip_address("10.231.0.1"), 20000,
-            ipaddress.ip_address("10.231.0.2"), 80)
+FLOW = Flow(socket.IPPROTO_TCP, ipaddress.ip_address("10.231.0.1"), 20000, ipaddress.ip_address("10.231.0.2"), 80)
 DEADLINE = 1.0
 
 
@@ -154,8 +153,13 @@ def test_default_selection_probes_in_parallel_and_reports_the_most_specific_fail
 
 
 def test_specificity_order():
-    order = [errors.BackendError("x"), errors.DaemonDownError("x"), errors.DaemonTimeoutError("x"),
-             errors.ProtocolError("x"), errors.DaemonAccessError("x")]
+    order = [
+        errors.BackendError("x"),
+        errors.DaemonDownError("x"),
+        errors.DaemonTimeoutError("x"),
+        errors.ProtocolError("x"),
+        errors.DaemonAccessError("x"),
+    ]
     ranks = [errors.specificity(e) for e in order]
     assert ranks == sorted(ranks) and len(set(ranks)) == len(ranks)
 
@@ -204,8 +208,10 @@ def _unprivileged_tree(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser") or not os.path.exists("/usr/bin/python3"),
-                    reason="needs root to run a probe as nobody")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("runuser") or not os.path.exists("/usr/bin/python3"),
+    reason="needs root to run a probe as nobody",
+)
 @pytest.mark.parametrize("where", ["socket", "directory"])
 def test_socket_we_may_not_open_is_eacces(tmp_path, where):
     """As nobody: a 0700 directory or a 0600 socket -> EACCES naming the path and the access needed."""
@@ -219,8 +225,13 @@ def test_socket_we_may_not_open_is_eacces(tmp_path, where):
             os.chmod(path, 0o600)
         else:
             os.chmod(d, 0o700)
-        out = subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3", str(root / "probe.py"),
-                              str(root), path], capture_output=True, text=True, timeout=30, check=False)
+        out = subprocess.run(
+            ["runuser", "-u", "nobody", "--", "/usr/bin/python3", str(root / "probe.py"), str(root), path],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
     assert out.returncode == 0, out.stderr
     name, code, took, msg = out.stdout.strip().split("|", 3)
     assert name == "DaemonAccessError" and int(code) == errno.EACCES, out.stdout
@@ -274,6 +285,7 @@ def _reply_of(body: bytes):
         payload = bytes([CMD_RESPONSE]) + body
         conn.sendall(struct.pack("!I", len(payload)) + payload)
         time.sleep(2)
+
     return handler
 
 

@@ -34,8 +34,11 @@ def test_all_any_is_no_demand() -> None:
     assert is_no_demand(p)
     enforce.check_supported(p, XFRM)
     enforce.check_supported(p, LIBIPSEC)
-    for attr, value in (("privacy_protected", Setting.ENABLE), ("tunnel_mode", Setting.DISABLE),
-                        ("policy_name", "conn")):
+    for attr, value in (
+        ("privacy_protected", Setting.ENABLE),
+        ("tunnel_mode", Setting.DISABLE),
+        ("policy_name", "conn"),
+    ):
         q = PToken()
         setattr(q, attr, value)
         assert not is_no_demand(q)
@@ -95,8 +98,9 @@ def test_policy_name_selects_and_is_checked() -> None:
 def _write_key(directory: Path, name: str) -> bytes:
     key = ed25519.Ed25519PrivateKey.generate()
     path = directory / name
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     path.chmod(0o600)
     return key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 

@@ -29,8 +29,9 @@ def test_parser_never_raises_anything_but_wire_error(data):
     assert len(msg.nonce) == 16
 
 
-@given(st.sampled_from(sorted(wire.SIZES)), st.binary(min_size=256, max_size=256), st.integers(0, 255),
-       st.integers(0, 255))
+@given(
+    st.sampled_from(sorted(wire.SIZES)), st.binary(min_size=256, max_size=256), st.integers(0, 255), st.integers(0, 255)
+)
 @settings(max_examples=2000, deadline=None)
 def test_parser_on_near_valid_messages(kind, body, flip, pos):
     data = bytearray(wire.HEADER.pack(wire.MAGIC, wire.VERSION, kind, 0, body[:16]) + body[16:])
@@ -43,8 +44,13 @@ def test_parser_on_near_valid_messages(kind, body, flip, pos):
     assert msg.type in wire.SIZES
 
 
-@given(st.binary(min_size=16, max_size=16), st.binary(min_size=16, max_size=16),
-       st.binary(min_size=32, max_size=32), st.binary(min_size=64, max_size=64), st.integers(0, 255))
+@given(
+    st.binary(min_size=16, max_size=16),
+    st.binary(min_size=16, max_size=16),
+    st.binary(min_size=32, max_size=32),
+    st.binary(min_size=64, max_size=64),
+    st.integers(0, 255),
+)
 def test_round_trips(nonce, cookie, key, sig, reason):
     assert wire.parse(wire.hello(nonce)) == wire.Message(wire.HELLO, nonce)
     assert wire.parse(wire.cookie_msg(nonce, cookie)).cookie == cookie
@@ -69,8 +75,13 @@ def test_spki_raw_round_trip(tmp_path):
 
 @pytest.fixture
 def responder(tmp_path):
-    r = Responder({"key_dir": str(tmp_path / "r")}, host="127.0.0.1", port=0, charon=False,
-                  limits=Limits(hello_rate=1, hello_burst=3, keyreq_rate=1, keyreq_burst=2))
+    r = Responder(
+        {"key_dir": str(tmp_path / "r")},
+        host="127.0.0.1",
+        port=0,
+        charon=False,
+        limits=Limits(hello_rate=1, hello_burst=3, keyreq_rate=1, keyreq_burst=2),
+    )
     yield r
     r.sock.close()
 
@@ -150,8 +161,7 @@ def test_exchange_timeout(tmp_path):
         quiet.bind(("127.0.0.1", 0))
         t = time.monotonic()
         with pytest.raises(OSError) as info:
-            exchange("127.0.0.1", quiet.getsockname()[1], load_or_create(tmp_path / "a"), timeout=0.3,
-                     bind_port=False)
+            exchange("127.0.0.1", quiet.getsockname()[1], load_or_create(tmp_path / "a"), timeout=0.3, bind_port=False)
         assert info.value.errno == 110 and time.monotonic() - t < 1
 
 

@@ -14,8 +14,7 @@ from btns_vici import PToken, Setting, capi
 def test_plain_sendmsg_of_a_message_carrying_a_ptoken_is_refused_by_the_kernel() -> None:
     demand = PToken()
     demand.privacy_protected = Setting.LEVEL_MEDIUM
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx, socket.socket(socket.AF_INET,
-                                                                              socket.SOCK_DGRAM) as tx:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
         rx.bind(("127.0.0.1", 0))
         rx.settimeout(0.2)
         m = btns_vici.MsgHdr(iov=[b"unchecked"], name=rx.getsockname())

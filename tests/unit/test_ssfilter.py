@@ -22,36 +22,39 @@ V6 = entry(src="fd00::1", dst="fd00::2", dport=22)
 LST = entry(state="LISTEN", dst="0.0.0.0", dport=0, sport=22)
 
 
-@pytest.mark.parametrize(("words", "matches"), [
-    (["dport", "=", ":443"], {E}),
-    (["dport = :https"], {E}),
-    (["dport", "eq", "443"], {E}),
-    (["dport", "!=", "443"], {V6, LST}),
-    (["sport", ">", "1024"], {E, V6}),
-    (["sport", "le", "22"], {LST}),
-    (["dst", "10.0.0.0/24"], {E}),
-    (["dst", "10.0.0.2:443"], {E}),
-    (["dst", "*:22"], {V6}),
-    (["dst", ":22"], {V6}),
-    (["dst", "fd00::2"], {V6}),
-    (["dst", "[fd00::2]:22"], {V6}),
-    (["dst", "[fd00::]/64"], {V6}),
-    (["dst", "fd00::/64"], {V6}),
-    (["src", "10.0.0.1"], {E, LST}),
-    (["( sport = :22 or dport = :22 )"], {V6, LST}),
-    (["sport", "=", "22", "||", "dport", "=", "22"], {V6, LST}),
-    (["not", "dst", "10.0.0.2"], {V6, LST}),
-    (["!", "src", "10.0.0.0/8"], {V6}),
-    (["src", "10.0.0.1", "dport", "=", "443"], {E}),  # juxtaposition is "and"
-    (["src", "10.0.0.1", "and", "not", "sport", "=", "22"], {E}),
-    (["src", "10.0.0.1", "&&", "sport", "=", "22"], {LST}),
-    (["state", "established"], {E, V6}),
-    (["state", "listening"], {LST}),
-    (["state", "connected"], {E, V6}),
-    (["exclude", "established"], {LST}),
-    (["state", "established", "dport", "=", "22"], {V6}),
-    (["state", "all"], {E, V6, LST}),
-])
+@pytest.mark.parametrize(
+    ("words", "matches"),
+    [
+        (["dport", "=", ":443"], {E}),
+        (["dport = :https"], {E}),
+        (["dport", "eq", "443"], {E}),
+        (["dport", "!=", "443"], {V6, LST}),
+        (["sport", ">", "1024"], {E, V6}),
+        (["sport", "le", "22"], {LST}),
+        (["dst", "10.0.0.0/24"], {E}),
+        (["dst", "10.0.0.2:443"], {E}),
+        (["dst", "*:22"], {V6}),
+        (["dst", ":22"], {V6}),
+        (["dst", "fd00::2"], {V6}),
+        (["dst", "[fd00::2]:22"], {V6}),
+        (["dst", "[fd00::]/64"], {V6}),
+        (["dst", "fd00::/64"], {V6}),
+        (["src", "10.0.0.1"], {E, LST}),
+        (["( sport = :22 or dport = :22 )"], {V6, LST}),
+        (["sport", "=", "22", "||", "dport", "=", "22"], {V6, LST}),
+        (["not", "dst", "10.0.0.2"], {V6, LST}),
+        (["!", "src", "10.0.0.0/8"], {V6}),
+        (["src", "10.0.0.1", "dport", "=", "443"], {E}),  # juxtaposition is "and"
+        (["src", "10.0.0.1", "and", "not", "sport", "=", "22"], {E}),
+        (["src", "10.0.0.1", "&&", "sport", "=", "22"], {LST}),
+        (["state", "established"], {E, V6}),
+        (["state", "listening"], {LST}),
+        (["state", "connected"], {E, V6}),
+        (["exclude", "established"], {LST}),
+        (["state", "established", "dport", "=", "22"], {V6}),
+        (["state", "all"], {E, V6, LST}),
+    ],
+)
 def test_filters(words, matches):
     sel = parse(words)
     assert {e for e in (E, V6, LST) if sel(e)} == matches
@@ -76,9 +79,22 @@ def test_state_mask_is_the_kernel_bits():
     assert state_mask(None) == 0xFFFFFFFF
 
 
-@pytest.mark.parametrize("words", [["state"], ["state", "sideways"], ["dport", "=", "99999"], ["dport", "=", "nosvc"],
-                                   ["dst"], ["dst", "300.1.1.1"], ["(", "dport", "=", "1"], ["dport", "=", "1", ")"],
-                                   ["frob"], ["dst", "[fd00::1"], ["and"]])
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["state"],
+        ["state", "sideways"],
+        ["dport", "=", "99999"],
+        ["dport", "=", "nosvc"],
+        ["dst"],
+        ["dst", "300.1.1.1"],
+        ["(", "dport", "=", "1"],
+        ["dport", "=", "1", ")"],
+        ["frob"],
+        ["dst", "[fd00::1"],
+        ["and"],
+    ],
+)
 def test_syntax_errors(words):
     with pytest.raises(FilterError):
         parse(words)

@@ -69,8 +69,18 @@ def test_parse_ts(spec, expected):
     assert parse.parse_ts(spec) == expected
 
 
-@pytest.mark.parametrize("bad", ["10.0.0.1/33", "nonsense", "10.0.0.1/32[tcp/20000", "10.0.0.1/32[nope/1]",
-                                 "10.0.0.9..10.0.0.1", "10.0.0.1..fd00::1", "10.0.0.1/32[tcp/99999]"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "10.0.0.1/33",
+        "nonsense",
+        "10.0.0.1/32[tcp/20000",
+        "10.0.0.1/32[nope/1]",
+        "10.0.0.9..10.0.0.1",
+        "10.0.0.1..fd00::1",
+        "10.0.0.1/32[tcp/99999]",
+    ],
+)
 def test_parse_ts_rejects_malformed(bad):
     with pytest.raises(ProtocolError):
         parse.parse_ts(bad)
@@ -85,8 +95,9 @@ def test_raw_key_peer_is_btns_with_its_spki():
     assert ike.local_host == A4 and ike.remote_host == B4 and ike.version == 2
     assert ike.remote.auth_method == AuthMethod.BTNS and ike.local.auth_method == AuthMethod.BTNS
     assert ike.remote.ike_id == "b-rawkey4-v4@btns.test"
-    pub = next(load(p.stem) for p in DATA.glob("list-certs-*")
-               if load(p.stem).get("subject") == b"b-rawkey4-v4@btns.test")
+    pub = next(
+        load(p.stem) for p in DATA.glob("list-certs-*") if load(p.stem).get("subject") == b"b-rawkey4-v4@btns.test"
+    )
     assert ike.remote.public_key == pub["data"]
     assert ike.remote.public_key.startswith(bytes.fromhex("302a300506032b6570032100"))  # ed25519 SPKI
     assert ike.remote.certificate_dn is None and ike.remote.ca_dn is None
@@ -182,20 +193,22 @@ def test_truncated_message_is_eproto():
     assert exc.value.errno == 71  # EPROTO
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda s: s.pop("uniqueid"),
-    lambda s: s.__setitem__("local-host", b"not-an-address"),
-    lambda s: s["child-sas"]["host-1"].__setitem__("spi-in", b"zz"),
-    lambda s: s["child-sas"]["host-1"].__setitem__("local-ts", [b"10.0.0.1/99"]),
-    lambda s: s["child-sas"]["host-1"].pop("mode"),
-    lambda s: s.__setitem__("child-sas", b"oops"),
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda s: s.pop("uniqueid"),
+        lambda s: s.__setitem__("local-host", b"not-an-address"),
+        lambda s: s["child-sas"]["host-1"].__setitem__("spi-in", b"zz"),
+        lambda s: s["child-sas"]["host-1"].__setitem__("local-ts", [b"10.0.0.1/99"]),
+        lambda s: s["child-sas"]["host-1"].pop("mode"),
+        lambda s: s.__setitem__("child-sas", b"oops"),
+    ],
+)
 def test_malformed_sa_is_eproto(mutate):
     sec = load("list-sas-rawkey4")["rawkey4"]
     mutate(sec)
     with pytest.raises(ProtocolError):
-        parse.parse_ike("rawkey4", sec, *[parse.identity("x", None, certs())] * 2,
-                        parse.children_of(sec).values())
+        parse.parse_ike("rawkey4", sec, *[parse.identity("x", None, certs())] * 2, parse.children_of(sec).values())
 
 
 def test_round_trip_encoding():
@@ -231,8 +244,9 @@ def test_index_applies_captured_events():
 
 
 def test_sa_events_for_watch():
-    kinds = [to_sa_event(n, load(f"event-{i:02d}-{n}")) for i, n in
-             enumerate(json.loads((DATA / "events.json").read_text()))]
+    kinds = [
+        to_sa_event(n, load(f"event-{i:02d}-{n}")) for i, n in enumerate(json.loads((DATA / "events.json").read_text()))
+    ]
     assert kinds[0].kind == "ike-up" and kinds[0].ike_name == "rawkey4" and kinds[0].ike_uniqueid == "1"
     assert kinds[1].kind == "child-up" and kinds[1].child_name == "host" and kinds[1].child_uniqueid == "1"
     assert kinds[12].kind == "child-rekey" and kinds[12].child_uniqueid == "8"

@@ -74,10 +74,23 @@ def sa_message(*attrs: bytes) -> bytes:
 def test_layouts_have_the_uapi_sizes() -> None:
     # Sizes as printed by sizeof() against /usr/include/linux/xfrm.h (see test below).
     expected = {
-        "SELECTOR": 56, "XFRM_ID": 24, "LIFETIME_CFG": 64, "LIFETIME_CUR": 32, "STATS": 12,
-        "USERSA_INFO": 224, "USERPOLICY_INFO": 168, "USER_TMPL": 64, "USER_ACQUIRE": 280,
-        "USER_EXPIRE": 232, "USER_POLEXPIRE": 176, "USERSA_ID": 24, "USERPOLICY_ID": 64, "ALGO": 68,
-        "ALGO_LEN": 72, "ENCAP_TMPL": 24, "MARK": 8,
+        "SELECTOR": 56,
+        "XFRM_ID": 24,
+        "LIFETIME_CFG": 64,
+        "LIFETIME_CUR": 32,
+        "STATS": 12,
+        "USERSA_INFO": 224,
+        "USERPOLICY_INFO": 168,
+        "USER_TMPL": 64,
+        "USER_ACQUIRE": 280,
+        "USER_EXPIRE": 232,
+        "USER_POLEXPIRE": 176,
+        "USERSA_ID": 24,
+        "USERPOLICY_ID": 64,
+        "ALGO": 68,
+        "ALGO_LEN": 72,
+        "ENCAP_TMPL": 24,
+        "MARK": 8,
     }
     assert {name: getattr(wire, name).size for name in expected} == expected
 
@@ -87,11 +100,18 @@ def test_layouts_have_the_uapi_sizes() -> None:
 )
 def test_layouts_match_the_installed_uapi_header(tmp_path: Path) -> None:
     structs = {
-        "SELECTOR": "xfrm_selector", "XFRM_ID": "xfrm_id", "USERSA_INFO": "xfrm_usersa_info",
-        "USERPOLICY_INFO": "xfrm_userpolicy_info", "USER_TMPL": "xfrm_user_tmpl",
-        "USER_ACQUIRE": "xfrm_user_acquire", "USER_EXPIRE": "xfrm_user_expire",
-        "USER_POLEXPIRE": "xfrm_user_polexpire", "USERSA_ID": "xfrm_usersa_id",
-        "USERPOLICY_ID": "xfrm_userpolicy_id", "ALGO": "xfrm_algo", "ALGO_LEN": "xfrm_algo_aead",
+        "SELECTOR": "xfrm_selector",
+        "XFRM_ID": "xfrm_id",
+        "USERSA_INFO": "xfrm_usersa_info",
+        "USERPOLICY_INFO": "xfrm_userpolicy_info",
+        "USER_TMPL": "xfrm_user_tmpl",
+        "USER_ACQUIRE": "xfrm_user_acquire",
+        "USER_EXPIRE": "xfrm_user_expire",
+        "USER_POLEXPIRE": "xfrm_user_polexpire",
+        "USERSA_ID": "xfrm_usersa_id",
+        "USERPOLICY_ID": "xfrm_userpolicy_id",
+        "ALGO": "xfrm_algo",
+        "ALGO_LEN": "xfrm_algo_aead",
         "ENCAP_TMPL": "xfrm_encap_tmpl",
     }
     body = "".join(f'printf("{k} %zu\\n", sizeof(struct {v}));' for k, v in structs.items())
@@ -134,7 +154,8 @@ def test_aead_and_comp() -> None:
     st_ = wire.decode_message(sa_message(attr(18, algo(b"rfc4106(gcm(aes))", 160, 128)), attr(3, algo(b"deflate", 0))))
     assert isinstance(st_, XfrmState)
     assert [(a.kind, a.name, a.key_bits, a.icv_bits) for a in st_.algorithms] == [
-        ("aead", "rfc4106(gcm(aes))", 160, 128), ("comp", "deflate", 0, None),
+        ("aead", "rfc4106(gcm(aes))", 160, 128),
+        ("comp", "deflate", 0, None),
     ]
 
 
@@ -145,7 +166,8 @@ def test_policy_with_templates() -> None:
     assert pol.is_socket and pol.direction == "out" and pol.priority == 100 and pol.index == 0x44
     assert (pol.sel.saddr, pol.sel.prefixlen_s, pol.sel.dport, pol.sel.sport_mask) == (V4("10.1.0.0"), 16, 80, 0)
     assert [(t.daddr, t.saddr, t.reqid, t.mode_name, t.proto_name) for t in pol.templates] == [
-        (V4("2.2.2.2"), V4("1.1.1.1"), 9, "tunnel", "esp"), (V4("3.3.3.3"), V4("1.1.1.1"), 9, "tunnel", "esp"),
+        (V4("2.2.2.2"), V4("1.1.1.1"), 9, "tunnel", "esp"),
+        (V4("3.3.3.3"), V4("1.1.1.1"), 9, "tunnel", "esp"),
     ]
     assert (pol.templates[0].aalgos, pol.templates[0].ealgos, pol.templates[0].calgos) == (1, 2, 3)
 

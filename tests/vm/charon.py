@@ -51,11 +51,23 @@ class Charon:
         self.netns, self.vici_path, self.log = netns, workdir / "charon.vici", workdir / "charon.log"
         conf = workdir / "strongswan.conf"
         conf.write_text(CONF.format(plugins=plugins, log=self.log, vici=self.vici_path))
-        cmd = ["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private",
-               "sh", "-c", f"mount -t tmpfs btns-run /run && exec {CHARON}"]
+        cmd = [
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f"mount -t tmpfs btns-run /run && exec {CHARON}",
+        ]
         # Every step execs, so this pid is charon's.
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "STRONGSWAN_CONF": str(conf)},
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            cmd, env={**os.environ, "STRONGSWAN_CONF": str(conf)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         self._wait_for_vici(30.0)
 
     def _wait_for_vici(self, timeout: float) -> None:
@@ -102,22 +114,42 @@ def charon(netns: str, workdir: Path, plugins: str = PLUGINS) -> Iterator[Charon
 
 
 def load_psk_conn(
-    c: Charon, name: str, me: str, peer: str, *, reqid: int, policies: bool = True,
-    start_action: str = "none", local_ts: str | None = None, remote_ts: str | None = None,
+    c: Charon,
+    name: str,
+    me: str,
+    peer: str,
+    *,
+    reqid: int,
+    policies: bool = True,
+    start_action: str = "none",
+    local_ts: str | None = None,
+    remote_ts: str | None = None,
 ) -> None:
     """A transport-mode IKEv2 conn with PSK auth; identities are the addresses."""
     ses = c.session()
     ses.load_shared({"type": "IKE", "data": "btns-vm-test-psk", "owners": [me, peer]})
     child = {
-        "mode": "transport", "esp_proposals": ["aes128gcm16"], "reqid": str(reqid),
-        "local_ts": [local_ts or f"{me}/32"], "remote_ts": [remote_ts or f"{peer}/32"],
-        "start_action": start_action, "policies": "yes" if policies else "no",
+        "mode": "transport",
+        "esp_proposals": ["aes128gcm16"],
+        "reqid": str(reqid),
+        "local_ts": [local_ts or f"{me}/32"],
+        "remote_ts": [remote_ts or f"{peer}/32"],
+        "start_action": start_action,
+        "policies": "yes" if policies else "no",
     }
-    ses.load_conn({name: {
-        "version": "2", "local_addrs": [me], "remote_addrs": [peer], "proposals": ["aes128-sha256-x25519"],
-        "local": {"auth": "psk", "id": me}, "remote": {"auth": "psk", "id": peer},
-        "children": {"host": child},
-    }})
+    ses.load_conn(
+        {
+            name: {
+                "version": "2",
+                "local_addrs": [me],
+                "remote_addrs": [peer],
+                "proposals": ["aes128-sha256-x25519"],
+                "local": {"auth": "psk", "id": me},
+                "remote": {"auth": "psk", "id": peer},
+                "children": {"host": child},
+            }
+        }
+    )
 
 
 def _text(v: object) -> object:
@@ -134,7 +166,13 @@ def child_sas(c: Charon) -> list[dict]:
     for ike in c.session().list_sas():
         for ike_name, sa in ike.items():
             for child in sa.get("child-sas", {}).values():
-                out.append({**{k: _text(v) for k, v in child.items()},
-                            "ike": ike_name, "local-host": sa["local-host"].decode(),
-                            "remote-host": sa["remote-host"].decode(), "ike-state": sa["state"].decode()})
+                out.append(
+                    {
+                        **{k: _text(v) for k, v in child.items()},
+                        "ike": ike_name,
+                        "local-host": sa["local-host"].decode(),
+                        "remote-host": sa["remote-host"].decode(),
+                        "ike-state": sa["state"].decode(),
+                    }
+                )
     return out

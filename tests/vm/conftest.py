@@ -85,8 +85,21 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
 
 # ---- fixtures for the tests that run in the guest ----
 
-KERNEL_MODULES = ("xfrm_user", "esp4", "esp6", "ah4", "ah6", "xfrm_ipcomp", "ipcomp", "ipcomp6",
-                  "xfrm4_tunnel", "xfrm6_tunnel", "tunnel4", "tunnel6", "veth")
+KERNEL_MODULES = (
+    "xfrm_user",
+    "esp4",
+    "esp6",
+    "ah4",
+    "ah6",
+    "xfrm_ipcomp",
+    "ipcomp",
+    "ipcomp6",
+    "xfrm4_tunnel",
+    "xfrm6_tunnel",
+    "tunnel4",
+    "tunnel6",
+    "veth",
+)
 
 
 @pytest.fixture(scope="session")

@@ -33,16 +33,58 @@ def two_hosts() -> Iterator[tuple[str, str]]:
 def add_sas(na: str, nb: str, reqid: int = 42) -> None:
     for ns in (na, nb):
         for d, src, dst in (("ab", A, B), ("ba", B, A)):
-            ip("xfrm", "state", "add", "src", str(src), "dst", str(dst), "proto", "esp", "spi", hex(SPI[d]),
-               "reqid", str(reqid), "mode", "transport", "aead", "rfc4106(gcm(aes))", KEYS[d], "128", netns=ns)
+            ip(
+                "xfrm",
+                "state",
+                "add",
+                "src",
+                str(src),
+                "dst",
+                str(dst),
+                "proto",
+                "esp",
+                "spi",
+                hex(SPI[d]),
+                "reqid",
+                str(reqid),
+                "mode",
+                "transport",
+                "aead",
+                "rfc4106(gcm(aes))",
+                KEYS[d],
+                "128",
+                netns=ns,
+            )
 
 
 def add_policies(na: str, nb: str, reqid: int = 42) -> None:
     for ns, me, peer in ((na, A, B), (nb, B, A)):
         for d, src, dst in (("out", me, peer), ("in", peer, me)):
-            ip("xfrm", "policy", "add", "src", str(src), "dst", str(dst), "proto", "tcp", "dir", d,
-               "tmpl", "src", str(src), "dst", str(dst), "proto", "esp", "mode", "transport",
-               "reqid", str(reqid), netns=ns)
+            ip(
+                "xfrm",
+                "policy",
+                "add",
+                "src",
+                str(src),
+                "dst",
+                str(dst),
+                "proto",
+                "tcp",
+                "dir",
+                d,
+                "tmpl",
+                "src",
+                str(src),
+                "dst",
+                str(dst),
+                "proto",
+                "esp",
+                "mode",
+                "transport",
+                "reqid",
+                str(reqid),
+                netns=ns,
+            )
 
 
 @contextlib.contextmanager

@@ -99,16 +99,32 @@ def records_from_vici(ch: dict) -> tuple[IkeSA, ChildSA]:
     ts = tuple(TrafficSelector.from_network(n) for n in ch["local-ts"])
     rts = tuple(TrafficSelector.from_network(n) for n in ch["remote-ts"])
     child = ChildSA(
-        name=ch["name"], uniqueid=ch["uniqueid"], reqid=int(ch["reqid"]), state=ch["state"], mode=ch["mode"],
-        protocol=ch["protocol"], spi_in=int(ch["spi-in"], 16), spi_out=int(ch["spi-out"], 16),
-        encr_alg=ch.get("encr-alg"), encr_keysize=int(ch.get("encr-keysize", 0) or 0) or None, integ_alg=None,
-        local_ts=ts, remote_ts=rts,
+        name=ch["name"],
+        uniqueid=ch["uniqueid"],
+        reqid=int(ch["reqid"]),
+        state=ch["state"],
+        mode=ch["mode"],
+        protocol=ch["protocol"],
+        spi_in=int(ch["spi-in"], 16),
+        spi_out=int(ch["spi-out"], 16),
+        encr_alg=ch.get("encr-alg"),
+        encr_keysize=int(ch.get("encr-keysize", 0) or 0) or None,
+        integ_alg=None,
+        local_ts=ts,
+        remote_ts=rts,
     )
     ident = Identity(ike_id="", auth_method=AuthMethod.PRESHAREDKEY)
     ike = IkeSA(
-        backend="strongswan", name=ch["ike"], uniqueid="1", version=2, state=ch["ike-state"],
-        local_host=ipaddress.ip_address(ch["local-host"]), remote_host=ipaddress.ip_address(ch["remote-host"]),
-        local=ident, remote=ident, children=(child,),
+        backend="strongswan",
+        name=ch["ike"],
+        uniqueid="1",
+        version=2,
+        state=ch["ike-state"],
+        local_host=ipaddress.ip_address(ch["local-host"]),
+        remote_host=ipaddress.ip_address(ch["remote-host"]),
+        local=ident,
+        remote=ident,
+        children=(child,),
     )
     return ike, child
 
@@ -140,9 +156,10 @@ def test_prove_flow_matches_vici_and_fails_closed(tmp_path: Path) -> None:
         server.close()
         assert xfrm.find_state(child.spi_out, "esp", B, na).current.packets > 0
         # The kernel SA vanishes (charon not told): the proof must go, fail closed.
-        ip("xfrm", "state", "delete", "src", str(A), "dst", str(B), "proto", "esp", "spi", hex(child.spi_out),
-           netns=na)
+        ip("xfrm", "state", "delete", "src", str(A), "dst", str(B), "proto", "esp", "spi", hex(child.spi_out), netns=na)
         assert xfrm.prove_flow(flow, ike, child, na) is None
         # A flow no policy covers is never proven.
-        assert xfrm.prove_flow(Flow(socket.IPPROTO_TCP, A, 1, ipaddress.ip_address("10.99.0.3"), 2),
-                               ike, child, na) is None
+        assert (
+            xfrm.prove_flow(Flow(socket.IPPROTO_TCP, A, 1, ipaddress.ip_address("10.99.0.3"), 2), ike, child, na)
+            is None
+        )

@@ -36,8 +36,28 @@ pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("ipsec_kernel")]
 
 def _preload_null(ns: str) -> None:
     """Load cipher_null and hmac(sha256) now (module autoload under TCG can outlast IKE retransmits)."""
-    ip("xfrm", "state", "add", "src", "192.0.2.1", "dst", "192.0.2.2", "proto", "esp", "spi", "0x77",
-       "mode", "transport", "enc", "ecb(cipher_null)", "", "auth", "hmac(sha256)", "0x" + "ab" * 32, netns=ns)
+    ip(
+        "xfrm",
+        "state",
+        "add",
+        "src",
+        "192.0.2.1",
+        "dst",
+        "192.0.2.2",
+        "proto",
+        "esp",
+        "spi",
+        "0x77",
+        "mode",
+        "transport",
+        "enc",
+        "ecb(cipher_null)",
+        "",
+        "auth",
+        "hmac(sha256)",
+        "0x" + "ab" * 32,
+        netns=ns,
+    )
     ip("xfrm", "state", "flush", netns=ns)
 
 

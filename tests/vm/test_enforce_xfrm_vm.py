@@ -70,8 +70,26 @@ def load_esp_algorithms(ns: str) -> None:
     """Make the kernel load the ESP crypto modules now (with a throwaway SA), not while charon
     installs its first SA: under TCG the autoload can outlast charon's IKE retransmissions."""
     for n, (alg, key_len) in enumerate(AEADS.items(), 1):
-        ip("xfrm", "state", "add", "src", "192.0.2.1", "dst", "192.0.2.2", "proto", "esp", "spi", hex(n),
-           "mode", "transport", "aead", alg, "0x" + "ab" * key_len, "128", netns=ns)
+        ip(
+            "xfrm",
+            "state",
+            "add",
+            "src",
+            "192.0.2.1",
+            "dst",
+            "192.0.2.2",
+            "proto",
+            "esp",
+            "spi",
+            hex(n),
+            "mode",
+            "transport",
+            "aead",
+            alg,
+            "0x" + "ab" * key_len,
+            "128",
+            netns=ns,
+        )
     ip("xfrm", "state", "flush", netns=ns)
 
 
@@ -107,8 +125,10 @@ def _forget(options: dict[str, str]) -> None:
 def _diagnose(h: Host, test: str) -> None:
     """Charon's log and the kernel's SAD/SPD: printed (shown when the test failed) and, with
     BTNS_VM_OUT (the VM tier's output share), saved there for BTNS_VM_KEEP."""
-    text = (f"--- ip xfrm state/policy in {h.netns} ---\n{ip('-s', 'xfrm', 'state', netns=h.netns)}"
-            f"{ip('xfrm', 'policy', netns=h.netns)}--- charon log ---\n")
+    text = (
+        f"--- ip xfrm state/policy in {h.netns} ---\n{ip('-s', 'xfrm', 'state', netns=h.netns)}"
+        f"{ip('xfrm', 'policy', netns=h.netns)}--- charon log ---\n"
+    )
     print(text + h.charon.log_tail(80))
     out = os.environ.get("BTNS_VM_OUT")
     if out and os.path.isdir(out):
@@ -184,7 +204,11 @@ def test_ptoken_names_kernel_xfrm_sa_and_fails_closed_when_it_vanishes(pair: tup
             states = {(s.spi, s.daddr): s for s in xfrm.dump_states(ha.netns)}
             out_sa, in_sa = states[(spi_out, B)], states[(spi_in, A)]
             assert (out_sa.reqid, in_sa.reqid, out_sa.mode_name, in_sa.mode_name) == (
-                REQID, REQID, "transport", "transport")
+                REQID,
+                REQID,
+                "transport",
+                "transport",
+            )
             assert out_sa.current.packets > 0  # the exchange above went through it
             audit = ptoken_fields(tok)
             assert audit["dataplane"] == "kernel-xfrm"
@@ -273,7 +297,8 @@ def assert_guarded(netns: str) -> None:
     assert {p.direction for p in pols} == {"in", "out"}, pols
     for p in pols:  # the library's reqid: the kernel matches a template's reqid exactly
         assert p.action == 0 and [(t.proto, t.mode, t.optional, t.reqid) for t in p.templates] == [
-            (xfrm.IPPROTO_ESP, xfrm.MODES["transport"], False, XFRM_REQID)]
+            (xfrm.IPPROTO_ESP, xfrm.MODES["transport"], False, XFRM_REQID)
+        ]
 
 
 def test_enforced_btns_connection_carries_esp_in_transport_mode(sides: tuple[Side, Side]) -> None:

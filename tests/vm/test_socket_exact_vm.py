@@ -47,8 +47,26 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     work = tmp_path_factory.mktemp("exact-xfrm")
     with two_hosts() as (na, nb):
         # load the ESP crypto module now (TCG: the autoload may outlast charon's retransmissions)
-        ip("xfrm", "state", "add", "src", "192.0.2.1", "dst", "192.0.2.2", "proto", "esp", "spi", "0x1",
-           "mode", "transport", "aead", "rfc4106(gcm(aes))", "0x" + "ab" * 20, "128", netns=na)
+        ip(
+            "xfrm",
+            "state",
+            "add",
+            "src",
+            "192.0.2.1",
+            "dst",
+            "192.0.2.2",
+            "proto",
+            "esp",
+            "spi",
+            "0x1",
+            "mode",
+            "transport",
+            "aead",
+            "rfc4106(gcm(aes))",
+            "0x" + "ab" * 20,
+            "128",
+            netns=na,
+        )
         ip("xfrm", "state", "flush", netns=na)
         with charon(na, work / "a") as ca, charon(nb, work / "b") as cb:
             load_psk_conn(ca, "tr", str(A), str(B), reqid=REQID)
@@ -95,8 +113,11 @@ def test_bound_and_marked_sockets_are_protected_because_the_policy_still_applies
     srv.settimeout(20)
     results = []
     with srv:
-        for name, opt in (("plain", None), ("bound", (socket.SO_BINDTODEVICE, LINK_A.encode())),
-                          ("marked", (socket.SO_MARK, 0x42))):
+        for name, opt in (
+            ("plain", None),
+            ("bound", (socket.SO_BINDTODEVICE, LINK_A.encode())),
+            ("marked", (socket.SO_MARK, 0x42)),
+        ):
             cli = socket_in(pair.na, socket.AF_INET, socket.SOCK_STREAM)
             cli.settimeout(20)
             if opt:
@@ -118,8 +139,24 @@ def test_bound_and_marked_sockets_are_protected_because_the_policy_still_applies
 
 
 def test_a_mark_specific_bypass_policy_is_seen(pair: Pair) -> None:
-    ip("xfrm", "policy", "add", "src", f"{A}/32", "dst", f"{B}/32", "dir", "out", "priority", "1",
-       "mark", "0x42", "mask", "0xffffffff", netns=pair.na)  # action allow, no template: marked packets in clear
+    ip(
+        "xfrm",
+        "policy",
+        "add",
+        "src",
+        f"{A}/32",
+        "dst",
+        f"{B}/32",
+        "dir",
+        "out",
+        "priority",
+        "1",
+        "mark",
+        "0x42",
+        "mask",
+        "0xffffffff",
+        netns=pair.na,
+    )  # action allow, no template: marked packets in clear
     try:
         with udp(pair.nb, (str(B), 29001)), udp(pair.na) as marked, udp(pair.na) as plain:
             marked.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x42)
@@ -131,8 +168,22 @@ def test_a_mark_specific_bypass_policy_is_seen(pair: Pair) -> None:
             tok_marked = btns_vici.get_socket_ptoken(marked, pair.be_a)
             tok_plain = btns_vici.get_socket_ptoken(plain, pair.be_a)
     finally:
-        ip("xfrm", "policy", "delete", "src", f"{A}/32", "dst", f"{B}/32", "dir", "out", "mark", "0x42",
-           "mask", "0xffffffff", netns=pair.na)
+        ip(
+            "xfrm",
+            "policy",
+            "delete",
+            "src",
+            f"{A}/32",
+            "dst",
+            f"{B}/32",
+            "dir",
+            "out",
+            "mark",
+            "0x42",
+            "mask",
+            "0xffffffff",
+            netns=pair.na,
+        )
     assert any(b"MARK-BYPASS-LEAK" in f for f in frames)  # it really left in clear
     assert not any(b"MARK-BYPASS-PLAIN" in f for f in frames)
     info = tok_marked.information_string
@@ -157,9 +208,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_a_bypass_socket_policy_set_by_another_process_is_never_reported_protected(
-    pair: Pair, tmp_path: Path
-) -> None:
+def test_a_bypass_socket_policy_set_by_another_process_is_never_reported_protected(pair: Pair, tmp_path: Path) -> None:
     path = str(tmp_path / "handover.sock")
     lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     lst.bind(path)
@@ -193,7 +242,8 @@ def test_a_bypass_socket_policy_set_by_another_process_is_never_reported_protect
             srv.recv(64)  # B's kernel dropped it (its inbound policy requires ESP): it did leak, though
     assert any(b"FOREIGN-BYPASS-LEAK" in f for f in frames)  # it crossed the wire in clear
     assert not tok_handed.protected and "set by other processes" in tok_handed.information_string, (
-        tok_handed.information_string)
+        tok_handed.information_string
+    )
     # While it exists, no socket without a policy of ours can be proven (the kernel cannot say which socket has it)
     assert not tok_plain.protected
     assert tok_guarded.protected and "own out policy" in tok_guarded.information_string, tok_guarded.information_string
@@ -202,23 +252,51 @@ def test_a_bypass_socket_policy_set_by_another_process_is_never_reported_protect
 
 def _in_policy(pair: Pair) -> xfrm.XfrmPolicy:
     flow = btns_vici.Flow(socket.IPPROTO_UDP, A, 29003, B, 29004)
-    (pol,) = [p for p in xfrm.dump_policies(pair.na)
-              if not p.is_socket and p.direction == "in" and p.sel.covers(flow, "in")]
+    (pol,) = [
+        p for p in xfrm.dump_policies(pair.na) if not p.is_socket and p.direction == "in" and p.sel.covers(flow, "in")
+    ]
     return pol
 
 
 def _set_in_level(pair: Pair, pol: xfrm.XfrmPolicy, level: str) -> None:
     sel = pol.sel
-    ip("xfrm", "policy", "update", "src", f"{sel.saddr}/{sel.prefixlen_s}", "dst", f"{sel.daddr}/{sel.prefixlen_d}",
-       "dir", "in", "priority", str(pol.priority), "tmpl", "src", str(B), "dst", str(A), "proto", "esp",
-       "reqid", str(REQID), "mode", "transport", "level", level, netns=pair.na)
+    ip(
+        "xfrm",
+        "policy",
+        "update",
+        "src",
+        f"{sel.saddr}/{sel.prefixlen_s}",
+        "dst",
+        f"{sel.daddr}/{sel.prefixlen_d}",
+        "dir",
+        "in",
+        "priority",
+        str(pol.priority),
+        "tmpl",
+        "src",
+        str(B),
+        "dst",
+        str(A),
+        "proto",
+        "esp",
+        "reqid",
+        str(REQID),
+        "mode",
+        "transport",
+        "level",
+        level,
+        netns=pair.na,
+    )
 
 
 def test_clear_datagrams_against_required_and_optional_inbound_templates(pair: Pair) -> None:
     pol = _in_policy(pair)
     assert all(not t.optional for t in pol.templates)  # charon's: level required
-    with udp(pair.na, ("0.0.0.0", 29003)) as rcv, udp(pair.nb, (str(B), 29004)) as good, \
-            udp(pair.nb, (str(B), 29005)) as evil:
+    with (
+        udp(pair.na, ("0.0.0.0", 29003)) as rcv,
+        udp(pair.nb, (str(B), 29004)) as good,
+        udp(pair.nb, (str(B), 29005)) as evil,
+    ):
         btns_vici.enable_pktinfo(rcv)
         xfrm.set_socket_policy(evil, "out", [])  # B's attacker socket sends in clear
         btns_vici.set_default_backend(pair.be_a)
@@ -249,4 +327,3 @@ def test_clear_datagrams_against_required_and_optional_inbound_templates(pair: P
     assert not p_clear.protected and "in clear" in p_clear.information_string, p_clear.information_string
     assert stream_tok.privacy_protected != Setting.DISABLE
     assert stream_tok.integrity_protected == Setting.DISABLE, stream_tok.information_string
-

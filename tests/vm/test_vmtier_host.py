@@ -35,9 +35,21 @@ def test_outcomes_of_a_real_junit_file(tmp_path: Path) -> None:
     )
     junit = tmp_path / "junit.xml"
     subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-o", "junit_logging=system-out",
-         f"--junitxml={junit}", "test_sample.py"],
-        cwd=tmp_path, capture_output=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-o",
+            "junit_logging=system-out",
+            f"--junitxml={junit}",
+            "test_sample.py",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        check=False,
     )
     outcomes = parse_junit(junit)
     status = {name: o.status for (_, name), o in outcomes.items()}
@@ -56,6 +68,7 @@ def test_a_silent_guest_is_detected_and_killed_quickly(tmp_path):
     t0 = time.monotonic()
     rc = _boot_and_run(["sleep", "30"], tmp_path, {}, tmp_path / "c.log", timeout=60, first_output=1.0)
     assert rc == _SILENT and time.monotonic() - t0 < 5
-    rc = _boot_and_run(["sh", "-c", "echo guest; exit 3"], tmp_path, {}, tmp_path / "d.log", timeout=60,
-                       first_output=1.0)
+    rc = _boot_and_run(
+        ["sh", "-c", "echo guest; exit 3"], tmp_path, {}, tmp_path / "d.log", timeout=60, first_output=1.0
+    )
     assert rc == 3 and (tmp_path / "d.log").read_text() == "guest\n"

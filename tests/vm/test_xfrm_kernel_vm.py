@@ -49,14 +49,17 @@ def test_state_dump_equals_iproute2_field_by_field() -> None:
         esp = xfrm.find_state(0x1001, "esp", ipaddress.ip_address("10.0.0.2"), ns)
         assert esp is not None and esp.reqid == 1 and esp.replay_window == 32
         assert [(a.kind, a.name, a.key_bits, a.trunc_bits) for a in esp.algorithms] == [
-            ("crypt", "cbc(aes)", 128, None), ("auth", "hmac(sha256)", 256, 128)]
+            ("crypt", "cbc(aes)", 128, None),
+            ("auth", "hmac(sha256)", 256, 128),
+        ]
         assert (esp.sel.dport, esp.sel.proto) == (443, socket.IPPROTO_TCP)
         gcm = xfrm.find_state(0x1002, "esp", ipaddress.ip_address("10.0.0.1"), ns)
         assert gcm.algorithm("aead").icv_bits == 128 and gcm.mark == xfrm.Mark(7, 0xFF) and gcm.if_id == 3
         v6 = xfrm.find_state(0x2001, "esp", ipaddress.ip_address("fd00::2"), ns)
         assert v6.encap == xfrm.Encap(2, 4500, 4501, None) and v6.family == socket.AF_INET6
         assert xfrm.find_state(0x4001, "comp", ipaddress.ip_address("10.0.0.2"), ns).algorithm("comp").name == (
-            "deflate")
+            "deflate"
+        )
         assert "11" * 16 not in repr(states)  # key bytes never leave the kernel through us
 
 
@@ -75,7 +78,9 @@ def test_esp_counters_rise_with_traffic() -> None:
         assert in_b.current.packets == out_a.current.packets  # b decrypted every packet a sent
         text = {(r["spi"], r["dst"]): r for r in parse_ip_xfrm(ip("-s", "xfrm", "state", netns=na))}
         assert (text[(SPI["ab"], str(B))]["bytes"], text[(SPI["ab"], str(B))]["packets"]) == (
-            out_a.current.bytes, out_a.current.packets)
+            out_a.current.bytes,
+            out_a.current.packets,
+        )
         # On the wire: ESP (protocol 50) only, never the plaintext.
         tcp_or_esp = [f for f in frames if len(f) > 20 and f[9] in (6, 50)]
         assert tcp_or_esp and all(f[9] == 50 for f in tcp_or_esp)
@@ -116,9 +121,34 @@ def test_level_use_goes_clear_without_sa_and_esp_with_it() -> None:
 
 def test_expire_event_when_a_lifetime_runs_out() -> None:
     with netns("exp") as ns, xfrm.XfrmMonitor(("expire", "sa"), netns=ns) as mon:
-        ip("xfrm", "state", "add", "src", "10.0.0.1", "dst", "10.0.0.2", "proto", "esp", "spi", "0x77",
-           "mode", "transport", "reqid", "7", "aead", "rfc4106(gcm(aes))", K160, "128",
-           "limit", "time-soft", "1", "limit", "time-hard", "2", netns=ns)
+        ip(
+            "xfrm",
+            "state",
+            "add",
+            "src",
+            "10.0.0.1",
+            "dst",
+            "10.0.0.2",
+            "proto",
+            "esp",
+            "spi",
+            "0x77",
+            "mode",
+            "transport",
+            "reqid",
+            "7",
+            "aead",
+            "rfc4106(gcm(aes))",
+            K160,
+            "128",
+            "limit",
+            "time-soft",
+            "1",
+            "limit",
+            "time-hard",
+            "2",
+            netns=ns,
+        )
         deadline, events = time.monotonic() + 10, []
         while time.monotonic() < deadline and not any(getattr(e, "hard", False) for e in events):
             events += mon.poll(0.5)

@@ -76,12 +76,12 @@ def _tail(path: Path, n: int = 60) -> str:
 _SILENT = -1
 
 
-def _boot_and_run(cmd: list[str], root: Path, env: dict[str, str], console: Path, timeout: int,
-                  first_output: float) -> int:
+def _boot_and_run(
+    cmd: list[str], root: Path, env: dict[str, str], console: Path, timeout: int, first_output: float
+) -> int:
     """run.sh's exit status; _SILENT when the guest printed nothing within ``first_output`` seconds."""
     with console.open("wb") as log:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         began = time.monotonic()
         while True:
             try:
@@ -103,8 +103,20 @@ def run_in_vm(root: Path, nodeids: list[str]) -> VMRun:
     console = out / "console.log"
     timeout = int(os.environ.get("BTNS_VM_TIMEOUT", "540"))
     cmd = [
-        str(root / "scripts/vm/run.sh"), sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "vm",
-        "-o", "junit_logging=system-out", f"--junitxml={out}/junit.xml", "-q", "-rA", *nodeids,
+        str(root / "scripts/vm/run.sh"),
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "vm",
+        "-o",
+        "junit_logging=system-out",
+        f"--junitxml={out}/junit.xml",
+        "-q",
+        "-rA",
+        *nodeids,
     ]
     env = {**os.environ, "BTNS_VM_OUT": str(out), "BTNS_VM_TIMEOUT": str(timeout)}
     first_output = float(os.environ.get("BTNS_VM_FIRST_OUTPUT", "180"))
@@ -116,8 +128,10 @@ def run_in_vm(root: Path, nodeids: list[str]) -> VMRun:
         # The guest printed nothing at all (a TCG boot that hung before pytest started, seen once
         # in ~40 runs): boot it once more rather than fail every test; the console says so.
         with console.open("ab") as log:
-            log.write(f"\nvmtier: no output from the guest within {first_output:.0f} s (attempt {attempt}); "
-                      "booting again\n".encode())
+            log.write(
+                f"\nvmtier: no output from the guest within {first_output:.0f} s (attempt {attempt}); "
+                "booting again\n".encode()
+            )
     if rc == _SILENT:
         rc = 124
     seconds = time.monotonic() - start

@@ -26,8 +26,9 @@ def main() -> int:
         up = bring_up(lab)
         print("established:", ", ".join(up), file=sys.stderr)
         _, status = lab.a.whack("--status")
-        version = next((w.split("=", 1)[1].rstrip(",") for w in status.split() if w.startswith("pluto_version=")),
-                       "unknown")
+        version = next(
+            (w.split("=", 1)[1].rstrip(",") for w in status.split() if w.startswith("pluto_version=")), "unknown"
+        )
         default = Path(__file__).resolve().parents[1] / "tests" / "data" / f"libreswan-{version}"
         out = Path(sys.argv[1]) if len(sys.argv) > 1 else default
         out.mkdir(parents=True, exist_ok=True)

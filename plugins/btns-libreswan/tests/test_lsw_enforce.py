@@ -52,7 +52,10 @@ def test_pinned_rsa_key_becomes_rightrsasigkey_of_the_same_key() -> None:
 
 def test_levels_choose_proposals() -> None:
     assert esp_proposals(demand(privacy_protected=Setting.LEVEL_HIGH, integrity_protected=Setting.LEVEL_HIGH)) == [
-        "aes_gcm256", "chacha20_poly1305", "aes256-sha2_512"]
+        "aes_gcm256",
+        "chacha20_poly1305",
+        "aes256-sha2_512",
+    ]
     assert "aes128-sha1" in esp_proposals(demand())
 
 

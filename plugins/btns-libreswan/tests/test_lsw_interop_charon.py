@@ -84,19 +84,37 @@ conn psk-charon
 def charon_conns(pluto_pem: str, charon_pem: str) -> dict[str, dict[str, object]]:
     def conn(local: str, remote: str, l1: dict[str, object], r1: dict[str, object]) -> dict[str, object]:
         return {
-            "version": "2", "local_addrs": [local], "remote_addrs": [remote], "proposals": [IKE_CHARON],
-            "local-1": l1, "remote-1": r1, "unique": "never",
-            "children": {"host": {"local_ts": [f"{local}/32"], "remote_ts": [f"{remote}/32"], "mode": "tunnel",
-                                  "esp_proposals": ["chacha20poly1305"], "start_action": "none"}},
+            "version": "2",
+            "local_addrs": [local],
+            "remote_addrs": [remote],
+            "proposals": [IKE_CHARON],
+            "local-1": l1,
+            "remote-1": r1,
+            "unique": "never",
+            "children": {
+                "host": {
+                    "local_ts": [f"{local}/32"],
+                    "remote_ts": [f"{remote}/32"],
+                    "mode": "tunnel",
+                    "esp_proposals": ["chacha20poly1305"],
+                    "start_action": "none",
+                }
+            },
         }
 
     return {
-        "rsa-charon": conn("10.231.0.2", "10.231.0.1",
-                           {"auth": "pubkey", "id": "charon.btns.test", "pubkeys": [charon_pem]},
-                           {"auth": "pubkey", "id": "pluto.btns.test", "pubkeys": [pluto_pem]}),
-        "psk-charon": conn("10.231.1.2", "10.231.1.1",
-                           {"auth": "psk", "id": "charon-psk.btns.test"},
-                           {"auth": "psk", "id": "pluto-psk.btns.test"}),
+        "rsa-charon": conn(
+            "10.231.0.2",
+            "10.231.0.1",
+            {"auth": "pubkey", "id": "charon.btns.test", "pubkeys": [charon_pem]},
+            {"auth": "pubkey", "id": "pluto.btns.test", "pubkeys": [pluto_pem]},
+        ),
+        "psk-charon": conn(
+            "10.231.1.2",
+            "10.231.1.1",
+            {"auth": "psk", "id": "charon-psk.btns.test"},
+            {"auth": "psk", "id": "pluto-psk.btns.test"},
+        ),
     }
 
 
@@ -136,18 +154,21 @@ def interop() -> Iterator[Interop]:
         ns_b = pair.namespaces[1]
         charon = charon_peer(ns_b, f"btns-lsw-{pair.tag}b", work / "charon")
         charon.workdir.mkdir()
-        key_pem = subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:3072"],
-                                 capture_output=True, check=True).stdout
-        spki = subprocess.run(["openssl", "pkey", "-pubout", "-outform", "DER"], input=key_pem,
-                              capture_output=True, check=True).stdout
+        key_pem = subprocess.run(
+            ["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:3072"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        spki = subprocess.run(
+            ["openssl", "pkey", "-pubout", "-outform", "DER"], input=key_pem, capture_output=True, check=True
+        ).stdout
         pkey = pluto.new_rsa_key()
         conns = pluto_conns(spki).replace("%s", pkey.ckaid, 1)
         pluto.write_config(conns, f'@pluto-psk.btns.test @charon-psk.btns.test : PSK "{PSK}"\n')
         pluto.start()
         charon.start_charon()
         charon.ctl.load_key({"type": "rsa", "data": key_pem.decode()})
-        charon.ctl.load_shared({"type": "IKE", "data": PSK,
-                                "owners": ["pluto-psk.btns.test", "charon-psk.btns.test"]})
+        charon.ctl.load_shared({"type": "IKE", "data": PSK, "owners": ["pluto-psk.btns.test", "charon-psk.btns.test"]})
         pluto_pem = pem(base64.b64decode(pkey.pubkey), "PUBLIC KEY")
         for name, body in charon_conns(pluto_pem, pem(spki, "PUBLIC KEY")).items():
             charon.ctl.load_conn({name: body})
@@ -155,9 +176,11 @@ def interop() -> Iterator[Interop]:
             initiate(charon, name)
         for name in ("rsa-charon", "psk-charon"):
             if not wait_for(lambda n=name: established(pluto, n), 15):
-                pytest.fail(f"{name}: no IKE SA with charon\n{pluto.tail()}\n"
-                            f"{charon.log_path.read_text()[-3000:] if charon.log_path.exists() else ''}",
-                            pytrace=False)
+                pytest.fail(
+                    f"{name}: no IKE SA with charon\n{pluto.tail()}\n"
+                    f"{charon.log_path.read_text()[-3000:] if charon.log_path.exists() else ''}",
+                    pytrace=False,
+                )
         yield Interop(pluto, charon, pkey, spki)
     finally:
         if "charon" in locals():

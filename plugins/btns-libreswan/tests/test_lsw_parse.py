@@ -144,7 +144,8 @@ def test_5x_subnet_tunnel_with_child_sa() -> None:
 
 def test_5x_asymmetric_null_peer_and_own_raw_key() -> None:
     (sa,) = ike_sas(
-        parse_status(_read(V5, "east-status.txt")), None,
+        parse_status(_read(V5, "east-status.txt")),
+        None,
         parse_trafficstatus(_read(V5, "east-trafficstatus.txt")),
         ipsecconf.load(str(V5 / "east-ipsec.conf")),
         parse_listpubkeys(_read(V5, "east-listpubkeys.txt")),
@@ -152,8 +153,9 @@ def test_5x_asymmetric_null_peer_and_own_raw_key() -> None:
     assert sa.remote.auth_method is AuthMethod.BTNS and sa.remote.ike_id == "ID_NULL"
     assert sa.remote.public_key is None
     assert sa.local.auth_method is AuthMethod.BTNS and sa.local.ike_id == "@east"
-    rsasigkey = next(line.split("=", 1)[1] for line in _read(V5, "east-ipsec.conf").splitlines()
-                     if "rightrsasigkey=" in line)
+    rsasigkey = next(
+        line.split("=", 1)[1] for line in _read(V5, "east-ipsec.conf").splitlines() if "rightrsasigkey=" in line
+    )
     assert sa.local.public_key == spki_from_rsasigkey(rsasigkey)
     (child,) = sa.children
     assert (child.bytes_in, child.bytes_out) == (84, 84)

@@ -50,9 +50,7 @@ def test_hex_form_is_accepted() -> None:
     assert spki_from_rsasigkey("0x" + blob.hex()) == base64.b64decode(PUBKEY)
 
 
-@pytest.mark.parametrize(
-    "bad", ["", "0s", "0s!!!notbase64", "0sAQ==", "%cert", "0xZZ", "0sAAAA"]
-)
+@pytest.mark.parametrize("bad", ["", "0s", "0s!!!notbase64", "0sAQ==", "%cert", "0xZZ", "0sAAAA"])
 def test_malformed_rsasigkeys_raise(bad: str) -> None:
     with pytest.raises(KeyFormatError):
         spki_from_rsasigkey(bad)

@@ -15,14 +15,22 @@ def parser() -> argparse.ArgumentParser:
         description="The btns-vici broker: answers and enforces IPsec pTokens for sockets that any local "
         "application hands it (SCM_RIGHTS), so applications need no privileges.",
     )
-    ap.add_argument("--socket", help=f"listening socket (default: the config's, else {DEFAULT_SOCKET}; "
-                    "ignored when systemd passes one, LISTEN_FDS)")
+    ap.add_argument(
+        "--socket",
+        help=f"listening socket (default: the config's, else {DEFAULT_SOCKET}; "
+        "ignored when systemd passes one, LISTEN_FDS)",
+    )
     ap.add_argument("--config", help="btnsd.toml (backends, [[allow]] rules, [quota])")
     ap.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics (needs prometheus_client)")
-    ap.add_argument("--leap-of-faith", nargs="?", const="[::]:5386", metavar="[HOST:]PORT",
-                    help="answer the leap-of-faith key exchange (README \"Leap of faith\") on udp HOST:PORT "
-                    "(default [::]:5386) for every strongSwan backend, and learn the keys of peers nobody "
-                    "configured when connecting (backend option leap_of_faith)")
+    ap.add_argument(
+        "--leap-of-faith",
+        nargs="?",
+        const="[::]:5386",
+        metavar="[HOST:]PORT",
+        help='answer the leap-of-faith key exchange (README "Leap of faith") on udp HOST:PORT '
+        "(default [::]:5386) for every strongSwan backend, and learn the keys of peers nobody "
+        "configured when connecting (backend option leap_of_faith)",
+    )
     ap.add_argument("--keep-privileges", action="store_true", help="do not drop capabilities after start")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
@@ -30,8 +38,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="btnsd: %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="btnsd: %(levelname)s %(message)s",
+    )
     from .server import run
 
     try:

@@ -84,16 +84,18 @@ class BrokerClient:
             raise DaemonTimeoutError(f"btnsd at {self.path} did not accept in time", errno.ETIMEDOUT) from None
         except PermissionError:
             s.close()
-            raise DaemonAccessError(f"not allowed to connect to btnsd at {self.path} (write access to the "
-                                    "socket is needed)", errno.EACCES) from None
+            raise DaemonAccessError(
+                f"not allowed to connect to btnsd at {self.path} (write access to the socket is needed)", errno.EACCES
+            ) from None
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             s.close()
             raise DaemonDownError(f"btnsd does not answer at {self.path}: {exc.strerror}", exc.errno) from None
         s.setblocking(False)
         return s
 
-    def request(self, op: str, fd: FileDescriptorLike | None = None, timeout: float | None = None,
-                **args: Any) -> dict[str, Any]:
+    def request(
+        self, op: str, fd: FileDescriptorLike | None = None, timeout: float | None = None, **args: Any
+    ) -> dict[str, Any]:
         """One request and its answer (the result object), or the OSError the broker answered."""
         num = resolve_fd(fd) if fd is not None else None
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
@@ -108,16 +110,16 @@ class BrokerClient:
                     self._sock.close()
                     self._sock = None
                     if fresh or attempt:  # the daemon went away mid-request: say so
-                        raise DaemonDownError(f"btnsd at {self.path} closed the connection",
-                                              errno.ECONNRESET) from None
+                        raise DaemonDownError(f"btnsd at {self.path} closed the connection", errno.ECONNRESET) from None
                 except BaseException:
                     self._sock.close()  # a timeout or a bad frame: never reuse a desynchronised socket
                     self._sock = None
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _exchange(self, s: socket.socket, op: str, fd: int | None, args: dict[str, Any],
-                  deadline: float) -> dict[str, Any]:
+    def _exchange(
+        self, s: socket.socket, op: str, fd: int | None, args: dict[str, Any], deadline: float
+    ) -> dict[str, Any]:
         ident = next(self._ids) & 0x7FFFFFFF
         frame = protocol.request(op, ident, **args)
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())] if fd is not None else []
@@ -169,17 +171,35 @@ class BrokerClient:
         args = {"ptoken": protocol.ptoken_to_wire(demand)} if demand is not None else {}
         return self.request("verify", fd, **args)["token"]
 
-    def get_msg_ptoken(self, fd: FileDescriptorLike, name: tuple, local: tuple, ifindex: int | None,
-                       proto: int) -> PToken:
-        res = self.request("get_msg_ptoken", fd, name=[str(name[0]), int(name[1])],
-                           local=[str(local[0]), int(local[1])], ifindex=ifindex, proto=proto)
+    def get_msg_ptoken(
+        self, fd: FileDescriptorLike, name: tuple, local: tuple, ifindex: int | None, proto: int
+    ) -> PToken:
+        res = self.request(
+            "get_msg_ptoken",
+            fd,
+            name=[str(name[0]), int(name[1])],
+            local=[str(local[0]), int(local[1])],
+            ifindex=ifindex,
+            proto=proto,
+        )
         return res["token"]
 
-    def check_send(self, fd: FileDescriptorLike, dest: tuple | None, control: list[tuple[int, int, bytes]],
-                   flags: int, demand: PToken) -> None:
-        self.request("check_send", fd, dest=[str(dest[0]), int(dest[1])] if dest else None,
-                     control=[[lvl, kind, data.hex()] for lvl, kind, data in control], flags=flags,
-                     ptoken=protocol.ptoken_to_wire(demand))
+    def check_send(
+        self,
+        fd: FileDescriptorLike,
+        dest: tuple | None,
+        control: list[tuple[int, int, bytes]],
+        flags: int,
+        demand: PToken,
+    ) -> None:
+        self.request(
+            "check_send",
+            fd,
+            dest=[str(dest[0]), int(dest[1])] if dest else None,
+            control=[[lvl, kind, data.hex()] for lvl, kind, data in control],
+            flags=flags,
+            ptoken=protocol.ptoken_to_wire(demand),
+        )
 
     def sockets(self, fd: FileDescriptorLike) -> list[dict[str, Any]]:
         """Every socket of ``fd``'s namespace as ``btns sockets --json`` shows them (without pTokens)."""

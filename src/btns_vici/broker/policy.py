@@ -30,7 +30,9 @@ class Rule:
     groups: frozenset[str] = frozenset()
     methods: frozenset[AuthMethod] = frozenset(AuthMethod)
     peers: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
-        ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+        ipaddress.ip_network("0.0.0.0/0"),
+        ipaddress.ip_network("::/0"),
+    )
 
     def matches(self, uid: int, gids: frozenset[int]) -> bool:
         if "*" in self.users or str(uid) in self.users or _user(uid) in self.users:
@@ -107,12 +109,17 @@ def parse(data: Mapping[str, Any]) -> Config:
             peers = tuple(ipaddress.ip_network(p, strict=False) for p in entry.get("peers", ["0.0.0.0/0", "::/0"]))
         except (KeyError, ValueError, TypeError) as exc:
             raise BtnsError(f"btnsd.toml [[allow]]: {exc}", errno.EINVAL) from None
-        rules.append(Rule(_strings(entry.get("users", []), "users"), _strings(entry.get("groups", []), "groups"),
-                          ms, peers))
+        rules.append(
+            Rule(_strings(entry.get("users", []), "users"), _strings(entry.get("groups", []), "groups"), ms, peers)
+        )
     q = data.get("quota", {})
     try:
-        quota = Quota(int(q.get("connections", 64)), float(q.get("requests_per_second", 5000)),
-                      int(q.get("burst", 1000)), int(q.get("concurrent", 16)))
+        quota = Quota(
+            int(q.get("connections", 64)),
+            float(q.get("requests_per_second", 5000)),
+            int(q.get("burst", 1000)),
+            int(q.get("concurrent", 16)),
+        )
         backends = tuple({str(k): str(v) for k, v in be.items()} for be in data.get("backend", [{"name": ""}]))
         return Config(
             socket=str(b.get("socket", DEFAULT_SOCKET)),

@@ -102,8 +102,9 @@ def split(packet: bytes, want: int) -> tuple[int, bytes]:
     if magic != MAGIC:
         raise FrameError(f"bad magic {magic!r}")
     if version != VERSION:
-        raise FrameError(f"protocol version {version} is not supported (this side speaks {VERSION})",
-                         errno.EPROTONOSUPPORT)
+        raise FrameError(
+            f"protocol version {version} is not supported (this side speaks {VERSION})", errno.EPROTONOSUPPORT
+        )
     if kind != want:
         raise FrameError(f"frame kind {kind}, expected {want}")
     if length != len(packet) - HEADER.size:
@@ -143,6 +144,7 @@ def error(ident: int, exc: OSError) -> bytes:
 
 
 # ---- pTokens ---------------------------------------------------------------------------------
+
 
 def ptoken_to_wire(tok: PToken) -> dict[str, Any]:
     return {

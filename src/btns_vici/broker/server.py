@@ -96,13 +96,20 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
-        self.queries = Counter("btnsd_queries_total", "Requests by op and answer", ["op", "answer"],
-                               registry=self.registry)
-        self.latency = Histogram("btnsd_request_seconds", "Request latency", ["op"], registry=self.registry,
-                                 buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 1, 10))
+        self.queries = Counter(
+            "btnsd_queries_total", "Requests by op and answer", ["op", "answer"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "btnsd_request_seconds",
+            "Request latency",
+            ["op"],
+            registry=self.registry,
+            buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 1, 10),
+        )
         self.clients = Gauge("btnsd_clients", "Connected clients", registry=self.registry)
-        self.errors = Counter("btnsd_broker_errors_total", "Malformed or refused client input", ["kind"],
-                              registry=self.registry)
+        self.errors = Counter(
+            "btnsd_broker_errors_total", "Malformed or refused client input", ["kind"], registry=self.registry
+        )
         self.enabled = True
 
     def serve(self, where: str) -> None:
@@ -122,15 +129,24 @@ class Metrics:
 
 
 class Server:
-    def __init__(self, config: Config, listener: socket.socket, metrics: Metrics | None = None,
-                 backends: list[Backend] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        listener: socket.socket,
+        metrics: Metrics | None = None,
+        backends: list[Backend] | None = None,
+    ) -> None:
         self.config = config
         self.listener = listener
         self.listener.setblocking(False)
         self.metrics = metrics or Metrics(False)
-        self.backends = backends if backends is not None else [
-            get_backend(o.get("name") or None, {k: v for k, v in o.items() if k != "name"}) for o in config.backends
-        ]
+        self.backends = (
+            backends
+            if backends is not None
+            else [
+                get_backend(o.get("name") or None, {k: v for k, v in o.items() if k != "name"}) for o in config.backends
+            ]
+        )
         self.sel = selectors.DefaultSelector()
         self.sel.register(listener, selectors.EVENT_READ, None)
         self.clients: dict[int, Client] = {}
@@ -242,16 +258,17 @@ class Server:
         ident = 0
         try:
             if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
-                raise protocol.FrameError("request truncated: at most one descriptor and "
-                                          f"{protocol.MAX_FRAME} bytes per request", errno.EMSGSIZE)
+                raise protocol.FrameError(
+                    f"request truncated: at most one descriptor and {protocol.MAX_FRAME} bytes per request",
+                    errno.EMSGSIZE,
+                )
             ident, body = protocol.split(data, protocol.REQUEST)
             req = protocol.parse_body(body)
             op = req.get("op")
             if op not in protocol.OPS:
                 raise BtnsError(f"unknown op {op!r}", errno.EOPNOTSUPP)
             if protocol.OPS[op] and len(fds) != 1:
-                raise BtnsError(f"{op} needs exactly one socket descriptor (SCM_RIGHTS), got {len(fds)}",
-                                errno.EBADF)
+                raise BtnsError(f"{op} needs exactly one socket descriptor (SCM_RIGHTS), got {len(fds)}", errno.EBADF)
             if not protocol.OPS[op] and fds:
                 raise BtnsError(f"{op} takes no descriptor", errno.EINVAL)
             self._ratelimit(c)
@@ -265,8 +282,16 @@ class Server:
         if op in SLOW_OPS:
             if c.inflight >= self.config.quota.concurrent:
                 os.close(fd)
-                self._send(c, protocol.error(ident, BtnsError(
-                    f"more than {self.config.quota.concurrent} concurrent negotiations for uid {c.uid}", errno.EAGAIN)))
+                self._send(
+                    c,
+                    protocol.error(
+                        ident,
+                        BtnsError(
+                            f"more than {self.config.quota.concurrent} concurrent negotiations for uid {c.uid}",
+                            errno.EAGAIN,
+                        ),
+                    ),
+                )
                 return
             c.inflight += 1
             self.pool.submit(self._run, c, ident, op, req, fd, True)
@@ -356,18 +381,25 @@ class Server:
         with self._lock:
             entry = self.loaded.get(name)
             if entry is None:
-                mine = sum(1 for _, owners in self.loaded.values() for o in owners
-                           if self.clients.get(o) is not None and self.clients[o].uid == c.uid)
+                mine = sum(
+                    1
+                    for _, owners in self.loaded.values()
+                    for o in owners
+                    if self.clients.get(o) is not None and self.clients[o].uid == c.uid
+                )
                 if mine >= self.config.quota.connections:
-                    raise BtnsError(f"uid {c.uid} already has {mine} connections loaded by btnsd (quota)",
-                                    errno.EDQUOT)
+                    raise BtnsError(f"uid {c.uid} already has {mine} connections loaded by btnsd (quota)", errno.EDQUOT)
                 entry = self.loaded[name] = (be, set())
             entry[1].add(c.ident)
 
     # ---- operations (one socket each, received) -------------------------------------------------
     def op_hello(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
-        return {"server": "btnsd", "version": protocol.VERSION, "uid": c.uid,
-                "backends": [be.name for be in self.backends]}
+        return {
+            "server": "btnsd",
+            "version": protocol.VERSION,
+            "uid": c.uid,
+            "backends": [be.name for be in self.backends],
+        }
 
     def _demand_of(self, key: tuple[int, int]) -> PToken | None:
         with self._lock:
@@ -421,8 +453,9 @@ class Server:
         demand = self._demand_arg(c, req)
         resolve_fd(fd)
         if is_connected(fd):
-            raise BtnsError("socket is already connected: a pToken must be set before connect()/listen()",
-                            errno.EISCONN)
+            raise BtnsError(
+                "socket is already connected: a pToken must be set before connect()/listen()", errno.EISCONN
+            )
         with socket.socket(fileno=os.dup(fd)) as s:
             ns = netns_of(s)
         be = self.backend_for(ns)
@@ -509,8 +542,13 @@ class Server:
             raise BtnsError("ifindex must be an integer", errno.EINVAL)
         proto = int(req.get("proto", socket.IPPROTO_UDP))
         unknown = () if ifindex is not None else ("the device it arrived on is unknown (no IP_PKTINFO)",)
-        view = SocketView(flow=Flow(proto, laddr, lport, raddr, rport), netns=ns, direction=IN,
-                          arrival_ifindex=ifindex, unknown=unknown)
+        view = SocketView(
+            flow=Flow(proto, laddr, lport, raddr, rport),
+            netns=ns,
+            direction=IN,
+            arrival_ifindex=ifindex,
+            unknown=unknown,
+        )
         be = self._backend_or_unprotected(view)
         tok = be if isinstance(be, PToken) else ptoken_of(view, be)
         return {"ptoken": protocol.ptoken_to_wire(tok)}
@@ -531,7 +569,6 @@ class Server:
         if problems:
             raise BtnsError("datagram refused, pToken not met: " + "; ".join(problems), errno.EACCES)
         return {}
-
 
     def op_sockets(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
         """``btns sockets`` for an unprivileged caller: every socket of the namespace of ``fd`` (any
@@ -591,8 +628,10 @@ def listen_socket(path: str) -> socket.socket:
         for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             os.environ.pop(var, None)
         if sock.type != socket.SOCK_SEQPACKET or sock.family != socket.AF_UNIX:
-            raise BtnsError("the socket systemd passed is not a unix SOCK_SEQPACKET socket "
-                            "(ListenSequentialPacket=)", errno.EPROTOTYPE)
+            raise BtnsError(
+                "the socket systemd passed is not a unix SOCK_SEQPACKET socket (ListenSequentialPacket=)",
+                errno.EPROTOTYPE,
+            )
         return sock
     os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
@@ -630,8 +669,7 @@ def drop_privileges(keep: tuple[int, ...] = (12, 21, 1, 19)) -> None:
         _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
     class Data(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                    ("inheritable", ctypes.c_uint32)]
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
     mask = [0, 0]
     for cap in keep:
@@ -643,23 +681,35 @@ def drop_privileges(keep: tuple[int, ...] = (12, 21, 1, 19)) -> None:
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 
 
-def run(config: Config, socket_path: str | None = None, metrics_at: str | None = None,
-        drop: bool = True, leap: str | None = None) -> None:
+def run(
+    config: Config,
+    socket_path: str | None = None,
+    metrics_at: str | None = None,
+    drop: bool = True,
+    leap: str | None = None,
+) -> None:
     """Start serving (the body of ``btns daemon`` / ``btnsd``); ``leap``: "[HOST:]PORT" of the
     leap-of-faith learner (README "Leap of faith"), None: off unless a backend's options turn it on."""
     metrics = Metrics(metrics_at is not None)
     if metrics_at:
         metrics.serve(metrics_at)
     if leap is not None:
-        config = dataclasses.replace(config, backends=tuple(
-            {**o, "leap_of_faith": "yes", "leap_port": str(leap_address(leap)[1])} for o in config.backends))
+        config = dataclasses.replace(
+            config,
+            backends=tuple(
+                {**o, "leap_of_faith": "yes", "leap_port": str(leap_address(leap)[1])} for o in config.backends
+            ),
+        )
     listener = listen_socket(socket_path or config.socket)
     server = Server(config, listener, metrics)
     if drop and os.geteuid() == 0:
         drop_privileges()
     learners = start_learners(server, leap)  # after the drop: threads inherit the reduced capabilities
-    log.info("btnsd serving on %s with backends %s", socket_path or config.socket,
-             ", ".join(f"{b.name}@{b.options.get('netns') or 'own netns'}" for b in server.backends))
+    log.info(
+        "btnsd serving on %s with backends %s",
+        socket_path or config.socket,
+        ", ".join(f"{b.name}@{b.options.get('netns') or 'own netns'}" for b in server.backends),
+    )
     notify_ready()
     import signal
 
@@ -673,7 +723,7 @@ def run(config: Config, socket_path: str | None = None, metrics_at: str | None =
 
 
 def leap_address(spec: str) -> tuple[str, int]:
-    """"[HOST:]PORT" / "[V6]:PORT" / "HOST:PORT" -> (host, port); the host defaults to "::" (dual stack)."""
+    """ "[HOST:]PORT" / "[V6]:PORT" / "HOST:PORT" -> (host, port); the host defaults to "::" (dual stack)."""
     host, sep, port = spec.rpartition(":")
     if not sep:
         host, port = "", spec

@@ -222,20 +222,40 @@ def install(ffi: Any) -> None:
 
     @extern
     def _btns_py_fill_flow(
-        handle: int, proto: int, lfamily: int, laddr: Any, lport: int, rfamily: int, raddr: Any, rport: int,
-        ifindex: int, ns_dev: int, ns_ino: int,
+        handle: int,
+        proto: int,
+        lfamily: int,
+        laddr: Any,
+        lport: int,
+        rfamily: int,
+        raddr: Any,
+        rport: int,
+        ifindex: int,
+        ns_dev: int,
+        ns_ino: int,
     ) -> None:
         configure_backend()
         msg = MsgHdr(
-            name=(_address(ffi, rfamily, raddr), rport), local=(_address(ffi, lfamily, laddr), lport), proto=proto,
-            ifindex=ifindex if ifindex >= 0 else None, netns=(ns_dev, ns_ino) if ns_ino else None,
+            name=(_address(ffi, rfamily, raddr), rport),
+            local=(_address(ffi, lfamily, laddr), lport),
+            proto=proto,
+            ifindex=ifindex if ifindex >= 0 else None,
+            netns=(ns_dev, ns_ino) if ns_ino else None,
         )
         capi.ipsec_get_msg_pToken(msg, _ptoken(handle))
 
     @extern
     def _btns_py_check_send(
-        fd: int, handle: int, has_dest: int, family: int, addr: Any, port: int, oif: int, has_mark: int,
-        mark: int, dontroute: int,
+        fd: int,
+        handle: int,
+        has_dest: int,
+        family: int,
+        addr: Any,
+        port: int,
+        oif: int,
+        has_mark: int,
+        mark: int,
+        dontroute: int,
     ) -> None:
         demand = _ptoken(handle)
         with borrowed_socket(fd) as sock:

@@ -185,14 +185,17 @@ def install(prefix: str | os.PathLike[str], verbose: bool = False) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="btns-cabi", description="Build and install the C ABI of btns-vici (libbtns-ipsec.so).",
+        prog="btns-cabi",
+        description="Build and install the C ABI of btns-vici (libbtns-ipsec.so).",
         epilog="Then: PKG_CONFIG_PATH=PREFIX/lib/pkgconfig cc prog.c $(pkg-config --cflags --libs btns-ipsec)",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for name, text in (("build", "compile for this Python and install under PREFIX"),
-                       ("paths", "print the installed files (exit 1 if one is missing)"),
-                       ("uninstall", "remove the installed files")):
+    for name, text in (
+        ("build", "compile for this Python and install under PREFIX"),
+        ("paths", "print the installed files (exit 1 if one is missing)"),
+        ("uninstall", "remove the installed files"),
+    ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--prefix", default=sys.prefix, help="installation prefix (default: %(default)s)")
         if name == "build":

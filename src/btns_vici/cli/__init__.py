@@ -14,8 +14,10 @@ from . import exits
 from .parser import build
 
 #: command -> module with ``run(args) -> int`` (imported on use: `btns sas` loads no sock_diag)
-_COMMANDS = {name: f"{__name__}.cmd_{name}" for name in (
-    "sockets", "sas", "watch", "token", "testbed", "demo", "man", "completion", "daemon", "peers")}
+_COMMANDS = {
+    name: f"{__name__}.cmd_{name}"
+    for name in ("sockets", "sas", "watch", "token", "testbed", "demo", "man", "completion", "daemon", "peers")
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

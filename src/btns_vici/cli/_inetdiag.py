@@ -30,6 +30,7 @@ def _addr(packed: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         a = _ADDRS[packed] = (ipaddress.IPv4Address if len(packed) == 4 else ipaddress.IPv6Address)(packed)
     return a
 
+
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST = 0x1
@@ -74,7 +75,7 @@ def attributes(msg: dict[str, Any]) -> dict[int, bytes]:
         alen, atype = _RTA.unpack_from(raw, pos)
         if alen < 4:
             break
-        out[atype & 0x3FFF] = raw[pos + 4:pos + alen]
+        out[atype & 0x3FFF] = raw[pos + 4 : pos + alen]
         pos += (alen + 3) & ~3
     return out
 
@@ -96,8 +97,9 @@ def open_socket() -> socket.socket:
     return sock
 
 
-def dump(sock: socket.socket, family: int, protocol: int, states: int = ALL_STATES,
-         seq: int = 1) -> list[dict[str, Any]]:
+def dump(
+    sock: socket.socket, family: int, protocol: int, states: int = ALL_STATES, seq: int = 1
+) -> list[dict[str, Any]]:
     """Every socket of ``family``/``protocol`` in ``states`` (a bit mask of TCP states)."""
     sock.send(request(family, protocol, states, seq=seq))
     out: list[dict[str, Any]] = []
@@ -123,15 +125,38 @@ def dump(sock: socket.socket, family: int, protocol: int, states: int = ALL_STAT
                 raise DiagError(-err, f"sock_diag: {os.strerror(-err)}")
             if kind == SOCK_DIAG_BY_FAMILY:
                 body = pos + _NLMSGHDR.size
-                (fam, state, _timer, _retrans, sport, dport, src, dst, ifindex, _cookie,
-                 _expires, _rq, _wq, uid, inode) = unpack_msg(buf, body)
+                (
+                    fam,
+                    state,
+                    _timer,
+                    _retrans,
+                    sport,
+                    dport,
+                    src,
+                    dst,
+                    ifindex,
+                    _cookie,
+                    _expires,
+                    _rq,
+                    _wq,
+                    uid,
+                    inode,
+                ) = unpack_msg(buf, body)
                 src, dst = src[:addr_len], dst[:addr_len]
-                out.append({
-                    "idiag_family": fam, "idiag_state": state,
-                    "idiag_sport": _PORT.unpack(sport)[0], "idiag_dport": _PORT.unpack(dport)[0],
-                    "idiag_src": ntop(fam, src), "idiag_dst": ntop(fam, dst),
-                    "src_addr": _addr(src), "dst_addr": _addr(dst),
-                    "idiag_if": ifindex, "idiag_uid": uid, "idiag_inode": inode,
-                    "attrs_raw": bytes(view[body + _MSG.size:pos + length]),
-                })
+                out.append(
+                    {
+                        "idiag_family": fam,
+                        "idiag_state": state,
+                        "idiag_sport": _PORT.unpack(sport)[0],
+                        "idiag_dport": _PORT.unpack(dport)[0],
+                        "idiag_src": ntop(fam, src),
+                        "idiag_dst": ntop(fam, dst),
+                        "src_addr": _addr(src),
+                        "dst_addr": _addr(dst),
+                        "idiag_if": ifindex,
+                        "idiag_uid": uid,
+                        "idiag_inode": inode,
+                        "attrs_raw": bytes(view[body + _MSG.size : pos + length]),
+                    }
+                )
             pos += (length + 3) & ~3

@@ -32,10 +32,22 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             emit_json([e.to_json() for e in entries])
         else:
-            table(HEADERS, [[e.address, e.fingerprint if e.key else e.ike_id, e.how, _when(e.first_seen),
-                             _when(e.last_seen), "yes" if e.pinned else "no", e.contacts,
-                             ",".join(f"{fingerprint(base64.b64decode(c.key))}x{c.count}"
-                                      for c in e.changes)] for e in entries])
+            table(
+                HEADERS,
+                [
+                    [
+                        e.address,
+                        e.fingerprint if e.key else e.ike_id,
+                        e.how,
+                        _when(e.first_seen),
+                        _when(e.last_seen),
+                        "yes" if e.pinned else "no",
+                        e.contacts,
+                        ",".join(f"{fingerprint(base64.b64decode(c.key))}x{c.count}" for c in e.changes),
+                    ]
+                    for e in entries
+                ],
+            )
         return exits.OK
     if not args.address:
         raise exits.CliError(exits.USAGE, f"{args.action} needs a peer address")

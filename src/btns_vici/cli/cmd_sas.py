@@ -12,21 +12,50 @@ from .context import open_backend
 from .describe import alg_text, spis
 from .output import emit_json, table
 
-HEADERS = ("IKE_SA", "STATE", "LOCAL", "REMOTE", "PEER-ID", "AUTH", "CHILD_SA", "CHILD-STATE", "MODE",
-           "SPI-IN/OUT", "ALG", "LOCAL-TS", "REMOTE-TS")
+HEADERS = (
+    "IKE_SA",
+    "STATE",
+    "LOCAL",
+    "REMOTE",
+    "PEER-ID",
+    "AUTH",
+    "CHILD_SA",
+    "CHILD-STATE",
+    "MODE",
+    "SPI-IN/OUT",
+    "ALG",
+    "LOCAL-TS",
+    "REMOTE-TS",
+)
 
 
 def rows(sas: list[IkeSA]) -> list[list[Any]]:
     """One row per CHILD_SA; an IKE_SA without children gets one row of its own."""
     out = []
     for ike in sas:
-        head = [f"{ike.name}#{ike.uniqueid}", ike.state, str(ike.local_host), str(ike.remote_host),
-                ike.remote.ike_id, ike.remote.auth_method.name]
+        head = [
+            f"{ike.name}#{ike.uniqueid}",
+            ike.state,
+            str(ike.local_host),
+            str(ike.remote_host),
+            ike.remote.ike_id,
+            ike.remote.auth_method.name,
+        ]
         if not ike.children:
             out.append([*head, "", "", "", "", "", "", ""])
         for c in ike.children:
-            out.append([*head, f"{c.name}#{c.uniqueid}", c.state, f"{c.protocol}/{c.mode}".lower(), spis(c),
-                        alg_text(c), ",".join(map(str, c.local_ts)), ",".join(map(str, c.remote_ts))])
+            out.append(
+                [
+                    *head,
+                    f"{c.name}#{c.uniqueid}",
+                    c.state,
+                    f"{c.protocol}/{c.mode}".lower(),
+                    spis(c),
+                    alg_text(c),
+                    ",".join(map(str, c.local_ts)),
+                    ",".join(map(str, c.remote_ts)),
+                ]
+            )
     return out
 
 
@@ -41,8 +70,11 @@ def select(sas: list[IkeSA], args: argparse.Namespace) -> list[IkeSA]:
         if child is None and child_id is None:
             out.append(sa)
             continue
-        kept = tuple(c for c in sa.children if (child is None or c.name == child)
-                     and (child_id is None or c.uniqueid == child_id))
+        kept = tuple(
+            c
+            for c in sa.children
+            if (child is None or c.name == child) and (child_id is None or c.uniqueid == child_id)
+        )
         if kept:
             out.append(dataclasses.replace(sa, children=kept))
     return out

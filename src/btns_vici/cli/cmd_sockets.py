@@ -23,8 +23,7 @@ from .pidfd import borrow_fd
 from .sockdiag import SocketEntry, list_sockets, socket_holders
 from .ssfilter import LISTENING, FilterError, Selection, parse
 
-HEADERS = ("PROTO", "STATE", "LOCAL", "PEER", "PROCESS", "PROTECTION", "SPI-IN/OUT", "MODE", "ALG",
-           "PEER-ID", "AUTH")
+HEADERS = ("PROTO", "STATE", "LOCAL", "PEER", "PROCESS", "PROTECTION", "SPI-IN/OUT", "MODE", "ALG", "PEER-ID", "AUTH")
 
 
 def status_of(entry: SocketEntry, protected: bool) -> str:
@@ -114,8 +113,9 @@ def clear_ptoken_dict(template: dict[str, Any], flow: Flow) -> dict[str, Any]:
     return d
 
 
-def describe(entry: SocketEntry, snapshot: Snapshot, owners: list[tuple[int, str, int]],
-             with_token: bool = True) -> tuple[Protection | None, dict]:
+def describe(
+    entry: SocketEntry, snapshot: Snapshot, owners: list[tuple[int, str, int]], with_token: bool = True
+) -> tuple[Protection | None, dict]:
     """One socket: sock_diag facts, its processes, and for a connected one its verified protection
     and (``with_token``) pToken."""
     flow = entry.flow
@@ -125,9 +125,12 @@ def describe(entry: SocketEntry, snapshot: Snapshot, owners: list[tuple[int, str
         "proto": PROTO_NAMES[entry.proto],
         "family": 4 if entry.family == socket.AF_INET else 6,
         "state": entry.state,
-        "local_addr": str(entry.local_addr), "local_port": entry.local_port,
-        "remote_addr": str(entry.remote_addr), "remote_port": entry.remote_port,
-        "inode": entry.inode, "uid": entry.uid,
+        "local_addr": str(entry.local_addr),
+        "local_port": entry.local_port,
+        "remote_addr": str(entry.remote_addr),
+        "remote_port": entry.remote_port,
+        "inode": entry.inode,
+        "uid": entry.uid,
         "processes": [{"pid": pid, "comm": comm, "fd": fd} for pid, comm, fd in owners],
         "status": status_of(entry, protection is not None),
         "flow": flow_dict(flow) if flow is not None else None,
@@ -147,8 +150,14 @@ def row(entry: SocketEntry, protection: Protection | None, d: dict[str, Any]) ->
     procs = users(d["processes"])
     if entry.flow is None:
         return [d["proto"], entry.state, endpoint(entry.local_addr, entry.local_port), "*", procs, d["status"]]
-    return [d["proto"], entry.state, endpoint(entry.local_addr, entry.local_port),
-            endpoint(entry.remote_addr, entry.remote_port), procs, *protection_cells(protection)]
+    return [
+        d["proto"],
+        entry.state,
+        endpoint(entry.local_addr, entry.local_port),
+        endpoint(entry.remote_addr, entry.remote_port),
+        procs,
+        *protection_cells(protection),
+    ]
 
 
 class _Rows:
@@ -172,8 +181,14 @@ class _Rows:
         flow = e.flow
         if flow is None:
             return [PROTO_NAMES[e.proto], e.state, local, "*", procs, status_of(e, False)]
-        return [PROTO_NAMES[e.proto], e.state, local, f"{self.host(e.remote_addr)}:{e.remote_port}", procs,
-                *protection_cells(self.snapshot.protection(e, held or []))]
+        return [
+            PROTO_NAMES[e.proto],
+            e.state,
+            local,
+            f"{self.host(e.remote_addr)}:{e.remote_port}",
+            procs,
+            *protection_cells(self.snapshot.protection(e, held or [])),
+        ]
 
 
 def emit_array(items: list[dict[str, Any]], out: TextIO | None = None) -> None:
@@ -194,10 +209,12 @@ def selection(args: argparse.Namespace) -> tuple[Selection, set[int] | None, set
         sel = parse(getattr(args, "filter", None) or [], LISTENING if getattr(args, "listening", False) else None)
     except FilterError as exc:
         raise exits.CliError(exits.USAGE, f"bad filter: {exc}") from None
-    protocols = {p for flag, p in (("tcp", socket.IPPROTO_TCP), ("udp", socket.IPPROTO_UDP))
-                 if getattr(args, flag, False)} or None
-    families = {f for flag, f in (("ipv4", socket.AF_INET), ("ipv6", socket.AF_INET6))
-                if getattr(args, flag, False)} or None
+    protocols = {
+        p for flag, p in (("tcp", socket.IPPROTO_TCP), ("udp", socket.IPPROTO_UDP)) if getattr(args, flag, False)
+    } or None
+    families = {
+        f for flag, f in (("ipv4", socket.AF_INET), ("ipv6", socket.AF_INET6)) if getattr(args, flag, False)
+    } or None
     return sel, protocols, families
 
 
@@ -215,10 +232,14 @@ def _broker(args: argparse.Namespace) -> Any:
 def _entry_of(d: dict[str, Any]) -> SocketEntry:
     return SocketEntry(
         proto=socket.IPPROTO_TCP if d["proto"] == "tcp" else socket.IPPROTO_UDP,
-        family=socket.AF_INET if d["family"] == 4 else socket.AF_INET6, state=d["state"],
-        local_addr=ipaddress.ip_address(d["local_addr"]), local_port=d["local_port"],
-        remote_addr=ipaddress.ip_address(d["remote_addr"]), remote_port=d["remote_port"],
-        inode=d["inode"], uid=d["uid"],
+        family=socket.AF_INET if d["family"] == 4 else socket.AF_INET6,
+        state=d["state"],
+        local_addr=ipaddress.ip_address(d["local_addr"]),
+        local_port=d["local_port"],
+        remote_addr=ipaddress.ip_address(d["remote_addr"]),
+        remote_port=d["remote_port"],
+        inode=d["inode"],
+        uid=d["uid"],
     )
 
 
@@ -227,8 +248,14 @@ def _cells_of(d: dict[str, Any]) -> list[Any]:
     p = d["protection"]
     if p is None:
         return ["clear", "", "", "", "", ""] if d["flow"] is not None else [d["status"]]
-    return [p["sa"], f"{p['spi_in']}/{p['spi_out']}", f"{p['protocol']}/{p['mode']}".lower(), p["algorithms"],
-            p["peer_id"], p["auth_method"]]
+    return [
+        p["sa"],
+        f"{p['spi_in']}/{p['spi_out']}",
+        f"{p['protocol']}/{p['mode']}".lower(),
+        p["algorithms"],
+        p["peer_id"],
+        p["auth_method"],
+    ]
 
 
 def run_via_broker(args: argparse.Namespace, broker: Any) -> int:

@@ -49,8 +49,11 @@ def up(path: Path) -> tbstate.TestbedState:
             assert p.pid is not None
             start = tbstate.starttime(p.pid)
             assert start is not None, f"charon {p.name} is not running"
-            peers.append(tbstate.PeerState(p.name, p.netns, p.pid, start, p.vici_path, str(p.v4), str(p.v6),
-                                           str(p.v4_plain), str(p.v6_plain)))
+            peers.append(
+                tbstate.PeerState(
+                    p.name, p.netns, p.pid, start, p.vici_path, str(p.v4), str(p.v6), str(p.v4_plain), str(p.v6_plain)
+                )
+            )
             p.close_sessions()
         state = tbstate.TestbedState(tb.tag, str(tb.workdir), CONNECTION, time.time(), tuple(peers))
         tbstate.save(state, path)
@@ -82,8 +85,11 @@ def down(path: Path) -> dict[str, Any]:
     if path.parent.name.startswith("btns-"):  # our default /run/btns-vici: leave nothing behind
         with contextlib.suppress(OSError):
             path.parent.rmdir()
-    return {"stopped_pids": stopped, "deleted_namespaces": deleted,
-            "removed_workdir": str(workdir) if removed else None}
+    return {
+        "stopped_pids": stopped,
+        "deleted_namespaces": deleted,
+        "removed_workdir": str(workdir) if removed else None,
+    }
 
 
 def _is_testbed_workdir(workdir: Path, tag: str) -> bool:
@@ -104,10 +110,23 @@ def health(state: tbstate.TestbedState) -> list[dict[str, Any]]:
             sas = len(session.list_sas())
             answers = True
         session.close()
-        out.append({"peer": p.name, "netns": p.netns, "netns_present": os.path.exists(f"/run/netns/{p.netns}"),
-                    "pid": p.pid, "running": tbstate.alive(p.pid, p.starttime), "vici_socket": p.vici_socket,
-                    "vici_answers": answers, "charon_version": version, "ike_sas": sas,
-                    "v4": p.v4, "v6": p.v6, "v4_plain": p.v4_plain, "v6_plain": p.v6_plain})
+        out.append(
+            {
+                "peer": p.name,
+                "netns": p.netns,
+                "netns_present": os.path.exists(f"/run/netns/{p.netns}"),
+                "pid": p.pid,
+                "running": tbstate.alive(p.pid, p.starttime),
+                "vici_socket": p.vici_socket,
+                "vici_answers": answers,
+                "charon_version": version,
+                "ike_sas": sas,
+                "v4": p.v4,
+                "v6": p.v6,
+                "v4_plain": p.v4_plain,
+                "v6_plain": p.v6_plain,
+            }
+        )
     return out
 
 
@@ -120,17 +139,21 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"testbed {state.tag} up, connection {state.connection!r} established; state in {path}")
             _peer_table(health(state))
-            print(f"try: btns sockets --netns {state.peers[0].netns}; btns sas --netns {state.peers[0].netns}; "
-                  "btns testbed down")
+            print(
+                f"try: btns sockets --netns {state.peers[0].netns}; btns sas --netns {state.peers[0].netns}; "
+                "btns testbed down"
+            )
         return exits.OK
     if args.action == "down":
         done = down(path)
         if args.json:
             emit_json(done)
         else:
-            print(f"testbed down: stopped pids {done['stopped_pids'] or 'none (already gone)'}, "
-                  f"deleted namespaces {done['deleted_namespaces'] or 'none'}, "
-                  f"removed {done['removed_workdir'] or 'no workdir'}")
+            print(
+                f"testbed down: stopped pids {done['stopped_pids'] or 'none (already gone)'}, "
+                f"deleted namespaces {done['deleted_namespaces'] or 'none'}, "
+                f"removed {done['removed_workdir'] or 'no workdir'}"
+            )
         return exits.OK
     state = tbstate.load(path)
     if state is None:
@@ -138,18 +161,36 @@ def run(args: argparse.Namespace) -> int:
     peers = health(state)
     healthy = all(p["running"] and p["netns_present"] and p["vici_answers"] for p in peers)
     if args.json:
-        emit_json({"state_file": str(path), "tag": state.tag, "workdir": state.workdir,
-                   "connection": state.connection, "healthy": healthy, "peers": peers})
+        emit_json(
+            {
+                "state_file": str(path),
+                "tag": state.tag,
+                "workdir": state.workdir,
+                "connection": state.connection,
+                "healthy": healthy,
+                "peers": peers,
+            }
+        )
     else:
-        print(f"testbed {state.tag} ({'healthy' if healthy else 'UNHEALTHY'}), workdir {state.workdir}, "
-              f"state {path}")
+        print(f"testbed {state.tag} ({'healthy' if healthy else 'UNHEALTHY'}), workdir {state.workdir}, state {path}")
         _peer_table(peers)
     return exits.OK if healthy else exits.NEGATIVE
 
 
 def _peer_table(peers: list[dict[str, Any]]) -> None:
-    table(("PEER", "NETNS", "PID", "RUNNING", "VICI", "IKE_SAS", "ADDRESSES", "VICI-SOCKET"),
-          [[p["peer"], p["netns"], p["pid"], "yes" if p["running"] else "no",
-            "answers" if p["vici_answers"] else "down",
-            p["ike_sas"], f"{p['v4']} {p['v6']} (plain {p['v4_plain']} {p['v6_plain']})", p["vici_socket"]]
-           for p in peers])
+    table(
+        ("PEER", "NETNS", "PID", "RUNNING", "VICI", "IKE_SAS", "ADDRESSES", "VICI-SOCKET"),
+        [
+            [
+                p["peer"],
+                p["netns"],
+                p["pid"],
+                "yes" if p["running"] else "no",
+                "answers" if p["vici_answers"] else "down",
+                p["ike_sas"],
+                f"{p['v4']} {p['v6']} (plain {p['v4_plain']} {p['v6_plain']})",
+                p["vici_socket"],
+            ]
+            for p in peers
+        ],
+    )

@@ -98,22 +98,34 @@ def socket_netns(sock: socket.socket, pid: int) -> str | None:
 def run(args: argparse.Namespace) -> int:
     with borrow(args.pid, args.fd) as sock:
         ns = args.netns or socket_netns(sock, args.pid)
-        head: dict[str, Any] = {"pid": args.pid, "fd": args.fd, "netns": ns,
-                                "local": sock.getsockname()[:2]}
+        head: dict[str, Any] = {"pid": args.pid, "fd": args.fd, "netns": ns, "local": sock.getsockname()[:2]}
         if not is_connected(sock):
             result = {**head, "status": "unconnected", "flow": None, "protection": None, "ptoken": None}
-            _print(args, result, [f"process {args.pid} fd {args.fd}: socket {head['local']} is not connected: "
-                                  "it has no flow, hence no protection (a pToken set with ipsec_set_socket_pToken "
-                                  "lives in that process only)"])
+            _print(
+                args,
+                result,
+                [
+                    f"process {args.pid} fd {args.fd}: socket {head['local']} is not connected: "
+                    "it has no flow, hence no protection (a pToken set with ipsec_set_socket_pToken "
+                    "lives in that process only)"
+                ],
+            )
             return exits.NEGATIVE
         view = view_of(sock)  # the socket itself: namespace, device, mark, uid, TOS, ...
         flow = view.flow
         backend = open_backend(args, ns)
         protection, token = verify_view(view, backend)
-    result = {**head, "status": "protected" if protection else "clear", "flow": flow_dict(flow),
-              "protection": protection_dict(protection) if protection else None, "ptoken": ptoken_dict(token)}
-    lines = [f"process {args.pid} fd {args.fd}: {flow}{f' (netns {ns})' if ns else ''}",
-             *describe_ptoken("pToken", token)]
+    result = {
+        **head,
+        "status": "protected" if protection else "clear",
+        "flow": flow_dict(flow),
+        "protection": protection_dict(protection) if protection else None,
+        "ptoken": ptoken_dict(token),
+    }
+    lines = [
+        f"process {args.pid} fd {args.fd}: {flow}{f' (netns {ns})' if ns else ''}",
+        *describe_ptoken("pToken", token),
+    ]
     _print(args, result, lines)
     return exits.OK if protection else exits.NEGATIVE
 

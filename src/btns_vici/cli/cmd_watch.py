@@ -29,13 +29,28 @@ def _now() -> str:
 
 
 def sa_record(ev: SAEvent) -> dict[str, Any]:
-    return {"time": _now(), "event": "sa", "kind": ev.kind, "ike_sa": ev.ike_name, "child_sa": ev.child_name,
-            "ike_uniqueid": ev.ike_uniqueid, "child_uniqueid": ev.child_uniqueid}
+    return {
+        "time": _now(),
+        "event": "sa",
+        "kind": ev.kind,
+        "ike_sa": ev.ike_name,
+        "child_sa": ev.child_name,
+        "ike_uniqueid": ev.ike_uniqueid,
+        "child_uniqueid": ev.child_uniqueid,
+    }
 
 
 def latch_record(ev: LatchEvent) -> dict[str, Any]:
-    return {"time": _now(), "event": "latch", "kind": ev.kind, "flow": flow_dict(ev.flow), "inode": ev.inode,
-            "sa": ev.policy, "peer": ev.peer_id, "reasons": list(ev.reasons)}
+    return {
+        "time": _now(),
+        "event": "latch",
+        "kind": ev.kind,
+        "flow": flow_dict(ev.flow),
+        "inode": ev.inode,
+        "sa": ev.policy,
+        "peer": ev.peer_id,
+        "reasons": list(ev.reasons),
+    }
 
 
 def text_line(rec: dict[str, Any]) -> str:
@@ -60,8 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if latches is not None:
         latches.scan()  # connections protected before we started are latched silently
     stop_watch = backend.watch(events.put)
-    print(f"btns watch: watching backend {backend.name} ({options_text(backend.options)})",
-          file=sys.stderr, flush=True)
+    print(f"btns watch: watching backend {backend.name} ({options_text(backend.options)})", file=sys.stderr, flush=True)
     deadline = time.monotonic() + args.timeout if args.timeout is not None else None
     next_scan = time.monotonic() + RESCAN_INTERVAL
     after_event: list[float] = []  # re-scans scheduled by SA events

@@ -40,15 +40,24 @@ def entry_view(entry: SocketEntry, netns_id: tuple[int, int] | None) -> SocketVi
     if flow is None:
         return None
     unknown = () if entry.mark is not None else ("SO_MARK not shown by sock_diag (needs CAP_NET_ADMIN)",)
-    return SocketView(flow=flow, netns=netns_id, key=None, bound_ifindex=entry.bound_ifindex,
-                      mark=entry.mark or 0, uid=entry.uid, unknown=unknown)
+    return SocketView(
+        flow=flow,
+        netns=netns_id,
+        key=None,
+        bound_ifindex=entry.bound_ifindex,
+        mark=entry.mark or 0,
+        uid=entry.uid,
+        unknown=unknown,
+    )
 
 
 def flow_dict(flow: Flow) -> dict[str, Any]:
     return {
         "proto": PROTO_NAMES.get(flow.proto, str(flow.proto)),
-        "local_addr": str(flow.local_addr), "local_port": flow.local_port,
-        "remote_addr": str(flow.remote_addr), "remote_port": flow.remote_port,
+        "local_addr": str(flow.local_addr),
+        "local_port": flow.local_port,
+        "remote_addr": str(flow.remote_addr),
+        "remote_port": flow.remote_port,
     }
 
 
@@ -112,14 +121,24 @@ def protection_dict(p: Protection) -> dict[str, Any]:
     ike, child = p.ike_sa, p.child_sa
     return {
         "sa": sa_name(ike, child),
-        "ike_sa": {"name": ike.name, "uniqueid": ike.uniqueid, "local_host": str(ike.local_host),
-                   "remote_host": str(ike.remote_host)},
+        "ike_sa": {
+            "name": ike.name,
+            "uniqueid": ike.uniqueid,
+            "local_host": str(ike.local_host),
+            "remote_host": str(ike.remote_host),
+        },
         "child_sa": {"name": child.name, "uniqueid": child.uniqueid, "reqid": child.reqid},
-        "spi_in": f"{child.spi_in:08x}", "spi_out": f"{child.spi_out:08x}",
-        "protocol": child.protocol, "mode": child.mode, "algorithms": alg_text(child),
-        "ipcomp": child.ipcomp, "encap": child.encap,
-        "peer_id": ike.remote.ike_id, "auth_method": ike.remote.auth_method.name,
-        "dataplane": p.proof.dataplane, "proof": p.proof.detail,
+        "spi_in": f"{child.spi_in:08x}",
+        "spi_out": f"{child.spi_out:08x}",
+        "protocol": child.protocol,
+        "mode": child.mode,
+        "algorithms": alg_text(child),
+        "ipcomp": child.ipcomp,
+        "encap": child.encap,
+        "peer_id": ike.remote.ike_id,
+        "auth_method": ike.remote.auth_method.name,
+        "dataplane": p.proof.dataplane,
+        "proof": p.proof.detail,
     }
 
 
@@ -128,5 +147,11 @@ def protection_cells(p: Protection | None) -> list[str]:
     if p is None:
         return ["clear", "", "", "", "", ""]
     ike, child = p.ike_sa, p.child_sa
-    return [sa_name(ike, child), spis(child), f"{child.protocol}/{child.mode}".lower(), alg_text(child),
-            ike.remote.ike_id, ike.remote.auth_method.name]
+    return [
+        sa_name(ike, child),
+        spis(child),
+        f"{child.protocol}/{child.mode}".lower(),
+        alg_text(child),
+        ike.remote.ike_id,
+        ike.remote.auth_method.name,
+    ]

@@ -50,6 +50,7 @@ def _options(parser: argparse.ArgumentParser, skip_globals: bool = False) -> lis
 
 # ---- roff ------------------------------------------------------------------------------------
 
+
 def _roff(text: str) -> str:
     text = text.replace("\\", "\\e").replace("-", "\\-")
     lines = []
@@ -119,9 +120,15 @@ def manpage(parser: argparse.ArgumentParser) -> str:
     for _name, _short, sub in commands(parser):
         sub_usage = re.sub(r"\s+", " ", sub.format_usage().removeprefix("usage: ").strip())
         parts.append(f".br\n.B {_roff(sub_usage)}")
-    parts += [".SH DESCRIPTION", _para(parser.description or ""), ".SH GLOBAL OPTIONS",
-              "Accepted before or after the command.", _option_items(_options(parser)),
-              ".TP\n.B \\-h, \\-\\-help\nshow the help of btns or of a command and exit", ".SH COMMANDS"]
+    parts += [
+        ".SH DESCRIPTION",
+        _para(parser.description or ""),
+        ".SH GLOBAL OPTIONS",
+        "Accepted before or after the command.",
+        _option_items(_options(parser)),
+        ".TP\n.B \\-h, \\-\\-help\nshow the help of btns or of a command and exit",
+        ".SH COMMANDS",
+    ]
     for name, short, sub in commands(parser):
         parts.append(f".SS {name}\n{_roff(short)}\n.PP\n{_para(sub.description or '')}")
         opts = _options(sub, skip_globals=True)
@@ -138,6 +145,7 @@ def manpage(parser: argparse.ArgumentParser) -> str:
 
 
 # ---- bash ------------------------------------------------------------------------------------
+
 
 def _words(actions: list[argparse.Action]) -> list[str]:
     return [o for a in actions for o in a.option_strings]
@@ -204,9 +212,25 @@ def bash(parser: argparse.ArgumentParser) -> str:
         extra = " ".join(str(c) for a in positional if a.choices for c in a.choices)
         if name == "sockets":
             extra = "state exclude dst src dport sport and or not " + " ".join(
-                ["established", "syn-sent", "syn-recv", "fin-wait-1", "fin-wait-2", "time-wait", "closed",
-                 "close-wait", "last-ack", "listening", "closing", "all", "connected", "synchronized", "bucket",
-                 "big"])
+                [
+                    "established",
+                    "syn-sent",
+                    "syn-recv",
+                    "fin-wait-1",
+                    "fin-wait-2",
+                    "time-wait",
+                    "closed",
+                    "close-wait",
+                    "last-ack",
+                    "listening",
+                    "closing",
+                    "all",
+                    "connected",
+                    "synchronized",
+                    "bucket",
+                    "big",
+                ]
+            )
         words = f"{opts} {extra}".strip()
         lines.append(f'        {name}) COMPREPLY=($(compgen -W "{words}" -- "$cur")) ;;')
     lines += ["    esac", "}", "complete -F _btns btns", ""]
@@ -214,6 +238,7 @@ def bash(parser: argparse.ArgumentParser) -> str:
 
 
 # ---- zsh -------------------------------------------------------------------------------------
+
 
 def _zsh_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("'", "'\\''").replace("[", "\\[").replace("]", "\\]").replace(":", "\\:")

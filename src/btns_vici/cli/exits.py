@@ -20,8 +20,11 @@ INTERRUPTED = 130  # Ctrl-C outside ``watch`` (where SIGINT is the normal way to
 
 EXIT_CODES = (
     (OK, "success"),
-    (NEGATIVE, "negative answer: the socket is not protected or not connected (token), fewer than --count "
-     "events before --timeout (watch), testbed unhealthy (testbed status)"),
+    (
+        NEGATIVE,
+        "negative answer: the socket is not protected or not connected (token), fewer than --count "
+        "events before --timeout (watch), testbed unhealthy (testbed status)",
+    ),
     (USAGE, "usage error"),
     (BACKEND, "backend or IKE daemon unavailable (or gone during watch)"),
     (PERMISSION, "permission denied (not root, ptrace rules for pidfd_getfd, entering a namespace)"),
@@ -30,8 +33,7 @@ EXIT_CODES = (
     (INTERRUPTED, "interrupted by SIGINT (except watch, which stops cleanly with exit 0)"),
 )
 
-_NOT_FOUND_ERRNOS = {errno.ENOENT, errno.ESRCH, errno.EBADF, errno.ENOTSOCK, errno.EAFNOSUPPORT,
-                     errno.EPROTONOSUPPORT}
+_NOT_FOUND_ERRNOS = {errno.ENOENT, errno.ESRCH, errno.EBADF, errno.ENOTSOCK, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT}
 
 
 class CliError(Exception):
@@ -59,6 +61,7 @@ def code_for(exc: BaseException) -> int:
 
 def epilog() -> str:
     """The exit-code table for ``--help``."""
-    lines = [textwrap.fill(what, 88, initial_indent=f"  {code:>3}  ", subsequent_indent=" " * 7)
-             for code, what in EXIT_CODES]
+    lines = [
+        textwrap.fill(what, 88, initial_indent=f"  {code:>3}  ", subsequent_indent=" " * 7) for code, what in EXIT_CODES
+    ]
     return "exit codes:\n" + "\n".join(lines)

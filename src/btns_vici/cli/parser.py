@@ -32,7 +32,7 @@ COMMANDS = {
         "  btns sockets -t state established '( dport = :443 or sport = :443 )'\n"
         "  btns sockets -4 dst 10.231.0.0/24 and not dport = 22\n"
         "-n and -p are accepted for ss habits (addresses are always numeric, processes always\n"
-        "shown: PROCESS is ss -p's users:((\"name\",pid=P,fd=N),...)).",
+        'shown: PROCESS is ss -p\'s users:(("name",pid=P,fd=N),...)).',
     ),
     "sas": (
         "the backend's IKE and CHILD SAs",
@@ -78,8 +78,7 @@ COMMANDS = {
     ),
     "man": (
         "print the manual page (roff), generated from this parser",
-        "Print btns(1) in roff, generated from this command's parser (docs/btns.1 is a copy):\n"
-        "  btns man | man -l -",
+        "Print btns(1) in roff, generated from this command's parser (docs/btns.1 is a copy):\n  btns man | man -l -",
     ),
     "completion": (
         "print a bash or zsh completion script",
@@ -109,14 +108,25 @@ def _globals(suppress: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     d = {"default": argparse.SUPPRESS} if suppress else {}
     g = p.add_argument_group("global options")
-    g.add_argument("--backend", metavar="NAME", help="backend plugin (default: $BTNS_BACKEND, else the first "
-                   "whose daemon answers)", **({"default": None} | d))
-    g.add_argument("--vici-socket", metavar="PATH", help="charon's VICI socket (backend option vici_socket)",
-                   **({"default": None} | d))
-    g.add_argument("--netns", metavar="NAME", help="network namespace of the sockets and the data plane "
-                   "(backend option netns)", **({"default": None} | d))
-    g.add_argument("--json", action="store_true", help="machine-readable JSON output",
-                   **({"default": False} | d))
+    g.add_argument(
+        "--backend",
+        metavar="NAME",
+        help="backend plugin (default: $BTNS_BACKEND, else the first whose daemon answers)",
+        **({"default": None} | d),
+    )
+    g.add_argument(
+        "--vici-socket",
+        metavar="PATH",
+        help="charon's VICI socket (backend option vici_socket)",
+        **({"default": None} | d),
+    )
+    g.add_argument(
+        "--netns",
+        metavar="NAME",
+        help="network namespace of the sockets and the data plane (backend option netns)",
+        **({"default": None} | d),
+    )
+    g.add_argument("--json", action="store_true", help="machine-readable JSON output", **({"default": False} | d))
     return p
 
 
@@ -139,14 +149,16 @@ def build() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="btns", description=DESCRIPTION, epilog=exits.epilog(), formatter_class=fmt, parents=[_globals(False)]
     )
-    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}",
-                        help="print the version and exit")
+    parser.add_argument(
+        "-V", "--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = _globals(True)
     cmds = {}
     for name, (short, long) in COMMANDS.items():
-        cmds[name] = sub.add_parser(name, help=short, description=long, epilog=exits.epilog(),
-                                    formatter_class=fmt, parents=[common])
+        cmds[name] = sub.add_parser(
+            name, help=short, description=long, epilog=exits.epilog(), formatter_class=fmt, parents=[common]
+        )
     so = cmds["sockets"]
     so.add_argument("--connected", action="store_true", help="only sockets with a peer (a flow)")
     sel = so.add_argument_group("selection (as ss)")
@@ -154,13 +166,11 @@ def build() -> argparse.ArgumentParser:
     sel.add_argument("-u", "--udp", action="store_true", help="UDP sockets")
     sel.add_argument("-4", "--ipv4", action="store_true", help="IPv4 sockets")
     sel.add_argument("-6", "--ipv6", action="store_true", help="IPv6 sockets")
-    sel.add_argument("-l", "--listening", action="store_true",
-                     help="only listening TCP and unconnected UDP sockets")
+    sel.add_argument("-l", "--listening", action="store_true", help="only listening TCP and unconnected UDP sockets")
     sel.add_argument("-a", "--all", action="store_true", help="sockets in every state (the default)")
     sel.add_argument("-n", "--numeric", action="store_true", help="accepted for ss habits (always numeric)")
     sel.add_argument("-p", "--processes", action="store_true", help="accepted for ss habits (always shown)")
-    so.add_argument("filter", nargs="*", metavar="FILTER",
-                    help="ss(8) state filter and expression (see above)")
+    so.add_argument("filter", nargs="*", metavar="FILTER", help="ss(8) state filter and expression (see above)")
     sa = cmds["sas"]
     sa.add_argument("--ike", metavar="NAME", help="only IKE_SAs of this connection name")
     sa.add_argument("--ike-id", metavar="ID", help="only the IKE_SA of this unique id")
@@ -183,13 +193,21 @@ def build() -> argparse.ArgumentParser:
     pe.add_argument("--key-dir", metavar="DIR", help="the host-key directory holding known_peers.json")
     cmds["demo"].add_argument("--ipv6", action="store_true", help="connect over IPv6")
     d = cmds["daemon"]
-    d.add_argument("--socket", metavar="PATH", help="listening socket (default: the config's, else "
-                   "/run/btns-vici/btnsd.sock; systemd's LISTEN_FDS wins)")
+    d.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="listening socket (default: the config's, else /run/btns-vici/btnsd.sock; systemd's LISTEN_FDS wins)",
+    )
     d.add_argument("--config", metavar="PATH", help="btnsd.toml: backends, [[allow]] rules, [quota]")
     d.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics (prometheus_client)")
     d.add_argument("--keep-privileges", action="store_true", help="do not drop capabilities after start")
-    d.add_argument("--leap-of-faith", nargs="?", const="[::]:5386", metavar="[HOST:]PORT",
-                   help="answer the leap-of-faith key exchange on udp HOST:PORT (default [::]:5386)")
+    d.add_argument(
+        "--leap-of-faith",
+        nargs="?",
+        const="[::]:5386",
+        metavar="[HOST:]PORT",
+        help="answer the leap-of-faith key exchange on udp HOST:PORT (default [::]:5386)",
+    )
     d.add_argument("-v", "--verbose", action="store_true", help="log requests and connections")
     cmds["completion"].add_argument("shell", choices=("bash", "zsh"), metavar="SHELL", help="bash or zsh")
     return parser

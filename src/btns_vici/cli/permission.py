@@ -56,6 +56,8 @@ def diagnose(args: argparse.Namespace) -> str | None:
     for path in candidate_sockets(args):
         exc = refused(path)
         if exc is not None:
-            return (f"permission denied on the IKE daemon's control socket {path} "
-                    f"({exc.strerror}): run as root or get access to that socket")
+            return (
+                f"permission denied on the IKE daemon's control socket {path} "
+                f"({exc.strerror}): run as root or get access to that socket"
+            )
     return None

@@ -22,8 +22,18 @@ from . import _inetdiag
 
 #: TCP states (include/net/tcp_states.h) as ``ss`` names them; UDP uses ESTAB (connected) and UNCONN.
 STATES = {
-    1: "ESTAB", 2: "SYN-SENT", 3: "SYN-RECV", 4: "FIN-WAIT-1", 5: "FIN-WAIT-2", 6: "TIME-WAIT",
-    7: "UNCONN", 8: "CLOSE-WAIT", 9: "LAST-ACK", 10: "LISTEN", 11: "CLOSING", 12: "NEW-SYN-RECV",
+    1: "ESTAB",
+    2: "SYN-SENT",
+    3: "SYN-RECV",
+    4: "FIN-WAIT-1",
+    5: "FIN-WAIT-2",
+    6: "TIME-WAIT",
+    7: "UNCONN",
+    8: "CLOSE-WAIT",
+    9: "LAST-ACK",
+    10: "LISTEN",
+    11: "CLOSING",
+    12: "NEW-SYN-RECV",
 }
 INET_DIAG_MARK = 15
 PROTOCOLS = (("tcp", socket.IPPROTO_TCP), ("udp", socket.IPPROTO_UDP))
@@ -102,8 +112,18 @@ def list_sockets(
                 seq += 1
                 for msg in _inetdiag.dump(diag, family, proto, mask, seq=seq):
                     out.append(_entry(msg, proto, family))
-    return sorted(out, key=lambda e: (e.proto, e.family, e.local_addr.packed, e.local_port,
-                                      e.remote_addr.packed, e.remote_port, e.inode))
+    return sorted(
+        out,
+        key=lambda e: (
+            e.proto,
+            e.family,
+            e.local_addr.packed,
+            e.local_port,
+            e.remote_addr.packed,
+            e.remote_port,
+            e.inode,
+        ),
+    )
 
 
 def _entry(msg: dict, proto: int, family: int) -> SocketEntry:

@@ -34,9 +34,17 @@ if TYPE_CHECKING:
 
 #: ss's state names -> the names sock_diag entries carry (sockdiag.STATES); ``closed`` is UDP's UNCONN.
 STATE_NAMES = {
-    "established": "ESTAB", "syn-sent": "SYN-SENT", "syn-recv": "SYN-RECV", "fin-wait-1": "FIN-WAIT-1",
-    "fin-wait-2": "FIN-WAIT-2", "time-wait": "TIME-WAIT", "closed": "UNCONN", "close-wait": "CLOSE-WAIT",
-    "last-ack": "LAST-ACK", "listening": "LISTEN", "closing": "CLOSING",
+    "established": "ESTAB",
+    "syn-sent": "SYN-SENT",
+    "syn-recv": "SYN-RECV",
+    "fin-wait-1": "FIN-WAIT-1",
+    "fin-wait-2": "FIN-WAIT-2",
+    "time-wait": "TIME-WAIT",
+    "closed": "UNCONN",
+    "close-wait": "CLOSE-WAIT",
+    "last-ack": "LAST-ACK",
+    "listening": "LISTEN",
+    "closing": "CLOSING",
 }
 ALL_STATES = frozenset(STATE_NAMES.values()) | {"NEW-SYN-RECV"}
 _CONNECTED = ALL_STATES - {"LISTEN", "UNCONN"}
@@ -52,9 +60,14 @@ STATE_GROUPS = {
 LISTENING = frozenset({"LISTEN", "UNCONN"})
 
 _OPS: dict[str, Callable[[int, int], bool]] = {}
-for _names, _fn in ((("=", "==", "eq"), operator.eq), (("!=", "ne", "neq"), operator.ne),
-                    (("<", "lt"), operator.lt), ((">", "gt"), operator.gt),
-                    (("<=", "le", "leq"), operator.le), ((">=", "ge", "geq"), operator.ge)):
+for _names, _fn in (
+    (("=", "==", "eq"), operator.eq),
+    (("!=", "ne", "neq"), operator.ne),
+    (("<", "lt"), operator.lt),
+    ((">", "gt"), operator.gt),
+    (("<=", "le", "leq"), operator.le),
+    ((">=", "ge", "geq"), operator.ge),
+):
     for _n in _names:
         _OPS[_n] = _fn
 

@@ -50,8 +50,7 @@ def requires_leap(allowed: frozenset[AuthMethod]) -> bool:
     return AuthMethod.LEAPOFFAITH in allowed and AuthMethod.BTNS not in allowed
 
 
-def initiator_key(peer: Any, allowed: frozenset[AuthMethod], options: Mapping[str, str],
-                  session: Any = None) -> bytes:
+def initiator_key(peer: Any, allowed: frozenset[AuthMethod], options: Mapping[str, str], session: Any = None) -> bytes:
     """The key to authenticate ``peer`` with, learned or checked by the exchange (see README)."""
     from ..hostkey import load_or_create
     from .charon import operator_conn_for
@@ -62,8 +61,11 @@ def initiator_key(peer: Any, allowed: frozenset[AuthMethod], options: Mapping[st
     if session is not None:
         found = operator_conn_for(session, addr)
         if found is not None:
-            raise BtnsError(f"leap of faith refused for {addr}: the operator's connection {found[0]!r} "
-                            f"({found[1]}) covers it and would be downgraded", errno.EACCES)
+            raise BtnsError(
+                f"leap of faith refused for {addr}: the operator's connection {found[0]!r} "
+                f"({found[1]}) covers it and would be downgraded",
+                errno.EACCES,
+            )
     entry = store.get(addr)
     host = load_or_create(options.get("key_dir"))
     import time
@@ -84,15 +86,20 @@ def initiator_key(peer: Any, allowed: frozenset[AuthMethod], options: Mapping[st
         if entry is not None:  # the learner is down; charon may still know us: try the stored key
             log.info("leap of faith: %s did not answer (%s); using the stored key", addr, exc.strerror)
             return entry.spki
-        raise BtnsError(f"no key for {addr}: it did not answer the leap-of-faith exchange on udp/{port(options)} "
-                        f"({exc.strerror}), and no key is configured or pinned", errno.ENOKEY) from None
+        raise BtnsError(
+            f"no key for {addr}: it did not answer the leap-of-faith exchange on udp/{port(options)} "
+            f"({exc.strerror}), and no key is configured or pinned",
+            errno.ENOKEY,
+        ) from None
     outcome, entry = store.learn(addr, spki, knownpeers.LEARNED_INITIATOR)
     if outcome == knownpeers.CHANGED:
         if entry.pinned or requires_leap(allowed):
             why = "the peer is pinned" if entry.pinned else "the demand requires leap of faith"
-            raise BtnsError(f"{addr} presents a different key ({knownpeers.fingerprint(spki)}) than the one "
-                            f"stored ({entry.fingerprint}): a different peer; refused because {why}",
-                            errno.EACCES)
+            raise BtnsError(
+                f"{addr} presents a different key ({knownpeers.fingerprint(spki)}) than the one "
+                f"stored ({entry.fingerprint}): a different peer; refused because {why}",
+                errno.EACCES,
+            )
         # BTNS only: go ahead with the key presented now; it is reported BTNS (and was logged).
     return spki
 

@@ -17,13 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--key-dir")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="btns-leap: %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="btns-leap: %(levelname)s %(message)s",
+    )
     from ..broker.server import leap_address
     from .responder import Responder
 
-    opts = {k: v for k, v in (("vici_socket", args.vici_socket), ("netns", args.netns),
-                              ("key_dir", args.key_dir)) if v}
+    opts = {k: v for k, v in (("vici_socket", args.vici_socket), ("netns", args.netns), ("key_dir", args.key_dir)) if v}
     host, port = leap_address(args.listen)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

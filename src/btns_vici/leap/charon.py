@@ -44,8 +44,7 @@ def operator_conn_for(session: Any, addr: Any) -> tuple[str, str] | None:
                 continue
             remotes = [text(x) for x in conn.get("remote_addrs", []) or []]
             if any(_covers(r, ip) for r in remotes):
-                auth = next((v for k, v in sorted(conn.items()) if k.startswith("remote-") and isinstance(v, dict)),
-                            {})
+                auth = next((v for k, v in sorted(conn.items()) if k.startswith("remote-") and isinstance(v, dict)), {})
                 return name, text(auth.get("class", b"?")) if auth else "?"
     return None
 
@@ -60,8 +59,9 @@ def load_peer_conn(session: Any, dataplane: str, host: HostIdentity, local: Any,
 
     name = peer_conn_name(peer)
     session.request("load-key", {"type": "any", "data": host.private_pem.decode()})
-    cfg = conn_config(name, ipaddress.ip_address(str(local)), ipaddress.ip_address(str(peer)), host, [spki],
-                      PToken(), dataplane)
+    cfg = conn_config(
+        name, ipaddress.ip_address(str(local)), ipaddress.ip_address(str(peer)), host, [spki], PToken(), dataplane
+    )
     session.request("load-conn", cfg)
     return name
 

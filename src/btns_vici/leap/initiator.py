@@ -53,8 +53,14 @@ _locks: dict[tuple[str | None, str, int], threading.Lock] = {}
 _locks_guard = threading.Lock()
 
 
-def exchange(peer: str, port: int, host: HostIdentity, netns_name: str | None = None,
-             timeout: float = TIMEOUT, bind_port: bool = True) -> bytes:
+def exchange(
+    peer: str,
+    port: int,
+    host: HostIdentity,
+    netns_name: str | None = None,
+    timeout: float = TIMEOUT,
+    bind_port: bool = True,
+) -> bytes:
     """:func:`exchange_once`, one at a time per (namespace, peer, port) in this process (they share
     the 4-tuple when bound to the learner's port)."""
     with _locks_guard:
@@ -63,8 +69,14 @@ def exchange(peer: str, port: int, host: HostIdentity, netns_name: str | None = 
         return exchange_once(peer, port, host, netns_name, timeout, bind_port)
 
 
-def exchange_once(peer: str, port: int, host: HostIdentity, netns_name: str | None = None,
-                  timeout: float = TIMEOUT, bind_port: bool = True) -> bytes:
+def exchange_once(
+    peer: str,
+    port: int,
+    host: HostIdentity,
+    netns_name: str | None = None,
+    timeout: float = TIMEOUT,
+    bind_port: bool = True,
+) -> bytes:
     """Run HELLO/COOKIE/KEYREQ/KEY with ``peer``; its host key (DER SPKI), proven possessed.
 
     The socket is bound to ``port`` too (SO_REUSEADDR: next to this host's own learner; a
@@ -102,7 +114,8 @@ def exchange_once(peer: str, port: int, host: HostIdentity, netns_name: str | No
             raise BtnsError(f"{peer} refused the leap-of-faith exchange: {why}", errno.EACCES)
         try:
             ed25519.Ed25519PublicKey.from_public_bytes(ans.key).verify(
-                ans.sig, wire.key_transcript(nonce, got.cookie, raw_i, ans.key))
+                ans.sig, wire.key_transcript(nonce, got.cookie, raw_i, ans.key)
+            )
         except (InvalidSignature, ValueError):
             raise BtnsError(f"{peer} sent a key it does not prove to hold", errno.EPROTO) from None
         if ans.key == raw_i:

@@ -97,8 +97,14 @@ class Responder:
     keys without loading connections (tests of the protocol alone).
     """
 
-    def __init__(self, options: Mapping[str, str], host: str = "::", port: int = DEFAULT_PORT,
-                 limits: Limits | None = None, charon: bool = True) -> None:
+    def __init__(
+        self,
+        options: Mapping[str, str],
+        host: str = "::",
+        port: int = DEFAULT_PORT,
+        limits: Limits | None = None,
+        charon: bool = True,
+    ) -> None:
         self.options = dict(options)
         self.limits = limits or Limits()
         self.host = load_or_create(self.options.get("key_dir"))
@@ -150,8 +156,7 @@ class Responder:
 
     # -- the protocol ----------------------------------------------------------------------
     def _cookie_ok(self, addr: str, port: int, msg: wire.Message) -> bool:
-        return any(hmac.compare_digest(wire.make_cookie(s, addr, port, msg.nonce), msg.cookie)
-                   for s in self._secrets)
+        return any(hmac.compare_digest(wire.make_cookie(s, addr, port, msg.nonce), msg.cookie) for s in self._secrets)
 
     def _rotate(self, now: float) -> None:
         if now - self._rotated >= COOKIE_LIFETIME:
@@ -185,8 +190,10 @@ class Responder:
         hello_b, keyreq_b = self._buckets(addr, now)
         if msg.type == wire.HELLO:
             lim = self.limits
-            if not (hello_b.take(lim.hello_rate, lim.hello_burst, now)
-                    and self._g_hello.take(lim.global_hello_rate, lim.global_hello_rate, now)):
+            if not (
+                hello_b.take(lim.hello_rate, lim.hello_burst, now)
+                and self._g_hello.take(lim.global_hello_rate, lim.global_hello_rate, now)
+            ):
                 st.rate_limited += 1
                 return None
             st.cookies += 1
@@ -198,13 +205,16 @@ class Responder:
             st.bad_cookie += 1
             return None
         lim = self.limits
-        if not (keyreq_b.take(lim.keyreq_rate, lim.keyreq_burst, now)
-                and self._g_keyreq.take(lim.global_keyreq_rate, lim.global_keyreq_rate, now)):
+        if not (
+            keyreq_b.take(lim.keyreq_rate, lim.keyreq_burst, now)
+            and self._g_keyreq.take(lim.global_keyreq_rate, lim.global_keyreq_rate, now)
+        ):
             st.rate_limited += 1
             return None
         try:
             ed25519.Ed25519PublicKey.from_public_bytes(msg.key).verify(
-                msg.sig, wire.keyreq_transcript(msg.nonce, msg.cookie, msg.key))
+                msg.sig, wire.keyreq_transcript(msg.nonce, msg.cookie, msg.key)
+            )
         except (InvalidSignature, ValueError):
             st.bad_signature += 1
             return None

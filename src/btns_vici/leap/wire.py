@@ -93,8 +93,13 @@ def cookie_msg(nonce: bytes, cookie: bytes) -> bytes:
 
 
 def keyreq(nonce: bytes, cookie: bytes, key: bytes, sig: bytes) -> bytes:
-    body = (_header(KEYREQ, nonce) + _check(cookie, COOKIE_LEN, "cookie") + bytes([ALG_ED25519])
-            + _check(key, KEY_LEN, "key") + _check(sig, SIG_LEN, "signature"))
+    body = (
+        _header(KEYREQ, nonce)
+        + _check(cookie, COOKIE_LEN, "cookie")
+        + bytes([ALG_ED25519])
+        + _check(key, KEY_LEN, "key")
+        + _check(sig, SIG_LEN, "signature")
+    )
     return _pad(body, KEYREQ)
 
 
@@ -124,7 +129,7 @@ def parse(data: bytes) -> Message:
         raise WireError(f"unknown type {kind}")
     if len(data) != size:
         raise WireError(f"type {kind} must be {size} bytes, not {len(data)}")
-    rest = data[HEADER.size:]
+    rest = data[HEADER.size :]
     if kind == HELLO:
         if any(rest):
             raise WireError("padding not zero")
@@ -168,4 +173,4 @@ def raw_of(spki: bytes) -> bytes:
     """DER SubjectPublicKeyInfo of an Ed25519 key -> its raw 32 bytes (WireError for any other key)."""
     if len(spki) != len(ED25519_SPKI_PREFIX) + KEY_LEN or not spki.startswith(ED25519_SPKI_PREFIX):
         raise WireError("only Ed25519 host keys are exchanged (protocol version 1)")
-    return spki[len(ED25519_SPKI_PREFIX):]
+    return spki[len(ED25519_SPKI_PREFIX) :]

@@ -18,11 +18,20 @@ from ..errors import ProtocolError
 
 #: strongSwan's short names for DN attributes (others print as dotted OIDs, as strongSwan does).
 _SHORT = {
-    NameOID.COMMON_NAME: "CN", NameOID.SURNAME: "SN", NameOID.SERIAL_NUMBER: "serialNumber",
-    NameOID.COUNTRY_NAME: "C", NameOID.LOCALITY_NAME: "L", NameOID.STATE_OR_PROVINCE_NAME: "ST",
-    NameOID.ORGANIZATION_NAME: "O", NameOID.ORGANIZATIONAL_UNIT_NAME: "OU", NameOID.TITLE: "T",
-    NameOID.GIVEN_NAME: "G", NameOID.DN_QUALIFIER: "dnQualifier", NameOID.EMAIL_ADDRESS: "E",
-    NameOID.DOMAIN_COMPONENT: "DC", NameOID.USER_ID: "UID",
+    NameOID.COMMON_NAME: "CN",
+    NameOID.SURNAME: "SN",
+    NameOID.SERIAL_NUMBER: "serialNumber",
+    NameOID.COUNTRY_NAME: "C",
+    NameOID.LOCALITY_NAME: "L",
+    NameOID.STATE_OR_PROVINCE_NAME: "ST",
+    NameOID.ORGANIZATION_NAME: "O",
+    NameOID.ORGANIZATIONAL_UNIT_NAME: "OU",
+    NameOID.TITLE: "T",
+    NameOID.GIVEN_NAME: "G",
+    NameOID.DN_QUALIFIER: "dnQualifier",
+    NameOID.EMAIL_ADDRESS: "E",
+    NameOID.DOMAIN_COMPONENT: "DC",
+    NameOID.USER_ID: "UID",
 }
 
 

@@ -71,7 +71,7 @@ def esp_proposals(demand: PToken) -> list[str]:
 
 
 def child_mode(demand: PToken, dataplane: str) -> str:
-    """"tunnel" or "transport" for the demanded tunnelMode/ipoptionsProtected on ``dataplane``."""
+    """ "tunnel" or "transport" for the demanded tunnelMode/ipoptionsProtected on ``dataplane``."""
     tunnel, ipopts = demanded(demand, Attr.tunnelMode), demanded(demand, Attr.ipoptionsProtected)
     if tunnel == Setting.DISABLE and ipopts == Setting.ENABLE:
         raise NotSupportedError("IP options are protected only in tunnel mode (AH is not offered)")
@@ -135,9 +135,7 @@ def local_identity(demand: PToken, options: Mapping[str, str]) -> HostIdentity:
             key = serialization.load_pem_private_key(pem, password=None)
         except (OSError, ValueError, TypeError, BtnsError):
             continue
-        der = key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         if der == wanted:
             return HostIdentity(path, pem, der)
     raise BtnsError(
@@ -189,8 +187,10 @@ def _der_of(data: bytes, where: Path) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
     try:
-        key = serialization.load_pem_public_key(data) if b"-----BEGIN" in data else (
-            serialization.load_der_public_key(data)
+        key = (
+            serialization.load_pem_public_key(data)
+            if b"-----BEGIN" in data
+            else (serialization.load_der_public_key(data))
         )
     except ValueError as exc:
         raise BtnsError(f"{where}: not a public key ({exc})", errno.EINVAL) from None
@@ -268,7 +268,6 @@ def demand_allows_raw_keys(demand: PToken) -> bool:
     return bool(allowed_methods(demand) & RAW_KEY_METHODS)
 
 
-
 # -- talking to charon (the I/O edge of this module) ------------------------------------------
 
 
@@ -336,9 +335,7 @@ def _without_policy(demand: PToken) -> PToken:
     return out
 
 
-def initiate_operator(
-    session: Any, op: tuple[str, str | None], remote_addr: Any, timeout_ms: int = 10000
-) -> str:
+def initiate_operator(session: Any, op: tuple[str, str | None], remote_addr: Any, timeout_ms: int = 10000) -> str:
     """Bring up the operator connection the demanded policyName names (conn, child) unless it is up."""
     conn, child = op
     known: dict[str, Any] = {}
@@ -358,8 +355,9 @@ def initiate_operator(
     try:
         session.streamed("initiate", "control-log", msg)
     except BtnsError as exc:
-        raise BtnsError(f"operator connection {conn}/{child} to {remote_addr} did not come up: {exc.strerror}",
-                        errno.EHOSTUNREACH) from None
+        raise BtnsError(
+            f"operator connection {conn}/{child} to {remote_addr} did not come up: {exc.strerror}", errno.EHOSTUNREACH
+        ) from None
     return f"{conn}/{child}"
 
 
@@ -427,8 +425,9 @@ class EnforceHooks:
             return Enforcement(connection="(none: system default)", dataplane_guard="none (no demand)")
         if is_opportunistic(ptoken):
             how = guard.apply(sock, dataplane, reqid=XFRM_REQID if dataplane == XFRM else 0, optional=True)
-            return Enforcement(connection="(attempted on connect/listen; clear if the peer cannot)",
-                               dataplane_guard=how)
+            return Enforcement(
+                connection="(attempted on connect/listen; clear if the peer cannot)", dataplane_guard=how
+            )
         op = operator_policy(ptoken)
         reqid = XFRM_REQID
         if op is not None and dataplane == XFRM:

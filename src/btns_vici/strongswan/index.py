@@ -135,8 +135,9 @@ class _Tables:
 class SAIndex:
     """The installed CHILD_SAs of one charon, kept current by its events."""
 
-    def __init__(self, path: str, session: ViciSession | None = None, strict: bool = False,
-                 timeout: float | None = None) -> None:
+    def __init__(
+        self, path: str, session: ViciSession | None = None, strict: bool = False, timeout: float | None = None
+    ) -> None:
         self.path = path
         self.session = session or ViciSession(path)
         self.timeout = self.session.timeout if timeout is None else timeout
@@ -383,7 +384,8 @@ class SAIndex:
         la, ra = normalize_address(flow.local_addr), normalize_address(flow.remote_addr)
         lkey, rkey = (la.version, int(la)), (ra.version, int(ra))
         return {
-            cname for cname, (lsel, rsel) in configs.items()
+            cname
+            for cname, (lsel, rsel) in configs.items()
             if _match(lsel, lkey, flow.proto, flow.local_port) and _match(rsel, rkey, flow.proto, flow.remote_port)
         }
 

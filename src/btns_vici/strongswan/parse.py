@@ -197,9 +197,7 @@ def children_of(ike: Section) -> dict[str, ChildSA]:
     return out
 
 
-def parse_ike(
-    name: str, d: Section, local: Identity, remote: Identity, children: Iterable[ChildSA] = ()
-) -> IkeSA:
+def parse_ike(name: str, d: Section, local: Identity, remote: Identity, children: Iterable[ChildSA] = ()) -> IkeSA:
     """An IKE section (list-sas, events) with resolved identities -> IkeSA."""
     initiator = _get(d, "initiator") == "yes"
     ispi, rspi = _get(d, "initiator-spi", ""), _get(d, "responder-spi", "")
@@ -300,8 +298,12 @@ def identity(ike_id: str, auth: Section | None, store: CertStore) -> Identity:
     if cls.strip().lower() == "public key" and (cert is not None or cacerts):
         subject, issuer, spki = cert if cert is not None else (None, cacerts[0], None)
         return Identity(
-            ike_id=ike_id, auth_method=AuthMethod.PKIX_TRUSTED, public_key=spki,
-            certificate_dn=subject, ca_dn=issuer, auth_class=cls,
+            ike_id=ike_id,
+            auth_method=AuthMethod.PKIX_TRUSTED,
+            public_key=spki,
+            certificate_dn=subject,
+            ca_dn=issuer,
+            auth_class=cls,
         )
     key = store.pubkeys.get(ike_id) or next((store.pubkeys[n] for n in named if n in store.pubkeys), None)
     return Identity(

@@ -50,8 +50,10 @@ class Context:
         self.timeout, self.list_timeout, self.probe_timeout = timeouts(options)
         self.session = ViciSession(self.path, self.timeout, self.list_timeout)
         self.index = SAIndex(
-            self.path, ViciSession(self.path, self.timeout, self.list_timeout),
-            strict=options.get("consistency") == "strict", timeout=self.timeout,
+            self.path,
+            ViciSession(self.path, self.timeout, self.list_timeout),
+            strict=options.get("consistency") == "strict",
+            timeout=self.timeout,
         )
         self._dataplane: str | None = None
         self._lock = threading.Lock()
@@ -175,9 +177,7 @@ class StrongswanPlugin(EnforceHooks):
         return verify(view, ike_sa, child_sa, ctx.dataplane(), ctx.netns)
 
     @hookimpl
-    def btns_watch(
-        self, options: Mapping[str, str], callback: Callable[[SAEvent], None]
-    ) -> Callable[[], None]:
+    def btns_watch(self, options: Mapping[str, str], callback: Callable[[SAEvent], None]) -> Callable[[], None]:
         ctx = self.context(options)
         return watch(ctx.path, callback, ctx.timeout)
 

@@ -79,8 +79,10 @@ def timeouts(options: Mapping[str, str]) -> tuple[float, float, float]:
     raw = options.get("timeout") or os.environ.get(TIMEOUT_ENV)
     timeout = seconds(raw, "timeout" if options.get("timeout") else TIMEOUT_ENV) if raw else DEFAULT_TIMEOUT
     listing = seconds(options["list_timeout"], "list_timeout") if options.get("list_timeout") else timeout * LIST_FACTOR
-    probe = seconds(options["probe_timeout"], "probe_timeout") if options.get("probe_timeout") else (
-        min(timeout, PROBE_TIMEOUT)
+    probe = (
+        seconds(options["probe_timeout"], "probe_timeout")
+        if options.get("probe_timeout")
+        else (min(timeout, PROBE_TIMEOUT))
     )
     return timeout, listing, probe
 
@@ -297,8 +299,9 @@ class ViciSession:
     listing (default :data:`LIST_FACTOR` times ``timeout``).
     """
 
-    def __init__(self, path: str = DEFAULT_SOCKET, timeout: float = DEFAULT_TIMEOUT,
-                 list_timeout: float | None = None) -> None:
+    def __init__(
+        self, path: str = DEFAULT_SOCKET, timeout: float = DEFAULT_TIMEOUT, list_timeout: float | None = None
+    ) -> None:
         self.path = path
         self.timeout = timeout
         self.list_timeout = list_timeout if list_timeout is not None else timeout * LIST_FACTOR
@@ -316,8 +319,9 @@ class ViciSession:
             finally:
                 self._sock = None
 
-    def _exchange(self, packet: bytes, stream_event: str | None, sink: EventSink | None,
-                  deadline: Deadline) -> dict[str, Any]:
+    def _exchange(
+        self, packet: bytes, stream_event: str | None, sink: EventSink | None, deadline: Deadline
+    ) -> dict[str, Any]:
         if self._sock is None:
             self._sock = connect(self.path, deadline)
         sock = self._sock
@@ -388,22 +392,25 @@ class ViciSession:
             err = err.decode(errors="replace") if isinstance(err, bytes) else "(bad errmsg)"
             raise CommandFailedError(f"VICI {command} failed: {err}")
 
-    def request(self, command: str, message: Mapping[str, Any] | None = None,
-                timeout: float | None = None) -> dict[str, Any]:
+    def request(
+        self, command: str, message: Mapping[str, Any] | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
         """A plain command; CommandFailedError (EIO) when charon reports failure."""
         reply = self.call(command, message, timeout=timeout)
         self._check(command, reply)
         return reply
 
-    def stream(self, command: str, event: str, message: Mapping[str, Any] | None, sink: EventSink,
-               timeout: float | None = None) -> dict[str, Any]:
+    def stream(
+        self, command: str, event: str, message: Mapping[str, Any] | None, sink: EventSink, timeout: float | None = None
+    ) -> dict[str, Any]:
         """A listing command whose ``event`` messages are handed to ``sink`` one by one as they arrive."""
         reply = self.call(command, message, event, sink, timeout)
         self._check(command, reply)
         return reply
 
-    def streamed(self, command: str, event: str, message: Mapping[str, Any] | None = None,
-                 timeout: float | None = None) -> list[dict[str, Any]]:
+    def streamed(
+        self, command: str, event: str, message: Mapping[str, Any] | None = None, timeout: float | None = None
+    ) -> list[dict[str, Any]]:
         """A listing command's ``event`` messages, collected (at most :data:`MAX_STREAM` wire bytes)."""
         out: list[dict[str, Any]] = []
         budget = [MAX_STREAM // 4]  # elements, each at least 4 wire bytes
@@ -418,8 +425,13 @@ class ViciSession:
         return out
 
     # the listings the backend needs ------------------------------------------------------------
-    def list_sas(self, ike_id: int | str | None = None, child_id: int | str | None = None,
-                 ike: str | None = None, child: str | None = None) -> list[dict[str, Any]]:
+    def list_sas(
+        self,
+        ike_id: int | str | None = None,
+        child_id: int | str | None = None,
+        ike: str | None = None,
+        child: str | None = None,
+    ) -> list[dict[str, Any]]:
         return self.streamed("list-sas", "list-sa", sas_filter(ike_id, child_id, ike, child))
 
     def list_conns(self, ike: str | None = None) -> list[dict[str, Any]]:
@@ -432,8 +444,9 @@ class ViciSession:
         return self.request("stats")
 
 
-def sas_filter(ike_id: int | str | None = None, child_id: int | str | None = None,
-               ike: str | None = None, child: str | None = None) -> dict[str, str] | None:
+def sas_filter(
+    ike_id: int | str | None = None, child_id: int | str | None = None, ike: str | None = None, child: str | None = None
+) -> dict[str, str] | None:
     """The list-sas filter message (charon accepts ``ike``, ``ike-id``, ``child``, ``child-id``)."""
     msg = {}
     if ike_id is not None:

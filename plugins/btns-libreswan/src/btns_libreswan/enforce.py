@@ -125,8 +125,13 @@ def conn_text(
     """
     method, key = auth(demand)
     lines = [
-        f"conn {name}", f"\tleft={local}", f"\tright={remote or '%any'}", "\tikev2=insist",
-        f"\ttype={mode(demand)}", f"\tesp={','.join(esp_proposals(demand))}", "\tkeyingtries=1",
+        f"conn {name}",
+        f"\tleft={local}",
+        f"\tright={remote or '%any'}",
+        "\tikev2=insist",
+        f"\ttype={mode(demand)}",
+        f"\tesp={','.join(esp_proposals(demand))}",
+        "\tkeyingtries=1",
         f"\treqid={demand_reqid(demand)}",
         "\tauto=add",
     ]
@@ -159,8 +164,9 @@ def host_ckaid(options: Mapping[str, str], nssdir: str) -> str:
     if explicit:
         return explicit
     argv, env = _tool(options, "showhostkey")
-    out = subprocess.run([*argv, "--nssdir", nssdir, "--list"], capture_output=True, text=True, env=env,
-                         timeout=10, check=False)
+    out = subprocess.run(
+        [*argv, "--nssdir", nssdir, "--list"], capture_output=True, text=True, env=env, timeout=10, check=False
+    )
     m = re.search(r"RSA keyid: \S+ ckaid: ([0-9a-f]{40})", out.stdout + out.stderr)
     if not m:
         raise BtnsError(f"pluto has no RSA host key in {nssdir} (ipsec newhostkey)", errno.ENOKEY)
@@ -175,8 +181,14 @@ def load_conn(options: Mapping[str, str], name: str, text: str) -> None:
     path = directory / f"{name}.conf"
     path.write_text(text)
     argv, env = _tool(options, "addconn")
-    out = subprocess.run([*argv, "--ctlsocket", ctl, "--config", str(path), name], capture_output=True,
-                         text=True, env=env, timeout=30, check=False)
+    out = subprocess.run(
+        [*argv, "--ctlsocket", ctl, "--config", str(path), name],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
     if out.returncode != 0:
         raise BtnsError(f"addconn {name} failed: {(out.stderr + out.stdout).strip()[-300:]}", errno.EINVAL)
 
@@ -226,5 +238,8 @@ def enforce(sock: Any, demand: PToken) -> Enforcement:
     check_supported(demand)
     reqid = demand_reqid(demand)
     how = guard.apply(sock, XFRM, reqid=reqid)
-    return Enforcement(connection="(established on connect/listen)", dataplane_guard=f"{how}, reqid {reqid}",
-                       details={"reqid": str(reqid)})
+    return Enforcement(
+        connection="(established on connect/listen)",
+        dataplane_guard=f"{how}, reqid {reqid}",
+        details={"reqid": str(reqid)},
+    )

@@ -86,8 +86,14 @@ def conn_keys(sections: Sections) -> dict[str, ConnKeys]:
             continue
         s = resolve(sections, name)
         out[name] = ConnKeys(
-            s.get("left", ""), s.get("right", ""), s.get("leftid", ""), s.get("rightid", ""),
-            _key(s, "left"), _key(s, "right"), s.get("leftckaid", ""), s.get("rightckaid", ""),
+            s.get("left", ""),
+            s.get("right", ""),
+            s.get("leftid", ""),
+            s.get("rightid", ""),
+            _key(s, "left"),
+            _key(s, "right"),
+            s.get("leftckaid", ""),
+            s.get("rightckaid", ""),
         )
     return out
 

@@ -92,7 +92,11 @@ ExtraConns = Callable[[str, RsaKey, RsaKey], str]
 
 
 def build(
-    tag: str, workdir: Path, extra_conns: ExtraConns | None = None, pairs: int = 4, defaults: str = "",
+    tag: str,
+    workdir: Path,
+    extra_conns: ExtraConns | None = None,
+    pairs: int = 4,
+    defaults: str = "",
     bits: int | None = None,
 ) -> Lab:
     """Set up the pair, keys and configs, start both plutos (IKE SAs not yet initiated).

@@ -27,8 +27,7 @@ from .rsakey import KeyFormatError, ckaid, keyid
 
 BACKEND = "libreswan"
 # Weakest first: the order in which a choice among several methods is reported.
-_WEAKNESS = [AuthMethod.NONE, AuthMethod.BTNS, AuthMethod.PRESHAREDKEY, AuthMethod.EAP,
-             AuthMethod.PKIX_TRUSTED]
+_WEAKNESS = [AuthMethod.NONE, AuthMethod.BTNS, AuthMethod.PRESHAREDKEY, AuthMethod.EAP, AuthMethod.PKIX_TRUSTED]
 _V1_IKE_ESTABLISHED = {"MAIN_I4", "MAIN_R3", "AGGR_I2", "AGGR_R2"}
 _V1_IPSEC_ESTABLISHED = {"QUICK_I2", "QUICK_R2"}
 
@@ -120,15 +119,21 @@ def _verified(key: tuple[bytes | None, str], ike_id: str, pubkeys: Mapping[str, 
 def identity(conn: Conn, local: bool, key: bytes | None) -> Identity:
     """One end of the conn as an Identity record."""
     word, idtype, ike_id = (
-        (conn.our_auth, conn.local_idtype, conn.local_id) if local
+        (conn.our_auth, conn.local_idtype, conn.local_id)
+        if local
         else (conn.their_auth, conn.remote_idtype, conn.remote_id)
     )
     method = auth_method(word, idtype)
     if method is not AuthMethod.BTNS or null_possible(word, idtype):
         key = None  # NULL auth has no key (RFC 7619); PSK none; PKIX keys come from certificates
     dn = ike_id if method is AuthMethod.PKIX_TRUSTED else None
-    return Identity(ike_id=ike_id or "%any", auth_method=method, public_key=key, certificate_dn=dn,
-                    auth_class=word.split("(")[0] or "none")
+    return Identity(
+        ike_id=ike_id or "%any",
+        auth_method=method,
+        public_key=key,
+        certificate_dn=dn,
+        auth_class=word.split("(")[0] or "none",
+    )
 
 
 def _addr(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -159,13 +164,21 @@ def child_sa(st: State, conn: Conn, traffic: Traffic | None) -> ChildSA:
     if integ and integ.upper() == "NONE":
         integ = None
     return ChildSA(
-        name=conn.key, uniqueid=str(st.serial), reqid=0, state=child_state(st),
-        mode="TUNNEL" if "tun" in ordered else "TRANSPORT", protocol=protocol,
-        spi_in=spis["in"].get(protocol.lower(), 0), spi_out=spis["out"].get(protocol.lower(), 0),
-        encr_alg=encr, encr_keysize=bits, integ_alg=integ,
+        name=conn.key,
+        uniqueid=str(st.serial),
+        reqid=0,
+        state=child_state(st),
+        mode="TUNNEL" if "tun" in ordered else "TRANSPORT",
+        protocol=protocol,
+        spi_in=spis["in"].get(protocol.lower(), 0),
+        spi_out=spis["out"].get(protocol.lower(), 0),
+        encr_alg=encr,
+        encr_keysize=bits,
+        integ_alg=integ,
         local_ts=parse_selectors(conn.local_client, conn.local_host),
         remote_ts=parse_selectors(conn.remote_client, conn.remote_host),
-        ipcomp_cpi_in=spis["in"].get("comp"), ipcomp_cpi_out=spis["out"].get("comp"),
+        ipcomp_cpi_in=spis["in"].get("comp"),
+        ipcomp_cpi_out=spis["out"].get("comp"),
         bytes_in=traffic.count("inBytes") if traffic else 0,
         bytes_out=traffic.count("outBytes") if traffic else 0,
     )
@@ -195,17 +208,27 @@ def ike_sas(
         )
         ike_alg = split_alg(conn.ike_alg)
         ike_encr, ike_bits = split_encr(ike_alg[0]) if ike_alg else (None, None)
-        out.append(IkeSA(
-            backend=BACKEND, name=conn.key, uniqueid=str(st.serial),
-            version=conn.ike_version or (2 if st.state.startswith(("STATE_V2_", "ESTABLISHED_")) else 1),
-            state=ike_state(st), local_host=_addr(conn.local_host), remote_host=_addr(conn.remote_host),
-            local=identity(conn, True, _verified(lkey, conn.local_id, pubkeys)),
-            remote=identity(conn, False, _verified(rkey, conn.remote_id, pubkeys)),
-            children=children,
-            encr_alg=ike_encr,
-            prf_alg=ike_alg[1] if len(ike_alg) > 2 else None,
-            dh_group=ike_alg[-1] if len(ike_alg) > 1 else None,
-            extra={"pluto_state": st.state, "story": st.story, "ike_alg": conn.ike_alg,
-                   "ike_encr_keysize": str(ike_bits or "")},
-        ))
+        out.append(
+            IkeSA(
+                backend=BACKEND,
+                name=conn.key,
+                uniqueid=str(st.serial),
+                version=conn.ike_version or (2 if st.state.startswith(("STATE_V2_", "ESTABLISHED_")) else 1),
+                state=ike_state(st),
+                local_host=_addr(conn.local_host),
+                remote_host=_addr(conn.remote_host),
+                local=identity(conn, True, _verified(lkey, conn.local_id, pubkeys)),
+                remote=identity(conn, False, _verified(rkey, conn.remote_id, pubkeys)),
+                children=children,
+                encr_alg=ike_encr,
+                prf_alg=ike_alg[1] if len(ike_alg) > 2 else None,
+                dh_group=ike_alg[-1] if len(ike_alg) > 1 else None,
+                extra={
+                    "pluto_state": st.state,
+                    "story": st.story,
+                    "ike_alg": conn.ike_alg,
+                    "ike_encr_keysize": str(ike_bits or ""),
+                },
+            )
+        )
     return out

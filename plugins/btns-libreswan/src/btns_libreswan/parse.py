@@ -27,8 +27,19 @@ _STATE_LINE = re.compile(
 _DETAIL_LINE = re.compile(r"^#(?P<serial>\d+): " + _REF + r" (?P<rest>.*\bTraffic:.*)$")
 _TRAFFIC_LINE = re.compile(r"^#(?P<serial>\d+): " + _REF + r", (?P<rest>.*)$")
 _SAID = re.compile(r"\b(?P<proto>esp|ah|comp|tun)[.:](?P<spi>[0-9a-fA-F]+)@(?P<addr>[0-9a-fA-F:.]+)")
-_PROTOS = {"all": 0, "any": 0, "icmp": 1, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51,
-           "ipv6-icmp": 58, "icmpv6": 58, "sctp": 132}
+_PROTOS = {
+    "all": 0,
+    "any": 0,
+    "icmp": 1,
+    "tcp": 6,
+    "udp": 17,
+    "gre": 47,
+    "esp": 50,
+    "ah": 51,
+    "ipv6-icmp": 58,
+    "icmpv6": 58,
+    "sctp": 132,
+}
 
 
 def _lines(text: str) -> list[str]:
@@ -210,15 +221,20 @@ def _parse_states(lines: list[str]) -> dict[int, State]:
             serial = int(m.group("serial"))
             parent = re.search(r"\b(?:IKE|ISAKMP|Parent) SA #(\d+)", m.group("rest"))
             states[serial] = State(
-                serial, conn_key(m.group("name"), m.group("inst")), m.group("name"),
-                m.group("state"), m.group("story"), int(parent.group(1)) if parent else None,
+                serial,
+                conn_key(m.group("name"), m.group("inst")),
+                m.group("name"),
+                m.group("state"),
+                m.group("story"),
+                int(parent.group(1)) if parent else None,
                 rest=m.group("rest").strip(),
             )
         elif (m := _DETAIL_LINE.match(line)) and int(m.group("serial")) in states:
             st = states[int(m.group("serial"))]
             saids_text, _, traffic_text = m.group("rest").partition("Traffic:")
-            st.saids = [(s.group("proto"), int(s.group("spi"), 16), s.group("addr"))
-                        for s in _SAID.finditer(saids_text)]
+            st.saids = [
+                (s.group("proto"), int(s.group("spi"), 16), s.group("addr")) for s in _SAID.finditer(saids_text)
+            ]
             st.traffic = dict(kv.split("=", 1) for kv in traffic_text.split() if "=" in kv)
     return states
 
@@ -244,8 +260,9 @@ def parse_trafficstatus(text: str) -> dict[int, Traffic]:
         fields = {}
         for part in re.finditer(r"(\w+)=('(?:[^']*)'|[^,]*)", m.group("rest")):
             fields[part.group(1)] = part.group(2).strip("'")
-        out[int(m.group("serial"))] = Traffic(int(m.group("serial")), conn_key(m.group("name"), m.group("inst")),
-                                              fields)
+        out[int(m.group("serial"))] = Traffic(
+            int(m.group("serial")), conn_key(m.group("name"), m.group("inst")), fields
+        )
     return out
 
 

@@ -119,8 +119,12 @@ class LibreswanBackend:
         parse_status(status)  # raises ProtocolError on nonsense
         dataplane = XFRM if "kernel interface: xfrm" in status else "unknown"
         methods = frozenset({AuthMethod.BTNS, AuthMethod.PRESHAREDKEY, AuthMethod.PKIX_TRUSTED, AuthMethod.EAP})
-        return Capabilities(auth_methods=methods, modes=frozenset({"TUNNEL", "TRANSPORT"}),
-                            dataplane=dataplane, enforce=dataplane == XFRM)
+        return Capabilities(
+            auth_methods=methods,
+            modes=frozenset({"TUNNEL", "TRANSPORT"}),
+            dataplane=dataplane,
+            enforce=dataplane == XFRM,
+        )
 
     @hookimpl
     def btns_list_sas(self, options: Mapping[str, str]) -> list[IkeSA]:
@@ -149,9 +153,7 @@ class LibreswanBackend:
         return enforce.serve(options, local_addr, ptoken)
 
     @hookimpl
-    def btns_watch(
-        self, options: Mapping[str, str], callback: Callable[[SAEvent], None]
-    ) -> Callable[[], None]:
+    def btns_watch(self, options: Mapping[str, str], callback: Callable[[SAEvent], None]) -> Callable[[], None]:
         return watch(options, callback)
 
 

@@ -169,8 +169,7 @@ class Pluto:
     def init_nss(self) -> None:
         """An empty NSS database without a password (certutil from libnss3-tools)."""
         if not (self.nssdir / "cert9.db").exists():
-            _run([str(self.root / "usr/bin/certutil"), "-N", "-d", f"sql:{self.nssdir}", "--empty-password"],
-                 self.env)
+            _run([str(self.root / "usr/bin/certutil"), "-N", "-d", f"sql:{self.nssdir}", "--empty-password"], self.env)
 
     def new_rsa_key(self, bits: int | None = None) -> RsaKey:
         """``ipsec newhostkey`` (pluto's default size, or ``bits`` >= 2192) then ``ipsec showhostkey``."""
@@ -183,8 +182,9 @@ class Pluto:
             raise BackendError(f"newhostkey printed no CKAID: {out!r}")
         ckaid = m.group(1)
         shown = _run([ipsec, "showhostkey", "--nssdir", str(self.nssdir), "--left", "--ckaid", ckaid], self.env)
-        pub = _run([ipsec, "showhostkey", "--nssdir", str(self.nssdir), "--left", "--pubkey", "--ckaid", ckaid],
-                   self.env)
+        pub = _run(
+            [ipsec, "showhostkey", "--nssdir", str(self.nssdir), "--left", "--pubkey", "--ckaid", ckaid], self.env
+        )
         rsa = re.search(r"leftrsasigkey=(0s\S+)", shown)
         spki = re.search(r"leftpubkey=(\S+)", pub)
         if not rsa or not spki:
@@ -216,11 +216,9 @@ class Pluto:
             f"exec {shlex.quote(str(pluto))} --config {shlex.quote(str(self.conf))} "
             f"--rundir {shlex.quote(str(self.workdir / 'run'))} --nofork"
         )
-        argv = ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation", "private",
-                "sh", "-c", inner]
+        argv = ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation", "private", "sh", "-c", inner]
         out = open(self.workdir / "pluto.stderr", "wb")
-        self.proc = subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         out.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

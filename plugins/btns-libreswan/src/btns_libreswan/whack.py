@@ -78,15 +78,21 @@ def _is_libreswan(ipsec: Path) -> bool:
         return False
 
 
-def bounded(argv: Sequence[str], env: Mapping[str, str] | None, timeout: float,
-            limit: int = MAX_OUTPUT) -> tuple[int, str, str]:
+def bounded(
+    argv: Sequence[str], env: Mapping[str, str] | None, timeout: float, limit: int = MAX_OUTPUT
+) -> tuple[int, str, str]:
     """Run ``argv``: (exit status, stdout, stderr), reading at most ``limit`` bytes of output in
     ``timeout`` seconds for the whole run. Over either, the process is killed and reaped, and
     DaemonTimeoutError (ETIMEDOUT) / ProtocolError (EPROTO) raised. Output is decoded as UTF-8
     with replacement (whack prints names the operator chose)."""
     deadline = time.monotonic() + timeout
-    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=dict(env) if env is not None else None)
+    proc = subprocess.Popen(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(env) if env is not None else None,
+    )
     bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     total = 0
     sel = selectors.DefaultSelector()
@@ -173,8 +179,14 @@ def showhostkey_pubkey(options: Mapping[str, str], ckaid: str, nssdir: str) -> s
     argv, _, env = resolve(options)
     tool = [*argv[:-1], "showhostkey"] if argv[-1] == "whack" else [str(Path(argv[0]).with_name("showhostkey"))]
     try:
-        out = subprocess.run([*tool, "--nssdir", nssdir, "--left", "--pubkey", "--ckaid", ckaid],
-                             capture_output=True, text=True, env=env, timeout=10, check=False)
+        out = subprocess.run(
+            [*tool, "--nssdir", nssdir, "--left", "--pubkey", "--ckaid", ckaid],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     m = re.search(r"leftpubkey=(\S+)", out.stdout)

@@ -144,8 +144,7 @@ def test_traffic_is_counted(lab: Lab) -> None:
     server = subprocess.Popen(["ip", "netns", "exec", lab.b.netns, sys.executable, "-c", ECHO_SERVER])
     try:
         time.sleep(1)
-        subprocess.run(["ip", "netns", "exec", lab.a.netns, sys.executable, "-c", ECHO_CLIENT],
-                       check=True, timeout=60)
+        subprocess.run(["ip", "netns", "exec", lab.a.netns, sys.executable, "-c", ECHO_CLIENT], check=True, timeout=60)
     finally:
         server.wait(60)
     sa = {s.name: s for s in backend(lab, "a").list_sas()}["nullc"]
@@ -179,8 +178,9 @@ def test_set_socket_ptoken_null_auth_end_to_end(lab: Lab) -> None:
     server = subprocess.Popen(["ip", "netns", "exec", lab.b.netns, sys.executable, "-c", TCP_ECHO])
     try:
         time.sleep(1)
-        name = a.establish(Flow(6, ipaddress.ip_address("10.231.5.1"), 0, ipaddress.ip_address("10.231.5.2"), 5002),
-                           want)
+        name = a.establish(
+            Flow(6, ipaddress.ip_address("10.231.5.1"), 0, ipaddress.ip_address("10.231.5.2"), 5002), want
+        )
         with netns.entered(lab.a.netns):
             sock = socket.socket()
         with sock:

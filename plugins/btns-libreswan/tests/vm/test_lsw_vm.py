@@ -40,8 +40,19 @@ def guest_results() -> dict[str, str]:
     if not os.access(run_sh, os.X_OK) or os.geteuid() != 0:
         pytest.fail(f"the VM tier needs root and {run_sh}", pytrace=False)
     out = Path(tempfile.mkdtemp(prefix="btns-lsw-vm-out-"))
-    cmd = [str(run_sh), sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
-           "-o", "junit_logging=system-out", f"--junitxml={out}/junit.xml", str(HERE / "guest_child_sas.py")]
+    cmd = [
+        str(run_sh),
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-o",
+        "junit_logging=system-out",
+        f"--junitxml={out}/junit.xml",
+        str(HERE / "guest_child_sas.py"),
+    ]
     env = {**os.environ, "BTNS_VM_OUT": str(out)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
     junit = out / "junit.xml"

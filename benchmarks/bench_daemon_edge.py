@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from btns_vici.core.selectors import Flow
 from btns_vici.plugins import get_backend, get_plugin_manager
-from btns_vici.selectors import Flow
 from btns_vici.testbed import Testbed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,7 +34,7 @@ from bench_socket_ptoken import BASE_PORT, bring_up
 FRESH = """
 import json, socket, sys, time, ipaddress
 from btns_vici.plugins import get_backend
-from btns_vici.selectors import Flow
+from btns_vici.core.selectors import Flow
 opts, a, b, port = json.loads(sys.argv[1])
 be = get_backend("strongswan", opts)
 flow = Flow(socket.IPPROTO_TCP, ipaddress.ip_address(a), 40000, ipaddress.ip_address(b), port)

@@ -25,7 +25,7 @@ from fastapi import Depends, FastAPI, WebSocket
 from btns_vici import Setting
 from btns_vici.aio import pin_key
 from btns_vici.asgi import IPsecMiddleware, require_ipsec
-from btns_vici.tokens import IToken
+from btns_vici.core.tokens import IToken
 
 
 def describe(info: dict[str, Any]) -> dict[str, Any]:

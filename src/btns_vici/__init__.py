@@ -24,8 +24,8 @@ if TYPE_CHECKING:
         set_socket_ptoken,
     )
     from .backend import Backend, BackendInfo, Capabilities, Enforcement, SAEvent
-    from .constants import Attr, AuthMethod, Level, Setting
-    from .errors import (
+    from .core.constants import Attr, AuthMethod, Level, Setting
+    from .core.errors import (
         BackendError,
         BtnsError,
         CommandFailedError,
@@ -41,41 +41,41 @@ if TYPE_CHECKING:
         TokenAttributeError,
         TokenFreedError,
     )
+    from .core.requirements import satisfies, unmet
+    from .core.selectors import Flow, TrafficSelector
+    from .core.tokens import IToken, PToken
     from .msg import MsgHdr, enable_pktinfo, recvmsg, sendmsg
     from .plugins import backends, get_backend
-    from .requirements import satisfies, unmet
-    from .selectors import Flow, TrafficSelector
-    from .tokens import IToken, PToken
 
 _LAZY = {
-    "Attr": "constants",
-    "AuthMethod": "constants",
+    "Attr": "core.constants",
+    "AuthMethod": "core.constants",
     "Backend": "backend",
-    "BackendError": "errors",
+    "BackendError": "core.errors",
     "BackendInfo": "backend",
-    "BtnsError": "errors",
+    "BtnsError": "core.errors",
     "Capabilities": "backend",
-    "CommandFailedError": "errors",
-    "DaemonAccessError": "errors",
-    "DaemonDownError": "errors",
-    "DaemonTimeoutError": "errors",
+    "CommandFailedError": "core.errors",
+    "DaemonAccessError": "core.errors",
+    "DaemonDownError": "core.errors",
+    "DaemonTimeoutError": "core.errors",
     "Enforcement": "backend",
-    "Flow": "selectors",
-    "IToken": "tokens",
-    "Level": "constants",
+    "Flow": "core.selectors",
+    "IToken": "core.tokens",
+    "Level": "core.constants",
     "MsgHdr": "msg",
-    "NoValueError": "errors",
-    "NotSupportedError": "errors",
-    "PToken": "tokens",
-    "ProtectionLostError": "errors",
-    "ProtocolError": "errors",
-    "ReadOnlyAttributeError": "errors",
+    "NoValueError": "core.errors",
+    "NotSupportedError": "core.errors",
+    "PToken": "core.tokens",
+    "ProtectionLostError": "core.errors",
+    "ProtocolError": "core.errors",
+    "ReadOnlyAttributeError": "core.errors",
     "SAEvent": "backend",
-    "SerializationError": "errors",
-    "Setting": "constants",
-    "TokenAttributeError": "errors",
-    "TokenFreedError": "errors",
-    "TrafficSelector": "selectors",
+    "SerializationError": "core.errors",
+    "Setting": "core.constants",
+    "TokenAttributeError": "core.errors",
+    "TokenFreedError": "core.errors",
+    "TrafficSelector": "core.selectors",
     "accept": "api",
     "attached_ptoken": "api",
     "backends": "plugins",
@@ -86,11 +86,11 @@ _LAZY = {
     "listen": "api",
     "ptoken_for_flow": "api",
     "recvmsg": "msg",
-    "satisfies": "requirements",
+    "satisfies": "core.requirements",
     "sendmsg": "msg",
     "set_default_backend": "api",
     "set_socket_ptoken": "api",
-    "unmet": "requirements",
+    "unmet": "core.requirements",
 }
 
 

@@ -18,7 +18,7 @@ verified pToken of a stream is in ``writer.get_extra_info("btns_ptoken")`` (and 
 transport's, for asyncio's own transports), its latch in ``"btns_latch"``. When the latch
 breaks (the SA went away or changed under the connection), ``on_break(info)`` runs on the
 loop and the stream fails: the next ``read``/``drain`` raises
-:class:`~btns_vici.errors.ProtectionLostError` (ECONNABORTED) instead of returning EOF.
+:class:`~btns_vici.core.errors.ProtectionLostError` (ECONNABORTED) instead of returning EOF.
 
 The web-server part (:func:`connection_info`, :func:`demand`, :func:`check`) is shared by
 :mod:`btns_vici.asgi` and :mod:`btns_vici.aiohttp_support`; it imports no web framework.
@@ -43,13 +43,13 @@ from typing import Any, TypeVar
 from . import api
 from . import latch as _latch
 from .backend import Backend
-from .constants import AuthMethod, Setting
-from .derive import unprotected_ptoken
-from .errors import BtnsError, ProtectionLostError
+from .core.constants import AuthMethod, Setting
+from .core.derive import unprotected_ptoken
+from .core.errors import BtnsError, ProtectionLostError
+from .core.requirements import unmet
+from .core.selectors import Flow
+from .core.tokens import IToken, PToken
 from .protection import ptoken_of_flow
-from .requirements import unmet
-from .selectors import Flow
-from .tokens import IToken, PToken
 
 log = logging.getLogger(__name__)
 

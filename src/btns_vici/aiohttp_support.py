@@ -25,8 +25,8 @@ from aiohttp import web
 
 from . import aio
 from .backend import Backend
-from .constants import Setting
-from .tokens import IToken, PToken
+from .core.constants import Setting
+from .core.tokens import IToken, PToken
 
 #: Where the info lives: ``request[KEY]`` (a ``web.RequestKey`` where aiohttp has them, else "btns").
 KEY: Any = web.RequestKey("btns", dict) if hasattr(web, "RequestKey") else "btns"

@@ -20,13 +20,14 @@ from . import forksafe, guard
 from .backend import Backend
 from .broker.client import BrokerClient
 from .broker.policy import DEFAULT_SOCKET as DEFAULT_BROKER_SOCKET
-from .derive import ptoken_for
-from .errors import BackendError, BtnsError
+from .core.derive import ptoken_for
+from .core.errors import BackendError, BtnsError
+from .core.records import Protection
+from .core.requirements import is_no_demand, is_opportunistic, operator_policy, satisfies
+from .core.selectors import Flow
+from .core.tokens import PToken
 from .plugins import get_backend
 from .protection import ptoken_of, ptoken_of_flow, shortfall
-from .records import Protection
-from .requirements import is_no_demand, is_opportunistic, operator_policy, satisfies
-from .selectors import Flow
 from .sockets import (
     FileDescriptorLike,
     endpoint,
@@ -37,7 +38,6 @@ from .sockets import (
     source_address,
     view_of,
 )
-from .tokens import PToken
 
 BackendLike = Backend | BrokerClient | str | None
 #: What answers: a backend in this process, or btnsd (README "btnsd: the broker").

@@ -30,8 +30,8 @@ from typing import Any
 
 from . import aio
 from .backend import Backend
-from .constants import Setting
-from .tokens import IToken, PToken
+from .core.constants import Setting
+from .core.tokens import IToken, PToken
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]

@@ -16,10 +16,10 @@ from typing import Any
 import pluggy
 
 from . import netns
-from .constants import AuthMethod
-from .errors import BackendError
-from .records import ChildSA, IkeSA, NotCarried, Protection, SocketView
-from .selectors import Flow
+from .core.constants import AuthMethod
+from .core.errors import BackendError
+from .core.records import ChildSA, IkeSA, NotCarried, Protection, SocketView
+from .core.selectors import Flow
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ class Backend:
     def enforce(self, sock: Any, ptoken: Any) -> Enforcement:
         result = self._call("btns_enforce", sock=sock, ptoken=ptoken)
         if result is None:
-            from .errors import NotSupportedError
+            from .core.errors import NotSupportedError
 
             raise NotSupportedError(f"backend {self.name!r} cannot enforce pTokens")
         return result
@@ -152,7 +152,7 @@ class Backend:
     def establish(self, flow: Flow, ptoken: Any) -> str:
         name = self._call("btns_establish", flow=flow, ptoken=ptoken)
         if name is None:
-            from .errors import NotSupportedError
+            from .core.errors import NotSupportedError
 
             raise NotSupportedError(f"backend {self.name!r} cannot establish SAs on demand")
         return name
@@ -160,7 +160,7 @@ class Backend:
     def serve(self, local_addr: Any, ptoken: Any) -> str:
         name = self._call("btns_serve", local_addr=local_addr, ptoken=ptoken)
         if name is None:
-            from .errors import NotSupportedError
+            from .core.errors import NotSupportedError
 
             raise NotSupportedError(f"backend {self.name!r} cannot accept peers on demand")
         return name
@@ -172,7 +172,7 @@ class Backend:
     def watch(self, callback: Callable[[SAEvent], None]) -> Callable[[], None]:
         stop = self._call("btns_watch", callback=callback)
         if stop is None:
-            from .errors import NotSupportedError
+            from .core.errors import NotSupportedError
 
             raise NotSupportedError(f"backend {self.name!r} has no event stream")
         return stop

@@ -15,12 +15,12 @@ import errno
 
 from . import api, msg
 from .broker.client import BrokerClient
-from .derive import fill, unprotected_ptoken
-from .errors import BtnsError
+from .core.derive import fill, unprotected_ptoken
+from .core.errors import BtnsError
+from .core.tokens import IToken, PToken
 from .msg import MsgHdr
 from .protection import ptoken_of
 from .sockets import FileDescriptorLike, resolve_fd
-from .tokens import IToken, PToken
 
 __all__ = [
     "ipsec_cmp_pToken",

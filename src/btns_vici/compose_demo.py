@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .constants import Attr
-from .selectors import TrafficSelector
-from .tokens import IToken, PToken
+from .core.constants import Attr
+from .core.selectors import TrafficSelector
+from .core.tokens import IToken, PToken
 
 PROJECT = os.environ.get("BTNS_COMPOSE_PROJECT", "btns-cmp")
 CACHE = os.environ.get("BTNS_COMPOSE_CACHE", "/var/cache/btns-compose")

@@ -19,10 +19,10 @@ import threading
 from typing import TextIO
 
 from .api import accept, connect, get_socket_ptoken, listen, set_socket_ptoken
-from .constants import Attr, AuthMethod, Setting
+from .core.constants import Attr, AuthMethod, Setting
+from .core.tokens import IToken, PToken
 from .hostkey import load_or_create
 from .plugins import get_backend
-from .tokens import IToken, PToken
 
 
 def describe_itoken(tok: IToken | None, indent: str = "    ") -> list[str]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import errno
 import socket
 
-from .errors import BtnsError, NotSupportedError
+from .core.errors import BtnsError, NotSupportedError
 from .sockets import FileDescriptorLike, borrowed_socket, check_inet
 
 LIBIPSEC = "kernel-libipsec"

@@ -5,9 +5,9 @@ A backend is a pluggy plugin registered under its name (``strongswan``,
 (``PluginManager.subset_hook_caller``), so every operation hook is
 ``firstresult``. ``options`` is a read-only mapping of backend settings (for
 example ``{"vici_socket": "/run/x.vici"}``); a backend caches its daemon
-sessions per distinct options. A backend raises :class:`btns_vici.errors.BackendError`
+sessions per distinct options. A backend raises :class:`btns_vici.core.errors.BackendError`
 (ECONNREFUSED) when its daemon does not answer and
-:class:`btns_vici.errors.ProtocolError` (EPROTO) when the reply is malformed.
+:class:`btns_vici.core.errors.ProtocolError` (EPROTO) when the reply is malformed.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pluggy
 
 if TYPE_CHECKING:
     from .backend import BackendInfo, Capabilities, Enforcement, SAEvent
-    from .records import ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
-    from .selectors import Flow
-    from .tokens import PToken
+    from .core.records import ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
+    from .core.selectors import Flow
+    from .core.tokens import PToken
 
 PROJECT = "btns_vici"
 hookspec = pluggy.HookspecMarker(PROJECT)

@@ -18,11 +18,11 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from .constants import AuthMethod
-from .derive import itoken_for
-from .errors import BtnsError
-from .records import Identity
-from .tokens import IToken
+from .core.constants import AuthMethod
+from .core.derive import itoken_for
+from .core.errors import BtnsError
+from .core.records import Identity
+from .core.tokens import IToken
 
 DEFAULT_KEY_DIR = "/var/lib/btns-vici"
 KEY_NAME = "host.key"

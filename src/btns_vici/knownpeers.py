@@ -13,7 +13,7 @@ It lives in the host-key directory (``$BTNS_KEY_DIR``, default ``/var/lib/btns-v
 ``flock`` on ``known_peers.lock``). At most :data:`MAX_PEERS` entries: the least recently
 seen unpinned one makes room.
 
-Reporting (:func:`method_for`, used by :mod:`btns_vici.derive` for raw-key peers): an SA whose
+Reporting (:func:`method_for`, used by :mod:`btns_vici.core.derive` for raw-key peers): an SA whose
 peer key equals the stored one is ``LEAPOFFAITH`` unless it is the first contact (the first
 IKE_SA after the key was learned: ``BTNS``); a key other than the stored one is ``BTNS`` and
 logged as a changed key; an address the store does not know is ``BTNS``.
@@ -35,8 +35,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .constants import AuthMethod
-from .errors import BtnsError
+from .core.constants import AuthMethod
+from .core.errors import BtnsError
 
 log = logging.getLogger("btns_vici.knownpeers")
 
@@ -335,7 +335,7 @@ def _store_for(local_key: bytes | None) -> KnownPeers | None:
 
 
 def method_for(ike: Any) -> AuthMethod:
-    """BTNS or LEAPOFFAITH for a raw-key IKE_SA (``btns_vici.records.IkeSA``): see the module doc."""
+    """BTNS or LEAPOFFAITH for a raw-key IKE_SA (``btns_vici.core.records.IkeSA``): see the module doc."""
     remote = ike.remote
     if remote.auth_method != AuthMethod.BTNS or not remote.public_key:
         return remote.auth_method

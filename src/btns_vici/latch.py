@@ -2,11 +2,11 @@
 
 Once a socket is protected, :func:`latch` records its verified pToken. From then
 on the protection must stay at least as good, with the same peer identity: the
-latched pToken is used as a demand (:mod:`btns_vici.requirements`). SA events
+latched pToken is used as a demand (:mod:`btns_vici.core.requirements`). SA events
 from the backend trigger a re-check; so does every :func:`check`. When the SA
 disappears, or is replaced by one with another peer identity or weaker
 protection, the latch breaks for good: the callback runs once, every later
-query raises :class:`~btns_vici.errors.ProtectionLostError` (ECONNABORTED), and
+query raises :class:`~btns_vici.core.errors.ProtectionLostError` (ECONNABORTED), and
 if asked, the socket is destroyed in the kernel (sock_diag SOCK_DESTROY, see
 :mod:`btns_vici.sockdestroy`: every process holding it sees ECONNABORTED on its next
 call), or shut down where that is not allowed. A rekey to an equivalent SA does not break it.
@@ -28,13 +28,13 @@ from . import forksafe
 from .api import Authority, BackendLike, resolve_backend
 from .backend import SAEvent
 from .broker.client import BrokerClient
-from .derive import unprotected_ptoken
-from .errors import BtnsError, ProtectionLostError
+from .core.derive import unprotected_ptoken
+from .core.errors import BtnsError, ProtectionLostError
+from .core.requirements import unmet
+from .core.selectors import Flow
+from .core.tokens import PToken
 from .protection import ptoken_of
-from .requirements import unmet
-from .selectors import Flow
 from .sockets import FileDescriptorLike, flow_of, resolve_fd, socket_key, view_of
-from .tokens import PToken
 
 log = logging.getLogger(__name__)
 

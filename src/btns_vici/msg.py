@@ -29,9 +29,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from .broker.client import BrokerClient
-from .errors import BtnsError
-from .records import IN, OUT, SocketView
-from .selectors import Flow, normalize_address
+from .core.errors import BtnsError
+from .core.records import IN, OUT, SocketView
+from .core.selectors import Flow, normalize_address
+from .core.tokens import PToken
 from .sockets import (
     FileDescriptorLike,
     borrowed_socket,
@@ -42,7 +43,6 @@ from .sockets import (
     source_address,
     view_of,
 )
-from .tokens import PToken
 
 #: Private cmsg level/type: never passed to the kernel ("BT", 1).
 SOL_BTNS = 0x4254

@@ -18,7 +18,7 @@ import pluggy
 
 from . import hookspecs
 from .backend import Backend, BackendInfo
-from .errors import BackendError, BtnsError, DaemonTimeoutError, specificity
+from .core.errors import BackendError, BtnsError, DaemonTimeoutError, specificity
 
 ENTRY_POINT_GROUP = "btns_vici.backends"
 
@@ -115,7 +115,7 @@ def get_backend(name: str | None = None, options: Mapping[str, str] | None = Non
     The default selection probes every installed backend in parallel (each with its short
     probe deadline) and takes the first, in :func:`backends` order, that answers. When none
     does it raises the most specific failure among them (EACCES over EPROTO over ETIMEDOUT
-    over ECONNREFUSED, see :func:`btns_vici.errors.specificity`), naming every backend tried.
+    over ECONNREFUSED, see :func:`btns_vici.core.errors.specificity`), naming every backend tried.
     """
     pm = get_plugin_manager()
     opts = dict(options or {})

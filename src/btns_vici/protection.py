@@ -3,18 +3,18 @@
 ``get_socket_ptoken``, the ``ipsec_get_*`` functions, the check after connect/accept,
 latching, the datagram path, the C ABI and the ``btns`` commands all come here, so
 every "protected" answer is made the same way (README "Socket-exact truth"): the
-socket as the kernel will treat it (:class:`~btns_vici.records.SocketView`) -> the
+socket as the kernel will treat it (:class:`~btns_vici.core.records.SocketView`) -> the
 backend's CHILD_SA and data-plane proof -> the pToken.
 """
 
 from __future__ import annotations
 
 from .backend import Backend
-from .derive import ptoken_for, unprotected_ptoken
-from .records import NotCarried, Protection, SocketView
-from .requirements import unmet
-from .selectors import Flow
-from .tokens import PToken
+from .core.derive import ptoken_for, unprotected_ptoken
+from .core.records import NotCarried, Protection, SocketView
+from .core.requirements import unmet
+from .core.selectors import Flow
+from .core.tokens import PToken
 
 
 def protection_of(view: SocketView, backend: Backend) -> Protection | NotCarried:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from . import forksafe
 from . import netns as _netns
-from .selectors import IPAddress
+from .core.selectors import IPAddress
 
 NETLINK_ROUTE = 0
 RTM_NEWLINK, RTM_GETLINK, RTM_NEWROUTE, RTM_GETROUTE = 16, 18, 24, 26

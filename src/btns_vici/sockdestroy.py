@@ -22,7 +22,7 @@ import struct
 import threading
 from dataclasses import dataclass
 
-from .errors import BtnsError
+from .core.errors import BtnsError
 from .netns import setns
 
 NETLINK_SOCK_DIAG = 4

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
-from .errors import BtnsError
-from .records import BOTH, SocketView
-from .selectors import Flow
+from .core.errors import BtnsError
+from .core.records import BOTH, SocketView
+from .core.selectors import Flow
 
 
 class HasFileno(Protocol):

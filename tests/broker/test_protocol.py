@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from btns_vici import PToken, Setting
 from btns_vici.broker import protocol
-from btns_vici.errors import BtnsError
+from btns_vici.core.errors import BtnsError
 
 
 def test_round_trip_of_a_request_and_a_response() -> None:

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from btns_vici import AuthMethod, IToken, get_socket_ptoken
-from btns_vici.derive import connection_binding
+from btns_vici.core.derive import connection_binding
+from btns_vici.core.records import Identity
 from btns_vici.plugins import get_backend
-from btns_vici.records import Identity
 from btns_vici.testbed import Testbed
 
 from ..integration import conftest as integration

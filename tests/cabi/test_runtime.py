@@ -15,7 +15,7 @@ from btns_vici.cabi._runtime import (
     HandleTable,
     errno_of,
 )
-from btns_vici.errors import BackendError, BtnsError, NoValueError, TokenFreedError
+from btns_vici.core.errors import BackendError, BtnsError, NoValueError, TokenFreedError
 
 
 def test_handles_are_unique_never_reused_and_never_small() -> None:

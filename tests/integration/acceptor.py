@@ -9,7 +9,7 @@ from typing import Any
 
 import btns_vici
 from btns_vici.api import accept, listen
-from btns_vici.tokens import PToken
+from btns_vici.core.tokens import PToken
 
 
 def serve_with(srv: socket.socket, demand: PToken, backend: Any, address: tuple[str, int]) -> list:

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from btns_vici.errors import DaemonTimeoutError
+from btns_vici.core.errors import DaemonTimeoutError
+from btns_vici.core.selectors import Flow
 from btns_vici.plugins import get_backend, get_plugin_manager
-from btns_vici.selectors import Flow
 from btns_vici.strongswan.session import ViciSession
 
 pytestmark = pytest.mark.testbed

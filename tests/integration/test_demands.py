@@ -23,10 +23,10 @@ import pytest
 import btns_vici
 from btns_vici import AuthMethod, PToken, Setting
 from btns_vici.api import connect
-from btns_vici.errors import NotSupportedError, ProtectionLostError
+from btns_vici.core.errors import NotSupportedError, ProtectionLostError
+from btns_vici.core.requirements import USE_POLICY
 from btns_vici.guard import bound_device
 from btns_vici.latch import LatchBroken, latch, latched, unlatch
-from btns_vici.requirements import USE_POLICY
 from btns_vici.testbed import connected_pair
 
 from .test_enforce import Side, _cleanup, btns_demand, serve, wait_accept
@@ -268,8 +268,8 @@ def test_remote_itoken_selects_our_key(tb, sides) -> None:
     srv, got = serve(b, btns_demand(), 28412)
     s = a.socket()
     try:
-        from btns_vici.derive import itoken_for
-        from btns_vici.records import Identity
+        from btns_vici.core.derive import itoken_for
+        from btns_vici.core.records import Identity
 
         p = btns_demand()
         p.remote_itoken = itoken_for(Identity("%any", AuthMethod.BTNS, public_key=alt_der))

@@ -230,8 +230,8 @@ def test_latch_breaks_when_the_peer_key_is_swapped(tb, sides, tmp_path):
     """The SA under a latched connection is replaced by one whose peer proves another key."""
     import ipaddress
 
+    from btns_vici.core.selectors import Flow
     from btns_vici.latch import Latch
-    from btns_vici.selectors import Flow
 
     a, b = sides
     b2 = Side(tb, tb.b, tmp_path, tag="2")  # B again, with a new host key

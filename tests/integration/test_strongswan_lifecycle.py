@@ -12,8 +12,8 @@ import pytest
 
 from btns_vici.api import get_socket_ptoken
 from btns_vici.backend import SAEvent
-from btns_vici.constants import Setting
-from btns_vici.errors import BackendError
+from btns_vici.core.constants import Setting
+from btns_vici.core.errors import BackendError
 from btns_vici.plugins import get_plugin_manager
 from btns_vici.sockets import flow_of
 

@@ -11,7 +11,7 @@ import socket
 import pytest
 
 from btns_vici.api import get_socket_ptoken
-from btns_vici.constants import Attr, AuthMethod, Setting
+from btns_vici.core.constants import Attr, AuthMethod, Setting
 from btns_vici.testbed import Testbed
 
 from .conftest import AUTHS, FAMILIES, PROTOS, protected_ptoken

@@ -16,7 +16,7 @@ import threading
 import pytest
 
 from btns_vici import xfrm
-from btns_vici.selectors import Flow
+from btns_vici.core.selectors import Flow
 
 from .xfrm_support import ip, netns, parse_ip_xfrm, socket_in, view
 

@@ -6,7 +6,7 @@ from typing import Annotated
 import pytest
 
 from btns_vici import aio
-from btns_vici.derive import unprotected_ptoken
+from btns_vici.core.derive import unprotected_ptoken
 
 from .test_asgi_unit import KEY, no_daemon, protected_token  # noqa: F401 (no_daemon: a fixture)
 

@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from btns_vici import AuthMethod, Setting, aio
-from btns_vici.constants import Attr
-from btns_vici.derive import unprotected_ptoken
-from btns_vici.tokens import IToken, PToken
+from btns_vici.core.constants import Attr
+from btns_vici.core.derive import unprotected_ptoken
+from btns_vici.core.tokens import IToken, PToken
 
 KEY = b"0*0\x05\x06\x03+ep\x03!\x00" + bytes(range(32))  # an ed25519 SPKI
 

@@ -27,7 +27,7 @@ from btns_vici.capi import (
     ipsec_get_token_attr,
     ipsec_set_token_attr,
 )
-from btns_vici.constants import Attr, AuthMethod
+from btns_vici.core.constants import Attr, AuthMethod
 
 U16 = struct.Struct("=H")
 

@@ -19,8 +19,8 @@ from btns_vici.cli import _inetdiag
 from btns_vici.cli.cmd_sockets import clear_ptoken_dict, clear_reason, emit_array
 from btns_vici.cli.describe import ptoken_dict
 from btns_vici.cli.sockdiag import list_sockets, state_mask
-from btns_vici.derive import unprotected_ptoken
-from btns_vici.selectors import Flow
+from btns_vici.core.derive import unprotected_ptoken
+from btns_vici.core.selectors import Flow
 
 
 def test_dump_matches_pyroute2():

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 from btns_vici.compose_demo import ptoken_from_json, ptoken_to_json
-from btns_vici.constants import Attr, AuthMethod, Setting
-from btns_vici.derive import itoken_for
-from btns_vici.records import Identity
-from btns_vici.selectors import TrafficSelector
-from btns_vici.tokens import PToken
+from btns_vici.core.constants import Attr, AuthMethod, Setting
+from btns_vici.core.derive import itoken_for
+from btns_vici.core.records import Identity
+from btns_vici.core.selectors import TrafficSelector
+from btns_vici.core.tokens import PToken
 
 
 def _token() -> PToken:

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from btns_vici import errors
-from btns_vici.errors import (
+from btns_vici.core import errors
+from btns_vici.core.errors import (
     BackendError,
     DaemonDownError,
     DaemonTimeoutError,
     ProtocolError,
 )
+from btns_vici.core.selectors import Flow
 from btns_vici.plugins import get_backend
-from btns_vici.selectors import Flow
 from btns_vici.strongswan import session as vs
 from btns_vici.strongswan.events import EventStream
 from btns_vici.strongswan.index import SAIndex
@@ -184,16 +184,18 @@ except OSError as exc:
 
 
 def _unprivileged_tree(tmp_path: Path) -> Path:
-    """btns_vici.errors + strongswan.session and the vici codec, importable by nobody."""
+    """btns_vici.core.errors + strongswan.session and the vici codec, importable by nobody."""
     import vici
 
     root = tmp_path / "lib"
     pkg = root / "btns_vici"
     (pkg / "strongswan").mkdir(parents=True)
+    (pkg / "core").mkdir()
     src = Path(vs.__file__).parent.parent
     (pkg / "__init__.py").write_text("")
     (pkg / "strongswan" / "__init__.py").write_text("")
-    shutil.copy(src / "errors.py", pkg / "errors.py")
+    (pkg / "core" / "__init__.py").write_text("")
+    shutil.copy(src / "core" / "errors.py", pkg / "core" / "errors.py")
     shutil.copy(src / "strongswan" / "session.py", pkg / "strongswan" / "session.py")
     shutil.copytree(Path(vici.__file__).parent, root / "vici")
     (root / "probe.py").write_text(UNPRIVILEGED)

@@ -10,18 +10,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from btns_vici import AuthMethod, IToken, PToken, Setting, satisfies, unmet
-from btns_vici.derive import (
+from btns_vici.core.derive import (
     channel_binding,
     connection_binding,
     itoken_for,
     peer_key_binding,
     unprotected_ptoken,
 )
-from btns_vici.errors import BtnsError, NotSupportedError
+from btns_vici.core.errors import BtnsError, NotSupportedError
+from btns_vici.core.records import Identity
+from btns_vici.core.requirements import USE_POLICY, is_no_demand, is_opportunistic, operator_policy
 from btns_vici.guard import LIBIPSEC, XFRM
 from btns_vici.hostkey import load_or_create
-from btns_vici.records import Identity
-from btns_vici.requirements import USE_POLICY, is_no_demand, is_opportunistic, operator_policy
 from btns_vici.strongswan import enforce
 
 from .test_equivalence import FLOW, KEY_A, KEY_B, child, token

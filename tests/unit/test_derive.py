@@ -7,8 +7,8 @@ import ipaddress
 import pytest
 
 from btns_vici import AuthMethod, Setting
-from btns_vici.derive import channel_binding, integrity_level, privacy_level, ptoken_for, unprotected_ptoken
-from btns_vici.records import Identity
+from btns_vici.core.derive import channel_binding, integrity_level, privacy_level, ptoken_for, unprotected_ptoken
+from btns_vici.core.records import Identity
 
 from .test_equivalence import FLOW, KEY_A, KEY_B, child, ike, token
 
@@ -84,16 +84,16 @@ def test_channel_bindings() -> None:
 
 def test_both_ends_agree() -> None:
     a_side = ptoken_for(
-        __import__("btns_vici.records", fromlist=["Protection"]).Protection(
+        __import__("btns_vici.core.records", fromlist=["Protection"]).Protection(
             FLOW,
             ike(child()),
             child(),
-            __import__("btns_vici.records", fromlist=["x"]).DataplaneProof("x", "y"),
+            __import__("btns_vici.core.records", fromlist=["x"]).DataplaneProof("x", "y"),
         )
     )
     b_ike = ike(child(), local_host=ipaddress.ip_address("10.99.0.2"), remote_host=ipaddress.ip_address("10.99.0.1"))
     b_ike = b_ike.__class__(**{**b_ike.__dict__, "local": b_ike.remote, "remote": b_ike.local})
-    from btns_vici.records import DataplaneProof, Protection
+    from btns_vici.core.records import DataplaneProof, Protection
 
     b_side = ptoken_for(Protection(FLOW, b_ike, child(), DataplaneProof("x", "y")))
     assert a_side.itoken == b_side.remote_itoken and b_side.itoken == a_side.remote_itoken

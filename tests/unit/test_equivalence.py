@@ -5,10 +5,10 @@ from __future__ import annotations
 import ipaddress
 
 from btns_vici import IToken, PToken, capi
-from btns_vici.constants import AuthMethod, Setting
-from btns_vici.derive import ptoken_for
-from btns_vici.records import ChildSA, DataplaneProof, Identity, IkeSA, Protection
-from btns_vici.selectors import Flow, TrafficSelector
+from btns_vici.core.constants import AuthMethod, Setting
+from btns_vici.core.derive import ptoken_for
+from btns_vici.core.records import ChildSA, DataplaneProof, Identity, IkeSA, Protection
+from btns_vici.core.selectors import Flow, TrafficSelector
 
 A, B = ipaddress.ip_address("10.99.0.1"), ipaddress.ip_address("10.99.0.2")
 KEY_B = b"0*0\x05\x06\x03+ep\x03!\x00" + b"B" * 32

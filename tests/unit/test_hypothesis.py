@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from btns_vici import IToken, PToken, capi
-from btns_vici.serialize import MAGIC, VERSION
+from btns_vici.core.serialize import MAGIC, VERSION
 
 DOCUMENTED = {errno.EINVAL, errno.EPERM, errno.ENODATA, errno.EBADF, errno.ERANGE}
 attr_ids = st.one_of(st.integers(-5, 64), st.integers(min_value=0, max_value=2**32 + 5))

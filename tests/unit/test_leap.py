@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from btns_vici import knownpeers
-from btns_vici.constants import AuthMethod
+from btns_vici.core.constants import AuthMethod
 from btns_vici.hostkey import load_or_create
 from btns_vici.knownpeers import KnownPeers
 from btns_vici.leap import requires_leap, wire

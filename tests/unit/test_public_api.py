@@ -11,8 +11,8 @@ import pytest
 
 import btns_vici
 from btns_vici import api
+from btns_vici.core.tokens import PToken
 from btns_vici.sockets import socket_key
-from btns_vici.tokens import PToken
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

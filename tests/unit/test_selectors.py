@@ -4,7 +4,7 @@ import ipaddress
 
 import pytest
 
-from btns_vici.selectors import Flow, TrafficSelector, flow_covered
+from btns_vici.core.selectors import Flow, TrafficSelector, flow_covered
 
 ip = ipaddress.ip_address
 

@@ -8,8 +8,8 @@ import struct
 import pytest
 
 from btns_vici import IToken, SerializationError
-from btns_vici.constants import Attr, AuthMethod, Setting
-from btns_vici.serialize import MAGIC, MAX_SERIALIZED, VERSION
+from btns_vici.core.constants import Attr, AuthMethod, Setting
+from btns_vici.core.serialize import MAGIC, MAX_SERIALIZED, VERSION
 
 
 def sample() -> IToken:

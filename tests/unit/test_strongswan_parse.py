@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from btns_vici.constants import AuthMethod, Setting
-from btns_vici.derive import integrity_level, privacy_level, ptoken_for
-from btns_vici.errors import ProtocolError
-from btns_vici.records import DataplaneProof, Protection
-from btns_vici.selectors import Flow, TrafficSelector
+from btns_vici.core.constants import AuthMethod, Setting
+from btns_vici.core.derive import integrity_level, privacy_level, ptoken_for
+from btns_vici.core.errors import ProtocolError
+from btns_vici.core.records import DataplaneProof, Protection
+from btns_vici.core.selectors import Flow, TrafficSelector
 from btns_vici.strongswan import parse
 from btns_vici.strongswan.der import parse_certificate
 from btns_vici.strongswan.index import SAIndex, _compiled, _match

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from btns_vici.errors import BackendError, ProtocolError
+from btns_vici.core.errors import BackendError, ProtocolError
 from btns_vici.strongswan.events import EventStream
 from btns_vici.strongswan.session import ViciSession, decode_bytes
 

@@ -7,7 +7,7 @@ import errno
 import pytest
 
 from btns_vici import AuthMethod, IToken, Level, PToken, Setting, capi
-from btns_vici.constants import Attr
+from btns_vici.core.constants import Attr
 
 
 def test_capi_returns_the_pythonic_objects() -> None:

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from btns_vici import _xfrm_wire as wire
-from btns_vici._xfrm_records import XfrmEvent, XfrmPolicy, XfrmState
-from btns_vici._xfrm_wire import XfrmDecodeWarning
+from btns_vici.xfrm import _wire as wire
 from btns_vici.xfrm import socket_template
+from btns_vici.xfrm._records import XfrmEvent, XfrmPolicy, XfrmState
+from btns_vici.xfrm._wire import XfrmDecodeWarning
 
 V4 = ipaddress.IPv4Address
 INF = 0xFFFF_FFFF_FFFF_FFFF

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from btns_vici import xfrm
-from btns_vici.constants import AuthMethod
-from btns_vici.records import ChildSA, Identity, IkeSA
-from btns_vici.selectors import Flow, TrafficSelector
+from btns_vici.core.constants import AuthMethod
+from btns_vici.core.records import ChildSA, Identity, IkeSA
+from btns_vici.core.selectors import Flow, TrafficSelector
 
 from ..integration.xfrm_support import ip, parse_ip_xfrm, socket_in, view
 from .charon import charon, child_sas, load_psk_conn

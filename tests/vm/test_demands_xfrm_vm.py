@@ -18,8 +18,8 @@ import pytest
 import btns_vici
 from btns_vici import PToken, Setting, xfrm
 from btns_vici.api import connect
+from btns_vici.core.requirements import USE_POLICY
 from btns_vici.latch import latch, unlatch
-from btns_vici.requirements import USE_POLICY
 
 from ..integration.acceptor import serve_with, wait_accept
 from ..integration.xfrm_support import ip

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from btns_vici import xfrm
-from btns_vici.selectors import Flow
+from btns_vici.core.selectors import Flow
 
 from ..integration.xfrm_support import ip, netns, parse_ip_xfrm, view
 from .netpair import SPI, A, B, add_policies, add_sas, sniffer, transfer, two_hosts

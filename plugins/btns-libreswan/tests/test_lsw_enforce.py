@@ -11,9 +11,9 @@ import pytest
 
 from btns_libreswan.enforce import auth, conn_name, conn_text, demand_reqid, esp_proposals, mode
 from btns_libreswan.ipsecconf import conn_keys, parse_sections
-from btns_vici.constants import AuthMethod, Setting
-from btns_vici.errors import NotSupportedError
-from btns_vici.tokens import IToken, PToken
+from btns_vici.core.constants import AuthMethod, Setting
+from btns_vici.core.errors import NotSupportedError
+from btns_vici.core.tokens import IToken, PToken
 
 SHOWN = (Path(__file__).parent / "data" / "showhostkey-4.10.txt").read_text()
 PUBKEY = base64.b64decode(re.search(r"leftpubkey=(\S+)", SHOWN).group(1))  # type: ignore[union-attr]

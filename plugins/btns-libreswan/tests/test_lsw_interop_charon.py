@@ -28,8 +28,8 @@ from btns_libreswan.lab import established
 from btns_libreswan.rsakey import numbers_from_spki, rfc3110_from_numbers
 from btns_libreswan.runner import Pluto, PlutoPair, RsaKey, missing_prerequisites, wait_for
 from btns_vici import plugins
-from btns_vici.constants import AuthMethod
-from btns_vici.derive import channel_binding
+from btns_vici.core.constants import AuthMethod
+from btns_vici.core.derive import channel_binding
 from btns_vici.testbed import Peer
 
 pytestmark = [pytest.mark.libreswan, pytest.mark.testbed]

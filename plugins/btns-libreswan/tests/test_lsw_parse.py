@@ -27,11 +27,11 @@ from btns_libreswan.parse import (
     split_encr,
 )
 from btns_libreswan.rsakey import spki_from_rsasigkey
-from btns_vici.constants import AuthMethod
-from btns_vici.derive import channel_binding, itoken_for
-from btns_vici.errors import ProtocolError
-from btns_vici.records import IkeSA
-from btns_vici.selectors import Flow, TrafficSelector
+from btns_vici.core.constants import AuthMethod
+from btns_vici.core.derive import channel_binding, itoken_for
+from btns_vici.core.errors import ProtocolError
+from btns_vici.core.records import IkeSA
+from btns_vici.core.selectors import Flow, TrafficSelector
 
 V4 = Path(__file__).parent / "data" / "libreswan-4.10"
 V5 = Path(__file__).parent / "data" / "libreswan-5.3"

@@ -20,12 +20,12 @@ from btns_libreswan.lab import Lab, established
 from btns_libreswan.runner import wait_for
 from btns_vici import plugins
 from btns_vici.backend import Backend, SAEvent
-from btns_vici.constants import AuthMethod, Setting
-from btns_vici.derive import channel_binding
-from btns_vici.errors import BackendError, BtnsError, NotSupportedError
-from btns_vici.records import IkeSA
-from btns_vici.selectors import Flow
-from btns_vici.tokens import IToken, PToken
+from btns_vici.core.constants import AuthMethod, Setting
+from btns_vici.core.derive import channel_binding
+from btns_vici.core.errors import BackendError, BtnsError, NotSupportedError
+from btns_vici.core.records import IkeSA
+from btns_vici.core.selectors import Flow
+from btns_vici.core.tokens import IToken, PToken
 
 pytestmark = pytest.mark.libreswan
 

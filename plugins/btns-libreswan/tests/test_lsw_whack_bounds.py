@@ -13,7 +13,7 @@ import tracemalloc
 import pytest
 
 from btns_libreswan import whack
-from btns_vici.errors import CommandFailedError, DaemonDownError, DaemonTimeoutError, ProtocolError
+from btns_vici.core.errors import CommandFailedError, DaemonDownError, DaemonTimeoutError, ProtocolError
 
 
 @pytest.fixture

@@ -22,9 +22,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .. import forksafe
-from ..errors import DaemonAccessError, DaemonDownError, DaemonTimeoutError
+from ..core.errors import DaemonAccessError, DaemonDownError, DaemonTimeoutError
+from ..core.tokens import PToken
 from ..sockets import FileDescriptorLike, resolve_fd
-from ..tokens import PToken
 from . import protocol
 from .policy import DEFAULT_SOCKET
 

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..constants import AuthMethod
-from ..errors import BtnsError
+from ..core.constants import AuthMethod
+from ..core.errors import BtnsError
 
 DEFAULT_SOCKET = "/run/btns-vici/btnsd.sock"
 

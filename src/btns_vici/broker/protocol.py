@@ -29,10 +29,10 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
-from ..constants import Attr
-from ..errors import BtnsError
-from ..selectors import TrafficSelector
-from ..tokens import PToken, decode_attr, encode_attr
+from ..core.constants import Attr
+from ..core.errors import BtnsError
+from ..core.selectors import TrafficSelector
+from ..core.tokens import PToken, decode_attr, encode_attr
 
 MAGIC = b"BT"
 VERSION = 1

@@ -35,16 +35,16 @@ from typing import Any
 
 from .. import guard
 from ..backend import Backend
-from ..derive import ptoken_for, unprotected_ptoken
-from ..errors import BtnsError
+from ..core.derive import ptoken_for, unprotected_ptoken
+from ..core.errors import BtnsError
+from ..core.records import IN, NotCarried, Protection, SocketView
+from ..core.requirements import satisfies
+from ..core.selectors import Flow
+from ..core.tokens import PToken
 from ..msg import send_view
 from ..plugins import get_backend
 from ..protection import ptoken_of, shortfall
-from ..records import IN, NotCarried, Protection, SocketView
-from ..requirements import satisfies
-from ..selectors import Flow
 from ..sockets import endpoint, inspect, is_connected, netns_of, resolve_fd, source_address, view_of
-from ..tokens import PToken
 from . import protocol
 from .policy import Config
 
@@ -440,7 +440,7 @@ class Server:
         demand = protocol.ptoken_from_wire(req.get("ptoken"), trusted=False)
         itok = demand.itoken
         if itok is not None:
-            from ..constants import AuthMethod, Setting
+            from ..core.constants import AuthMethod, Setting
 
             for m in AuthMethod:
                 if itok.auth_method(m) == Setting.ENABLE:

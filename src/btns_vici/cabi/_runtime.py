@@ -24,11 +24,11 @@ from typing import Any
 
 from .. import api, capi
 from ..broker.client import BrokerClient
-from ..errors import BtnsError, TokenFreedError
+from ..core.errors import BtnsError, TokenFreedError
+from ..core.tokens import IToken, PToken
 from ..msg import IP_PKTINFO, IPV6_PKTINFO, MsgHdr, send_view
 from ..protection import shortfall
 from ..sockets import borrowed_socket, check_inet
-from ..tokens import IToken, PToken
 
 KIND_ITOKEN = 1
 KIND_PTOKEN = 2

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from ..records import IkeSA
+from ..core.records import IkeSA
 from . import exits
 from .context import open_backend
 from .describe import alg_text, spis

@@ -11,9 +11,9 @@ import sys
 from typing import Any, TextIO
 
 from ..backend import Backend
-from ..derive import ptoken_for, unprotected_ptoken
-from ..records import NotCarried, Protection, SocketView
-from ..selectors import Flow
+from ..core.derive import ptoken_for, unprotected_ptoken
+from ..core.records import NotCarried, Protection, SocketView
+from ..core.selectors import Flow
 from ..sockets import view_of
 from . import exits
 from .context import open_backend

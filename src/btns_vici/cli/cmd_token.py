@@ -15,8 +15,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import BtnsError
 from ..demo import describe_ptoken
-from ..errors import BtnsError
 from ..sockets import SIOCGSKNS, check_inet, is_connected, resolve_fd, view_of
 from . import exits
 from .context import open_backend

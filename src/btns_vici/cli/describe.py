@@ -6,11 +6,11 @@ import socket
 from typing import Any
 
 from ..backend import Backend
-from ..constants import Setting
-from ..derive import ptoken_for, unprotected_ptoken
-from ..records import ChildSA, IkeSA, NotCarried, Protection, SocketView
-from ..selectors import Flow
-from ..tokens import IToken, PToken
+from ..core.constants import Setting
+from ..core.derive import ptoken_for, unprotected_ptoken
+from ..core.records import ChildSA, IkeSA, NotCarried, Protection, SocketView
+from ..core.selectors import Flow
+from ..core.tokens import IToken, PToken
 from .sockdiag import SocketEntry
 
 PROTO_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import textwrap
 
-from ..errors import BackendError
+from ..core.errors import BackendError
 
 OK = 0
 #: A negative answer: the socket is not protected (or not connected), ``watch`` timed out

@@ -3,7 +3,7 @@
 ``btns watch`` cannot hold other processes' latches (:mod:`btns_vici.latch` lives in the
 application), so it applies the same rule to every connected socket it sees: the first
 verified pToken of a connection is latched; when a later one no longer meets it
-(:func:`btns_vici.requirements.unmet`: weaker, other peer, or gone) the latch breaks, once.
+(:func:`btns_vici.core.requirements.unmet`: weaker, other peer, or gone) the latch breaks, once.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..backend import Backend
-from ..requirements import unmet
-from ..selectors import Flow
-from ..tokens import PToken
+from ..core.requirements import unmet
+from ..core.selectors import Flow
+from ..core.tokens import PToken
 from .describe import entry_view, verify_view
 from .sockdiag import list_sockets
 

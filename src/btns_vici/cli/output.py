@@ -10,7 +10,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from ..selectors import TrafficSelector
+from ..core.selectors import TrafficSelector
 
 
 def jsonable(obj: Any) -> Any:

@@ -17,7 +17,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from .. import netns
-from ..selectors import Flow, IPAddress
+from ..core.selectors import Flow, IPAddress
 from . import _inetdiag
 
 #: TCP states (include/net/tcp_states.h) as ``ss`` names them; UDP uses ESTAB (connected) and UNCONN.

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import knownpeers
-from ..constants import AuthMethod
-from ..errors import BtnsError
+from ..core.constants import AuthMethod
+from ..core.errors import BtnsError
 
 log = logging.getLogger("btns_vici.leap")
 

@@ -7,9 +7,9 @@ import hashlib
 import ipaddress
 from typing import Any
 
+from ..core.tokens import PToken
 from ..hostkey import HostIdentity
 from ..strongswan.parse import text
-from ..tokens import PToken
 
 #: Prefix of the per-peer responder connections the learner loads (a "btns-" name, like every
 #: connection the library makes).

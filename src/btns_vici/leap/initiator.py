@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from .. import netns
-from ..errors import BtnsError
+from ..core.errors import BtnsError
 from ..hostkey import HostIdentity
 from . import wire
 

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from ..errors import ProtocolError
+from ..core.errors import ProtocolError
 
 #: strongSwan's short names for DN attributes (others print as dotted OIDs, as strongSwan does).
 _SHORT = {

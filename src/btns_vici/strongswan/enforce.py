@@ -22,12 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ..backend import Enforcement
-from ..constants import Attr, AuthMethod, Setting
-from ..errors import BtnsError, NotSupportedError
-from ..guard import LIBIPSEC, XFRM
-from ..hookspecs import hookimpl
-from ..hostkey import HostIdentity
-from ..requirements import (
+from ..core.constants import Attr, AuthMethod, Setting
+from ..core.errors import BtnsError, NotSupportedError
+from ..core.requirements import (
     allowed_methods,
     choose_proposals,
     demanded,
@@ -35,7 +32,10 @@ from ..requirements import (
     is_opportunistic,
     operator_policy,
 )
-from ..tokens import PToken
+from ..core.tokens import PToken
+from ..guard import LIBIPSEC, XFRM
+from ..hookspecs import hookimpl
+from ..hostkey import HostIdentity
 
 #: ESP proposals the library offers, in preference order, with their (privacy, integrity) levels.
 #: Non-GCM first: kernel-libipsec has no AES-GCM unless charon loads the gcm plugin.
@@ -326,7 +326,7 @@ def _alt(host: HostIdentity, options: Mapping[str, str]) -> bytes:
 
 def _without_policy(demand: PToken) -> PToken:
     """``demand`` without its policyName keyword (what an opportunistic attempt negotiates)."""
-    from ..constants import Attr as _A
+    from ..core.constants import Attr as _A
 
     out = PToken()
     for attr, value in demand.attributes().items():

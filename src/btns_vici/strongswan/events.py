@@ -14,7 +14,7 @@ from typing import Any
 
 from vici.protocol import Packet
 
-from ..errors import BackendError, DaemonDownError, ProtocolError
+from ..core.errors import BackendError, DaemonDownError, ProtocolError
 from .session import DEFAULT_TIMEOUT, HEADER, Deadline, check_length, connect, decode_packet, recv_packet, send_all
 
 #: Bytes one :meth:`EventStream.poll` reads at most (a flooding daemon cannot keep it reading).

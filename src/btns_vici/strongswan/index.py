@@ -36,9 +36,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import BackendError, ProtocolError
-from ..records import ChildSA, Identity, IkeSA
-from ..selectors import PROTO_ANY, Flow, TrafficSelector, normalize_address
+from ..core.errors import BackendError, ProtocolError
+from ..core.records import ChildSA, Identity, IkeSA
+from ..core.selectors import PROTO_ANY, Flow, TrafficSelector, normalize_address
 from . import parse
 from .events import EventStream
 from .session import ViciSession

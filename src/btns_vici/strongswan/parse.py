@@ -1,4 +1,4 @@
-"""VICI replies (nested dicts of bytes) -> :mod:`btns_vici.records`. Pure, no I/O.
+"""VICI replies (nested dicts of bytes) -> :mod:`btns_vici.core.records`. Pure, no I/O.
 
 list-sas and the SA events carry the IKE_SA and CHILD_SA state but neither the
 authentication method nor the peer's key; those come from list-conns
@@ -10,7 +10,7 @@ Normalization (draft 2.1.2, iToken attributes):
 * ``public key`` with a bare key (no certificate, no CA) -> BTNS (unanchored raw key);
 * ``pre-shared key`` -> PRESHAREDKEY; ``EAP...`` -> EAP; ``XAuth...`` -> XAUTH; else NONE.
 
-Anything malformed raises :class:`~btns_vici.errors.ProtocolError` (EPROTO).
+Anything malformed raises :class:`~btns_vici.core.errors.ProtocolError` (EPROTO).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..constants import AuthMethod
-from ..errors import ProtocolError
-from ..records import ChildSA, Identity, IkeSA
-from ..selectors import PROTO_ANY, PROTO_NAMES, TrafficSelector
+from ..core.constants import AuthMethod
+from ..core.errors import ProtocolError
+from ..core.records import ChildSA, Identity, IkeSA
+from ..core.selectors import PROTO_ANY, PROTO_NAMES, TrafficSelector
 
 BACKEND = "strongswan"
 Section = Mapping[str, Any]

@@ -25,12 +25,12 @@ from typing import Any
 
 from .. import forksafe
 from ..backend import BackendInfo, Capabilities, SAEvent
-from ..constants import AuthMethod
+from ..core.constants import AuthMethod
+from ..core.errors import BackendError, DaemonDownError, ProtocolError
+from ..core.records import ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
+from ..core.selectors import Flow
 from ..dataplane import LIBIPSEC, XFRM, verify
-from ..errors import BackendError, DaemonDownError, ProtocolError
 from ..hookspecs import hookimpl
-from ..records import ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
-from ..selectors import Flow
 from . import parse
 from .enforce import EnforceHooks
 from .events import EventStream

@@ -5,7 +5,7 @@ byte of the reply (not a per-``recv`` timeout, which a daemon trickling one byte
 second defeats). No packet over charon's own message limit (512 KiB) is read; the
 decoder is iterative with depth and element limits.
 
-Errors (all :class:`~btns_vici.errors.BackendError` subclasses, see the README table):
+Errors (all :class:`~btns_vici.core.errors.BackendError` subclasses, see the README table):
 
 * no daemon there (socket missing, nobody accepting): :class:`DaemonDownError` (ECONNREFUSED);
 * not allowed to open the socket: :class:`DaemonAccessError` (EACCES, names the path and
@@ -28,7 +28,7 @@ from typing import Any
 
 from vici.protocol import Message, Packet
 
-from ..errors import (
+from ..core.errors import (
     BackendError,
     BtnsError,
     CommandFailedError,

@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from btns_vici.backend import Enforcement
-from btns_vici.constants import Attr, AuthMethod, Setting
+from btns_vici.core.constants import Attr, AuthMethod, Setting
+from btns_vici.core.errors import BtnsError, NotSupportedError
+from btns_vici.core.requirements import allowed_methods, choose_proposals, demanded
+from btns_vici.core.selectors import Flow
+from btns_vici.core.tokens import PToken
 from btns_vici.dataplane import XFRM
-from btns_vici.errors import BtnsError, NotSupportedError
-from btns_vici.requirements import allowed_methods, choose_proposals, demanded
-from btns_vici.selectors import Flow
-from btns_vici.tokens import PToken
 
 from . import whack
 from .rsakey import KeyFormatError, numbers_from_spki, rfc3110_from_numbers

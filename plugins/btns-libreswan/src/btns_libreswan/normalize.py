@@ -18,8 +18,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 
-from btns_vici.constants import AuthMethod
-from btns_vici.records import ChildSA, Identity, IkeSA
+from btns_vici.core.constants import AuthMethod
+from btns_vici.core.records import ChildSA, Identity, IkeSA
 
 from .ipsecconf import ConnKeys
 from .parse import Conn, State, Status, Traffic, parse_selectors, split_alg, split_encr

@@ -13,8 +13,8 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
-from btns_vici.errors import ProtocolError
-from btns_vici.selectors import IPAddress, TrafficSelector
+from btns_vici.core.errors import ProtocolError
+from btns_vici.core.selectors import IPAddress, TrafficSelector
 
 _CODE = re.compile(r"^\d{3} ")
 # "name"[1][2] ...peer (5.x) or "name"[1] peer (4.x): the peer part only on template instances

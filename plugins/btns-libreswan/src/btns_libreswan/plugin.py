@@ -24,13 +24,13 @@ from dataclasses import replace
 from typing import Any
 
 from btns_vici.backend import BackendInfo, Capabilities, Enforcement, SAEvent
-from btns_vici.constants import AuthMethod
+from btns_vici.core.constants import AuthMethod
+from btns_vici.core.errors import BackendError
+from btns_vici.core.records import ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
+from btns_vici.core.selectors import Flow
+from btns_vici.core.tokens import PToken
 from btns_vici.dataplane import XFRM, verify
-from btns_vici.errors import BackendError
 from btns_vici.hookspecs import hookimpl
-from btns_vici.records import ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
-from btns_vici.selectors import Flow
-from btns_vici.tokens import PToken
 
 from . import enforce, ipsecconf, whack
 from .normalize import BACKEND, ike_sas

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from btns_vici.errors import BackendError
+from btns_vici.core.errors import BackendError
 
 ROOT_ENV = "BTNS_LIBRESWAN_ROOT"
 DEFAULT_CACHE = Path("/var/cache/btns-libreswan")

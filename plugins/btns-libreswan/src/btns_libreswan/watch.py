@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Mapping
 
 from btns_vici.backend import SAEvent
-from btns_vici.errors import BackendError
+from btns_vici.core.errors import BackendError
 
 from . import whack
 from .normalize import child_state, ike_state, is_ipsec_state

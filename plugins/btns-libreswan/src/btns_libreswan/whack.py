@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from btns_vici.errors import (
+from btns_vici.core.errors import (
     BackendError,
     CommandFailedError,
     DaemonAccessError,
@@ -168,7 +168,7 @@ def whack_timeout(options: Mapping[str, str]) -> float:
     except ValueError:
         value = -1.0
     if not value > 0:
-        from btns_vici.errors import BtnsError
+        from btns_vici.core.errors import BtnsError
 
         raise BtnsError(f"whack_timeout must be a positive number of seconds, not {raw!r}")
     return value

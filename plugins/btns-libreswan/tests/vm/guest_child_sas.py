@@ -28,11 +28,11 @@ from btns_libreswan.lab import Lab, bring_up, build
 from btns_libreswan.runner import RsaKey, wait_for
 from btns_vici import netns, plugins
 from btns_vici.backend import Backend
-from btns_vici.constants import AuthMethod, Setting
-from btns_vici.derive import ptoken_for
-from btns_vici.selectors import Flow
+from btns_vici.core.constants import AuthMethod, Setting
+from btns_vici.core.derive import ptoken_for
+from btns_vici.core.selectors import Flow
+from btns_vici.core.tokens import IToken, PToken
 from btns_vici.sockets import flow_of
-from btns_vici.tokens import IToken, PToken
 
 pytestmark = [pytest.mark.vm, pytest.mark.libreswan]
 

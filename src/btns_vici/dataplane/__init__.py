@@ -2,9 +2,9 @@
 
 A CHILD_SA covering a flow says nothing about a socket that leaves by another device,
 with another mark, from another namespace, or about a datagram that arrived in clear.
-So every proof is made for a :class:`~btns_vici.records.SocketView` (README: "Socket-exact
-truth"), and its answer is a :class:`~btns_vici.records.DataplaneProof` or a
-:class:`~btns_vici.records.NotCarried` with the reason.
+So every proof is made for a :class:`~btns_vici.core.records.SocketView` (README: "Socket-exact
+truth"), and its answer is a :class:`~btns_vici.core.records.DataplaneProof` or a
+:class:`~btns_vici.core.records.NotCarried` with the reason.
 
 Two data planes exist (README "Data planes"):
 
@@ -25,9 +25,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from . import rtnl
-from .records import IN, OUT, ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
-from .selectors import normalize_address
+from .. import rtnl
+from ..core.records import IN, OUT, ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
+from ..core.selectors import normalize_address
 
 LIBIPSEC = "kernel-libipsec"
 XFRM = "kernel-xfrm"
@@ -40,7 +40,7 @@ Verifier = Callable[[SocketView, IkeSA, ChildSA, "str | None"], Verdict]
 
 def _verify_xfrm(view: SocketView, ike: IkeSA, child: ChildSA, netns_name: str | None) -> Verdict:
     try:
-        from . import xfrm
+        from .. import xfrm
     except ImportError as exc:  # pragma: no cover - pyroute2 is a dependency
         return NotCarried(f"kernel XFRM cannot be read: {exc}")
     return xfrm.prove_socket(view, ike, child, netns_name)

@@ -1,6 +1,6 @@
 """Subscriptions to the kernel's XFRM multicast groups (acquire, expire, SA and policy changes).
 
-A plain AF_NETLINK socket joined to the groups; :mod:`btns_vici._xfrm_wire` decodes what arrives.
+A plain AF_NETLINK socket joined to the groups; :mod:`btns_vici.xfrm._wire` decodes what arrives.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 
-from . import _xfrm_wire as wire
-from . import netns as _netns
-from ._xfrm_records import XfrmEvent, XfrmPolicy, XfrmState
-from ._xfrm_wire import XfrmDecodeWarning
+from .. import netns as _netns
+from . import _wire as wire
+from ._records import XfrmEvent, XfrmPolicy, XfrmState
+from ._wire import XfrmDecodeWarning
 
 log = logging.getLogger("btns_vici.xfrm")
 

@@ -10,7 +10,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from .selectors import Flow, IPAddress, normalize_address
+from ..core.selectors import Flow, IPAddress, normalize_address
 
 IPPROTO_ESP = 50
 IPPROTO_AH = 51

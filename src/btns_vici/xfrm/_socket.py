@@ -15,9 +15,9 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from . import _xfrm_wire as wire
-from ._xfrm_records import IPPROTO_AH, IPPROTO_COMP, IPPROTO_ESP, Template
-from .selectors import IPAddress
+from ..core.selectors import IPAddress
+from . import _wire as wire
+from ._records import IPPROTO_AH, IPPROTO_COMP, IPPROTO_ESP, Template
 
 IP_XFRM_POLICY = 17
 IPV6_XFRM_POLICY = 35

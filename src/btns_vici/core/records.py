@@ -1,7 +1,7 @@
 """Normalized SA records: what every backend yields, whatever its IKE daemon. Pure data.
 
 A backend (strongSwan over VICI, libreswan over whack, ...) turns its daemon's
-view into these frozen dataclasses; :mod:`btns_vici.derive` turns them into tokens.
+view into these frozen dataclasses; :mod:`btns_vici.core.derive` turns them into tokens.
 """
 
 from __future__ import annotations

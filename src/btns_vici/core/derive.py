@@ -225,7 +225,7 @@ def reported_remote(ike: IkeSA) -> Identity:
     remote = ike.remote
     if remote.auth_method != AuthMethod.BTNS or not remote.public_key:
         return remote
-    from . import knownpeers
+    from .. import knownpeers
 
     if knownpeers.method_for(ike) == AuthMethod.LEAPOFFAITH:
         return dataclasses.replace(remote, auth_method=AuthMethod.LEAPOFFAITH)

@@ -1,9 +1,9 @@
 """The kernel's XFRM SAD/SPD over netlink, and per-socket IPsec policies.
 
 Dumps go over a plain netlink socket (pyroute2's NetlinkSocket refuses to run inside a
-running asyncio loop); :mod:`btns_vici._xfrm_wire` decodes the bytes into the frozen records of
-:mod:`btns_vici._xfrm_records`. Notifications come from :mod:`btns_vici._xfrm_monitor`,
-per-socket policies from :mod:`btns_vici._xfrm_socket`; this module is the public face of
+running asyncio loop); :mod:`btns_vici.xfrm._wire` decodes the bytes into the frozen records of
+:mod:`btns_vici.xfrm._records`. Notifications come from :mod:`btns_vici.xfrm._monitor`,
+per-socket policies from :mod:`btns_vici.xfrm._socket`; this module is the public face of
 all of them. Nothing here ever exposes key bytes. ``netns`` arguments name a network
 namespace under /run/netns (entered with setns in the calling thread); None is the caller's.
 
@@ -26,11 +26,14 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
-from . import _xfrm_socket, forksafe
-from . import _xfrm_wire as wire
-from . import netns as _netns
-from ._xfrm_monitor import GROUPS, XfrmMonitor, watch
-from ._xfrm_records import (
+from .. import forksafe
+from .. import netns as _netns
+from ..core.records import IN, OUT, ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
+from ..core.selectors import Flow, IPAddress, normalize_address
+from . import _socket
+from . import _wire as wire
+from ._monitor import GROUPS, XfrmMonitor, watch
+from ._records import (
     IPPROTO_AH,
     IPPROTO_COMP,
     IPPROTO_ESP,
@@ -49,7 +52,7 @@ from ._xfrm_records import (
     XfrmPolicy,
     XfrmState,
 )
-from ._xfrm_socket import (
+from ._socket import (
     IP_XFRM_POLICY,
     IPV6_XFRM_POLICY,
     MODES,
@@ -59,10 +62,8 @@ from ._xfrm_socket import (
     socket_policies,
     socket_template,
 )
-from ._xfrm_socket import set_socket_policy as _set_socket_policy
-from ._xfrm_wire import XfrmDecodeWarning
-from .records import IN, OUT, ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
-from .selectors import Flow, IPAddress, normalize_address
+from ._socket import set_socket_policy as _set_socket_policy
+from ._wire import XfrmDecodeWarning
 
 XFRM = "kernel-xfrm"
 NETLINK_XFRM, NLM_F_REQUEST, NLM_F_DUMP = 6, 0x1, 0x300  # linux/netlink.h
@@ -141,7 +142,7 @@ def _dump(msg_type: int, netns: str | None) -> Iterator[XfrmState | XfrmPolicy |
 def _socket_policy_indexes(sock: socket.socket, direction: str) -> set[int] | None:
     """SPD indexes of the socket policies for ``direction`` in ``sock``'s namespace (None: unreadable)."""
     try:
-        ns_fd = fcntl.ioctl(sock.fileno(), _xfrm_socket.SIOCGSKNS)
+        ns_fd = fcntl.ioctl(sock.fileno(), _socket.SIOCGSKNS)
     except OSError:
         return None
     try:
@@ -159,7 +160,7 @@ def set_socket_policy(
     level: str = "required",
     reqid: int = 0,
 ) -> SocketPolicy:
-    """:func:`btns_vici._xfrm_socket.set_socket_policy` (same arguments), remembering the policy's SPD index.
+    """:func:`btns_vici.xfrm._socket.set_socket_policy` (same arguments), remembering the policy's SPD index.
 
     The index is learnt from the namespace's SPD before and after, so that the data-plane
     proof can tell this process's socket policies from those of others (README "Socket-exact
@@ -171,7 +172,7 @@ def set_socket_policy(
     new = (after - before) if before is not None and after is not None else set()
     if len(new) == 1:  # unambiguous: no other process added one meanwhile
         policy = dataclasses.replace(policy, index=new.pop())
-        _xfrm_socket.record(sock, policy)
+        _socket.record(sock, policy)
     return policy
 
 
@@ -369,7 +370,7 @@ def prove_socket(view: SocketView, ike: IkeSA, child: ChildSA, netns: str | None
     receives may have arrived in clear (``inbound=False``; for a received datagram: not
     protected).
     """
-    from . import rtnl
+    from .. import rtnl
 
     flow = view.flow
     proto, mode = _proto_num(child.protocol), MODES.get(child.mode.lower(), -1)
@@ -386,11 +387,11 @@ def prove_socket(view: SocketView, ike: IkeSA, child: ChildSA, netns: str | None
     facts = view.facts()
     sock_pols = [p for p in policies if p.is_socket]
     present = {p.index for p in sock_pols}
-    _xfrm_socket.prune(view.netns, present)
+    _socket.prune(view.netns, present)
     # This socket's own policies, as we installed them, if still in force (index still in the SPD).
     mine = {
         d: p
-        for d, p in (_xfrm_socket.recorded(view.key).items() if view.key is not None else ())
+        for d, p in (_socket.recorded(view.key).items() if view.key is not None else ())
         if p.index is not None and p.index in present
     }
     needed = {"out", "in"} - ({"in"} if view.direction == OUT else {"out"} if view.direction == IN else set())
@@ -399,7 +400,7 @@ def prove_socket(view: SocketView, ike: IkeSA, child: ChildSA, netns: str | None
         # Socket policies of other processes (the kernel cannot say which socket carries them). Those
         # requiring this very SA cannot make any socket bypass it; the IKE daemon's sockets each carry
         # a bypass pair. Any other one might be on this socket: then nothing can be proven.
-        ours = _xfrm_socket.recorded_indexes(view.netns)
+        ours = _socket.recorded_indexes(view.netns)
         for d in sorted(needed - set(mine)):
             risky = [
                 p

@@ -13,7 +13,8 @@ import struct
 import warnings
 from collections.abc import Iterator, Sequence
 
-from ._xfrm_records import (
+from ..core.selectors import IPAddress
+from ._records import (
     EVENT_KINDS,
     Acquire,
     Algorithm,
@@ -28,7 +29,6 @@ from ._xfrm_records import (
     XfrmPolicy,
     XfrmState,
 )
-from .selectors import IPAddress
 
 
 class XfrmDecodeWarning(UserWarning):

@@ -182,7 +182,7 @@ def get_socket_ptoken(sock: FileDescriptorLike, backend: BackendLike = None) -> 
 def set_socket_ptoken(sock: FileDescriptorLike, ptoken: PToken, backend: BackendLike = None) -> None:
     """Attach ``ptoken`` to a socket so its requirements are enforced (draft 2.3.3)."""
     resolve_fd(sock)
-    ptoken._check_live()
+    ptoken.check_live()
     if is_connected(sock):
         raise BtnsError("socket is already connected: a pToken must be set before connect()/listen()", errno.EISCONN)
     try:

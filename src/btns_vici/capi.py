@@ -15,9 +15,9 @@ import errno
 
 from . import api, msg
 from .broker.client import BrokerClient
-from .core.derive import fill, unprotected_ptoken
+from .core.derive import unprotected_ptoken
 from .core.errors import BtnsError
-from .core.tokens import IToken, PToken
+from .core.tokens import IToken, PToken, fill
 from .msg import MsgHdr
 from .protection import ptoken_of
 from .sockets import FileDescriptorLike, resolve_fd
@@ -118,7 +118,7 @@ def _token(token: object) -> IToken | PToken:
 def _ptoken(p: object, what: str = "pToken") -> PToken:
     if not isinstance(p, PToken):
         raise TypeError(f"{what} must be a pToken, not {type(p).__name__}")
-    p._check_live()
+    p.check_live()
     return p
 
 

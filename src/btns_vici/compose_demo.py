@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .core.constants import Attr
+from .core.derive import restored_ptoken
 from .core.selectors import TrafficSelector
 from .core.tokens import IToken, PToken
 
@@ -89,14 +90,16 @@ def ptoken_to_json(p: PToken) -> dict[str, Any]:
 
 def ptoken_from_json(data: Mapping[str, Any]) -> PToken:
     """The pToken that :func:`ptoken_to_json` described."""
-    p = PToken()
+    attributes: dict[Attr, Any] = {}
     for name, value in data["attributes"].items():
         if isinstance(value, dict):
             value = IToken.from_bytes(bytes.fromhex(value["itoken"]))
-        p._set_internal(Attr[name], value)
-    p.local_ts = tuple(_ts_from_json(ts) for ts in data["local_ts"])
-    p.remote_ts = tuple(_ts_from_json(ts) for ts in data["remote_ts"])
-    return p
+        attributes[Attr[name]] = value
+    return restored_ptoken(
+        attributes,
+        (_ts_from_json(ts) for ts in data["local_ts"]),
+        (_ts_from_json(ts) for ts in data["remote_ts"]),
+    )
 
 
 def _ts_to_json(ts: TrafficSelector) -> list[Any]:

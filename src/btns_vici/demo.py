@@ -20,6 +20,7 @@ from typing import TextIO
 
 from .api import accept, connect, get_socket_ptoken, listen, set_socket_ptoken
 from .core.constants import Attr, AuthMethod, Setting
+from .core.derive import restored_ptoken
 from .core.tokens import IToken, PToken
 from .hostkey import load_or_create
 from .plugins import get_backend
@@ -165,12 +166,10 @@ def print_checks(checks: dict[str, bool], out: TextIO) -> None:
 
 def _mirror_equal(a: PToken, b: PToken) -> bool:
     """A's and B's views are mirror images: swap B's selectors and identities, then compare."""
-    m = b.copy()
-    m.local_ts, m.remote_ts = b.remote_ts, b.local_ts
+    attributes = b.attributes()
     if b.remote_itoken is not None and b.itoken is not None:
-        m._set_internal(Attr.iToken, b.remote_itoken)
-        m._set_internal(Attr.remote_iToken, b.itoken)
-    return a.equivalent(m)
+        attributes[Attr.iToken], attributes[Attr.remote_iToken] = b.remote_itoken, b.itoken
+    return a.equivalent(restored_ptoken(attributes, b.remote_ts, b.local_ts))
 
 
 def main(argv: list[str] | None = None) -> None:

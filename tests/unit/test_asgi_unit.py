@@ -13,7 +13,7 @@ import pytest
 
 from btns_vici import AuthMethod, Setting, aio
 from btns_vici.core.constants import Attr
-from btns_vici.core.derive import unprotected_ptoken
+from btns_vici.core.derive import restored_ptoken, unprotected_ptoken
 from btns_vici.core.tokens import IToken, PToken
 
 KEY = b"0*0\x05\x06\x03+ep\x03!\x00" + bytes(range(32))  # an ed25519 SPKI
@@ -30,12 +30,14 @@ def no_daemon(monkeypatch):
 
 
 def protected_token(key: bytes = KEY) -> PToken:
-    tok = PToken()
-    tok._set_internal(Attr.privacyProtected, int(Setting.LEVEL_HIGH))
-    tok._set_internal(Attr.integrityProtected, int(Setting.LEVEL_HIGH))
-    tok._set_internal(Attr.informationString, "test: protected")
-    tok._set_internal(Attr.iToken, IToken.from_identity(authentication_method=AuthMethod.BTNS, pub_key_id=key))
-    return tok
+    return restored_ptoken(
+        {
+            Attr.privacyProtected: int(Setting.LEVEL_HIGH),
+            Attr.integrityProtected: int(Setting.LEVEL_HIGH),
+            Attr.informationString: "test: protected",
+            Attr.iToken: IToken.from_identity(authentication_method=AuthMethod.BTNS, pub_key_id=key),
+        }
+    )
 
 
 class FakeTransport:

@@ -6,24 +6,26 @@ import json
 
 from btns_vici.compose_demo import ptoken_from_json, ptoken_to_json
 from btns_vici.core.constants import Attr, AuthMethod, Setting
-from btns_vici.core.derive import itoken_for
+from btns_vici.core.derive import itoken_for, restored_ptoken
 from btns_vici.core.records import Identity
 from btns_vici.core.selectors import TrafficSelector
 from btns_vici.core.tokens import PToken
 
 
 def _token() -> PToken:
-    p = PToken()
-    p._set_internal(Attr.privacyProtected, Setting.LEVEL_HIGH)
-    p._set_internal(Attr.integrityProtected, Setting.LEVEL_MEDIUM)
-    p._set_internal(Attr.tunnelMode, Setting.ENABLE)
-    p._set_internal(Attr.informationString, "tcp 10.0.0.1:5 -> 10.0.0.2:7 is protected")
-    p._set_internal(Attr.policyName, "btns-init-0123456789ab/btns-init-0123456789ab")
     key = bytes.fromhex("302a300506032b6570032100") + bytes(range(32))
-    p._set_internal(Attr.iToken, itoken_for(Identity("peer", AuthMethod.BTNS, public_key=key, auth_class="public key")))
-    p.local_ts = (TrafficSelector.from_network("10.0.0.1/32"),)
-    p.remote_ts = (TrafficSelector.from_network("10.0.0.2/32", 6, 7, 7),)
-    return p
+    return restored_ptoken(
+        {
+            Attr.privacyProtected: Setting.LEVEL_HIGH,
+            Attr.integrityProtected: Setting.LEVEL_MEDIUM,
+            Attr.tunnelMode: Setting.ENABLE,
+            Attr.informationString: "tcp 10.0.0.1:5 -> 10.0.0.2:7 is protected",
+            Attr.policyName: "btns-init-0123456789ab/btns-init-0123456789ab",
+            Attr.iToken: itoken_for(Identity("peer", AuthMethod.BTNS, public_key=key, auth_class="public key")),
+        },
+        (TrafficSelector.from_network("10.0.0.1/32"),),
+        (TrafficSelector.from_network("10.0.0.2/32", 6, 7, 7),),
+    )
 
 
 def test_ptoken_survives_json() -> None:

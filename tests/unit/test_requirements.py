@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from btns_vici import AuthMethod, IToken, PToken, Setting, satisfies, unmet
-from btns_vici.core.constants import Attr
 from btns_vici.core.derive import unprotected_ptoken
 
 from .test_equivalence import FLOW, KEY_B, child, token
@@ -64,7 +63,7 @@ def test_pinned_raw_key_counts_as_leap_of_faith() -> None:
     p = PToken()
     t = IToken.from_identity(authentication_method=AuthMethod.BTNS, pub_key_id=KEY_B)
     for m in AuthMethod:
-        t._set_internal(Attr(m), Setting.ANY)
+        t.set_auth_method(m, Setting.ANY)
     t.set_auth_method(AuthMethod.LEAPOFFAITH, Setting.ENABLE)
     p.itoken = t
     assert satisfies(p, token(child()))

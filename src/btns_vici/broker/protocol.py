@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..core.constants import Attr
+from ..core.derive import restored_ptoken
 from ..core.errors import BtnsError
 from ..core.selectors import TrafficSelector
 from ..core.tokens import PToken, decode_attr, encode_attr
@@ -167,6 +168,7 @@ def ptoken_from_wire(data: Any, *, trusted: bool) -> PToken:
     if not isinstance(data, dict) or not isinstance(data.get("attrs"), dict):
         raise BtnsError("pToken must be an object with 'attrs'", errno.EINVAL)
     tok = PToken()
+    derived: dict[Attr, Any] = {}
     for name, hexed in data["attrs"].items():
         attr = Attr.__members__.get(name) if isinstance(name, str) else None
         if attr is None or not isinstance(hexed, str) or len(hexed) > 2 * MAX_FRAME:
@@ -176,9 +178,10 @@ def ptoken_from_wire(data: Any, *, trusted: bool) -> PToken:
         except ValueError:
             raise BtnsError(f"pToken attribute {name} is not hex", errno.EINVAL) from None
         if trusted:
-            tok._set_internal(attr, _decoded(attr, raw))
+            derived[attr] = _decoded(attr, raw)
         else:
             tok.set_attr_bytes(int(attr), raw)  # the application's own rules: read-only refused
+    selectors: dict[str, tuple[TrafficSelector, ...]] = {}
     for side in ("local_ts", "remote_ts"):
         items = data.get(side, [])
         if not isinstance(items, list) or len(items) > MAX_SELECTORS:
@@ -190,7 +193,10 @@ def ptoken_from_wire(data: Any, *, trusted: bool) -> PToken:
             )
         except (TypeError, ValueError) as exc:
             raise BtnsError(f"pToken {side} malformed: {exc}", errno.EINVAL) from None
-        setattr(tok, side, sels)
+        selectors[side] = sels
+    if trusted:
+        return restored_ptoken(derived, selectors["local_ts"], selectors["remote_ts"])
+    tok.local_ts, tok.remote_ts = selectors["local_ts"], selectors["remote_ts"]
     return tok
 
 

@@ -4,7 +4,8 @@ draft-ietf-btns-c-api-04 declares three anonymous enums that all start at 0 and
 names ``IPSEC_API_ATTR_auditString`` in two of them, so in C an ``attr_type``
 would be ambiguous (and the header would not even compile). It also uses
 ``IPSEC_API_ATTR_ENABLE``/``_DISABLE``/``_ANY``/``_LEVEL_*`` without giving
-values. The choices below are documented in README.md ("Constant values").
+values. The choices below are documented in README.md ("Constant values"); every
+rule about an attribute (token kind, type, access, default) is in :mod:`.attributes`.
 """
 
 from __future__ import annotations
@@ -80,46 +81,3 @@ class Setting(IntEnum):
 
 #: Alias: the levels are values of :class:`Setting`.
 Level = Setting
-
-ITOKEN_IDENTITY_ATTRS = frozenset(
-    {
-        Attr.auditString,
-        Attr.authenticationMethod,
-        Attr.certificateAuthorityDN,
-        Attr.certificateDN,
-        Attr.pubKeyID,
-        Attr.channelBinding,
-    }
-)
-ITOKEN_AUTH_SWITCHES = frozenset(Attr(m) for m in AuthMethod)
-ITOKEN_ATTRS = ITOKEN_IDENTITY_ATTRS | ITOKEN_AUTH_SWITCHES
-
-PTOKEN_LEVEL_ATTRS = frozenset({Attr.privacyProtected, Attr.integrityProtected})
-PTOKEN_SWITCH_ATTRS = frozenset({Attr.compressionAvailable, Attr.tunnelMode, Attr.ipoptionsProtected})
-PTOKEN_STRING_ATTRS = frozenset({Attr.policyName, Attr.auditString, Attr.informationString})
-PTOKEN_OBJECT_ATTRS = frozenset({Attr.iToken, Attr.remote_iToken})
-PTOKEN_ATTRS = PTOKEN_LEVEL_ATTRS | PTOKEN_SWITCH_ATTRS | PTOKEN_STRING_ATTRS | PTOKEN_OBJECT_ATTRS
-
-#: Attributes whose value is a 2-octet unsigned integer in host byte order.
-UINT16_ATTRS = ITOKEN_AUTH_SWITCHES | {Attr.authenticationMethod} | PTOKEN_LEVEL_ATTRS | PTOKEN_SWITCH_ATTRS
-#: Attributes whose value is a NUL-terminated character array.
-STRING_ATTRS = frozenset(
-    {
-        Attr.auditString,
-        Attr.certificateAuthorityDN,
-        Attr.certificateDN,
-        Attr.channelBinding,
-        Attr.policyName,
-        Attr.informationString,
-    }
-)
-#: Attributes whose value is opaque binary.
-BINARY_ATTRS = frozenset({Attr.pubKeyID})
-
-#: Read-only through ipsec_set_token_attr (EPERM).
-ITOKEN_READONLY = ITOKEN_IDENTITY_ATTRS
-PTOKEN_READONLY = frozenset({Attr.informationString})
-
-#: Limits keep every token bounded in memory.
-MAX_STRING_LEN = 4096  # bytes, including the terminating NUL
-MAX_BINARY_LEN = 16384  # a DER SubjectPublicKeyInfo of an RSA-16384 key fits

@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+from collections.abc import Iterable, Mapping
 
+from .attributes import LEVEL_ATTRS, SWITCH_ATTRS
 from .constants import Attr, AuthMethod, Setting
 from .records import ChildSA, DataplaneProof, Identity, IkeSA, Protection
-from .selectors import Flow
+from .selectors import Flow, TrafficSelector
 from .tokens import IToken, PToken
 
 _AUTH_WORDS = {
@@ -172,11 +174,16 @@ def ptoken_for(protection: Protection) -> PToken:
             _TEMPLATES.clear()
         hit = _TEMPLATES[key] = (ike, child, proof, _ptoken_template(ike, child, proof))
     tmpl = hit[3]
-    tok = tmpl.copy()
     where = str(flow)
-    tok._set_internal(Attr.auditString, f"{tmpl.audit_string} flow={where}")
-    tok._set_internal(Attr.informationString, f"{where} {tmpl.information_string}")
-    return tok
+    return PToken._from_attributes(
+        {
+            **tmpl.attributes(),
+            Attr.auditString: f"{tmpl.audit_string} flow={where}",
+            Attr.informationString: f"{where} {tmpl.information_string}",
+        },
+        tmpl.local_ts,
+        tmpl.remote_ts,
+    )
 
 
 #: (id(ike), id(child), id(proof)) -> (ike, child, proof, template); the strong references keep ids unique.
@@ -185,38 +192,36 @@ _TEMPLATES: dict[tuple[int, int, int], tuple[IkeSA, ChildSA, DataplaneProof, PTo
 
 def _ptoken_template(ike: IkeSA, child: ChildSA, proof: DataplaneProof) -> PToken:
     """ptoken_for without the flow: audit and information strings lack the flow's text."""
-    tok = PToken()
     tunnel = child.mode.upper() == "TUNNEL"
-    tok._set_internal(Attr.privacyProtected, int(privacy_level(child)))
-    # Integrity is a property of both directions: if clear packets from the peer's address
-    # can reach the socket (proof.inbound False), what it receives is not integrity-protected.
-    tok._set_internal(Attr.integrityProtected, int(integrity_level(child) if proof.inbound else Setting.DISABLE))
-    tok._set_internal(Attr.compressionAvailable, _on(child.ipcomp))
-    tok._set_internal(Attr.tunnelMode, _on(tunnel))
-    # Tunnel mode protects the whole inner header; in transport mode only AH covers options.
-    tok._set_internal(Attr.ipoptionsProtected, _on(tunnel or child.protocol.upper() == "AH"))
-    tok._set_internal(Attr.policyName, f"{ike.name}/{child.name}")
     remote = reported_remote(ike)  # BTNS at first contact, LEAPOFFAITH once the key is a known peer's
-    tok._set_internal(Attr.iToken, itoken_for(remote, ike.local))
-    tok._set_internal(Attr.remote_iToken, itoken_for(ike.local, remote))
-    tok._set_internal(
-        Attr.auditString,
-        f"backend={ike.backend} ike_sa={ike.name}#{ike.uniqueid} child_sa={child.name}#{child.uniqueid} "
-        f"reqid={child.reqid} spi_in={child.spi_in:08x} spi_out={child.spi_out:08x} "
-        f"proto={child.protocol} mode={child.mode} alg={_alg_text(child)} "
-        f"peer_id={ike.remote.ike_id!r} dataplane={proof.dataplane} inbound={'sa' if proof.inbound else 'open'} "
-        f"proof={proof.detail!r}",
-    )
-    tok._set_internal(
-        Attr.informationString,
-        f"is protected by IPsec {child.protocol} in {child.mode.lower()} mode "
-        f"({_alg_text(child)}{', IPComp' if child.ipcomp else ''}) with peer '{ike.remote.ike_id}', "
-        f"authenticated by {_AUTH_WORDS.get(remote.auth_method, remote.auth_class)}; "
-        + ("" if proof.inbound else "received data is NOT integrity-protected (clear packets could reach it); ")
-        + f"data plane {proof.dataplane}: {proof.detail}",
-    )
-    tok.local_ts, tok.remote_ts = child.local_ts, child.remote_ts
-    return tok
+    attributes: dict[Attr, object] = {
+        Attr.privacyProtected: int(privacy_level(child)),
+        # Integrity is a property of both directions: if clear packets from the peer's address
+        # can reach the socket (proof.inbound False), what it receives is not integrity-protected.
+        Attr.integrityProtected: int(integrity_level(child) if proof.inbound else Setting.DISABLE),
+        Attr.compressionAvailable: _on(child.ipcomp),
+        Attr.tunnelMode: _on(tunnel),
+        # Tunnel mode protects the whole inner header; in transport mode only AH covers options.
+        Attr.ipoptionsProtected: _on(tunnel or child.protocol.upper() == "AH"),
+        Attr.policyName: f"{ike.name}/{child.name}",
+        Attr.iToken: itoken_for(remote, ike.local),
+        Attr.remote_iToken: itoken_for(ike.local, remote),
+        Attr.auditString: (
+            f"backend={ike.backend} ike_sa={ike.name}#{ike.uniqueid} child_sa={child.name}#{child.uniqueid} "
+            f"reqid={child.reqid} spi_in={child.spi_in:08x} spi_out={child.spi_out:08x} "
+            f"proto={child.protocol} mode={child.mode} alg={_alg_text(child)} "
+            f"peer_id={ike.remote.ike_id!r} dataplane={proof.dataplane} inbound={'sa' if proof.inbound else 'open'} "
+            f"proof={proof.detail!r}"
+        ),
+        Attr.informationString: (
+            f"is protected by IPsec {child.protocol} in {child.mode.lower()} mode "
+            f"({_alg_text(child)}{', IPComp' if child.ipcomp else ''}) with peer '{ike.remote.ike_id}', "
+            f"authenticated by {_AUTH_WORDS.get(remote.auth_method, remote.auth_class)}; "
+            + ("" if proof.inbound else "received data is NOT integrity-protected (clear packets could reach it); ")
+            + f"data plane {proof.dataplane}: {proof.detail}"
+        ),
+    }
+    return PToken._from_attributes(attributes, child.local_ts, child.remote_ts)
 
 
 def reported_remote(ike: IkeSA) -> Identity:
@@ -233,39 +238,36 @@ def reported_remote(ike: IkeSA) -> Identity:
 
 
 def unprotected_ptoken(flow: Flow | None, reason: str) -> PToken:
-    """The pToken of a flow no verified SA covers: everything DISABLE, no iToken (fail closed)."""
-    tok = PToken()
-    for attr in (
-        Attr.privacyProtected,
-        Attr.integrityProtected,
-        Attr.compressionAvailable,
-        Attr.tunnelMode,
-        Attr.ipoptionsProtected,
-    ):
-        tok._set_internal(attr, int(Setting.DISABLE))
+    """The pToken of a flow no verified SA covers: every level and switch DISABLE, no iToken (fail closed)."""
     where = str(flow) if flow else "this socket"
-    tok._set_internal(Attr.auditString, f"unprotected flow={where} reason={reason}")
-    tok._set_internal(Attr.informationString, f"{where} is NOT protected by IPsec: {reason}")
-    return tok
+    attributes: dict[Attr, object] = {attr: int(Setting.DISABLE) for attr in (*LEVEL_ATTRS, *SWITCH_ATTRS)}
+    attributes[Attr.auditString] = f"unprotected flow={where} reason={reason}"
+    attributes[Attr.informationString] = f"{where} is NOT protected by IPsec: {reason}"
+    return PToken._from_attributes(attributes)
 
 
-def fill(target: PToken, source: PToken) -> None:
-    """Copy ``source`` into the caller-allocated ``target`` (the draft's get-into semantics)."""
-    target._check_live()
-    copy = source.copy()
-    target._attrs = copy._attrs
-    target.local_ts, target.remote_ts = copy.local_ts, copy.remote_ts
+def restored_ptoken(
+    attributes: Mapping[Attr, object],
+    local_ts: Iterable[TrafficSelector] = (),
+    remote_ts: Iterable[TrafficSelector] = (),
+) -> PToken:
+    """A pToken the library derived, rebuilt from its attributes (a broker's answer, a demo's JSON).
+
+    Unlike an application's template it carries the read-only informationString. Every value is
+    validated (EINVAL); trust only attributes this library produced.
+    """
+    return PToken._from_attributes(attributes, local_ts, remote_ts)
 
 
 __all__ = [
     "IkeSA",
     "channel_binding",
     "connection_binding",
-    "fill",
     "integrity_level",
     "itoken_for",
     "peer_key_binding",
     "privacy_level",
     "ptoken_for",
+    "restored_ptoken",
     "unprotected_ptoken",
 ]

@@ -30,19 +30,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .attributes import IDENTITY_ATTRS, ITOKEN_ATTRS, LEVEL_ATTRS, SWITCH_ATTRS
 from .constants import Attr, AuthMethod, Setting
 from .errors import NotSupportedError
 from .tokens import IToken, PToken
 
-_LEVELLED = (Attr.privacyProtected, Attr.integrityProtected)
-_SWITCHES = (Attr.compressionAvailable, Attr.tunnelMode, Attr.ipoptionsProtected)
-_IDENTITY = (
-    Attr.pubKeyID,
-    Attr.certificateDN,
-    Attr.certificateAuthorityDN,
-    Attr.channelBinding,
-    Attr.authenticationMethod,
-)
+
+def _wanted(token: IToken | PToken, attr: Attr) -> Setting:
+    """The level or switch a template asks for: ANY (no demand) when it holds none."""
+    value = token.setting(attr)
+    return Setting.ANY if value is None else value
 
 
 #: policyName value meaning "use IPsec if the peer can, else clear".
@@ -53,12 +50,12 @@ KEYWORD_PREFIX = "btns:"
 
 def is_opportunistic(demand: PToken) -> bool:
     """True for a "use IPsec if the peer can, else clear" demand (policyName ``btns:use``)."""
-    return demand.attributes().get(Attr.policyName) == USE_POLICY
+    return demand.policy_name == USE_POLICY
 
 
 def operator_policy(demand: PToken) -> tuple[str, str | None] | None:
     """The demanded operator connection (conn, child or None), from policyName ``conn[/child]``."""
-    name = demand.attributes().get(Attr.policyName)
+    name = demand.policy_name
     if not isinstance(name, str) or not name or name.startswith(KEYWORD_PREFIX):
         return None
     conn, _, child = name.partition("/")
@@ -69,17 +66,16 @@ def _itoken_constrains(tok: object) -> bool:
     if not isinstance(tok, IToken):
         return False
     attrs = tok.attributes()
-    return any(a in attrs for a in _IDENTITY) or any(attrs.get(Attr(m), Setting.ANY) != Setting.ANY for m in AuthMethod)
+    return any(a in attrs for a in IDENTITY_ATTRS) or any(_wanted(tok, Attr(m)) != Setting.ANY for m in AuthMethod)
 
 
 def is_no_demand(demand: PToken) -> bool:
     """True when ``demand`` asks for nothing: the system default (nothing forced, no guard)."""
-    want = demand.attributes()
-    if any(want.get(a, Setting.ANY) != Setting.ANY for a in (*_LEVELLED, *_SWITCHES)):
+    if any(_wanted(demand, a) != Setting.ANY for a in (*LEVEL_ATTRS, *SWITCH_ATTRS)):
         return False
-    if Attr.policyName in want:
+    if demand.policy_name is not None:
         return False
-    return not (_itoken_constrains(want.get(Attr.iToken)) or _itoken_constrains(want.get(Attr.remote_iToken)))
+    return not any(_itoken_constrains(demand.identity(a)) for a in ITOKEN_ATTRS)
 
 
 def _level_ok(demand: int, actual: int | None) -> bool:
@@ -106,8 +102,8 @@ def unmet_identity(demand: IToken, actual: IToken | None, who: str = "peer") -> 
     """Why ``actual`` does not satisfy the identity and auth methods ``demand`` asks for."""
     problems: list[str] = []
     demanded = demand.attributes()
-    pinned = [a for a in _IDENTITY if a in demanded]
-    switches = {m: Setting(demanded.get(Attr(m), Setting.ANY)) for m in AuthMethod}
+    pinned = [a for a in IDENTITY_ATTRS if a in demanded]
+    switches = {m: _wanted(demand, Attr(m)) for m in AuthMethod}
     constrained = pinned or any(s != Setting.ANY for s in switches.values())
     if not constrained:
         return problems
@@ -117,11 +113,10 @@ def unmet_identity(demand: IToken, actual: IToken | None, who: str = "peer") -> 
     for attr in pinned:
         if have.get(attr) != demanded[attr]:
             problems.append(f"{who} {attr.name} differs from the required one")
-    method = have.get(Attr.authenticationMethod)
-    if method is None:
+    m = actual.authentication_method
+    if m is None:
         problems.append(f"{who} authentication method unknown")
         return problems
-    m = AuthMethod(method)
     effective = {m}
     # A raw key that matches the pinned one is also a leap of faith (section 2.1.2).
     if m == AuthMethod.BTNS and Attr.pubKeyID in pinned and have.get(Attr.pubKeyID) == demanded[Attr.pubKeyID]:
@@ -145,29 +140,28 @@ def unmet(demand: PToken, actual: PToken, policy: bool = True) -> list[str]:
     An opportunistic demand (:data:`USE_POLICY`) is met by a clear connection; a protected
     one must meet its other attributes.
     """
-    want, have = demand.attributes(), actual.attributes()
     problems: list[str] = []
-    if policy and want.get(Attr.policyName) == USE_POLICY:
+    if policy and demand.policy_name == USE_POLICY:
         if not actual.protected:
             return problems
     elif policy and (op := operator_policy(demand)) is not None:
-        got = have.get(Attr.policyName)
+        got = actual.policy_name
         conn, child = op
-        ok = isinstance(got, str) and (got == f"{conn}/{child}" if child else got.partition("/")[0] == conn)
+        ok = got is not None and (got == f"{conn}/{child}" if child else got.partition("/")[0] == conn)
         if not ok:
-            problems.append(f"policyName: required {want[Attr.policyName]}, have {got or 'nothing'}")
-    for attr in _LEVELLED:
-        d = want.get(attr, Setting.ANY)
-        if not _level_ok(d, have.get(attr)):  # type: ignore[arg-type]
-            problems.append(f"{attr.name}: required {Setting(d).name}, have {_name(have.get(attr))}")
-    for attr in _SWITCHES:
-        d = want.get(attr, Setting.ANY)
-        if not _switch_ok(d, have.get(attr)):  # type: ignore[arg-type]
-            problems.append(f"{attr.name}: required {Setting(d).name}, have {_name(have.get(attr))}")
+            problems.append(f"policyName: required {demand.policy_name}, have {got or 'nothing'}")
+    for attr in LEVEL_ATTRS:
+        d = _wanted(demand, attr)
+        if not _level_ok(d, actual.setting(attr)):
+            problems.append(f"{attr.name}: required {d.name}, have {_name(actual.setting(attr))}")
+    for attr in SWITCH_ATTRS:
+        d = _wanted(demand, attr)
+        if not _switch_ok(d, actual.setting(attr)):
+            problems.append(f"{attr.name}: required {d.name}, have {_name(actual.setting(attr))}")
     for attr, who in ((Attr.iToken, "peer"), (Attr.remote_iToken, "local")):
-        tok = want.get(attr)
-        if isinstance(tok, IToken):
-            problems += unmet_identity(tok, have.get(attr), who)  # type: ignore[arg-type]
+        tok = demand.identity(attr)
+        if tok is not None:
+            problems += unmet_identity(tok, actual.identity(attr), who)
     return problems
 
 
@@ -175,8 +169,8 @@ def satisfies(demand: PToken, actual: PToken) -> bool:
     return not unmet(demand, actual)
 
 
-def _name(value: object) -> str:
-    return "nothing" if value is None else Setting(value).name  # type: ignore[arg-type]
+def _name(value: Setting | None) -> str:
+    return "nothing" if value is None else value.name
 
 
 # -- helpers for backends that build connections from a demand (enforcement) -----------------
@@ -184,7 +178,7 @@ def _name(value: object) -> str:
 
 def demanded(demand: PToken, attr: Attr) -> int:
     """The value ``demand`` asks for ``attr`` (ANY when unset)."""
-    return int(demand.attributes().get(attr, Setting.ANY))  # type: ignore[arg-type]
+    return int(_wanted(demand, attr))
 
 
 def allowed_methods(demand: PToken) -> frozenset[AuthMethod]:

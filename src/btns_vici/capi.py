@@ -15,6 +15,7 @@ import errno
 
 from . import api, msg
 from .broker.client import BrokerClient
+from .core.attributes import capi_constants
 from .core.derive import unprotected_ptoken
 from .core.errors import BtnsError
 from .core.tokens import IToken, PToken, fill
@@ -37,76 +38,18 @@ __all__ = [
     "ipsec_set_token_attr",
 ]
 
-# -- constants (figures 4 and 8), values chosen in constants.py (README "Constant values") --
-IPSEC_API_ATTR_auditString = 1
-IPSEC_API_ATTR_authenticationMethod = 2
-IPSEC_API_ATTR_certificateAuthorityDN = 3
-IPSEC_API_ATTR_certificateDN = 4
-IPSEC_API_ATTR_pubKeyID = 5
-IPSEC_API_ATTR_channelBinding = 6
-IPSEC_API_ATTR_authMeth_NONE = 16
-IPSEC_API_ATTR_authMeth_BTNS = 17
-IPSEC_API_ATTR_authMeth_LEAPOFFAITH = 18
-IPSEC_API_ATTR_authMeth_PRESHAREDKEY = 19
-IPSEC_API_ATTR_authMeth_GROUPKEY = 20
-IPSEC_API_ATTR_authMeth_XAUTH = 21
-IPSEC_API_ATTR_authMeth_EAP = 22
-IPSEC_API_ATTR_authMeth_PKIX_TRUSTED = 23
-IPSEC_API_ATTR_authMeth_PKIX_INLINE = 24
-IPSEC_API_ATTR_authMeth_PKIX_OFFLINE = 25
-IPSEC_API_ATTR_privacyProtected = 32
-IPSEC_API_ATTR_integrityProtected = 33
-IPSEC_API_ATTR_compressionAvailable = 34
-IPSEC_API_ATTR_policyName = 35
-IPSEC_API_ATTR_iToken = 36
-IPSEC_API_ATTR_remote_iToken = 37
-IPSEC_API_ATTR_tunnelMode = 38
-IPSEC_API_ATTR_ipoptionsProtected = 39
-IPSEC_API_ATTR_informationString = 40
-#: As printed in figure 4 (a typo of LEAPOFFAITH); both spellings are the same value.
-IPSEC_API_ATTR_authMeth_LEAPOFFFAITH = 18
-IPSEC_API_ATTR_DISABLE = 0
-IPSEC_API_ATTR_ENABLE = 1
-IPSEC_API_ATTR_ANY = 2
-IPSEC_API_ATTR_LEVEL_LOW = 3
-IPSEC_API_ATTR_LEVEL_MEDIUM = 4
-IPSEC_API_ATTR_LEVEL_HIGH = 5
-
-CONSTANTS = {
-    "IPSEC_API_ATTR_auditString": IPSEC_API_ATTR_auditString,
-    "IPSEC_API_ATTR_authenticationMethod": IPSEC_API_ATTR_authenticationMethod,
-    "IPSEC_API_ATTR_certificateAuthorityDN": IPSEC_API_ATTR_certificateAuthorityDN,
-    "IPSEC_API_ATTR_certificateDN": IPSEC_API_ATTR_certificateDN,
-    "IPSEC_API_ATTR_pubKeyID": IPSEC_API_ATTR_pubKeyID,
-    "IPSEC_API_ATTR_channelBinding": IPSEC_API_ATTR_channelBinding,
-    "IPSEC_API_ATTR_authMeth_NONE": IPSEC_API_ATTR_authMeth_NONE,
-    "IPSEC_API_ATTR_authMeth_BTNS": IPSEC_API_ATTR_authMeth_BTNS,
-    "IPSEC_API_ATTR_authMeth_LEAPOFFAITH": IPSEC_API_ATTR_authMeth_LEAPOFFAITH,
-    "IPSEC_API_ATTR_authMeth_PRESHAREDKEY": IPSEC_API_ATTR_authMeth_PRESHAREDKEY,
-    "IPSEC_API_ATTR_authMeth_GROUPKEY": IPSEC_API_ATTR_authMeth_GROUPKEY,
-    "IPSEC_API_ATTR_authMeth_XAUTH": IPSEC_API_ATTR_authMeth_XAUTH,
-    "IPSEC_API_ATTR_authMeth_EAP": IPSEC_API_ATTR_authMeth_EAP,
-    "IPSEC_API_ATTR_authMeth_PKIX_TRUSTED": IPSEC_API_ATTR_authMeth_PKIX_TRUSTED,
-    "IPSEC_API_ATTR_authMeth_PKIX_INLINE": IPSEC_API_ATTR_authMeth_PKIX_INLINE,
-    "IPSEC_API_ATTR_authMeth_PKIX_OFFLINE": IPSEC_API_ATTR_authMeth_PKIX_OFFLINE,
-    "IPSEC_API_ATTR_privacyProtected": IPSEC_API_ATTR_privacyProtected,
-    "IPSEC_API_ATTR_integrityProtected": IPSEC_API_ATTR_integrityProtected,
-    "IPSEC_API_ATTR_compressionAvailable": IPSEC_API_ATTR_compressionAvailable,
-    "IPSEC_API_ATTR_policyName": IPSEC_API_ATTR_policyName,
-    "IPSEC_API_ATTR_iToken": IPSEC_API_ATTR_iToken,
-    "IPSEC_API_ATTR_remote_iToken": IPSEC_API_ATTR_remote_iToken,
-    "IPSEC_API_ATTR_tunnelMode": IPSEC_API_ATTR_tunnelMode,
-    "IPSEC_API_ATTR_ipoptionsProtected": IPSEC_API_ATTR_ipoptionsProtected,
-    "IPSEC_API_ATTR_informationString": IPSEC_API_ATTR_informationString,
-    "IPSEC_API_ATTR_authMeth_LEAPOFFFAITH": IPSEC_API_ATTR_authMeth_LEAPOFFFAITH,
-    "IPSEC_API_ATTR_DISABLE": IPSEC_API_ATTR_DISABLE,
-    "IPSEC_API_ATTR_ENABLE": IPSEC_API_ATTR_ENABLE,
-    "IPSEC_API_ATTR_ANY": IPSEC_API_ATTR_ANY,
-    "IPSEC_API_ATTR_LEVEL_LOW": IPSEC_API_ATTR_LEVEL_LOW,
-    "IPSEC_API_ATTR_LEVEL_MEDIUM": IPSEC_API_ATTR_LEVEL_MEDIUM,
-    "IPSEC_API_ATTR_LEVEL_HIGH": IPSEC_API_ATTR_LEVEL_HIGH,
-}
+# -- constants (figures 4 and 8) -------------------------------------------------------
+#: Every ``IPSEC_API_ATTR_*`` name with its value, derived from the attribute table
+#: (core/attributes.py; README "Constant values"), the same as ``ipsec_api.h``; each is
+#: also a module attribute, e.g. ``capi.IPSEC_API_ATTR_pubKeyID``.
+CONSTANTS: dict[str, int] = capi_constants()
+globals().update(CONSTANTS)
 __all__ += list(CONSTANTS)
+
+
+def __getattr__(name: str) -> int:
+    """Only reached for a name that does not exist; its type tells checkers the constants are ints."""
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _token(token: object) -> IToken | PToken:

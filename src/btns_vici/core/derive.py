@@ -177,12 +177,10 @@ def ptoken_for(protection: Protection) -> PToken:
     where = str(flow)
     return PToken._from_attributes(
         {
-            **tmpl.attributes(),
             Attr.auditString: f"{tmpl.audit_string} flow={where}",
             Attr.informationString: f"{where} {tmpl.information_string}",
         },
-        tmpl.local_ts,
-        tmpl.remote_ts,
+        base=tmpl,
     )
 
 

@@ -32,11 +32,17 @@ from .selectors import TrafficSelector
 Value = Union[int, str, bytes, "IToken"]
 
 
+#: Attribute id -> Attr: a dict lookup is several times cheaper than calling the enum.
+_BY_ID: dict[object, Attr] = {int(a): a for a in Attr}
+
+
 def _attr(attr_type: int, rules: Rules) -> Attr:
     try:
-        attr = Attr(attr_type)
-    except ValueError:
-        raise TokenAttributeError(f"unknown attribute type {attr_type!r}") from None
+        attr = _BY_ID.get(attr_type)
+    except TypeError:  # unhashable
+        attr = None
+    if attr is None:
+        raise TokenAttributeError(f"unknown attribute type {attr_type!r}")
     if attr not in rules.allowed:
         raise TokenAttributeError(f"attribute {attr.name} ({int(attr)}) is not an {rules.name} attribute")
     return attr
@@ -315,14 +321,23 @@ class PToken(_Token):
     def _from_attributes(
         cls,
         attributes: Mapping[Attr, object],
-        local_ts: Iterable[TrafficSelector] = (),
-        remote_ts: Iterable[TrafficSelector] = (),
+        local_ts: Iterable[TrafficSelector] | None = None,
+        remote_ts: Iterable[TrafficSelector] | None = None,
+        *,
+        base: PToken | None = None,
     ) -> PToken:
         """The privileged constructor, for the core only: any pToken attribute (informationString
-        included), validated; iTokens are copied."""
-        tok = cls()
+        included), validated; iTokens are copied.
+
+        With ``base`` the new token starts as a copy of it (selectors included) and ``attributes``
+        only change it: the hot path of ``derive.ptoken_for`` validates two strings, not a template.
+        """
+        tok = cls() if base is None else base.copy()
         tok._fill(attributes)
-        tok.local_ts, tok.remote_ts = tuple(local_ts), tuple(remote_ts)
+        if local_ts is not None:
+            tok.local_ts = tuple(local_ts)
+        if remote_ts is not None:
+            tok.remote_ts = tuple(remote_ts)
         return tok
 
     def free(self) -> None:

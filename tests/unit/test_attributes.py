@@ -125,12 +125,20 @@ def test_readme_constant_values_table_is_the_table() -> None:
     assert "`IPSEC_API_ATTR_authMeth_LEAPOFFFAITH`" in section
 
 
-def test_header_comments_agree_on_access() -> None:
-    """The header marks the read-only pToken attribute and the writable ones it comments on."""
-    text = HEADER.read_text()
-    line = next(x for x in text.splitlines() if "IPSEC_API_ATTR_informationString =" in x)
-    assert "read-only" in line and at.PTOKEN_RULES.settable.isdisjoint({Attr.informationString})
-    line = next(x for x in text.splitlines() if "IPSEC_API_ATTR_auditString =" in x)
+def test_header_comments_agree_with_the_table() -> None:
+    """Where the header comments on an attribute, it names the table's type and access."""
+    word = {"uint16": "uint16_t", "string": "string", "binary": "binary", "itoken": "serialized iToken"}
+    lines = HEADER.read_text().splitlines()
+    commented = 0
+    for spec in at.TABLE:
+        line = next(x for x in lines if re.search(rf"\bIPSEC_API_ATTR_{spec.attr.name} =", x))
+        comment = line.partition("/*")[2]
+        if comment:
+            commented += 1
+            assert word[spec.codec.form] in comment, spec.attr.name
+            assert ("read-only" in comment) == (spec.settable == at.Kind.NONE and spec.kinds == at.Kind.PTOKEN)
+    assert commented == len([r for r in at.TABLE if r.enum != at.ENUM_AUTH_METH])
+    line = next(x for x in lines if "IPSEC_API_ATTR_auditString =" in x)
     assert "pToken: writable" in line and at.SPEC[Attr.auditString].settable == at.Kind.PTOKEN
 
 

@@ -1,9 +1,14 @@
 """iTokens and pTokens (draft sections 2.1-2.3): attributes, equivalence, duplication. Pure.
 
 The same objects are returned by :mod:`btns_vici.capi` and used by the pythonic API.
-Attribute values are kept decoded (int, str, bytes, IToken); the C encodings
-(2-octet host-order integers, NUL-terminated strings) are applied in
-:func:`encode_attr` / :func:`decode_attr`.
+Attribute values are kept decoded (int, str, bytes, IToken); which attributes a kind
+carries, which an application may set, their types, defaults and codecs are the rows of
+:mod:`.attributes`. The C encodings (2-octet host-order integers, NUL-terminated strings,
+serialized iTokens) are applied in :func:`encode_attr` / :func:`decode_attr`.
+
+Construction: ``IToken()``/``PToken()`` is the application's template (ipsec_create_*Token);
+``_from_attributes`` is the core's one privileged constructor (read-only attributes too), used
+by :mod:`.derive` (whose :func:`~.derive.restored_ptoken` serves the edges) and the iToken parser.
 """
 
 from __future__ import annotations

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import errno
+import re
+from pathlib import Path
 
 import pytest
 
+import btns_vici
 from btns_vici import AuthMethod, IToken, Level, PToken, Setting, capi
 from btns_vici.core.constants import Attr
+from btns_vici.core.derive import restored_ptoken, unprotected_ptoken
+from btns_vici.core.tokens import fill
 
 
 def test_capi_returns_the_pythonic_objects() -> None:
@@ -91,3 +96,64 @@ def test_itoken_identity_attributes_read_only_through_set_attr() -> None:
         t.set_attr(Attr.pubKeyID, b"k")
     assert e.value.errno == errno.EPERM
     assert not t.has_identity
+
+
+def test_restored_ptoken_carries_read_only_attributes_validated_and_copied() -> None:
+    peer = IToken.from_identity(authentication_method=AuthMethod.PRESHAREDKEY, channel_binding="cb")
+    p = restored_ptoken(
+        {Attr.privacyProtected: Setting.LEVEL_HIGH, Attr.informationString: "from the broker", Attr.iToken: peer}
+    )
+    assert p.information_string == "from the broker" and p.privacy_protected is Setting.LEVEL_HIGH
+    assert p.itoken == peer and p.itoken is not peer
+    assert p.tunnel_mode is Setting.ANY  # the table's default for what is not given
+    for bad in (
+        {Attr.pubKeyID: b"k"},  # an iToken attribute on a pToken
+        {Attr.tunnelMode: Setting.LEVEL_HIGH},  # a switch has no levels
+        {Attr.informationString: "a\0b"},
+        {Attr.iToken: "not a token"},
+        {99: 1},
+    ):
+        with pytest.raises(OSError) as e:
+            restored_ptoken(bad)  # type: ignore[arg-type]
+        assert e.value.errno == errno.EINVAL
+
+
+def test_typed_reads_setting_and_identity() -> None:
+    p = unprotected_ptoken(None, "test")
+    assert p.setting(Attr.integrityProtected) is Setting.DISABLE
+    assert p.setting(Attr.policyName) is None and p.identity(Attr.iToken) is None
+    t = IToken.from_identity(authentication_method=AuthMethod.EAP)
+    assert t.setting(Attr.authMeth_EAP) is Setting.ENABLE
+    assert t.setting(Attr.authenticationMethod) is None  # an AuthMethod, not a Setting
+
+
+def test_fill_and_check_live_are_public() -> None:
+    source, target = unprotected_ptoken(None, "x"), PToken()
+    fill(target, source)
+    assert target == source and target.information_string == source.information_string
+    target.free()
+    with pytest.raises(OSError) as e:
+        target.check_live()
+    assert e.value.errno == errno.EBADF
+    with pytest.raises(OSError):
+        fill(target, source)
+
+
+PRIVATE = re.compile(r"\.(_attrs|_set_internal|_check_live|_rules|_from_attributes)\b")
+
+
+def test_no_private_token_members_outside_the_core() -> None:
+    """Outside core/tokens.py nothing touches a token's insides; only the core uses the privileged constructor."""
+    src = Path(btns_vici.__file__).parent
+    offenders = []
+    roots = [src, src.parents[1] / "plugins", src.parents[1] / "tests"]
+    for root in roots:
+        for path in root.rglob("*.py"):
+            if path == src / "core" / "tokens.py" or path == Path(__file__):
+                continue
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                for match in PRIVATE.finditer(line):
+                    if match.group(1) == "_from_attributes" and path.parent == src / "core":
+                        continue
+                    offenders.append(f"{path}:{number}: {line.strip()}")
+    assert offenders == []

@@ -152,7 +152,7 @@ def test_tokens_follow_the_table() -> None:
                     fresh.get_attr(attr)
     assert at.AUTH_SWITCHES == tuple(Attr(m) for m in AuthMethod)
     assert at.ITOKEN_RULES.compared == (*at.IDENTITY_ATTRS, *at.AUTH_SWITCHES)
-    assert set(at.PTOKEN_RULES.compared) == {*at.LEVEL_ATTRS, *at.SWITCH_ATTRS, *at.ITOKEN_ATTRS}
+    assert set(at.PTOKEN_RULES.compared) == {*at.LEVEL_ATTRS, *at.SWITCH_ATTRS, *at.OBJECT_ATTRS}
 
 
 @pytest.mark.parametrize("spec", at.TABLE, ids=lambda s: s.attr.name)

@@ -66,7 +66,7 @@ SWITCH = Codec("uint16 switch", "uint16", frozenset({Setting.DISABLE, Setting.EN
 LEVEL = Codec("uint16 level", "uint16", frozenset(Setting), _U16_C, _U16_WIRE)
 STRING = Codec("string", "string")
 BINARY = Codec("binary: DER SubjectPublicKeyInfo", "binary")
-ITOKEN = Codec("serialized iToken", "itoken")
+SERIALIZED_ITOKEN = Codec("serialized iToken", "itoken")
 
 #: The C enums of ``ipsec_api.h`` (figure 4 splits the iToken's in two; figure 8).
 ENUM_ITOKEN = "ipsec_iToken_attribute"
@@ -117,8 +117,8 @@ TABLE: tuple[AttrSpec, ...] = (
     AttrSpec(Attr.integrityProtected, ENUM_PTOKEN, _P, LEVEL, _P, Setting.ANY, True),
     AttrSpec(Attr.compressionAvailable, ENUM_PTOKEN, _P, SWITCH, _P, Setting.ANY, True),
     AttrSpec(Attr.policyName, ENUM_PTOKEN, _P, STRING, _P, None, False),
-    AttrSpec(Attr.iToken, ENUM_PTOKEN, _P, ITOKEN, _P, None, True),
-    AttrSpec(Attr.remote_iToken, ENUM_PTOKEN, _P, ITOKEN, _P, None, True),
+    AttrSpec(Attr.iToken, ENUM_PTOKEN, _P, SERIALIZED_ITOKEN, _P, None, True),
+    AttrSpec(Attr.remote_iToken, ENUM_PTOKEN, _P, SERIALIZED_ITOKEN, _P, None, True),
     AttrSpec(Attr.tunnelMode, ENUM_PTOKEN, _P, SWITCH, _P, Setting.ANY, True),
     AttrSpec(Attr.ipoptionsProtected, ENUM_PTOKEN, _P, SWITCH, _P, Setting.ANY, True),
     # Written only by the library, from a verified SA.
@@ -168,7 +168,7 @@ SWITCH_ATTRS = tuple(r.attr for r in TABLE if Kind.PTOKEN in r.kinds and r.codec
 #: Every attribute whose value is a :class:`Setting` (levels and switches, of both kinds).
 SETTING_ATTRS = frozenset(r.attr for r in TABLE if r.codec is LEVEL or r.codec is SWITCH)
 #: The pToken attributes holding an iToken.
-ITOKEN_ATTRS = tuple(r.attr for r in TABLE if r.codec is ITOKEN)
+OBJECT_ATTRS = tuple(r.attr for r in TABLE if r.codec is SERIALIZED_ITOKEN)
 
 
 # -- the values: validation, the C form, the wire form ---------------------------------------
@@ -244,7 +244,7 @@ def to_wire(spec: AttrSpec, value: Scalar) -> bytes:
 def capi_constants() -> dict[str, int]:
     """The ``IPSEC_API_ATTR_*`` names of ``btns_vici.capi`` and ``ipsec_api.h`` with their values."""
     names = {f"IPSEC_API_ATTR_{a.name}": int(a) for a in Attr}
-    #: As printed in figure 4 (a typo of LEAPOFFAITH); both spellings are the same value.
+    # As printed in figure 4 (a typo of LEAPOFFAITH); both spellings are the same value.
     names["IPSEC_API_ATTR_authMeth_LEAPOFFFAITH"] = int(Attr.authMeth_LEAPOFFAITH)
     names.update({f"IPSEC_API_ATTR_{s.name}": int(s) for s in Setting})
     return names
@@ -254,15 +254,15 @@ __all__ = [
     "AUTH_SWITCHES",
     "BINARY",
     "IDENTITY_ATTRS",
-    "ITOKEN",
-    "ITOKEN_ATTRS",
     "ITOKEN_RULES",
     "LEVEL",
     "LEVEL_ATTRS",
     "MAX_BINARY_LEN",
     "MAX_STRING_LEN",
     "METHOD",
+    "OBJECT_ATTRS",
     "PTOKEN_RULES",
+    "SERIALIZED_ITOKEN",
     "SETTING_ATTRS",
     "SPEC",
     "STRING",

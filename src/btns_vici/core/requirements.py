@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .attributes import IDENTITY_ATTRS, ITOKEN_ATTRS, LEVEL_ATTRS, SWITCH_ATTRS
+from .attributes import IDENTITY_ATTRS, LEVEL_ATTRS, OBJECT_ATTRS, SWITCH_ATTRS
 from .constants import Attr, AuthMethod, Setting
 from .errors import NotSupportedError
 from .tokens import IToken, PToken
@@ -75,7 +75,7 @@ def is_no_demand(demand: PToken) -> bool:
         return False
     if demand.policy_name is not None:
         return False
-    return not any(_itoken_constrains(demand.identity(a)) for a in ITOKEN_ATTRS)
+    return not any(_itoken_constrains(demand.identity(a)) for a in OBJECT_ATTRS)
 
 
 def _level_ok(demand: int, actual: int | None) -> bool:

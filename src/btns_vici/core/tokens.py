@@ -19,10 +19,10 @@ from typing import ClassVar, Union
 from . import serialize
 from .attributes import (
     IDENTITY_ATTRS,
-    ITOKEN,
     ITOKEN_RULES,
     LEVEL_ATTRS,
     PTOKEN_RULES,
+    SERIALIZED_ITOKEN,
     SETTING_ATTRS,
     SPEC,
     Rules,
@@ -56,7 +56,7 @@ def _attr(attr_type: int, rules: Rules) -> Attr:
 def _check_value(attr: Attr, value: object) -> Value:
     """Validate a decoded value for ``attr`` (the attribute table's type); raise EINVAL otherwise."""
     spec = SPEC[attr]
-    if spec.codec is ITOKEN:
+    if spec.codec is SERIALIZED_ITOKEN:
         if not isinstance(value, IToken):
             raise TokenAttributeError(f"{attr.name} takes an iToken")
         return value.copy()
@@ -76,7 +76,7 @@ def decode_attr(attr: Attr, raw: bytes) -> Value:
         raise TokenAttributeError(f"{attr.name}: attr_val must be bytes, not {type(raw).__name__}")
     raw = bytes(raw)
     spec = SPEC[attr]
-    if spec.codec is ITOKEN:
+    if spec.codec is SERIALIZED_ITOKEN:
         return IToken.from_bytes(raw)
     return from_c(spec, raw)
 

@@ -23,7 +23,7 @@ class TrafficSelector:
     port_hi: int = 65535
 
     def __post_init__(self) -> None:
-        if self.start.version != self.end.version or self.start > self.end:
+        if self.start.version != self.end.version or int(self.start) > int(self.end):
             raise ValueError(f"bad address range {self.start}..{self.end}")
         if not (0 <= self.proto <= 255) or not (0 <= self.port_lo <= self.port_hi <= 65535):
             raise ValueError("bad protocol or port range")
@@ -39,7 +39,7 @@ class TrafficSelector:
 
     def covers(self, addr: IPAddress, proto: int, port: int) -> bool:
         """True when the endpoint (addr, proto, port) lies inside this selector."""
-        if addr.version != self.start.version or not (self.start <= addr <= self.end):
+        if addr.version != self.start.version or not (int(self.start) <= int(addr) <= int(self.end)):
             return False
         if self.proto == PROTO_ANY:
             return True

@@ -82,6 +82,17 @@ def is_no_demand(demand: PToken) -> bool:
     return not (_itoken_constrains(want.get(Attr.iToken)) or _itoken_constrains(want.get(Attr.remote_iToken)))
 
 
+def _int(value: object) -> int:
+    """An integer attribute's value (a level, switch or method: tokens keep the kinds apart)."""
+    if not isinstance(value, int):
+        raise TypeError(f"not an integer attribute value: {type(value).__name__}")
+    return value
+
+
+def _opt_int(value: object) -> int | None:
+    return None if value is None else _int(value)
+
+
 def _level_ok(demand: int, actual: int | None) -> bool:
     if demand == Setting.ANY:
         return True
@@ -107,7 +118,7 @@ def unmet_identity(demand: IToken, actual: IToken | None, who: str = "peer") -> 
     problems: list[str] = []
     demanded = demand.attributes()
     pinned = [a for a in _IDENTITY if a in demanded]
-    switches = {m: Setting(demanded.get(Attr(m), Setting.ANY)) for m in AuthMethod}
+    switches = {m: Setting(_int(demanded.get(Attr(m), Setting.ANY))) for m in AuthMethod}
     constrained = pinned or any(s != Setting.ANY for s in switches.values())
     if not constrained:
         return problems
@@ -121,7 +132,7 @@ def unmet_identity(demand: IToken, actual: IToken | None, who: str = "peer") -> 
     if method is None:
         problems.append(f"{who} authentication method unknown")
         return problems
-    m = AuthMethod(method)
+    m = AuthMethod(_int(method))
     effective = {m}
     # A raw key that matches the pinned one is also a leap of faith (section 2.1.2).
     if m == AuthMethod.BTNS and Attr.pubKeyID in pinned and have.get(Attr.pubKeyID) == demanded[Attr.pubKeyID]:
@@ -153,21 +164,23 @@ def unmet(demand: PToken, actual: PToken, policy: bool = True) -> list[str]:
     elif policy and (op := operator_policy(demand)) is not None:
         got = have.get(Attr.policyName)
         conn, child = op
-        ok = isinstance(got, str) and (got == f"{conn}/{child}" if child else got.partition("/")[0] == conn)
+        wanted = f"{conn}/{child}" if child else conn
+        ok = isinstance(got, str) and (got == wanted if child else got.partition("/")[0] == conn)
         if not ok:
-            problems.append(f"policyName: required {want[Attr.policyName]}, have {got or 'nothing'}")
+            problems.append(f"policyName: required {wanted}, have {got if isinstance(got, str) and got else 'nothing'}")
     for attr in _LEVELLED:
-        d = want.get(attr, Setting.ANY)
-        if not _level_ok(d, have.get(attr)):  # type: ignore[arg-type]
+        d = _int(want.get(attr, Setting.ANY))
+        if not _level_ok(d, _opt_int(have.get(attr))):
             problems.append(f"{attr.name}: required {Setting(d).name}, have {_name(have.get(attr))}")
     for attr in _SWITCHES:
-        d = want.get(attr, Setting.ANY)
-        if not _switch_ok(d, have.get(attr)):  # type: ignore[arg-type]
+        d = _int(want.get(attr, Setting.ANY))
+        if not _switch_ok(d, _opt_int(have.get(attr))):
             problems.append(f"{attr.name}: required {Setting(d).name}, have {_name(have.get(attr))}")
     for attr, who in ((Attr.iToken, "peer"), (Attr.remote_iToken, "local")):
         tok = want.get(attr)
         if isinstance(tok, IToken):
-            problems += unmet_identity(tok, have.get(attr), who)  # type: ignore[arg-type]
+            got_tok = have.get(attr)
+            problems += unmet_identity(tok, got_tok if isinstance(got_tok, IToken) else None, who)
     return problems
 
 
@@ -176,7 +189,7 @@ def satisfies(demand: PToken, actual: PToken) -> bool:
 
 
 def _name(value: object) -> str:
-    return "nothing" if value is None else Setting(value).name  # type: ignore[arg-type]
+    return "nothing" if value is None else Setting(_int(value)).name
 
 
 # -- helpers for backends that build connections from a demand (enforcement) -----------------
@@ -184,7 +197,7 @@ def _name(value: object) -> str:
 
 def demanded(demand: PToken, attr: Attr) -> int:
     """The value ``demand`` asks for ``attr`` (ANY when unset)."""
-    return int(demand.attributes().get(attr, Setting.ANY))  # type: ignore[arg-type]
+    return int(_int(demand.attributes().get(attr, Setting.ANY)))
 
 
 def allowed_methods(demand: PToken) -> frozenset[AuthMethod]:

@@ -38,12 +38,12 @@ def itoken_to_bytes(token: IToken) -> bytes:
         if attr in ITOKEN_AUTH_SWITCHES and value == Setting.ANY:
             continue
         if attr in UINT16_ATTRS:
-            raw = _U16BE.pack(value)  # type: ignore[arg-type]
+            raw = _U16BE.pack(value)
         elif attr in STRING_ATTRS:
             raw = value.encode("utf-8")  # type: ignore[union-attr]
         else:
             raw = value  # type: ignore[assignment]
-        records.append(_REC.pack(attr, len(raw)) + raw)  # type: ignore[arg-type]
+        records.append(_REC.pack(attr, len(raw)) + raw)
     return _HEAD.pack(MAGIC, VERSION, len(records)) + b"".join(records)
 
 

@@ -264,7 +264,7 @@ class IToken(_Token):
     @property
     def authentication_method(self) -> AuthMethod | None:
         v = self._opt(Attr.authenticationMethod)
-        return None if v is None else AuthMethod(v)
+        return None if v is None else AuthMethod(v)  # type: ignore[arg-type]
 
     @property
     def certificate_authority_dn(self) -> str | None:

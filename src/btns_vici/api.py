@@ -15,6 +15,7 @@ import socket
 import stat
 import threading
 from collections.abc import Mapping
+from typing import Any
 
 from . import forksafe, guard
 from .backend import Backend
@@ -60,7 +61,7 @@ def _open_socket_keys() -> set[tuple[int, int]]:
     return out
 
 
-class _Registry(dict):
+class _Registry(dict[tuple[int, int], PToken]):
     """pTokens attached to sockets, by socket identity (st_dev, st_ino): live sockets only.
 
     Entries of sockets that are no longer open anywhere in the process (every descriptor of
@@ -206,7 +207,7 @@ def _demand_or_none(sock: FileDescriptorLike) -> PToken | None:
     return _attached.get(socket_key(sock))
 
 
-def connect(sock: socket.socket, address: tuple, backend: BackendLike = None, latch_: bool = True) -> None:
+def connect(sock: socket.socket, address: tuple[Any, ...], backend: BackendLike = None, latch_: bool = True) -> None:
     """connect() for a socket with a pToken: establish an SA meeting it, connect, verify, latch.
 
     Without an attached pToken this is ``sock.connect(address)``. With one, the
@@ -223,7 +224,7 @@ def connect(sock: socket.socket, address: tuple, backend: BackendLike = None, la
     finish_connect(sock, backend, latch_)
 
 
-def prepare_connect(sock: socket.socket, address: tuple, backend: BackendLike = None) -> bool:
+def prepare_connect(sock: socket.socket, address: tuple[Any, ...], backend: BackendLike = None) -> bool:
     """Before connecting: have the IKE daemon bring up an SA meeting the socket's pToken (False: none set)."""
     demand = _demand_or_none(sock)
     if demand is None or is_no_demand(demand):
@@ -280,7 +281,9 @@ def listen(sock: socket.socket, backlog: int = 128, backend: BackendLike = None)
     sock.listen(backlog)
 
 
-def accept(sock: socket.socket, backend: BackendLike = None, latch_: bool = True) -> tuple[socket.socket, tuple]:
+def accept(
+    sock: socket.socket, backend: BackendLike = None, latch_: bool = True
+) -> tuple[socket.socket, tuple[Any, ...]]:
     """accept() held to the listening socket's pToken: a connection that does not meet it is
     closed and EACCES raised; an accepted one is latched."""
     conn, addr = sock.accept()

@@ -84,7 +84,7 @@ class Backend:
             return None
         return (st.st_dev, st.st_ino)
 
-    def _call(self, hook: str, **kwargs: Any) -> Any:
+    def _call(self, hook: str, **kwargs: Any) -> Any:  # pluggy: Any; callers annotate the hookspec type
         caller = self._callers.get(hook)
         if caller is None:  # pluggy's subset callers filter at call time: safe to keep
             caller = self._callers[hook] = self._pm.subset_hook_caller(hook, remove_plugins=self._others)
@@ -94,19 +94,20 @@ class Backend:
         return bool(self._call("btns_probe"))
 
     def capabilities(self) -> Capabilities:
-        caps = self._call("btns_capabilities")
+        caps: Capabilities | None = self._call("btns_capabilities")
         if caps is None:
             raise BackendError(f"backend {self.name!r} does not report capabilities")
         return caps
 
     def list_sas(self) -> list[IkeSA]:
-        sas = self._call("btns_list_sas")
+        sas: list[IkeSA] | None = self._call("btns_list_sas")
         if sas is None:
             raise BackendError(f"backend {self.name!r} cannot list SAs")
         return sas
 
     def find_sa(self, flow: Flow) -> tuple[IkeSA, ChildSA] | None:
-        return self._call("btns_find_sa", flow=flow)
+        found: tuple[IkeSA, ChildSA] | None = self._call("btns_find_sa", flow=flow)
+        return found
 
     def protect(self, view: SocketView) -> Protection | NotCarried:
         """The verified protection of the socket ``view``: daemon SA and data-plane proof, or why not.
@@ -142,7 +143,7 @@ class Backend:
         return verdict if isinstance(verdict, Protection) else None
 
     def enforce(self, sock: Any, ptoken: Any) -> Enforcement:
-        result = self._call("btns_enforce", sock=sock, ptoken=ptoken)
+        result: Enforcement | None = self._call("btns_enforce", sock=sock, ptoken=ptoken)
         if result is None:
             from .core.errors import NotSupportedError
 
@@ -150,7 +151,7 @@ class Backend:
         return result
 
     def establish(self, flow: Flow, ptoken: Any) -> str:
-        name = self._call("btns_establish", flow=flow, ptoken=ptoken)
+        name: str | None = self._call("btns_establish", flow=flow, ptoken=ptoken)
         if name is None:
             from .core.errors import NotSupportedError
 
@@ -158,7 +159,7 @@ class Backend:
         return name
 
     def serve(self, local_addr: Any, ptoken: Any) -> str:
-        name = self._call("btns_serve", local_addr=local_addr, ptoken=ptoken)
+        name: str | None = self._call("btns_serve", local_addr=local_addr, ptoken=ptoken)
         if name is None:
             from .core.errors import NotSupportedError
 
@@ -170,7 +171,7 @@ class Backend:
         return bool(self._call("btns_release", name=name))
 
     def watch(self, callback: Callable[[SAEvent], None]) -> Callable[[], None]:
-        stop = self._call("btns_watch", callback=callback)
+        stop: Callable[[], None] | None = self._call("btns_watch", callback=callback)
         if stop is None:
             from .core.errors import NotSupportedError
 

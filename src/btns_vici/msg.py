@@ -27,6 +27,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .broker.client import BrokerClient
 from .core.errors import BtnsError
@@ -72,10 +73,10 @@ class MsgHdr:
     """
 
     iov: list[bytes] = field(default_factory=list)
-    name: tuple | None = None
+    name: tuple[Any, ...] | None = None
     control: list[tuple[int, int, bytes]] = field(default_factory=list)
     flags: int = 0
-    local: tuple | None = None
+    local: tuple[Any, ...] | None = None
     proto: int = socket.IPPROTO_UDP
     ifindex: int | None = None
     netns: tuple[int, int] | None = None
@@ -166,7 +167,7 @@ def _enable_pktinfo(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
 
 
-def _pktinfo(sock: socket.socket, ancdata: list) -> tuple[tuple | None, int | None]:
+def _pktinfo(sock: socket.socket, ancdata: list[tuple[int, int, bytes]]) -> tuple[tuple[Any, ...] | None, int | None]:
     """(local (address, port), arrival ifindex) from IP_PKTINFO / IPV6_PKTINFO, Nones if absent."""
     port = sock.getsockname()[1]
     for level, kind, data in ancdata:
@@ -228,7 +229,7 @@ def receiver_of(msg: MsgHdr) -> int | None:
     return fd if (st.st_dev, st.st_ino) == key else None
 
 
-def send_view(s: socket.socket, dest: tuple, control: list[tuple[int, int, bytes]], flags: int) -> SocketView:
+def send_view(s: socket.socket, dest: tuple[Any, ...], control: list[tuple[int, int, bytes]], flags: int) -> SocketView:
     """The view of one datagram ``s`` is about to send to ``dest``, with the message's own overrides.
 
     Per-message routing keys count as the kernel applies them: IP_PKTINFO/IPV6_PKTINFO
@@ -238,7 +239,8 @@ def send_view(s: socket.socket, dest: tuple, control: list[tuple[int, int, bytes
     if endpoint(s.getsockname())[1] == 0:  # bind now as send would: the check needs the port
         s.bind(("::" if s.family == socket.AF_INET6 else "0.0.0.0", 0))
     proto = s.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) or socket.IPPROTO_UDP
-    oif, src, mark, tos = 0, None, None, None
+    oif, mark, tos = 0, None, None
+    src: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     for level, kind, data in control:
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
             oif = struct.unpack_from("=i", data, 0)[0]
@@ -284,5 +286,6 @@ def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: obje
                 _actual, problems = shortfall(demand, send_view(s, dest, control, flags), be)
             if problems:
                 raise BtnsError("datagram refused, pToken not met: " + "; ".join(problems), errno.EACCES)
-        args = (msg.iov, control, flags) + ((msg.name,) if msg.name is not None else ())
-        return s.sendmsg(*args)
+        if msg.name is not None:
+            return s.sendmsg(msg.iov, control, flags, msg.name)
+        return s.sendmsg(msg.iov, control, flags)

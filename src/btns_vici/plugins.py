@@ -86,6 +86,7 @@ def _probe_all(
 
     def run(i: int, info: BackendInfo) -> None:
         backend = None
+        out: tuple[Backend | None, bool, BaseException | None]
         try:
             backend = Backend(pm, info.name, opts)
             out = (backend, bool(backend.probe()), None)

@@ -135,7 +135,8 @@ def _select_default() -> Authority:
 
 
 def set_default_backend(backend: BackendLike, options: Mapping[str, str] | None = None) -> Authority | None:
-    """Choose the backend used when none is passed explicitly."""
+    """Choose the backend used when none is passed explicitly (by the draft's calls too, which name
+    none: the host's key management, draft section 2.3.1)."""
     global _default
     chosen = resolve_backend(backend, options) if backend is not None or options else None
     with _lock:
@@ -152,8 +153,9 @@ def _local(be: Authority, what: str) -> Backend:
 
 
 def ptoken_for_flow(flow: Flow, backend: BackendLike = None) -> PToken:
-    """The verified pToken of a bare flow, judged as an unbound, unmarked socket of the backend's
-    namespace. For a real socket use :func:`get_socket_ptoken`: it judges that very socket."""
+    """The verified pToken (draft section 2.3.2) of a bare flow, judged as an unbound, unmarked socket
+    of the backend's namespace. For a real socket use :func:`get_socket_ptoken` (section 2.3.3): it
+    judges that very socket."""
     return ptoken_of_flow(flow, _local(resolve_backend(backend), "ptoken_for_flow"))
 
 
@@ -198,7 +200,8 @@ def set_socket_ptoken(sock: FileDescriptorLike, ptoken: PToken, backend: Backend
 
 
 def attached_ptoken(sock: FileDescriptorLike) -> PToken | None:
-    """The pToken attached to ``sock`` with set_socket_ptoken, if any (a copy)."""
+    """The pToken attached to ``sock`` with set_socket_ptoken (draft section 2.3.3, Figure 9), if any
+    (a copy)."""
     tok = _attached.get(socket_key(sock))
     return tok.copy() if tok else None
 
@@ -208,7 +211,8 @@ def _demand_or_none(sock: FileDescriptorLike) -> PToken | None:
 
 
 def connect(sock: socket.socket, address: tuple[Any, ...], backend: BackendLike = None, latch_: bool = True) -> None:
-    """connect() for a socket with a pToken: establish an SA meeting it, connect, verify, latch.
+    """connect() for a socket with a pToken: establish an SA meeting it, connect, verify, latch (the
+    pToken "effective" once attached, draft section 2.3.3).
 
     Without an attached pToken this is ``sock.connect(address)``. With one, the
     backend negotiates an SA for the flow first; after connecting, the actual
@@ -270,7 +274,7 @@ def finish_connect(sock: socket.socket, backend: BackendLike = None, latch_: boo
 
 
 def listen(sock: socket.socket, backlog: int = 128, backend: BackendLike = None) -> None:
-    """listen() for a socket with a pToken: the backend accepts peers that meet it."""
+    """listen() for a socket with a pToken: the backend accepts peers that meet it (draft section 2.3.3)."""
     demand = _demand_or_none(sock)
     if demand is not None:
         be = resolve_backend(backend)
@@ -284,8 +288,8 @@ def listen(sock: socket.socket, backlog: int = 128, backend: BackendLike = None)
 def accept(
     sock: socket.socket, backend: BackendLike = None, latch_: bool = True
 ) -> tuple[socket.socket, tuple[Any, ...]]:
-    """accept() held to the listening socket's pToken: a connection that does not meet it is
-    closed and EACCES raised; an accepted one is latched."""
+    """accept() held to the listening socket's pToken (draft section 2.3.3): a connection that does
+    not meet it is closed and EACCES raised; an accepted one is latched."""
     conn, addr = sock.accept()
     demand = _demand_or_none(sock)
     if demand is None:

@@ -24,6 +24,9 @@ from .core.selectors import Flow
 
 @dataclass(frozen=True)
 class BackendInfo:
+    """A backend plugin's name (as registered), daemon and one-line summary. Not in the draft: which
+    "key management or IPsec module of the host" (draft section 2.3.1) answers for the pTokens."""
+
     name: str
     daemon: str
     summary: str
@@ -31,6 +34,9 @@ class BackendInfo:
 
 @dataclass(frozen=True)
 class Capabilities:
+    """What a backend can establish and prove: the authentication methods (draft section 2.1.2,
+    Figure 4), modes (``tunnelMode``, section 2.3.2), its data plane, whether it enforces pTokens."""
+
     auth_methods: frozenset[AuthMethod]
     modes: frozenset[str]  # {"TUNNEL", "TRANSPORT"}
     dataplane: str  # "kernel-xfrm" | "kernel-libipsec" | "unknown"
@@ -39,7 +45,8 @@ class Capabilities:
 
 @dataclass(frozen=True)
 class Enforcement:
-    """What set_socket_pToken arranged: the daemon's connection and the data-plane guard."""
+    """What set_socket_pToken (draft section 2.3.3, Figure 9) arranged: the daemon's connection and the
+    data-plane guard."""
 
     connection: str
     dataplane_guard: str
@@ -48,6 +55,9 @@ class Enforcement:
 
 @dataclass(frozen=True)
 class SAEvent:
+    """A change of the IKE daemon's SAs, for latches and watchers. Not in the draft: it is what makes a
+    pToken read once (section 2.3.3) stale (README "Connection latching")."""
+
     kind: str  # "ike-up", "ike-down", "child-up", "child-down", "ike-rekey", "child-rekey", "reset"
     ike_name: str = ""
     child_name: str = ""
@@ -57,7 +67,8 @@ class SAEvent:
 
 
 class Backend:
-    """One backend plugin with its options, e.g. ``Backend(pm, "strongswan", {...})``."""
+    """One backend plugin with its options, e.g. ``Backend(pm, "strongswan", {...})``: the "key management
+    or the IPsec module of the host" that pTokens are handles to (draft section 2.3.1)."""
 
     def __init__(self, pm: pluggy.PluginManager, name: str, options: Mapping[str, str]) -> None:
         if pm.get_plugin(name) is None:

@@ -64,7 +64,8 @@ _registry_lock = threading.Lock()
 
 @dataclass
 class MsgHdr:
-    """A Python ``struct msghdr``: name (peer address), iov, control (ancillary data), flags.
+    """A Python ``struct msghdr`` (draft section 2.3.4, Figure 10): name (peer address), iov, control
+    (ancillary data), flags.
 
     ``local`` is the local (address, port) the datagram arrived on, ``ifindex`` the
     device it arrived by (IP_PKTINFO) and ``netns`` the (st_dev, st_ino) of the receiving
@@ -149,7 +150,8 @@ def attached(msg: MsgHdr) -> PToken | None:
 
 
 def enable_pktinfo(sock: FileDescriptorLike) -> None:
-    """Turn on IP_PKTINFO / IPV6_RECVPKTINFO now (recvmsg does it too, but only when first called).
+    """Turn on IP_PKTINFO / IPV6_RECVPKTINFO now (recvmsg does it too, but only when first called), so
+    that ``ipsec_get_msg_pToken`` (draft section 2.3.4, Figure 10) knows a datagram's arrival.
 
     The kernel records where a datagram arrived only if the option was on when the datagram
     was queued: a datagram queued before has an unknown arrival device, and its pToken
@@ -192,7 +194,8 @@ def _as_socket(sock: FileDescriptorLike) -> Iterator[socket.socket]:
 
 
 def recvmsg(sock: FileDescriptorLike, bufsize: int, ancbufsize: int = 256, flags: int = 0) -> MsgHdr:
-    """Receive one datagram like socket.recvmsg, recording both addresses for get_msg_pToken."""
+    """Receive one datagram like socket.recvmsg, recording both addresses for ``ipsec_get_msg_pToken``
+    (draft section 2.3.4, Figure 10)."""
     with _as_socket(sock) as s:
         check_inet(s)
         _enable_pktinfo(s)
@@ -267,8 +270,9 @@ def send_view(s: socket.socket, dest: tuple[Any, ...], control: list[tuple[int, 
 
 
 def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: object = None) -> int:
-    """Send like socket.sendmsg; when msg carries a pToken, refuse (EACCES) unless it is met now,
-    for this socket and this message's own routing keys."""
+    """Send like socket.sendmsg; when msg carries a pToken (``ipsec_set_msg_pToken``, draft section
+    2.3.4, Figure 10), refuse (EACCES) unless it is met now, for this socket and this message's own
+    routing keys."""
     from .api import resolve_backend
     from .protection import shortfall
 

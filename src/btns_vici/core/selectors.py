@@ -14,7 +14,8 @@ PROTO_NAMES = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "icmp": 1, 
 
 @dataclass(frozen=True, order=True)
 class TrafficSelector:
-    """An address range, an IP protocol (0 = any) and a port range (RFC 7296 section 3.13.1)."""
+    """An address range, an IP protocol (0 = any) and a port range (RFC 7296 section 3.13.1): the SPD
+    ranges that ``ipsec_cmp_pToken`` compares (draft section 2.3.5)."""
 
     start: IPAddress
     end: IPAddress
@@ -65,7 +66,8 @@ class TrafficSelector:
 
 @dataclass(frozen=True)
 class Flow:
-    """One transport flow as seen from this host: what a connected socket or a datagram is."""
+    """One transport flow as seen from this host: what a connected socket (draft section 2.3.3) or a
+    datagram (section 2.3.4) is."""
 
     proto: int
     local_addr: IPAddress

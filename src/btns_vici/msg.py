@@ -27,7 +27,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .broker.client import BrokerClient
 from .core.errors import BtnsError
@@ -44,6 +44,9 @@ from .sockets import (
     source_address,
     view_of,
 )
+
+if TYPE_CHECKING:  # the alias only: sendmsg imports api when it is called
+    from .api import BackendLike
 
 #: Private cmsg level/type: never passed to the kernel ("BT", 1).
 SOL_BTNS = 0x4254
@@ -269,7 +272,7 @@ def send_view(s: socket.socket, dest: tuple[Any, ...], control: list[tuple[int, 
     )
 
 
-def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: object = None) -> int:
+def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: BackendLike = None) -> int:
     """Send like socket.sendmsg; when msg carries a pToken (``ipsec_set_msg_pToken``, draft section
     2.3.4, Figure 10), refuse (EACCES) unless it is met now, for this socket and this message's own
     routing keys."""
@@ -282,7 +285,7 @@ def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: obje
         check_inet(s)
         if demand is not None:
             dest = msg.name if msg.name is not None else s.getpeername()
-            be = resolve_backend(backend)  # type: ignore[arg-type]
+            be = resolve_backend(backend)
             if isinstance(be, BrokerClient):
                 be.check_send(s, tuple(dest) if msg.name is not None else None, control, flags, demand)
                 problems: list[str] = []

@@ -251,7 +251,7 @@ def source_address(
             return bound
         family = sock.family
         ns_fd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
-    result: list[object] = []
+    result: list[ipaddress.IPv4Address | ipaddress.IPv6Address | OSError] = []
     try:
         own = os.stat("/proc/thread-self/ns/net")
         theirs = os.fstat(ns_fd)
@@ -277,4 +277,4 @@ def source_address(
         os.close(ns_fd)
     if isinstance(result[0], OSError):
         raise result[0]
-    return result[0]  # type: ignore[return-value]
+    return result[0]

@@ -30,7 +30,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
-# test: pytest, hypothesis, prometheus_client; dev: ruff (scripts/test.sh lints); cabi: cffi for the C ABI;
+# test: pytest, hypothesis, prometheus_client; dev: ruff and mypy (scripts/test.sh lints and type-checks); cabi: cffi for the C ABI;
 # web-test: the asyncio/web-server integrations and real servers (uvicorn, hypercorn) for their tests.
 .venv/bin/pip install -q -e '.[test,dev,cabi,web-test]'
 # The wheel is pure Python: the C ABI (libbtns-ipsec.so, ipsec_api.h, btns-ipsec.pc) is an

@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh --vm --libreswan --compose
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/mypy
 exec .venv/bin/pytest "$@"

@@ -36,9 +36,9 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from . import api
 from . import latch as _latch
@@ -49,12 +49,11 @@ from .core.errors import BtnsError, ProtectionLostError
 from .core.requirements import unmet
 from .core.selectors import Flow
 from .core.tokens import IToken, PToken
-from .protection import ptoken_of_flow
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-BackendLike = Backend | str | None
+BackendLike = api.BackendLike
 OnBreak = Callable[["_latch.LatchBroken"], Any]
 
 #: Threads for lookups (VICI round trips of a few ms at most, bounded by the backend's deadline).
@@ -123,7 +122,7 @@ def socket_of(obj: Any) -> Any:
     raise BtnsError(f"{type(obj).__name__} has no socket", errno.ENOTSOCK)
 
 
-async def resolve_backend(backend: BackendLike = None) -> Backend:
+async def resolve_backend(backend: BackendLike = None) -> api.Authority:
     """:func:`btns_vici.api.resolve_backend` off the loop (the default selection probes daemons)."""
     if isinstance(backend, Backend):
         return backend
@@ -157,10 +156,10 @@ async def set_socket_ptoken(sock: Any, ptoken: PToken, backend: BackendLike = No
 async def ptoken_for_flow(flow: Flow, backend: BackendLike = None) -> PToken:
     """:func:`btns_vici.api.ptoken_for_flow` in the lookup pool."""
     be = await resolve_backend(backend)
-    return await run_blocking(ptoken_of_flow, flow, be)
+    return await run_blocking(api.ptoken_for_flow, flow, be)
 
 
-def _loop_callback(loop: asyncio.AbstractEventLoop, *targets: Callable[[Any], Any]) -> Callable[[Any], None]:
+def _loop_callback(loop: asyncio.AbstractEventLoop, *targets: Callable[[Any], Any] | None) -> Callable[[Any], None]:
     """A latch callback (run by the watcher thread) that runs ``targets`` on ``loop``."""
 
     def on_loop(info: Any) -> None:
@@ -183,13 +182,13 @@ def _loop_callback(loop: asyncio.AbstractEventLoop, *targets: Callable[[Any], An
 
 def _connect_sync(
     sock: socket.socket,
-    address: tuple,
-    be: Backend,
+    address: tuple[Any, ...],
+    be: api.Authority,
     demand_set: bool,
     timeout: float | None,
     want_latch: bool,
     on_break: Callable[[Any], None],
-) -> tuple[PToken, Any]:
+) -> tuple[PToken, _latch.Latch | None]:
     """In a worker: api.connect (negotiate, connect, verify) on the blocking socket, then latch."""
     sock.settimeout(timeout)
     try:
@@ -209,7 +208,7 @@ def _connect_sync(
 
 async def connect(
     sock: socket.socket,
-    address: tuple,
+    address: tuple[Any, ...],
     backend: BackendLike = None,
     *,
     latch: bool = True,
@@ -236,8 +235,8 @@ async def listen(sock: socket.socket, backlog: int = 128, backend: BackendLike =
 
 
 def _admit_sync(
-    conn: Any, demand: PToken | None, be: Backend, want_latch: bool, on_break: Callable[[Any], None]
-) -> tuple[PToken, Any]:
+    conn: Any, demand: PToken | None, be: api.Authority, want_latch: bool, on_break: Callable[[Any], None]
+) -> tuple[PToken, _latch.Latch | None]:
     """In a worker: what api.accept checks for an accepted connection (and the latch)."""
     tok = api.get_socket_ptoken(conn, be) if demand is None else api.admit(conn, demand, be)
     lt = None
@@ -250,7 +249,7 @@ def _admit_sync(
     return tok, lt
 
 
-def _forget_latch(lt: Any) -> None:
+def _forget_latch(lt: _latch.Latch) -> None:
     """Drop a latch whose socket is closing."""
     _latch.forget(lt)
 
@@ -277,7 +276,7 @@ class BtnsStreamWriter(asyncio.StreamWriter):
         return self._btns.ptoken
 
     @property
-    def latch(self) -> Any:
+    def latch(self) -> _latch.Latch | None:
         return self._btns.latch
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -291,14 +290,18 @@ class BtnsStreamWriter(asyncio.StreamWriter):
 class _Protocol(asyncio.StreamReaderProtocol):
     """StreamReaderProtocol that knows its latch: a broken latch fails the stream, never a plain EOF."""
 
+    # Set by asyncio's base classes (FlowControlMixin, StreamReaderProtocol); typeshed omits them.
+    _loop: asyncio.AbstractEventLoop
+    _transport: asyncio.Transport | None
+
     def __init__(self, reader: asyncio.StreamReader, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(reader, loop=loop)
         self._reader_ref = reader  # strong: the base class keeps only a weak reference
         self.ptoken: PToken | None = None
-        self.latch: Any = None
+        self.latch: _latch.Latch | None = None
         self.writer: BtnsStreamWriter | None = None
 
-    def attach(self, transport: asyncio.BaseTransport, ptoken: PToken | None, lt: Any) -> None:
+    def attach(self, transport: asyncio.BaseTransport, ptoken: PToken | None, lt: _latch.Latch | None) -> None:
         self.ptoken, self.latch = ptoken, lt
         extra = getattr(transport, "_extra", None)  # asyncio's transports: make get_extra_info answer too
         if isinstance(extra, dict):
@@ -340,10 +343,13 @@ class _Protocol(asyncio.StreamReaderProtocol):
         super().connection_lost(exc)
 
 
-async def _addresses(host: str | None, port: int | None, family: int, flags: int = 0) -> list[tuple]:
+async def _addresses(
+    host: str | None, port: int | None, family: int, flags: int = 0
+) -> list[tuple[int, int, tuple[Any, ...]]]:
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM, flags=flags)
-    seen, out = set(), []
+    seen: set[tuple[int, tuple[Any, ...]]] = set()
+    out: list[tuple[int, int, tuple[Any, ...]]] = []
     for fam, _type, proto, _name, addr in infos:
         if (fam, addr) not in seen:
             seen.add((fam, addr))
@@ -359,7 +365,7 @@ async def open_connection(
     backend: BackendLike = None,
     limit: int = 2**16,
     family: int = 0,
-    local_addr: tuple | None = None,
+    local_addr: tuple[Any, ...] | None = None,
     sock: socket.socket | None = None,
     latch: bool = True,
     on_break: OnBreak | None = None,
@@ -387,7 +393,7 @@ async def open_connection(
     made: list[socket.socket] = []
     try:
         if sock is not None and host is None and port is None:
-            candidates: list[tuple[int, int, tuple | None]] = [(sock.family, 0, None)]
+            candidates: Sequence[tuple[int, int, tuple[Any, ...] | None]] = [(sock.family, 0, None)]
         else:
             candidates = await _addresses(host, port, family or (sock.family if sock is not None else 0))
         last: BaseException | None = None
@@ -442,7 +448,7 @@ class _ServerProtocol(_Protocol):
     def __init__(self, reader: asyncio.StreamReader, loop: asyncio.AbstractEventLoop, server: _ServerState) -> None:
         super().__init__(reader, loop)
         self._state = server
-        self._admitting: asyncio.Task | None = None
+        self._admitting: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -462,7 +468,7 @@ class _ServerProtocol(_Protocol):
         except OSError as exc:
             st.refused += 1
             log.info("refused %s: %s", transport.get_extra_info("peername"), exc)
-            transport.abort()
+            cast(asyncio.Transport, transport).abort()  # a stream's transport (asyncio's, uvloop's) has abort()
             return
         if transport.is_closing():
             if lt is not None:
@@ -483,7 +489,12 @@ class _ServerProtocol(_Protocol):
 
 class _ServerState:
     def __init__(
-        self, handler: ClientConnected, demand: PToken | None, backend: Backend, latch: bool, on_break: OnBreak | None
+        self,
+        handler: ClientConnected,
+        demand: PToken | None,
+        backend: api.Authority,
+        latch: bool,
+        on_break: OnBreak | None,
     ) -> None:
         self.handler, self.demand, self.backend, self.latch, self.on_break = handler, demand, backend, latch, on_break
         self.refused = 0
@@ -607,7 +618,7 @@ def _info(
     }
 
 
-def _peer_sync(sock: Any, be: Backend) -> tuple[PToken, Any]:
+def _peer_sync(sock: Any, be: api.Authority) -> tuple[PToken, Any]:
     """In a worker: the peer address and the pToken of a server-side connected socket."""
     peer = sock.getpeername()
     return api.get_socket_ptoken(sock, be), peer
@@ -674,6 +685,7 @@ async def connection_info(
         reason = "neither the connection's socket nor its client/server addresses are known"
         return _info(unprotected_ptoken(None, reason), SOURCE_REFUSED, None, reason)
     if tok is None and not why_proxied:
+        assert flow is not None  # no socket here, and without a flow it returned above
         tok = await (ptoken_for_flow(flow, backend) if not inline else _flow_inline(flow, backend))
     if why_proxied:
         reason = f"behind a reverse proxy, the IPsec peer is the proxy, not the client: {why_proxied}"
@@ -685,8 +697,7 @@ async def connection_info(
 
 
 async def _flow_inline(flow: Flow, backend: BackendLike) -> PToken:
-    be = backend if isinstance(backend, Backend) else api.resolve_backend(backend)
-    return ptoken_of_flow(flow, be)
+    return api.ptoken_for_flow(flow, backend)
 
 
 def pin_key(public_key: bytes) -> IToken:

@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from . import aio
-from .backend import Backend
+from .api import Authority
 from .core.constants import Setting
 from .core.tokens import IToken, PToken
 
@@ -58,7 +58,7 @@ def ipsec_middleware(
     if forwarded not in ("refuse", "hop"):
         raise ValueError("forwarded must be 'refuse' or 'hop'")
 
-    resolved: list[Backend] = []
+    resolved: list[Authority] = []
 
     @web.middleware
     async def btns_ipsec(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -15,6 +15,7 @@ import socket
 import stat
 import threading
 from collections.abc import Mapping
+from typing import Any
 
 from . import forksafe, guard
 from .backend import Backend
@@ -60,7 +61,7 @@ def _open_socket_keys() -> set[tuple[int, int]]:
     return out
 
 
-class _Registry(dict):
+class _Registry(dict[tuple[int, int], PToken]):
     """pTokens attached to sockets, by socket identity (st_dev, st_ino): live sockets only.
 
     Entries of sockets that are no longer open anywhere in the process (every descriptor of
@@ -134,7 +135,8 @@ def _select_default() -> Authority:
 
 
 def set_default_backend(backend: BackendLike, options: Mapping[str, str] | None = None) -> Authority | None:
-    """Choose the backend used when none is passed explicitly."""
+    """Choose the backend used when none is passed explicitly (by the draft's calls too, which name
+    none: the host's key management, draft section 2.3.1)."""
     global _default
     chosen = resolve_backend(backend, options) if backend is not None or options else None
     with _lock:
@@ -151,8 +153,9 @@ def _local(be: Authority, what: str) -> Backend:
 
 
 def ptoken_for_flow(flow: Flow, backend: BackendLike = None) -> PToken:
-    """The verified pToken of a bare flow, judged as an unbound, unmarked socket of the backend's
-    namespace. For a real socket use :func:`get_socket_ptoken`: it judges that very socket."""
+    """The verified pToken (draft section 2.3.2) of a bare flow, judged as an unbound, unmarked socket
+    of the backend's namespace. For a real socket use :func:`get_socket_ptoken` (section 2.3.3): it
+    judges that very socket."""
     return ptoken_of_flow(flow, _local(resolve_backend(backend), "ptoken_for_flow"))
 
 
@@ -197,7 +200,8 @@ def set_socket_ptoken(sock: FileDescriptorLike, ptoken: PToken, backend: Backend
 
 
 def attached_ptoken(sock: FileDescriptorLike) -> PToken | None:
-    """The pToken attached to ``sock`` with set_socket_ptoken, if any (a copy)."""
+    """The pToken attached to ``sock`` with set_socket_ptoken (draft section 2.3.3, Figure 9), if any
+    (a copy)."""
     tok = _attached.get(socket_key(sock))
     return tok.copy() if tok else None
 
@@ -206,8 +210,9 @@ def _demand_or_none(sock: FileDescriptorLike) -> PToken | None:
     return _attached.get(socket_key(sock))
 
 
-def connect(sock: socket.socket, address: tuple, backend: BackendLike = None, latch_: bool = True) -> None:
-    """connect() for a socket with a pToken: establish an SA meeting it, connect, verify, latch.
+def connect(sock: socket.socket, address: tuple[Any, ...], backend: BackendLike = None, latch_: bool = True) -> None:
+    """connect() for a socket with a pToken: establish an SA meeting it, connect, verify, latch (the
+    pToken "effective" once attached, draft section 2.3.3).
 
     Without an attached pToken this is ``sock.connect(address)``. With one, the
     backend negotiates an SA for the flow first; after connecting, the actual
@@ -223,7 +228,7 @@ def connect(sock: socket.socket, address: tuple, backend: BackendLike = None, la
     finish_connect(sock, backend, latch_)
 
 
-def prepare_connect(sock: socket.socket, address: tuple, backend: BackendLike = None) -> bool:
+def prepare_connect(sock: socket.socket, address: tuple[Any, ...], backend: BackendLike = None) -> bool:
     """Before connecting: have the IKE daemon bring up an SA meeting the socket's pToken (False: none set)."""
     demand = _demand_or_none(sock)
     if demand is None or is_no_demand(demand):
@@ -269,7 +274,7 @@ def finish_connect(sock: socket.socket, backend: BackendLike = None, latch_: boo
 
 
 def listen(sock: socket.socket, backlog: int = 128, backend: BackendLike = None) -> None:
-    """listen() for a socket with a pToken: the backend accepts peers that meet it."""
+    """listen() for a socket with a pToken: the backend accepts peers that meet it (draft section 2.3.3)."""
     demand = _demand_or_none(sock)
     if demand is not None:
         be = resolve_backend(backend)
@@ -280,9 +285,11 @@ def listen(sock: socket.socket, backlog: int = 128, backend: BackendLike = None)
     sock.listen(backlog)
 
 
-def accept(sock: socket.socket, backend: BackendLike = None, latch_: bool = True) -> tuple[socket.socket, tuple]:
-    """accept() held to the listening socket's pToken: a connection that does not meet it is
-    closed and EACCES raised; an accepted one is latched."""
+def accept(
+    sock: socket.socket, backend: BackendLike = None, latch_: bool = True
+) -> tuple[socket.socket, tuple[Any, ...]]:
+    """accept() held to the listening socket's pToken (draft section 2.3.3): a connection that does
+    not meet it is closed and EACCES raised; an accepted one is latched."""
     conn, addr = sock.accept()
     demand = _demand_or_none(sock)
     if demand is None:

@@ -24,6 +24,9 @@ from .core.selectors import Flow
 
 @dataclass(frozen=True)
 class BackendInfo:
+    """A backend plugin's name (as registered), daemon and one-line summary. Not in the draft: which
+    "key management or IPsec module of the host" (draft section 2.3.1) answers for the pTokens."""
+
     name: str
     daemon: str
     summary: str
@@ -31,6 +34,9 @@ class BackendInfo:
 
 @dataclass(frozen=True)
 class Capabilities:
+    """What a backend can establish and prove: the authentication methods (draft section 2.1.2,
+    Figure 4), modes (``tunnelMode``, section 2.3.2), its data plane, whether it enforces pTokens."""
+
     auth_methods: frozenset[AuthMethod]
     modes: frozenset[str]  # {"TUNNEL", "TRANSPORT"}
     dataplane: str  # "kernel-xfrm" | "kernel-libipsec" | "unknown"
@@ -39,7 +45,8 @@ class Capabilities:
 
 @dataclass(frozen=True)
 class Enforcement:
-    """What set_socket_pToken arranged: the daemon's connection and the data-plane guard."""
+    """What set_socket_pToken (draft section 2.3.3, Figure 9) arranged: the daemon's connection and the
+    data-plane guard."""
 
     connection: str
     dataplane_guard: str
@@ -48,6 +55,9 @@ class Enforcement:
 
 @dataclass(frozen=True)
 class SAEvent:
+    """A change of the IKE daemon's SAs, for latches and watchers. Not in the draft: it is what makes a
+    pToken read once (section 2.3.3) stale (README "Connection latching")."""
+
     kind: str  # "ike-up", "ike-down", "child-up", "child-down", "ike-rekey", "child-rekey", "reset"
     ike_name: str = ""
     child_name: str = ""
@@ -57,7 +67,8 @@ class SAEvent:
 
 
 class Backend:
-    """One backend plugin with its options, e.g. ``Backend(pm, "strongswan", {...})``."""
+    """One backend plugin with its options, e.g. ``Backend(pm, "strongswan", {...})``: the "key management
+    or the IPsec module of the host" that pTokens are handles to (draft section 2.3.1)."""
 
     def __init__(self, pm: pluggy.PluginManager, name: str, options: Mapping[str, str]) -> None:
         if pm.get_plugin(name) is None:
@@ -84,7 +95,7 @@ class Backend:
             return None
         return (st.st_dev, st.st_ino)
 
-    def _call(self, hook: str, **kwargs: Any) -> Any:
+    def _call(self, hook: str, **kwargs: Any) -> Any:  # pluggy: Any; callers annotate the hookspec type
         caller = self._callers.get(hook)
         if caller is None:  # pluggy's subset callers filter at call time: safe to keep
             caller = self._callers[hook] = self._pm.subset_hook_caller(hook, remove_plugins=self._others)
@@ -94,19 +105,20 @@ class Backend:
         return bool(self._call("btns_probe"))
 
     def capabilities(self) -> Capabilities:
-        caps = self._call("btns_capabilities")
+        caps: Capabilities | None = self._call("btns_capabilities")
         if caps is None:
             raise BackendError(f"backend {self.name!r} does not report capabilities")
         return caps
 
     def list_sas(self) -> list[IkeSA]:
-        sas = self._call("btns_list_sas")
+        sas: list[IkeSA] | None = self._call("btns_list_sas")
         if sas is None:
             raise BackendError(f"backend {self.name!r} cannot list SAs")
         return sas
 
     def find_sa(self, flow: Flow) -> tuple[IkeSA, ChildSA] | None:
-        return self._call("btns_find_sa", flow=flow)
+        found: tuple[IkeSA, ChildSA] | None = self._call("btns_find_sa", flow=flow)
+        return found
 
     def protect(self, view: SocketView) -> Protection | NotCarried:
         """The verified protection of the socket ``view``: daemon SA and data-plane proof, or why not.
@@ -142,7 +154,7 @@ class Backend:
         return verdict if isinstance(verdict, Protection) else None
 
     def enforce(self, sock: Any, ptoken: Any) -> Enforcement:
-        result = self._call("btns_enforce", sock=sock, ptoken=ptoken)
+        result: Enforcement | None = self._call("btns_enforce", sock=sock, ptoken=ptoken)
         if result is None:
             from .core.errors import NotSupportedError
 
@@ -150,7 +162,7 @@ class Backend:
         return result
 
     def establish(self, flow: Flow, ptoken: Any) -> str:
-        name = self._call("btns_establish", flow=flow, ptoken=ptoken)
+        name: str | None = self._call("btns_establish", flow=flow, ptoken=ptoken)
         if name is None:
             from .core.errors import NotSupportedError
 
@@ -158,7 +170,7 @@ class Backend:
         return name
 
     def serve(self, local_addr: Any, ptoken: Any) -> str:
-        name = self._call("btns_serve", local_addr=local_addr, ptoken=ptoken)
+        name: str | None = self._call("btns_serve", local_addr=local_addr, ptoken=ptoken)
         if name is None:
             from .core.errors import NotSupportedError
 
@@ -170,7 +182,7 @@ class Backend:
         return bool(self._call("btns_release", name=name))
 
     def watch(self, callback: Callable[[SAEvent], None]) -> Callable[[], None]:
-        stop = self._call("btns_watch", callback=callback)
+        stop: Callable[[], None] | None = self._call("btns_watch", callback=callback)
         if stop is None:
             from .core.errors import NotSupportedError
 

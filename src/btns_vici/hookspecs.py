@@ -34,6 +34,7 @@ def btns_backend_info() -> BackendInfo:
 
     Called on every plugin to list them; must not contact the daemon.
     """
+    raise NotImplementedError  # a specification: pluggy calls the plugins' implementations
 
 
 @hookspec(firstresult=True)

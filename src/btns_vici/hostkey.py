@@ -81,8 +81,8 @@ def load_or_create(directory: str | os.PathLike[str] | None = None) -> HostIdent
     _check_private(path)
     pem = path.read_bytes()
     try:
-        key = serialization.load_pem_private_key(pem, password=None)
+        loaded = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
         raise BtnsError(f"{path} is not a usable private key: {exc}", errno.EINVAL) from None
-    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    der = loaded.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return HostIdentity(path, pem, der)

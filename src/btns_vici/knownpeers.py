@@ -32,11 +32,17 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .core.constants import AuthMethod
 from .core.errors import BtnsError
+
+if TYPE_CHECKING:
+    from .core.records import IkeSA
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("btns_vici.knownpeers")
 
@@ -128,7 +134,7 @@ class KnownPeers:
 
     # -- file ------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _locked(self):  # type: ignore[no-untyped-def]
+    def _locked(self) -> Iterator[None]:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self._mutex:
             fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
@@ -171,7 +177,7 @@ class KnownPeers:
         os.replace(tmp, self.path)
         self._cache = None
 
-    def _update(self, fn):  # type: ignore[no-untyped-def]
+    def _update(self, fn: Callable[[dict[str, Entry]], _T]) -> _T:
         with self._locked():
             self._cache = None
             peers = {a: Entry.from_json(e.to_json()) for a, e in self._read().items()}
@@ -334,7 +340,7 @@ def _store_for(local_key: bytes | None) -> KnownPeers | None:
     return None
 
 
-def method_for(ike: Any) -> AuthMethod:
+def method_for(ike: IkeSA) -> AuthMethod:
     """BTNS or LEAPOFFAITH for a raw-key IKE_SA (``btns_vici.core.records.IkeSA``): see the module doc."""
     remote = ike.remote
     if remote.auth_method != AuthMethod.BTNS or not remote.public_key:

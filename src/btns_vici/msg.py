@@ -27,6 +27,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from .broker.client import BrokerClient
 from .core.errors import BtnsError
@@ -43,6 +44,9 @@ from .sockets import (
     source_address,
     view_of,
 )
+
+if TYPE_CHECKING:  # the alias only: sendmsg imports api when it is called
+    from .api import BackendLike
 
 #: Private cmsg level/type: never passed to the kernel ("BT", 1).
 SOL_BTNS = 0x4254
@@ -63,7 +67,8 @@ _registry_lock = threading.Lock()
 
 @dataclass
 class MsgHdr:
-    """A Python ``struct msghdr``: name (peer address), iov, control (ancillary data), flags.
+    """A Python ``struct msghdr`` (draft section 2.3.4, Figure 10): name (peer address), iov, control
+    (ancillary data), flags.
 
     ``local`` is the local (address, port) the datagram arrived on, ``ifindex`` the
     device it arrived by (IP_PKTINFO) and ``netns`` the (st_dev, st_ino) of the receiving
@@ -72,10 +77,10 @@ class MsgHdr:
     """
 
     iov: list[bytes] = field(default_factory=list)
-    name: tuple | None = None
+    name: tuple[Any, ...] | None = None
     control: list[tuple[int, int, bytes]] = field(default_factory=list)
     flags: int = 0
-    local: tuple | None = None
+    local: tuple[Any, ...] | None = None
     proto: int = socket.IPPROTO_UDP
     ifindex: int | None = None
     netns: tuple[int, int] | None = None
@@ -148,7 +153,8 @@ def attached(msg: MsgHdr) -> PToken | None:
 
 
 def enable_pktinfo(sock: FileDescriptorLike) -> None:
-    """Turn on IP_PKTINFO / IPV6_RECVPKTINFO now (recvmsg does it too, but only when first called).
+    """Turn on IP_PKTINFO / IPV6_RECVPKTINFO now (recvmsg does it too, but only when first called), so
+    that ``ipsec_get_msg_pToken`` (draft section 2.3.4, Figure 10) knows a datagram's arrival.
 
     The kernel records where a datagram arrived only if the option was on when the datagram
     was queued: a datagram queued before has an unknown arrival device, and its pToken
@@ -166,7 +172,7 @@ def _enable_pktinfo(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
 
 
-def _pktinfo(sock: socket.socket, ancdata: list) -> tuple[tuple | None, int | None]:
+def _pktinfo(sock: socket.socket, ancdata: list[tuple[int, int, bytes]]) -> tuple[tuple[Any, ...] | None, int | None]:
     """(local (address, port), arrival ifindex) from IP_PKTINFO / IPV6_PKTINFO, Nones if absent."""
     port = sock.getsockname()[1]
     for level, kind, data in ancdata:
@@ -191,7 +197,8 @@ def _as_socket(sock: FileDescriptorLike) -> Iterator[socket.socket]:
 
 
 def recvmsg(sock: FileDescriptorLike, bufsize: int, ancbufsize: int = 256, flags: int = 0) -> MsgHdr:
-    """Receive one datagram like socket.recvmsg, recording both addresses for get_msg_pToken."""
+    """Receive one datagram like socket.recvmsg, recording both addresses for ``ipsec_get_msg_pToken``
+    (draft section 2.3.4, Figure 10)."""
     with _as_socket(sock) as s:
         check_inet(s)
         _enable_pktinfo(s)
@@ -228,7 +235,7 @@ def receiver_of(msg: MsgHdr) -> int | None:
     return fd if (st.st_dev, st.st_ino) == key else None
 
 
-def send_view(s: socket.socket, dest: tuple, control: list[tuple[int, int, bytes]], flags: int) -> SocketView:
+def send_view(s: socket.socket, dest: tuple[Any, ...], control: list[tuple[int, int, bytes]], flags: int) -> SocketView:
     """The view of one datagram ``s`` is about to send to ``dest``, with the message's own overrides.
 
     Per-message routing keys count as the kernel applies them: IP_PKTINFO/IPV6_PKTINFO
@@ -238,7 +245,8 @@ def send_view(s: socket.socket, dest: tuple, control: list[tuple[int, int, bytes
     if endpoint(s.getsockname())[1] == 0:  # bind now as send would: the check needs the port
         s.bind(("::" if s.family == socket.AF_INET6 else "0.0.0.0", 0))
     proto = s.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) or socket.IPPROTO_UDP
-    oif, src, mark, tos = 0, None, None, None
+    oif, mark, tos = 0, None, None
+    src: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     for level, kind, data in control:
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
             oif = struct.unpack_from("=i", data, 0)[0]
@@ -264,9 +272,10 @@ def send_view(s: socket.socket, dest: tuple, control: list[tuple[int, int, bytes
     )
 
 
-def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: object = None) -> int:
-    """Send like socket.sendmsg; when msg carries a pToken, refuse (EACCES) unless it is met now,
-    for this socket and this message's own routing keys."""
+def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: BackendLike = None) -> int:
+    """Send like socket.sendmsg; when msg carries a pToken (``ipsec_set_msg_pToken``, draft section
+    2.3.4, Figure 10), refuse (EACCES) unless it is met now, for this socket and this message's own
+    routing keys."""
     from .api import resolve_backend
     from .protection import shortfall
 
@@ -276,7 +285,7 @@ def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: obje
         check_inet(s)
         if demand is not None:
             dest = msg.name if msg.name is not None else s.getpeername()
-            be = resolve_backend(backend)  # type: ignore[arg-type]
+            be = resolve_backend(backend)
             if isinstance(be, BrokerClient):
                 be.check_send(s, tuple(dest) if msg.name is not None else None, control, flags, demand)
                 problems: list[str] = []
@@ -284,5 +293,6 @@ def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: obje
                 _actual, problems = shortfall(demand, send_view(s, dest, control, flags), be)
             if problems:
                 raise BtnsError("datagram refused, pToken not met: " + "; ".join(problems), errno.EACCES)
-        args = (msg.iov, control, flags) + ((msg.name,) if msg.name is not None else ())
-        return s.sendmsg(*args)
+        if msg.name is not None:
+            return s.sendmsg(msg.iov, control, flags, msg.name)
+        return s.sendmsg(msg.iov, control, flags)

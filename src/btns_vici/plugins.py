@@ -59,7 +59,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
 
 
 def backends() -> list[BackendInfo]:
-    """Every installed backend, built-in first."""
+    """Every installed backend, built-in first (each a key management of draft section 2.3.1)."""
     return list(get_plugin_manager().hook.btns_backend_info())[::-1]
 
 
@@ -86,6 +86,7 @@ def _probe_all(
 
     def run(i: int, info: BackendInfo) -> None:
         backend = None
+        out: tuple[Backend | None, bool, BaseException | None]
         try:
             backend = Backend(pm, info.name, opts)
             out = (backend, bool(backend.probe()), None)
@@ -110,7 +111,8 @@ def _probe_all(
 
 
 def get_backend(name: str | None = None, options: Mapping[str, str] | None = None) -> Backend:
-    """Select a backend: ``name``, else ``$BTNS_BACKEND``, else the first whose daemon answers.
+    """Select a backend: ``name``, else ``$BTNS_BACKEND``, else the first whose daemon answers. Not in
+    the draft, which leaves the key management (section 2.3.1) to the host.
 
     The default selection probes every installed backend in parallel (each with its short
     probe deadline) and takes the first, in :func:`backends` order, that answers. When none

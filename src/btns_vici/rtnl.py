@@ -198,7 +198,8 @@ def decode_route(data: bytes, seq: int) -> RouteAnswer | None:
 
 def decode_links(data: bytes) -> tuple[list[Link], bool]:
     """Links in one RTM_GETLINK dump part, and whether the dump is done."""
-    links, done, pos = [], False, 0
+    links: list[Link] = []
+    done, pos = False, 0
     while pos + _NLMSGHDR.size <= len(data):
         length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, pos)
         if length < _NLMSGHDR.size or pos + length > len(data):

@@ -20,10 +20,14 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .core.errors import BtnsError
 from .netns import setns
+
+_T = TypeVar("_T")
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DESTROY = 21
@@ -87,26 +91,26 @@ def _netns_fd(sock: socket.socket) -> int:
     return fcntl.ioctl(sock.fileno(), SIOCGSKNS)
 
 
-def _in_netns(ns_fd: int | None, fn):  # type: ignore[no-untyped-def]
+def _in_netns(ns_fd: int | None, fn: Callable[[], _T]) -> _T:
     """Run ``fn`` on a thread that entered the namespace ``ns_fd`` (None: ours)."""
     if ns_fd is None:
         return fn()
-    out: list = []
+    result: list[_T] = []
+    error: list[BaseException] = []
 
     def run() -> None:
         try:
             setns(ns_fd)  # this short-lived thread only
-            out.append((True, fn()))
+            result.append(fn())
         except BaseException as exc:
-            out.append((False, exc))
+            error.append(exc)
 
     t = threading.Thread(target=run, name="btns-sockdestroy", daemon=True)
     t.start()
     t.join()
-    ok, value = out[0]
-    if not ok:
-        raise value
-    return value
+    if error:
+        raise error[0]
+    return result[0]
 
 
 def destroy_id(sid: SocketId, ns_fd: int | None = None, timeout: float = 2.0) -> None:

@@ -16,7 +16,7 @@ import socket
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 from .core.errors import BtnsError
 from .core.records import BOTH, SocketView
@@ -88,7 +88,7 @@ def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(host.split("%", 1)[0])
 
 
-def endpoint(addr: tuple) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+def endpoint(addr: tuple[Any, ...]) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
     """(address, port) from a sockaddr tuple; the IPv6 scope id is dropped."""
     return _address(addr[0]), int(addr[1])
 
@@ -251,7 +251,7 @@ def source_address(
             return bound
         family = sock.family
         ns_fd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
-    result: list[object] = []
+    result: list[ipaddress.IPv4Address | ipaddress.IPv6Address | OSError] = []
     try:
         own = os.stat("/proc/thread-self/ns/net")
         theirs = os.fstat(ns_fd)
@@ -277,4 +277,4 @@ def source_address(
         os.close(ns_fd)
     if isinstance(result[0], OSError):
         raise result[0]
-    return result[0]  # type: ignore[return-value]
+    return result[0]

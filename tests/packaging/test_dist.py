@@ -40,6 +40,9 @@ def test_wheel_is_pure_python(dists: Dists) -> None:
     for src in ("ipsec_api.h", "libbtns_ipsec.c", "btns-ipsec.pc.in", "build.py"):
         assert [n for n in names if n.endswith("/" + src)] == [f"btns_vici/cabi/{src}"]
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    # PEP 561: the annotations are for users' type checkers too; the stubs are for ours only.
+    assert "btns_vici/py.typed" in names
+    assert not [n for n in names if n.endswith(".pyi") or n.startswith("stubs/")]
 
 
 def test_wheel_metadata(dists: Dists) -> None:
@@ -84,6 +87,9 @@ def test_sdist_contents(dists: Dists) -> None:
         "tests/cabi/conftest.py",
         "src/btns_vici/cabi/ipsec_api.h",
         "examples/c/README.md",
+        "stubs/cffi/__init__.pyi",
+        "stubs/vici/protocol.pyi",
+        "plugins/btns-libreswan/src/btns_libreswan/py.typed",
     ):
         assert needed in names, needed
     assert not [n for n in names if "__pycache__" in n or n.endswith(".so")]

@@ -156,7 +156,7 @@ class BrokerClient:
         return True
 
     def get_socket_ptoken(self, fd: FileDescriptorLike) -> PToken:
-        return self.request("get_socket_ptoken", fd)["token"]
+        return _token(self.request("get_socket_ptoken", fd))
 
     def set_socket_ptoken(self, fd: FileDescriptorLike, ptoken: PToken) -> None:
         self.request("set_socket_ptoken", fd, timeout=SLOW_TIMEOUT, ptoken=protocol.ptoken_to_wire(ptoken))
@@ -168,11 +168,11 @@ class BrokerClient:
         self.request("prepare_listen", fd, timeout=SLOW_TIMEOUT)
 
     def verify(self, fd: FileDescriptorLike, demand: PToken | None = None) -> PToken:
-        args = {"ptoken": protocol.ptoken_to_wire(demand)} if demand is not None else {}
-        return self.request("verify", fd, **args)["token"]
+        args: dict[str, Any] = {"ptoken": protocol.ptoken_to_wire(demand)} if demand is not None else {}
+        return _token(self.request("verify", fd, **args))
 
     def get_msg_ptoken(
-        self, fd: FileDescriptorLike, name: tuple, local: tuple, ifindex: int | None, proto: int
+        self, fd: FileDescriptorLike, name: tuple[Any, ...], local: tuple[Any, ...], ifindex: int | None, proto: int
     ) -> PToken:
         res = self.request(
             "get_msg_ptoken",
@@ -182,12 +182,12 @@ class BrokerClient:
             ifindex=ifindex,
             proto=proto,
         )
-        return res["token"]
+        return _token(res)
 
     def check_send(
         self,
         fd: FileDescriptorLike,
-        dest: tuple | None,
+        dest: tuple[Any, ...] | None,
         control: list[tuple[int, int, bytes]],
         flags: int,
         demand: PToken,
@@ -247,6 +247,14 @@ def _parsed(body: bytes) -> dict[str, Any]:
     if tok is not None:
         out["token"] = tok.copy()
     return out
+
+
+def _token(result: Mapping[str, Any]) -> PToken:
+    """The pToken an answer carries (EPROTO when the broker sent none)."""
+    token = result.get("token")
+    if not isinstance(token, PToken):
+        raise protocol.FrameError("the broker's answer carries no pToken")
+    return token
 
 
 class _Closed(Exception):

@@ -37,7 +37,7 @@ class Rule:
     def matches(self, uid: int, gids: frozenset[int]) -> bool:
         if "*" in self.users or str(uid) in self.users or _user(uid) in self.users:
             return True
-        return any(g in self.groups or _group(g) in self.groups for g in gids)
+        return any(str(g) in self.groups or _group(g) in self.groups for g in gids)
 
 
 @dataclass(frozen=True)

@@ -213,8 +213,9 @@ def _decoded(attr: Attr, raw: bytes) -> Any:
 
 def raise_for(payload: Mapping[str, Any]) -> dict[str, Any]:
     """The result of a response payload, or the OSError it carries."""
-    if payload.get("ok") is True and isinstance(payload.get("result"), dict):
-        return payload["result"]
+    result = payload.get("result")
+    if payload.get("ok") is True and isinstance(result, dict):
+        return result
     code = payload.get("errno")
     if not isinstance(code, int) or not 0 < code < 4096:
         raise FrameError("malformed error response")

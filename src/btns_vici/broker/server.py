@@ -604,7 +604,8 @@ class Server:
                 rows.append(d)
             cached = self._listings[c.ident] = (ns, now, rows)
         rows = cached[2]
-        page, size = [], 0
+        page: list[dict[str, Any]] = []
+        size = 0
         for d in rows[offset:]:
             n = len(json.dumps(d))
             if page and (size + n > 48_000 or len(page) >= 256):

@@ -20,7 +20,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import api, capi
 from ..broker.client import BrokerClient
@@ -29,6 +29,11 @@ from ..core.tokens import IToken, PToken
 from ..msg import IP_PKTINFO, IPV6_PKTINFO, MsgHdr, send_view
 from ..protection import shortfall
 from ..sockets import borrowed_socket, check_inet
+
+if TYPE_CHECKING:  # the embedded library's ffi (cffi's FFI API), typed by stubs/cffi
+    from cffi import FFI
+
+    CData = FFI.CData
 
 KIND_ITOKEN = 1
 KIND_PTOKEN = 2
@@ -120,7 +125,7 @@ def _ptoken(handle: int) -> PToken:
     return token
 
 
-def _copy_out(ffi: Any, data: bytes, length_ptr: Any, buf: Any) -> int:
+def _copy_out(ffi: FFI, data: bytes, length_ptr: CData, buf: CData) -> int:
     """Write ``data`` to a C buffer of *length_ptr bytes; ERANGE with the size needed if short."""
     need = len(data)
     have = int(length_ptr[0])
@@ -132,7 +137,7 @@ def _copy_out(ffi: Any, data: bytes, length_ptr: Any, buf: Any) -> int:
     return 0
 
 
-def _address(ffi: Any, family: int, raw: Any) -> str:
+def _address(ffi: FFI, family: int, raw: CData) -> str:
     data = bytes(ffi.buffer(raw, 16))
     if family == socket.AF_INET:
         return str(ipaddress.IPv4Address(data[:4]))
@@ -141,7 +146,7 @@ def _address(ffi: Any, family: int, raw: Any) -> str:
     raise BtnsError(f"address family {family} is not IPv4 or IPv6", errno.EINVAL)
 
 
-def install(ffi: Any) -> None:
+def install(ffi: FFI) -> None:
     """Attach the implementations to the library's ``extern "Python"`` declarations."""
 
     def extern(fn: Callable[..., None]) -> Callable[..., None]:
@@ -157,7 +162,7 @@ def install(ffi: Any) -> None:
         return ffi.def_extern(name=fn.__name__)(call)
 
     @extern
-    def _btns_py_create(kind: int, out: Any) -> None:
+    def _btns_py_create(kind: int, out: CData) -> None:
         if kind == KIND_ITOKEN:
             out[0] = handles.add(capi.ipsec_create_iToken())
         elif kind == KIND_PTOKEN:
@@ -179,14 +184,14 @@ def install(ffi: Any) -> None:
         handles.get(handle, kind)
 
     @extern
-    def _btns_py_get_attr(handle: int, attr_type: int, length_ptr: Any, buf: Any) -> None:
+    def _btns_py_get_attr(handle: int, attr_type: int, length_ptr: CData, buf: CData) -> None:
         value = capi.ipsec_get_token_attr(handles.get(handle), attr_type)
         code = _copy_out(ffi, value, length_ptr, buf)
         if code:
             raise BtnsError(f"attr_len too small, {len(value)} bytes needed", code)
 
     @extern
-    def _btns_py_set_attr(handle: int, attr_type: int, length: int, buf: Any) -> None:
+    def _btns_py_set_attr(handle: int, attr_type: int, length: int, buf: CData) -> None:
         capi.ipsec_set_token_attr(handles.get(handle), attr_type, bytes(ffi.buffer(buf, length)))
 
     @extern
@@ -200,19 +205,19 @@ def install(ffi: Any) -> None:
         capi.ipsec_get_socket_pToken(fd, _ptoken(handle))
 
     @extern
-    def _btns_py_cmp(a: int, b: int, result: Any) -> None:
+    def _btns_py_cmp(a: int, b: int, result: CData) -> None:
         result[0] = capi.ipsec_cmp_pToken(_ptoken(a), _ptoken(b))
 
     @extern
-    def _btns_py_dup(handle: int, out: Any) -> None:
+    def _btns_py_dup(handle: int, out: CData) -> None:
         out[0] = handles.add(capi.ipsec_dup_pToken(_ptoken(handle)))
 
     @extern
-    def _btns_py_import(buf: Any, length: int, out: Any) -> None:
+    def _btns_py_import(buf: CData, length: int, out: CData) -> None:
         out[0] = handles.add(IToken.from_bytes(bytes(ffi.buffer(buf, length))))
 
     @extern
-    def _btns_py_export(handle: int, length_ptr: Any, buf: Any) -> None:
+    def _btns_py_export(handle: int, length_ptr: CData, buf: CData) -> None:
         token = handles.get(handle, KIND_ITOKEN)
         assert isinstance(token, IToken)
         data = token.to_bytes()
@@ -225,10 +230,10 @@ def install(ffi: Any) -> None:
         handle: int,
         proto: int,
         lfamily: int,
-        laddr: Any,
+        laddr: CData,
         lport: int,
         rfamily: int,
-        raddr: Any,
+        raddr: CData,
         rport: int,
         ifindex: int,
         ns_dev: int,
@@ -250,7 +255,7 @@ def install(ffi: Any) -> None:
         handle: int,
         has_dest: int,
         family: int,
-        addr: Any,
+        addr: CData,
         port: int,
         oif: int,
         has_mark: int,

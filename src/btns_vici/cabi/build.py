@@ -30,6 +30,10 @@ import sys
 import sysconfig
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import cffi
 
 HERE = Path(__file__).resolve().parent
 LIBRARY = "libbtns-ipsec.so"
@@ -70,7 +74,7 @@ def _python_libdir() -> str | None:
     libdir = sysconfig.get_config_var("LIBDIR")
     if not libdir or os.path.realpath(libdir) in _SYSTEM_LIBDIRS:
         return None
-    return libdir
+    return str(libdir)
 
 
 class BuildError(RuntimeError):
@@ -109,8 +113,8 @@ def check_prerequisites() -> None:
         )
 
 
-def make_ffibuilder():  # -> cffi.FFI (cffi is imported lazily: only this step needs it)
-    import cffi
+def make_ffibuilder() -> cffi.FFI:
+    import cffi  # lazily: only this step needs it
 
     ffi = cffi.FFI()
     ffi.embedding_api("")

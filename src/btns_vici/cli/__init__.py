@@ -5,6 +5,7 @@ Console script ``btns = btns_vici.cli:main``; also ``python -m btns_vici.cli``.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ _COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``btns`` command; returns the exit code (see ``btns --help``)."""
     args = build().parse_args(argv)
-    run: Callable = import_module(_COMMANDS[args.command]).run
+    run: Callable[[argparse.Namespace], int] = import_module(_COMMANDS[args.command]).run
     try:
         return run(args)
     except KeyboardInterrupt:

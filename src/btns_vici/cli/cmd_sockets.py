@@ -115,7 +115,7 @@ def clear_ptoken_dict(template: dict[str, Any], flow: Flow) -> dict[str, Any]:
 
 def describe(
     entry: SocketEntry, snapshot: Snapshot, owners: list[tuple[int, str, int]], with_token: bool = True
-) -> tuple[Protection | None, dict]:
+) -> tuple[Protection | None, dict[str, Any]]:
     """One socket: sock_diag facts, its processes, and for a connected one its verified protection
     and (``with_token``) pToken."""
     flow = entry.flow
@@ -212,7 +212,7 @@ def selection(args: argparse.Namespace) -> tuple[Selection, set[int] | None, set
     protocols = {
         p for flag, p in (("tcp", socket.IPPROTO_TCP), ("udp", socket.IPPROTO_UDP)) if getattr(args, flag, False)
     } or None
-    families = {
+    families: set[int] | None = {
         f for flag, f in (("ipv4", socket.AF_INET), ("ipv6", socket.AF_INET6)) if getattr(args, flag, False)
     } or None
     return sel, protocols, families

@@ -26,7 +26,7 @@ _VALUE_KIND = {"netns": "netns", "vici_socket": "file", "state": "file", "backen
 BACKENDS = ("strongswan", "libreswan")
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
@@ -90,10 +90,15 @@ def _para(text: str) -> str:
     return "\n".join(out)
 
 
+def _metavar(a: argparse.Action) -> str | None:
+    """The action's metavar; a tuple of them (one per value) space-separated, as argparse shows them."""
+    return " ".join(a.metavar) if isinstance(a.metavar, tuple) else a.metavar
+
+
 def _invocation(a: argparse.Action) -> str:
     if not a.option_strings:
-        return a.metavar or a.dest
-    metavar = "" if a.nargs == 0 else " " + (a.metavar or a.dest.upper())
+        return _metavar(a) or a.dest
+    metavar = "" if a.nargs == 0 else " " + (_metavar(a) or a.dest.upper())
     return ", ".join(f"{o}{metavar}" for o in a.option_strings)
 
 
@@ -207,7 +212,7 @@ def bash(parser: argparse.ArgumentParser) -> str:
         f'        "") COMPREPLY=($(compgen -W "{" ".join(n for n, _, _ in cmds)} {globals_}" -- "$cur")) ;;',
     ]
     for name, _, sub in cmds:
-        opts = " ".join(["-h", "--help", *_words(_options(sub))])
+        sub_opts = " ".join(["-h", "--help", *_words(_options(sub))])
         positional = [a for a in _options(sub) if not a.option_strings]
         extra = " ".join(str(c) for a in positional if a.choices for c in a.choices)
         if name == "sockets":
@@ -231,7 +236,7 @@ def bash(parser: argparse.ArgumentParser) -> str:
                     "big",
                 ]
             )
-        words = f"{opts} {extra}".strip()
+        words = f"{sub_opts} {extra}".strip()
         lines.append(f'        {name}) COMPREPLY=($(compgen -W "{words}" -- "$cur")) ;;')
     lines += ["    esac", "}", "complete -F _btns btns", ""]
     return "\n".join(lines)
@@ -261,7 +266,7 @@ def _zsh_specs(actions: list[argparse.Action]) -> list[str]:
             action = {"netns": "_btns_netns", "file": "_files", "backend": f"({' '.join(BACKENDS)})"}.get(kind, " ")
             if a.choices:
                 action = f"({' '.join(map(str, a.choices))})"
-            value = f":{(a.metavar or a.dest).lower()}:{action}"
+            value = f":{(_metavar(a) or a.dest).lower()}:{action}"
         if len(a.option_strings) == 1:
             specs.append(f"'{a.option_strings[0]}[{helptext}]{value}'")
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from .._version import __version__
 from . import exits
@@ -106,27 +107,30 @@ COMMANDS = {
 def _globals(suppress: bool) -> argparse.ArgumentParser:
     """The global options; on subcommands they default to SUPPRESS so either position works."""
     p = argparse.ArgumentParser(add_help=False)
-    d = {"default": argparse.SUPPRESS} if suppress else {}
+
+    def default(value: object) -> dict[str, Any]:
+        return {"default": argparse.SUPPRESS if suppress else value}
+
     g = p.add_argument_group("global options")
     g.add_argument(
         "--backend",
         metavar="NAME",
         help="backend plugin (default: $BTNS_BACKEND, else the first whose daemon answers)",
-        **({"default": None} | d),
+        **default(None),
     )
     g.add_argument(
         "--vici-socket",
         metavar="PATH",
         help="charon's VICI socket (backend option vici_socket)",
-        **({"default": None} | d),
+        **default(None),
     )
     g.add_argument(
         "--netns",
         metavar="NAME",
         help="network namespace of the sockets and the data plane (backend option netns)",
-        **({"default": None} | d),
+        **default(None),
     )
-    g.add_argument("--json", action="store_true", help="machine-readable JSON output", **({"default": False} | d))
+    g.add_argument("--json", action="store_true", help="machine-readable JSON output", **default(False))
     return p
 
 

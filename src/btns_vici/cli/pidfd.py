@@ -18,7 +18,7 @@ SYS_PIDFD_GETFD = 438
 
 def pidfd_getfd(pidfd: int, targetfd: int) -> int:
     """A new descriptor in this process for ``targetfd`` of the process behind ``pidfd`` (close-on-exec)."""
-    fd = _libc.syscall(SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(targetfd), ctypes.c_uint(0))
+    fd: int = _libc.syscall(SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(targetfd), ctypes.c_uint(0))
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"pidfd_getfd(fd {targetfd}): {os.strerror(err)}")

@@ -15,6 +15,7 @@ import socket
 import struct
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from .. import netns
 from ..core.selectors import Flow, IPAddress
@@ -126,7 +127,7 @@ def list_sockets(
     )
 
 
-def _entry(msg: dict, proto: int, family: int) -> SocketEntry:
+def _entry(msg: dict[str, Any], proto: int, family: int) -> SocketEntry:
     return SocketEntry(
         proto=proto,
         family=family,
@@ -142,7 +143,7 @@ def _entry(msg: dict, proto: int, family: int) -> SocketEntry:
     )
 
 
-def _mark(msg: dict) -> int | None:
+def _mark(msg: dict[str, Any]) -> int | None:
     """INET_DIAG_MARK (shown only to CAP_NET_ADMIN holders), None if absent."""
     raw = _inetdiag.attributes(msg).get(INET_DIAG_MARK, b"")
     return struct.unpack("=I", raw[:4])[0] if len(raw) >= 4 else None

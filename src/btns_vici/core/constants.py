@@ -48,7 +48,8 @@ class Attr(IntEnum):
 
 
 class AuthMethod(IntEnum):
-    """Authentication methods; a value is also the attribute id of its switch.
+    """Authentication methods (draft section 2.1.2, Figure 4's ``iToken_auth_meth``); a value is also
+    the attribute id of its switch.
 
     ``authenticationMethod`` holds one of these values as a 2-octet integer.
     """
@@ -66,7 +67,8 @@ class AuthMethod(IntEnum):
 
 
 class Setting(IntEnum):
-    """Values of the 2-octet switch and level attributes.
+    """Values of the 2-octet switch and level attributes: ``IPSEC_API_ATTR_ENABLE``/``DISABLE``/``ANY``
+    (draft section 2.1.2) and ``LEVEL_LOW``/``MEDIUM``/``HIGH`` (section 2.3.2).
 
     Ordered so that a larger level is stronger: LEVEL_LOW < LEVEL_MEDIUM < LEVEL_HIGH.
     """

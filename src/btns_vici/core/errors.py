@@ -11,7 +11,8 @@ import stat as _stat
 
 
 class BtnsError(OSError):
-    """Base class: an OSError with a precise errno and message."""
+    """Base class: an OSError with a precise errno and message (the draft's calls "return -1 on error
+    and set errno accordingly", draft sections 2.2 and 2.3.4)."""
 
     default_errno = _errno.EINVAL
 
@@ -21,33 +22,37 @@ class BtnsError(OSError):
 
 
 class TokenAttributeError(BtnsError):
-    """Unknown attribute for this token kind, or a value of wrong length/range (EINVAL)."""
+    """Unknown attribute for this token kind, or a value of wrong length/range (EINVAL; draft section 2.2,
+    Figure 5)."""
 
 
 class ReadOnlyAttributeError(BtnsError):
-    """The attribute cannot be modified (EPERM)."""
+    """The attribute cannot be modified (EPERM): figure 4's ``iToken_attribute`` group of a pToken's
+    iToken, and ``informationString`` (draft sections 2.1.2 and 2.3.2)."""
 
     default_errno = _errno.EPERM
 
 
 class NoValueError(BtnsError):
-    """The attribute has no value yet (ENODATA)."""
+    """The attribute has no value yet (ENODATA; ``ipsec_get_token_attr``, draft section 2.2, Figure 5)."""
 
     default_errno = _errno.ENODATA
 
 
 class TokenFreedError(BtnsError):
-    """The token was freed with ipsec_free_iToken/ipsec_free_pToken (EBADF)."""
+    """The token was freed with ipsec_free_iToken/ipsec_free_pToken (EBADF; draft Figures 3 and 7)."""
 
     default_errno = _errno.EBADF
 
 
 class SerializationError(BtnsError):
-    """Bytes that are not a valid serialized iToken (EINVAL)."""
+    """Bytes that are not a valid serialized iToken (EINVAL). The draft keeps the byte form opaque
+    (section 2.1.1); this library's is in README "Serialized iTokens"."""
 
 
 class BackendError(BtnsError):
-    """No usable backend, or the IKE daemon is down, unreachable or answered nonsense.
+    """No usable backend, or the IKE daemon is down, unreachable or answered nonsense (the "key
+    management" that pTokens are handles to, draft section 2.3.1).
 
     The base of every daemon failure; the subclasses below carry the precise errno.
     A bare BackendError (ECONNREFUSED) means no backend answers at all.
@@ -57,31 +62,36 @@ class BackendError(BtnsError):
 
 
 class DaemonDownError(BackendError, ConnectionRefusedError):
-    """No daemon there: its control socket does not exist or nobody accepts on it (ECONNREFUSED)."""
+    """No daemon there: its control socket does not exist or nobody accepts on it (ECONNREFUSED; the
+    key management of draft section 2.3.1 is down)."""
 
     default_errno = _errno.ECONNREFUSED
 
 
 class DaemonTimeoutError(BackendError, TimeoutError):
-    """The daemon did not complete the operation (connect, send, the whole reply) in time (ETIMEDOUT)."""
+    """The daemon did not complete the operation (connect, send, the whole reply) in time (ETIMEDOUT; the
+    key management of draft section 2.3.1 hangs)."""
 
     default_errno = _errno.ETIMEDOUT
 
 
 class DaemonAccessError(BackendError, PermissionError):
-    """Not allowed to open the daemon's control socket; the message names the path and the access needed (EACCES)."""
+    """Not allowed to open the daemon's control socket; the message names the path and the access needed
+    (EACCES; the key management of draft section 2.3.1 is out of reach)."""
 
     default_errno = _errno.EACCES
 
 
 class ProtocolError(BackendError):
-    """The daemon's reply is malformed or oversized; the message says what was wrong (EPROTO)."""
+    """The daemon's reply is malformed or oversized; the message says what was wrong (EPROTO; from the key
+    management of draft section 2.3.1)."""
 
     default_errno = _errno.EPROTO
 
 
 class CommandFailedError(BackendError):
-    """The daemon understood the command and reported failure (EIO); its message is in ours."""
+    """The daemon understood the command and reported failure (EIO); its message is in ours (the key
+    management of draft section 2.3.1)."""
 
     default_errno = _errno.EIO
 
@@ -96,13 +106,16 @@ def specificity(exc: BaseException) -> int:
 
 
 class NotSupportedError(BtnsError):
-    """A requirement the backend cannot meet (EOPNOTSUPP)."""
+    """A requirement the backend cannot meet (EOPNOTSUPP): a pToken's demand (draft section 2.3.2) that
+    ``ipsec_set_socket_pToken`` (section 2.3.3, Figure 9) cannot enforce."""
 
     default_errno = _errno.EOPNOTSUPP
 
 
 class ProtectionLostError(BtnsError):
-    """A latched connection lost or changed its protection (ECONNABORTED)."""
+    """A latched connection lost or changed its protection (ECONNABORTED). Not in the draft: the pToken
+    read with ``ipsec_get_socket_pToken`` (section 2.3.3) is held to for the connection's life
+    (README "Connection latching")."""
 
     default_errno = _errno.ECONNABORTED
 

@@ -14,7 +14,8 @@ PROTO_NAMES = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "icmp": 1, 
 
 @dataclass(frozen=True, order=True)
 class TrafficSelector:
-    """An address range, an IP protocol (0 = any) and a port range (RFC 7296 section 3.13.1)."""
+    """An address range, an IP protocol (0 = any) and a port range (RFC 7296 section 3.13.1): the SPD
+    ranges that ``ipsec_cmp_pToken`` compares (draft section 2.3.5)."""
 
     start: IPAddress
     end: IPAddress
@@ -23,7 +24,7 @@ class TrafficSelector:
     port_hi: int = 65535
 
     def __post_init__(self) -> None:
-        if self.start.version != self.end.version or self.start > self.end:
+        if self.start.version != self.end.version or int(self.start) > int(self.end):
             raise ValueError(f"bad address range {self.start}..{self.end}")
         if not (0 <= self.proto <= 255) or not (0 <= self.port_lo <= self.port_hi <= 65535):
             raise ValueError("bad protocol or port range")
@@ -39,7 +40,7 @@ class TrafficSelector:
 
     def covers(self, addr: IPAddress, proto: int, port: int) -> bool:
         """True when the endpoint (addr, proto, port) lies inside this selector."""
-        if addr.version != self.start.version or not (self.start <= addr <= self.end):
+        if addr.version != self.start.version or not (int(self.start) <= int(addr) <= int(self.end)):
             return False
         if self.proto == PROTO_ANY:
             return True
@@ -65,7 +66,8 @@ class TrafficSelector:
 
 @dataclass(frozen=True)
 class Flow:
-    """One transport flow as seen from this host: what a connected socket or a datagram is."""
+    """One transport flow as seen from this host: what a connected socket (draft section 2.3.3) or a
+    datagram (section 2.3.4) is."""
 
     proto: int
     local_addr: IPAddress

@@ -23,7 +23,7 @@ def _covers(spec: str, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> b
     try:
         if "-" in spec:
             lo, hi = (ipaddress.ip_address(x.strip()) for x in spec.split("-", 1))
-            return lo.version == addr.version and lo <= addr <= hi  # type: ignore[operator]
+            return lo.version == addr.version and int(lo) <= int(addr) <= int(hi)
         net = ipaddress.ip_network(spec, strict=False)
     except ValueError:
         return False  # a DNS name: charon resolves it; we cannot tell (documented)

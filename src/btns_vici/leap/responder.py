@@ -22,16 +22,20 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from .. import knownpeers, netns
+from ..core.errors import NotSupportedError
 from ..hostkey import load_or_create
 from . import DEFAULT_PORT, wire
 from .charon import load_peer_conn, operator_conn_for
+
+if TYPE_CHECKING:
+    from ..strongswan.plugin import Context
 
 log = logging.getLogger("btns_vici.leap")
 
@@ -122,7 +126,7 @@ class Responder:
         self._g_hello = _Bucket(self.limits.global_hello_rate, now)
         self._g_keyreq = _Bucket(self.limits.global_keyreq_rate, now)
         self._charon = charon
-        self._ctx: Any = None
+        self._ctx: Context | None = None
         self._loaded: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -141,18 +145,21 @@ class Responder:
         self.port = self.sock.getsockname()[1]
 
     # -- charon ----------------------------------------------------------------------------
-    def _context(self) -> Any:
+    def _context(self) -> Context:
         if self._ctx is None:
             from ..plugins import get_plugin_manager
 
-            self._ctx = get_plugin_manager().get_plugin("strongswan").context(self.options)
+            plugin = get_plugin_manager().get_plugin("strongswan")
+            if plugin is None:  # built in (plugins.BUILTIN_BACKENDS): only a broken install lacks it
+                raise NotSupportedError("the strongswan backend plugin is not registered")
+            self._ctx = plugin.context(self.options)
         return self._ctx
 
     def _local_for(self, peer: str) -> str:
         fam = socket.AF_INET6 if ":" in peer else socket.AF_INET
         with socket.socket(fam, socket.SOCK_DGRAM) as s:  # the serving thread is in the namespace
             s.connect((peer, 9))
-            return s.getsockname()[0]
+            return str(s.getsockname()[0])
 
     # -- the protocol ----------------------------------------------------------------------
     def _cookie_ok(self, addr: str, port: int, msg: wire.Message) -> bool:

@@ -38,7 +38,7 @@ from typing import Any
 
 from ..core.errors import BackendError, ProtocolError
 from ..core.records import ChildSA, Identity, IkeSA
-from ..core.selectors import PROTO_ANY, Flow, TrafficSelector, normalize_address
+from ..core.selectors import PROTO_ANY, Flow, IPAddress, TrafficSelector, normalize_address
 from . import parse
 from .events import EventStream
 from .session import ViciSession
@@ -148,7 +148,7 @@ class SAIndex:
         self._cfg_sel: dict[str, dict[str, tuple[Compiled, Compiled]]] = {}
         self._certs: parse.CertStore | None = None
         self._tables = _Tables()
-        self._checked: set[tuple] = set()
+        self._checked: set[tuple[int, IPAddress, int, IPAddress, int]] = set()
         self.strict = strict
         self.generation = 0  # bumped on every applied change; callers may cache on it
         self.resyncs = 0
@@ -318,10 +318,10 @@ class SAIndex:
                     for child in kids.values():
                         self._add_child(ike, child)
                 else:
-                    ike = self._ikes.get(parse.uniqueid(sec))
-                    if ike is not None:
+                    known = self._ikes.get(parse.uniqueid(sec))
+                    if known is not None:
                         for cid in kids:
-                            self._remove_child(ike, cid)
+                            self._remove_child(known, cid)
             elif event == "child-rekey":
                 ike = self._upsert(name, sec)
                 pair = sec.get("child-sas", {})
@@ -577,8 +577,8 @@ def _match(sel: Compiled, addr: tuple[int, int], proto: int, port: int) -> bool:
     return False
 
 
-def _child_count(conn: Mapping[str, Any]) -> int:
-    children = conn.get("children")
+def _child_count(conn: Mapping[str, Any] | None) -> int:
+    children = conn.get("children") if conn is not None else None
     return len(children) if isinstance(children, Mapping) else 0
 
 
@@ -587,7 +587,7 @@ def _cfg_compiled(cfg: Mapping[str, Any], key: str) -> Compiled:
     raw = cfg.get(key, [])
     if not isinstance(raw, list):
         raise ProtocolError(f"list-conns {key!r} is not a list")
-    out = []
+    out: list[tuple[int, int, int, int, int, int]] = []
     for item in raw:
         spec = parse.text(item, key)
         addr, bracket, rest = spec.partition("[")

@@ -7,10 +7,11 @@ per-socket policies from :mod:`btns_vici.xfrm._socket`; this module is the publi
 all of them. Nothing here ever exposes key bytes. ``netns`` arguments name a network
 namespace under /run/netns (entered with setns in the calling thread); None is the caller's.
 
-This is the data-plane evidence behind a pToken (draft-ietf-btns-c-api-04 section 5):
+This is the data-plane evidence behind a pToken read from a socket (draft-ietf-btns-c-api-04
+section 2.3.3, ``ipsec_get_socket_pToken``, Figure 9; the attributes of section 2.3.2, Figure 8):
 :func:`find_state` and :func:`policies_covering` tell whether the kernel really carries a
-flow through an SA. :func:`set_socket_policy` is the kernel half of "set a pToken's
-requirements on a socket" (``ipsec_set_policy``, section 6).
+flow through an SA. :func:`set_socket_policy` is the kernel half of attaching a pToken's
+requirements to a socket (``ipsec_set_socket_pToken``, section 2.3.3, Figure 9).
 """
 
 from __future__ import annotations

@@ -72,7 +72,8 @@ def demand_reqid(demand: PToken) -> int:
     """The fixed reqid (1..16000) of every conn built for this demand (the guard's template reqid)."""
     method, key = auth(demand)
     h = hashlib.sha256()
-    for part in (method, mode(demand), *esp_proposals(demand), key or b""):
+    parts: list[str | bytes] = [method, mode(demand), *esp_proposals(demand), key or b""]
+    for part in parts:
         h.update(part if isinstance(part, bytes) else part.encode())
         h.update(b"\0")
     return 1 + int.from_bytes(h.digest()[:4], "big") % 16000
@@ -110,7 +111,8 @@ def conn_name(role: str, local: str, remote: str, demand: PToken) -> str:
     """A stable name per (role, endpoints, demand): the same demand reuses its conn."""
     method, key = auth(demand)
     h = hashlib.sha256()
-    for part in (role, local, remote, method, mode(demand), *esp_proposals(demand), key or b""):
+    parts: list[str | bytes] = [role, local, remote, method, mode(demand), *esp_proposals(demand), key or b""]
+    for part in parts:
         h.update(part if isinstance(part, bytes) else part.encode())
         h.update(b"\0")
     return f"{CONN_PREFIX}{role}-{h.hexdigest()[:12]}"

@@ -93,11 +93,14 @@ def bounded(
         stderr=subprocess.PIPE,
         env=dict(env) if env is not None else None,
     )
-    bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    assert proc.stdout is not None and proc.stderr is not None  # both are pipes
+    pipes = (proc.stdout, proc.stderr)
+    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    bufs = {out_fd: bytearray(), err_fd: bytearray()}
     total = 0
     sel = selectors.DefaultSelector()
     try:
-        for f in bufs:
+        for f in pipes:
             os.set_blocking(f.fileno(), False)
             sel.register(f, selectors.EVENT_READ)
         while sel.get_map():
@@ -112,7 +115,7 @@ def bounded(
                 total += len(chunk)
                 if total > limit:
                     raise ProtocolError(f"{argv[0]}: more than {limit} bytes of output, refused")
-                bufs[key.fileobj] += chunk
+                bufs[key.fd] += chunk
         left = max(deadline - time.monotonic(), 0.0)
         try:
             code = proc.wait(left)
@@ -123,9 +126,9 @@ def bounded(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for f in bufs:
+        for f in pipes:
             f.close()
-    return code, bufs[proc.stdout].decode(errors="replace"), bufs[proc.stderr].decode(errors="replace")
+    return code, bufs[out_fd].decode(errors="replace"), bufs[err_fd].decode(errors="replace")
 
 
 def run(options: Mapping[str, str], *args: str, timeout: float | None = None) -> str:

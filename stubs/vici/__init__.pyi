@@ -1,0 +1,1 @@
+# Only the submodule btns-vici imports is declared (stubs/README.md).

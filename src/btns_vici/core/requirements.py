@@ -134,7 +134,9 @@ def unmet_identity(demand: IToken, actual: IToken | None, who: str = "peer") -> 
 
 
 def unmet(demand: PToken, actual: PToken, policy: bool = True) -> list[str]:
-    """Every way ``actual`` falls short of ``demand``; empty when it satisfies it.
+    """Every way ``actual`` falls short of ``demand``; empty when it satisfies it. A pToken's attributes
+    "can be used to enforce and negotiate required attribute values" (draft section 2.3.2): this is
+    that check, with the rules of the module docstring.
 
     ``policy=False`` ignores policyName (latching: the protection must stay, not its name).
     An opportunistic demand (:data:`USE_POLICY`) is met by a clear connection; a protected
@@ -166,6 +168,7 @@ def unmet(demand: PToken, actual: PToken, policy: bool = True) -> list[str]:
 
 
 def satisfies(demand: PToken, actual: PToken) -> bool:
+    """True when ``actual`` meets every attribute ``demand`` asks for (draft section 2.3.2): no :func:`unmet`."""
     return not unmet(demand, actual)
 
 

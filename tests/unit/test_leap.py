@@ -15,7 +15,7 @@ from btns_vici.hostkey import load_or_create
 from btns_vici.knownpeers import KnownPeers
 from btns_vici.leap import requires_leap, wire
 from btns_vici.leap.initiator import exchange
-from btns_vici.leap.responder import Limits, Responder, plain_addr
+from btns_vici.leap.responder import IP_PKTINFO, Limits, Responder, _pktinfo, plain_addr
 
 
 @given(st.binary(max_size=600))
@@ -253,3 +253,36 @@ def test_leap_address():
     assert leap_address("5387") == ("::", 5387)
     assert leap_address("10.0.0.1:5386") == ("10.0.0.1", 5386)
     assert leap_address(":5386") == ("::", 5386)
+
+
+def test_answers_leave_from_the_address_asked():
+    """recvmsg's pktinfo -> (the destination, the cmsg that makes the answer leave from it)."""
+    import socket
+
+    v6 = socket.inet_pton(socket.AF_INET6, "fd00:b75::2") + (7).to_bytes(4, "little")
+    dst, (level, kind, data) = _pktinfo([(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, v6)])
+    assert dst == "fd00:b75::2" and (level, kind) == (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO)
+    assert data == v6[:16] + bytes(4)  # any interface: the route decides
+    mapped = socket.inet_pton(socket.AF_INET6, "::ffff:10.0.0.2") + bytes(4)
+    assert _pktinfo([(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, mapped)])[0] == "10.0.0.2"
+    v4 = (3).to_bytes(4, "little") + socket.inet_aton("10.0.0.9") + socket.inet_aton("10.0.0.2")
+    dst, (level, kind, data) = _pktinfo([(socket.IPPROTO_IP, IP_PKTINFO, v4)])
+    assert dst == "10.0.0.2" and data == bytes(4) + socket.inet_aton("10.0.0.2") + bytes(4)
+    assert _pktinfo([]) is None and _pktinfo([(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, b"short")]) is None
+
+
+def test_responder_replies_from_the_destination_address(tmp_path):
+    """A dual-stack learner on a host with two addresses answers each from the one it was asked at."""
+    import socket
+
+    r = Responder({"key_dir": str(tmp_path / "r")}, host="::", port=0, charon=False).start()
+    try:
+        for asked in ("127.0.0.1", "127.0.0.2", "::1"):
+            fam = socket.AF_INET6 if ":" in asked else socket.AF_INET
+            with socket.socket(fam, socket.SOCK_DGRAM) as s:
+                s.settimeout(2)
+                s.sendto(wire.hello(os.urandom(16)), (asked, r.port))
+                data, frm = s.recvfrom(512)
+                assert wire.parse(data).type == wire.COOKIE and frm[0] == asked
+    finally:
+        r.stop()

@@ -219,11 +219,32 @@ def test_store_bounded(tmp_path, monkeypatch):
     assert len(addrs) == 5 and "10.0.0.1" in addrs and "10.0.0.11" in addrs
 
 
-def test_null_auth_record(tmp_path):
+def test_null_auth_record(tmp_path, caplog, capsys):
+    """NULL auth (libreswan): a record per address without a key; sessions and claimed identities."""
+    from btns_vici.cli import main
+
     s = KnownPeers(tmp_path)
-    assert s.note_null("10.0.0.2", "ID_NULL", "sa1")[0]
-    assert s.note_null("10.0.0.2", "ID_NULL", "sa2")[0]
-    assert not s.note_null("10.0.0.2", "@other", "sa3")[0]
+    k = load_or_create(tmp_path / "1").public_der
+    s.learn("10.0.0.9", k, knownpeers.LEARNED_INITIATOR)
+    assert s.note_null("10.0.0.2", "ID_NULL", "sa1")[0] == knownpeers.FIRST_CONTACT
+    assert s.note_null("10.0.0.2", "ID_NULL", "sa1")[0] == knownpeers.SAME_SESSION
+    before = s.path.stat().st_mtime_ns
+    assert s.note_null("10.0.0.2", "ID_NULL", "sa1")[0] == knownpeers.SAME_SESSION
+    assert s.path.stat().st_mtime_ns == before, "an unchanged session is not rewritten"
+    assert s.note_null("10.0.0.2", "ID_NULL", "sa2")[0] == knownpeers.NEW_SESSION
+    with caplog.at_level("WARNING", logger="btns_vici.knownpeers"):
+        assert s.note_null("10.0.0.2", "@other", "sa3")[0] == knownpeers.OTHER_IDENTITY
+    assert "now claims IKE identity '@other'" in caplog.text
+    n = s.get_null("10.0.0.2")
+    assert (n.ike_id, n.sessions, n.session, [c.ike_id for c in n.other_ids]) == ("ID_NULL", 3, "sa3", ["@other"])
+    assert s.get("10.0.0.2") is None, "no key entry for a NULL peer: nothing to pin"
+    assert s.get("10.0.0.9").spki == k, "the keyed section is untouched"
+    s.learn("10.0.0.9", k, knownpeers.LEARNED_INITIATOR)  # a keyed write keeps the NULL section
+    assert s.get_null("10.0.0.2").sessions == 3
+    assert main(["peers", "list", "--key-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "NULL ID_NULL" in out and "null-auth" in out and "@otherx1" in out
+    assert s.forget("10.0.0.2") and s.get_null("10.0.0.2") is None and s.get("10.0.0.9") is not None
 
 
 def test_cli_peers(tmp_path, capsys):

@@ -205,7 +205,8 @@ def _ptoken_template(ike: IkeSA, child: ChildSA, proof: DataplaneProof) -> PToke
         f"reqid={child.reqid} spi_in={child.spi_in:08x} spi_out={child.spi_out:08x} "
         f"proto={child.protocol} mode={child.mode} alg={_alg_text(child)} "
         f"peer_id={ike.remote.ike_id!r} dataplane={proof.dataplane} inbound={'sa' if proof.inbound else 'open'} "
-        f"proof={proof.detail!r}",
+        f"proof={proof.detail!r}"
+        + (f" peer_record={ike.extra['peer_record']!r}" if "peer_record" in ike.extra else ""),
     )
     tok._set_internal(
         Attr.informationString,

@@ -80,8 +80,10 @@ print("listening", flush=True)
 conn, _ = accept(srv)
 conn.settimeout(30)
 data = conn.recv(64)
-conn.sendall(data[::-1])
+# before answering: once alice has her answer she exits, and her btnsd then unloads the
+# connection it made for her (the SA goes down, and this socket's latch breaks)
 result = describe(btns_vici.get_socket_ptoken(conn))
+conn.sendall(data[::-1])
 conn.recv(1)
 print(json.dumps(result), flush=True)
 """

@@ -296,14 +296,15 @@ def test_responder_replies_from_the_destination_address(tmp_path):
     """A dual-stack learner on a host with two addresses answers each from the one it was asked at."""
     import socket
 
-    r = Responder({"key_dir": str(tmp_path / "r")}, host="::", port=0, charon=False).start()
-    try:
-        for asked in ("127.0.0.1", "127.0.0.2", "::1"):
-            fam = socket.AF_INET6 if ":" in asked else socket.AF_INET
-            with socket.socket(fam, socket.SOCK_DGRAM) as s:
-                s.settimeout(2)
-                s.sendto(wire.hello(os.urandom(16)), (asked, r.port))
-                data, frm = s.recvfrom(512)
-                assert wire.parse(data).type == wire.COOKIE and frm[0] == asked
-    finally:
-        r.stop()
+    for bind, asks in (("::", ("127.0.0.1", "127.0.0.2", "::1")), ("0.0.0.0", ("127.0.0.3", "127.0.0.1"))):
+        r = Responder({"key_dir": str(tmp_path / "r")}, host=bind, port=0, charon=False).start()
+        try:
+            for asked in asks:
+                fam = socket.AF_INET6 if ":" in asked else socket.AF_INET
+                with socket.socket(fam, socket.SOCK_DGRAM) as s:
+                    s.settimeout(2)
+                    s.sendto(wire.hello(os.urandom(16)), (asked, r.port))
+                    data, frm = s.recvfrom(512)
+                    assert wire.parse(data).type == wire.COOKIE and frm[0] == asked
+        finally:
+            r.stop()

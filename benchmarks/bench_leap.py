@@ -32,9 +32,9 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: tests.integration is a package
 
-from test_leap_testbed import PORT, LeapSide
+from tests.integration.test_leap_testbed import PORT, LeapSide
 
 import btns_vici
 from btns_vici import AuthMethod, IToken, PToken, Setting, leap

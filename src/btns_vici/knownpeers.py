@@ -20,8 +20,9 @@ logged as a changed key; an address the store does not know is ``BTNS``.
 
 Peers that authenticated with NULL (RFC 7619, libreswan) have no key: they get a
 :class:`NullPeer` record of their own (section ``null_peers``; :meth:`KnownPeers.note_null`):
-the IKE identity they claimed, the IKE_SAs ("sessions") seen, and every other identity claimed
-from that address since. It can tell "the same IKE_SA" and "another IKE_SA, so perhaps another
+the IKE identity the daemon reported for them (self-asserted; libreswan may substitute the
+conn's or the address), the IKE_SAs ("sessions") seen, and every other identity reported for
+that address since. It can tell "the same IKE_SA" and "another IKE_SA, so perhaps another
 peer" apart, never "the same peer" (README "Leap of faith", libreswan).
 """
 
@@ -142,7 +143,7 @@ class NullPeer:
     """A NULL-authenticated peer address: what it claimed, and the IKE_SAs seen (no key)."""
 
     address: str
-    ike_id: str  # the identity first claimed (self-asserted: anyone may claim it)
+    ike_id: str  # the identity first reported (self-asserted: anyone may claim it)
     first_seen: float
     last_seen: float
     session: str  # the newest IKE_SA seen

@@ -35,12 +35,24 @@ from collections.abc import Mapping
 from btns_vici import knownpeers
 from btns_vici.core.constants import AuthMethod
 from btns_vici.core.records import IkeSA
+from btns_vici.hostkey import key_dir
 
 from . import whack
 
 log = logging.getLogger("btns_libreswan.nullpeers")
 
 _OFF = ("0", "no", "false", "off")
+_stores: dict[str, knownpeers.KnownPeers] = {}  # one per directory: its parsed file is cached by stat
+
+
+def _store(directory: str | None) -> knownpeers.KnownPeers:
+    key = str(key_dir(directory))  # $BTNS_KEY_DIR resolved now
+    store = _stores.get(key)
+    if store is None:
+        if len(_stores) > 64:
+            _stores.clear()
+        store = _stores[key] = knownpeers.KnownPeers(key)
+    return store
 
 
 def enabled(options: Mapping[str, str]) -> bool:
@@ -77,7 +89,7 @@ def annotate(options: Mapping[str, str], sas: list[IkeSA]) -> list[IkeSA]:
     if not enabled(options) or not any(is_null(ike) for ike in sas):
         return sas
     try:
-        store = knownpeers.KnownPeers(options.get("key_dir") or None)
+        store = _store(options.get("key_dir") or None)
         pluto = instance(options.get("pluto_ctl") or os.environ.get("BTNS_PLUTO_CTL") or whack.DEFAULT_CTL)
         out = []
         for ike in sas:

@@ -11,8 +11,10 @@ socket has received that byte. Between rounds every IKE_SA is torn down (outside
 * ``known (stored key)``: the stores hold the keys: the exchange re-checks the key, then IKE;
   reported LEAPOFFAITH;
 * ``pinned iToken``: the demand pins B's key (no exchange); B's per-peer connection is loaded;
-* ``raw VICI, configured keys``: no btns_vici on A's path: ``load-conn`` + ``initiate`` over VICI
-  with both keys configured beforehand (B's connection preloaded), then a plain ``connect``.
+* ``raw VICI, configured keys`` (the naive way, keys exchanged out of band): no btns_vici on A's
+  path: ``load-conn`` + ``initiate`` over VICI with both keys configured beforehand (B's connection
+  preloaded), then a plain ``connect``;
+* ``floor: SA already up``: the same plain ``connect`` + byte through an installed SA (no IKE at all).
 
 Prints a table (median, min, max in ms); asserts nothing about timings.
 """
@@ -30,9 +32,9 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: tests.integration is a package
 
-from test_leap_testbed import PORT, LeapSide, _learner_port
+from tests.integration.test_leap_testbed import PORT, LeapSide
 
 import btns_vici
 from btns_vici import AuthMethod, IToken, PToken, Setting, leap
@@ -76,7 +78,7 @@ def main() -> int:
     args = ap.parse_args()
     results: dict[str, list[float]] = {}
     with Testbed() as tb, tempfile.TemporaryDirectory() as tmp:
-        _learner_port(tb, True)
+        tb.allow_leap(PORT)  # the inbound filter lets the learners' udp/5386 in
         a, b = LeapSide(tb, tb.a, Path(tmp)), LeapSide(tb, tb.b, Path(tmp))
         a.learner()
         b.learner(Limits(keyreq_rate=100, keyreq_burst=100))  # 3 contacts a round: above the default 10/s
@@ -160,12 +162,21 @@ def main() -> int:
                 time.sleep(0.0002)
             results.setdefault("raw VICI, configured keys", []).append((arrived[0] - t0) * 1000)
             cli.close()
+            arrived.clear()
+            t0 = time.perf_counter()
+            cli = a.socket()
+            cli.connect((str(b.peer.v4), TCP_PORT + 1))
+            cli.sendall(b"x")
+            while not arrived:
+                time.sleep(0.0002)
+            results.setdefault("floor: SA already up (plain connect)", []).append((arrived[0] - t0) * 1000)
+            cli.close()
             teardown(tb, keep_b=("btns-resp-", "btns-leap-", "bench-raw"))
         srv.close()
         plain.close()
         a.close()
         b.close()
-        _learner_port(tb, False)
+        tb.allow_leap(None)
     print(f"time to first protected byte, {args.rounds} rounds each (ms); learner udp/{PORT}")
     print(f"{'case':45} {'median':>8} {'min':>8} {'max':>8}  reported")
     for label, vals in results.items():

@@ -12,6 +12,9 @@
 #   BTNS_CONN=yes|no                yes: load (and, on the initiator, bring up) the operator conn `btns`;
 #                                   no: charon only, no credentials or conn: programs build their own
 #                                   connections with btns_vici (set_socket_pToken), as the demo does
+#   BTNS_LEAP=yes|no                yes (needs BTNS_CONN=no): also run `btnsd --leap-of-faith` (README
+#                                   "Leap of faith"): unprivileged programs get BTNS with a peer nobody
+#                                   configured, keys learned over udp/5386 (the inbound filter lets it in)
 #
 # Credentials are made at first start and exchanged through the shared volume (/shared);
 # the conn is (re)loaded whenever what it needs from the peer appears or changes.
@@ -24,6 +27,7 @@ BTNS_DATAPLANE="${BTNS_DATAPLANE:-xfrm}"
 BTNS_AUTH="${BTNS_AUTH:-pubkey}"
 BTNS_PSK="${BTNS_PSK:-}"
 BTNS_CONN="${BTNS_CONN:-yes}"
+BTNS_LEAP="${BTNS_LEAP:-no}"
 SHARED="${BTNS_SHARED:-/shared}"
 CONF=/etc/btns/conf
 SWANCTL=/etc/swanctl
@@ -78,7 +82,9 @@ case "${BTNS_DATAPLANE}" in
             ip "$fam" rule add pref 100 lookup local && ip "$fam" rule del pref 0 lookup local
             sel=(iif "$dev" from "${BTNS_PEER_ADDR}" to "${BTNS_LOCAL_ADDR}")
             # protocol numbers, not names: a minimal image has no /etc/protocols (udp 17, tcp 6)
-            for port in 500 4500; do ip "$fam" rule add pref 10 "${sel[@]}" ipproto 17 dport "$port" lookup local; done
+            ports=(500 4500)
+            [ "${BTNS_LEAP}" = yes ] && ports+=(5386)  # the leap-of-faith learner, like IKE
+            for port in "${ports[@]}"; do ip "$fam" rule add pref 10 "${sel[@]}" ipproto 17 dport "$port" lookup local; done
             for proto in 6 17; do ip "$fam" rule add pref 11 "${sel[@]}" ipproto "$proto" prohibit; done
             log "inbound filter on ${dev}: clear TCP/UDP from ${BTNS_PEER_ADDR} refused"
         fi
@@ -92,6 +98,11 @@ esac
 case "${BTNS_CONN}" in
     yes | no) ;;
     *) die "BTNS_CONN must be yes or no, not '${BTNS_CONN}'" ;;
+esac
+case "${BTNS_LEAP}" in
+    no) ;;
+    yes) [ "${BTNS_CONN}" = no ] || die "BTNS_LEAP=yes needs BTNS_CONN=no (the library makes the connections)" ;;
+    *) die "BTNS_LEAP must be yes or no, not '${BTNS_LEAP}'" ;;
 esac
 case "${BTNS_PSK}" in *'"'* | *$'\n'* | *\\*) die "BTNS_PSK must not contain quotes, backslashes or newlines" ;; esac
 if [ "${BTNS_INITIATOR}" = yes ]; then dpd_action=restart; else dpd_action=clear; fi
@@ -159,9 +170,14 @@ fi
 rm -f /var/run/charon.pid /var/run/charon.vici
 /usr/lib/ipsec/charon &
 charon_pid=$!
+btnsd_pid=""
 stop() {
     log "stopping charon"
     rm -f "${SHARED}/ready/${BTNS_NAME}"  # first, so that the peer does not call us while we are down
+    if [ -n "${btnsd_pid}" ]; then
+        kill -TERM "${btnsd_pid}" 2>/dev/null || true
+        wait "${btnsd_pid}" 2>/dev/null || true
+    fi
     kill -TERM "${charon_pid}" 2>/dev/null || true
     wait "${charon_pid}" 2>/dev/null || true
     exit 0
@@ -174,10 +190,25 @@ for ((i = 0; i < 100; i++)); do
 done
 swanctl --stats >/dev/null 2>&1 || die "charon's VICI socket did not answer"
 boot_id="$(cat /proc/sys/kernel/random/uuid)"
+if [ "${BTNS_LEAP}" = yes ]; then
+    # The broker answers and enforces for unprivileged programs, and its learner exchanges host
+    # keys with peers at first contact (the key directory is this container's own, never shared).
+    rm -f /run/btns-vici/btnsd.sock
+    btnsd --config /etc/btns/conf/btnsd.toml --leap-of-faith -v &
+    btnsd_pid=$!
+    for ((i = 0; i < 100; i++)); do
+        [ -S /run/btns-vici/btnsd.sock ] && break
+        kill -0 "${btnsd_pid}" 2>/dev/null || die "btnsd exited at start"
+        sleep 0.1
+    done
+    [ -S /run/btns-vici/btnsd.sock ] || die "btnsd did not start"
+    log "btnsd up with leap of faith (udp/5386)"
+fi
 if [ "${BTNS_CONN}" = no ]; then
     log "charon up (${BTNS_DATAPLANE}), no operator conn (BTNS_CONN=no): waiting for btns_vici programs"
     echo "none ${boot_id}" | publish "${SHARED}/ready/${BTNS_NAME}"
     while kill -0 "${charon_pid}" 2>/dev/null; do
+        if [ -n "${btnsd_pid}" ] && ! kill -0 "${btnsd_pid}" 2>/dev/null; then die "btnsd exited"; fi
         sleep 1 &
         wait $! || true
     done

@@ -17,6 +17,13 @@ Reporting (:func:`method_for`, used by :mod:`btns_vici.core.derive` for raw-key 
 peer key equals the stored one is ``LEAPOFFAITH`` unless it is the first contact (the first
 IKE_SA after the key was learned: ``BTNS``); a key other than the stored one is ``BTNS`` and
 logged as a changed key; an address the store does not know is ``BTNS``.
+
+Peers that authenticated with NULL (RFC 7619, libreswan) have no key: they get a
+:class:`NullPeer` record of their own (section ``null_peers``; :meth:`KnownPeers.note_null`):
+the IKE identity the daemon reported for them (self-asserted; libreswan may substitute the
+conn's or the address), the IKE_SAs ("sessions") seen, and every other identity reported for
+that address since. It can tell "the same IKE_SA" and "another IKE_SA, so perhaps another
+peer" apart, never "the same peer" (README "Leap of faith", libreswan).
 """
 
 from __future__ import annotations
@@ -53,6 +60,18 @@ MAX_CHANGES = 8  # other keys remembered per entry
 MAX_FIRST_SAS = 4
 LEARNED_INITIATOR, LEARNED_RESPONDER, LEARNED_PIN = "leap-initiator", "leap-responder", "pin"
 NEW, SAME, CHANGED = "new", "same", "changed"
+LEARNED_NULL = "null-auth"
+#: :meth:`KnownPeers.note_null` verdicts: never seen; an IKE_SA seen before (the same session
+#: peer: the SA's keys bind it); another IKE_SA with the identity first claimed (maybe another
+#: peer: NULL auth cannot tell); another identity than the one first claimed.
+FIRST_CONTACT, SAME_SESSION, NEW_SESSION, OTHER_IDENTITY = (
+    "first-contact",
+    "same-session",
+    "new-session",
+    "other-identity",
+)
+MAX_SESSIONS = 16  # IKE_SAs remembered per NULL peer
+NULL_SEEN_EVERY = 60.0  # seconds: last_seen of an unchanged NULL session is written at most this often
 
 
 def keyid(spki: bytes) -> str:
@@ -117,6 +136,41 @@ class Entry:
         return cls(**d)
 
 
+@dataclass
+class ClaimedId:
+    ike_id: str
+    first_seen: float
+    last_seen: float
+    count: int = 1
+
+
+@dataclass
+class NullPeer:
+    """A NULL-authenticated peer address: what it claimed, and the IKE_SAs seen (no key)."""
+
+    address: str
+    ike_id: str  # the identity first reported (self-asserted: anyone may claim it)
+    first_seen: float
+    last_seen: float
+    session: str  # the newest IKE_SA seen
+    sessions: int = 1  # distinct IKE_SAs seen
+    recent: list[str] = field(default_factory=list)  # the last MAX_SESSIONS IKE_SAs
+    other_ids: list[ClaimedId] = field(default_factory=list)
+    how: str = LEARNED_NULL
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> NullPeer:
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        d["other_ids"] = [
+            ClaimedId(**{k: v for k, v in c.items() if k in ClaimedId.__dataclass_fields__})
+            for c in d.get("other_ids", [])
+        ]
+        return cls(**d)
+
+
 def _b64(spki: bytes) -> str:
     return base64.b64encode(spki).decode()
 
@@ -129,7 +183,7 @@ class KnownPeers:
 
         self.dir = key_dir(directory)
         self.path = self.dir / FILE_NAME
-        self._cache: tuple[tuple[int, int, int], dict[str, Entry]] | None = None
+        self._cache: tuple[tuple[int, int, int], dict[str, Entry], dict[str, NullPeer]] | None = None
         self._mutex = threading.Lock()
 
     # -- file ------------------------------------------------------------------------------
@@ -144,30 +198,40 @@ class KnownPeers:
             finally:
                 os.close(fd)
 
-    def _read(self) -> dict[str, Entry]:
+    def _load(self) -> tuple[dict[str, Entry], dict[str, NullPeer]]:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            return {}
+            return {}, {}
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if self._cache is not None and self._cache[0] == stamp:
-            return self._cache[1]
+            return self._cache[1], self._cache[2]
         try:
             raw = json.loads(self.path.read_bytes())
             peers = {a: Entry.from_json(e) for a, e in raw.get("peers", {}).items()}
-        except (ValueError, TypeError, KeyError) as exc:
+            nulls = {a: NullPeer.from_json(e) for a, e in raw.get("null_peers", {}).items()}
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise BtnsError(f"{self.path}: not a known-peers store ({exc})", errno.EINVAL) from None
-        self._cache = (stamp, peers)
-        return peers
+        self._cache = (stamp, peers, nulls)
+        return peers, nulls
 
-    def _write(self, peers: dict[str, Entry]) -> None:
+    def _read(self) -> dict[str, Entry]:
+        return self._load()[0]
+
+    def _write(self, peers: dict[str, Entry], nulls: dict[str, NullPeer] | None = None) -> None:
+        if nulls is None:
+            nulls = {a: NullPeer.from_json(e.to_json()) for a, e in self._load()[1].items()}
         if len(peers) > MAX_PEERS:
             spare = sorted((e for e in peers.values() if not e.pinned), key=lambda e: e.last_seen)
             for e in spare[: len(peers) - MAX_PEERS]:
                 del peers[e.address]
-        data = json.dumps(
-            {"version": 1, "peers": {a: e.to_json() for a, e in sorted(peers.items())}}, indent=1
-        ).encode()
+        if len(nulls) > MAX_PEERS:
+            for n in sorted(nulls.values(), key=lambda n: n.last_seen)[: len(nulls) - MAX_PEERS]:
+                del nulls[n.address]
+        doc: dict[str, Any] = {"version": 1, "peers": {a: e.to_json() for a, e in sorted(peers.items())}}
+        if nulls:
+            doc["null_peers"] = {a: n.to_json() for a, n in sorted(nulls.items())}
+        data = json.dumps(doc, indent=1).encode()
         tmp = self.dir / f".{FILE_NAME}.{os.getpid()}.{threading.get_ident()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -185,12 +249,28 @@ class KnownPeers:
             self._write(peers)
             return result
 
+    def _update_null(self, fn: Callable[[dict[str, NullPeer]], _T]) -> _T:
+        with self._locked():
+            self._cache = None
+            loaded, nulls = self._load()
+            peers = {a: Entry.from_json(e.to_json()) for a, e in loaded.items()}
+            nulls = {a: NullPeer.from_json(n.to_json()) for a, n in nulls.items()}
+            result = fn(nulls)
+            self._write(peers, nulls)
+            return result
+
     # -- queries ---------------------------------------------------------------------------
     def get(self, addr: Any) -> Entry | None:
         return self._read().get(normalize(addr))
 
     def entries(self) -> list[Entry]:
         return sorted(self._read().values(), key=lambda e: ipaddress.ip_address(e.address).packed)
+
+    def get_null(self, addr: Any) -> NullPeer | None:
+        return self._load()[1].get(normalize(addr))
+
+    def null_peers(self) -> list[NullPeer]:
+        return sorted(self._load()[1].values(), key=lambda n: ipaddress.ip_address(n.address).packed)
 
     # -- changes ---------------------------------------------------------------------------
     def learn(self, addr: Any, spki: bytes, how: str) -> tuple[str, Entry]:
@@ -229,7 +309,9 @@ class KnownPeers:
 
     def forget(self, addr: Any) -> bool:
         a = normalize(addr)
-        return self._update(lambda peers: peers.pop(a, None) is not None)
+        keyed = self._update(lambda peers: peers.pop(a, None) is not None)
+        null = self.get_null(a) is not None and self._update_null(lambda nulls: nulls.pop(a, None) is not None)
+        return keyed or null
 
     def pin(self, addr: Any, spki: bytes | None = None) -> Entry:
         """Pin ``addr`` to ``spki`` (default: its stored key); a key change is then always refused."""
@@ -277,31 +359,51 @@ class KnownPeers:
             return self._update(fn), e
         return AuthMethod.LEAPOFFAITH, e
 
-    def note_null(self, addr: Any, ike_id: str, sa_id: str) -> tuple[bool, Entry | None]:
-        """libreswan NULL auth: remember the (unauthenticated) IKE identity per address.
-
-        Returns (same as before, entry). There is no key: the record can only say that the
-        peer at this address now claims another IKE identity, never that it is the same peer.
+    def note_null(self, addr: Any, ike_id: str, session: str) -> tuple[str, NullPeer]:
+        """A NULL-authenticated IKE_SA ``session`` from ``addr`` claiming ``ike_id``: the verdict
+        (:data:`FIRST_CONTACT`, :data:`SAME_SESSION`, :data:`NEW_SESSION`, :data:`OTHER_IDENTITY`)
+        and the record. There is no key: the record can say that this is another IKE_SA (perhaps
+        another peer) or another claimed identity, never that it is the same peer.
         """
-        a, now, who = normalize(addr), time.time(), f"null:{ike_id}"
+        a, now = normalize(addr), time.time()
+        cur = self._load()[1].get(a)
+        if cur is not None and session in cur.recent and now - cur.last_seen < NULL_SEEN_EVERY:
+            # nothing new: no write (this runs on every pToken query)
+            return (SAME_SESSION if ike_id == cur.ike_id else OTHER_IDENTITY), cur
 
-        def fn(peers: dict[str, Entry]) -> tuple[bool, Entry]:
-            e = peers.get(a)
-            if e is None:
-                e = peers[a] = Entry(a, "", who, now, now, "null-auth", first_sas=[sa_id], first_open=False)
-                return True, e
-            e.last_seen = now
-            if e.ike_id != who:
-                log.warning(
-                    "peer %s now claims IKE identity %r (before: %r); NULL authentication proves nothing",
-                    a,
-                    ike_id,
-                    e.ike_id,
-                )
-                return False, e
-            return True, e
+        def fn(nulls: dict[str, NullPeer]) -> tuple[str, NullPeer]:
+            n = nulls.get(a)
+            if n is None:
+                n = nulls[a] = NullPeer(a, ike_id, now, now, session, recent=[session])
+                log.info("NULL-authenticated peer %s claims %r: first contact, nothing authenticated", a, ike_id)
+                return FIRST_CONTACT, n
+            n.last_seen = now
+            known = session in n.recent
+            if not known:
+                n.session, n.sessions = session, n.sessions + 1
+                n.recent = [*n.recent, session][-MAX_SESSIONS:]
+            if ike_id != n.ike_id:
+                c = next((c for c in n.other_ids if c.ike_id == ike_id), None)
+                if c is None:
+                    n.other_ids = [*n.other_ids, ClaimedId(ike_id, now, now)][-MAX_CHANGES:]
+                elif not known:
+                    c.last_seen, c.count = now, c.count + 1
+                if not known:
+                    log.warning(
+                        "NULL-authenticated peer %s now claims IKE identity %r (first claimed %r on %s): "
+                        "another peer, or the same one saying otherwise; NULL authentication proves neither",
+                        a,
+                        ike_id,
+                        n.ike_id,
+                        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(n.first_seen)),
+                    )
+                return OTHER_IDENTITY, n
+            if known:
+                return SAME_SESSION, n
+            log.info("NULL-authenticated peer %s: a new IKE_SA (%s): not provably the same peer as before", a, session)
+            return NEW_SESSION, n
 
-        return self._update(fn)
+        return self._update_null(fn)
 
 
 # -- reporting (derive.py) -----------------------------------------------------------------
@@ -375,4 +477,4 @@ def read_pubkey(data: bytes) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-__all__ = ["Entry", "KnownPeers", "fingerprint", "keyid", "method_for", "register"]
+__all__ = ["Entry", "KnownPeers", "NullPeer", "fingerprint", "keyid", "method_for", "register"]

@@ -348,6 +348,8 @@ class Testbed:
         self.conns: dict[str, tuple[str, int, dict[str, Any]]] = {}
         self.ca_pem: bytes | None = None
         self.ca_key: KeyPair | None = None
+        #: The leap-of-faith learner's UDP port the inbound filter lets in (README "Leap of faith"); None: closed.
+        self.leap_port: int | None = None
 
     def _peer(self, name: str, host: int, loglevel: int) -> Peer:
         wd = self.workdir / name
@@ -418,15 +420,17 @@ class Testbed:
         With kernel-libipsec nothing else stops a clear packet from the peer's address
         reaching a socket that is not bound to ipsec0; with these rules the kernel's
         input route lookup answers "prohibit" for TCP and UDP from them, except IKE and
-        ESP-in-UDP (UDP 500/4500), which charon needs. (A rule without ``ipproto`` would
+        ESP-in-UDP (UDP 500/4500), which charon needs, and the leap-of-faith learner's port
+        when :attr:`leap_port` is set (:meth:`allow_leap`). (A rule without ``ipproto`` would
         also refuse the route lookup ARP makes for the peer's requests.) The local table
         moves from preference 0 to 100 so that the filter comes first.
         """
         other = self.peer_of(p)
         rules = []
+        ports = ["500", "4500"] + ([str(self.leap_port)] if self.leap_port else [])
         for fam, addr, mine in (("-4", other.v4, p.v4), ("-6", other.v6, p.v6)):
             sel = ("iif", p.link, "from", str(addr), "to", str(mine))
-            for port in ("500", "4500"):
+            for port in ports:
                 rules.append((fam, "pref", "10", *sel, "ipproto", "17", "dport", port, "lookup", "local"))
             for proto in ("6", "17"):  # TCP, UDP only: ARP and neighbour discovery do route lookups too
                 rules.append((fam, "pref", "11", *sel, "ipproto", proto, "prohibit"))
@@ -439,6 +443,14 @@ class Testbed:
                 p.exec("ip", fam, "rule", "del", "pref", "0", "lookup", "local", check=False)
             for rule in rules:
                 p.exec("ip", rule[0], "rule", "add", *rule[1:])
+
+    def allow_leap(self, port: int | None = 5386) -> None:
+        """Let the learner's udp/``port`` through both inbound filters (None: close it again)."""
+        for p in self.peers:
+            self.inbound_filter(p, False)
+        self.leap_port = port
+        for p in self.peers:
+            self.inbound_filter(p, True)
 
     def close(self) -> None:
         """Stop our charons (by pid), delete our namespaces and temporary files."""

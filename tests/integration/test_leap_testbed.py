@@ -30,6 +30,7 @@ from btns_vici.plugins import get_backend
 from btns_vici.testbed import Peer, Testbed
 
 from .acceptor import serve_with, wait_accept
+from .wire import capture, seen, udp_v6
 
 pytestmark = pytest.mark.testbed
 PORT = 5386
@@ -62,16 +63,20 @@ class LeapSide:
         self.backend = get_backend("strongswan", self.options)
         self.store = KnownPeers(self.key_dir)
         self.responder: Responder | None = None
+        self.last_local = ""  # the address our last connection came from
 
     def learner(self, limits: Limits | None = None) -> Responder:
         self.responder = Responder(self.options, port=PORT, limits=limits).start()
         return self.responder
 
-    def socket(self) -> socket.socket:
+    def socket(self, family: int = 4) -> socket.socket:
         with self.tb.in_netns(self.peer):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_STREAM)
         s.settimeout(10)
         return s
+
+    def addr(self, family: int = 4) -> str:
+        return str(self.peer.v4 if family == 4 else self.peer.v6)
 
     def close(self) -> None:
         if self.responder is not None:
@@ -95,34 +100,9 @@ def _cleanup(*peers: Peer) -> None:
                     p.ctl.unload_conn({"name": name})
 
 
-def _learner_port(tb: Testbed, on: bool) -> None:
-    """Let the learner's udp/5386 through the testbed's inbound filter (as IKE's 500/4500 are)."""
-    for p in tb.peers:
-        other = tb.peer_of(p)
-        rule = (
-            "pref",
-            "10",
-            "iif",
-            p.link,
-            "from",
-            str(other.v4),
-            "to",
-            str(p.v4),
-            "ipproto",
-            "udp",
-            "dport",
-            str(PORT),
-            "lookup",
-            "local",
-        )
-        p.exec("ip", "rule", "del", *rule, check=False)
-        if on:
-            p.exec("ip", "rule", "add", *rule)
-
-
 @pytest.fixture
 def leap(tb: Testbed, tmp_path: Path):
-    _learner_port(tb, True)
+    tb.allow_leap(PORT)  # the testbed's inbound filter lets udp/5386 in, as IKE's 500/4500
     a, b = LeapSide(tb, tb.a, tmp_path), LeapSide(tb, tb.b, tmp_path)
     a.learner()
     b.learner()
@@ -131,12 +111,12 @@ def leap(tb: Testbed, tmp_path: Path):
     for s in made:
         s.close()
     _cleanup(tb.a, tb.b)
-    _learner_port(tb, False)
+    tb.allow_leap(None)
 
 
-def serve(b: LeapSide, want: PToken, port: int, peer: Peer | None = None):
-    srv = b.socket() if peer is None else _socket_in(b.tb, peer)
-    return srv, serve_with(srv, want, b.backend, ("0.0.0.0", port))
+def serve(b: LeapSide, want: PToken, port: int, peer: Peer | None = None, family: int = 4):
+    srv = b.socket(family) if peer is None else _socket_in(b.tb, peer)
+    return srv, serve_with(srv, want, b.backend, ("0.0.0.0" if family == 4 else "::", port))
 
 
 def _socket_in(tb: Testbed, p: Peer) -> socket.socket:
@@ -146,17 +126,20 @@ def _socket_in(tb: Testbed, p: Peer) -> socket.socket:
     return s
 
 
-def contact(a: LeapSide, b: LeapSide, want_a: PToken, want_b: PToken, port: int):
+def contact(
+    a: LeapSide, b: LeapSide, want_a: PToken, want_b: PToken, port: int, family: int = 4, payload: bytes = b"ping"
+):
     """One connection A -> B; returns (A's pToken, B's pToken) and tears the SAs down."""
-    srv, got = serve(b, want_b, port)
-    cli = a.socket()
+    srv, got = serve(b, want_b, port, family=family)
+    cli = a.socket(family)
     try:
         btns_vici.set_socket_ptoken(cli, want_a, a.backend)
-        connect(cli, (str(b.peer.v4), port), a.backend)
+        connect(cli, (b.addr(family), port), a.backend)
+        a.last_local = cli.getsockname()[0]
         conn, _ = wait_accept(got)
         with conn:
-            cli.sendall(b"ping")
-            assert conn.recv(4) == b"ping"
+            cli.sendall(payload)
+            assert conn.recv(len(payload), socket.MSG_WAITALL) == payload
             pa = btns_vici.get_socket_ptoken(cli, a.backend)
             pb = btns_vici.get_socket_ptoken(conn, b.backend)
             unlatch(cli)
@@ -185,6 +168,29 @@ def test_first_contact_btns_then_leap_of_faith(tb, leap):
     assert pa.itoken.authentication_method is AuthMethod.LEAPOFFAITH, pa.information_string
     assert pb.itoken.authentication_method is AuthMethod.LEAPOFFAITH, pb.information_string
     assert "leap of faith" in pa.information_string
+
+
+def test_ipv6_first_contact_then_leap_of_faith_on_the_wire(tb, leap):
+    """IPv6 end to end: the exchange over udp/5386 on v6, IKE and ESP-in-UDP over v6, nothing in clear."""
+    a, b, _ = leap
+    marker = b"btns-leap-v6-" + os.urandom(8).hex().encode()
+    with capture(tb.b.netns, tb.b.link) as frames:
+        pa, pb = contact(a, b, demand(*BTNS), demand(*BTNS), 26041, family=6, payload=marker)
+    assert pa.protected and pb.protected
+    assert pa.itoken.authentication_method is AuthMethod.BTNS and pa.itoken.pub_key_id == b.host.public_der
+    assert pb.itoken.authentication_method is AuthMethod.BTNS and pb.itoken.pub_key_id == a.host.public_der
+    assert a.store.get(b.peer.v6).how == "leap-initiator"
+    # B learned A's key for the address A's connection (and so its IKE_SA) came from: the kernel's
+    # choice among A's two IPv6 addresses, the exchange sent from the same one.
+    assert a.last_local in (str(a.peer.v6), str(a.peer.v6_plain))
+    assert [(e.address, e.how) for e in b.store.entries()] == [(a.last_local, "leap-responder")]
+    assert a.store.get(b.peer.v4) is None, "learned per address: the v4 address is still unknown"
+    assert udp_v6(frames, PORT) >= 4, "the key exchange went over IPv6 (HELLO, COOKIE, KEYREQ, KEY)"
+    assert udp_v6(frames, 4500) > 0, "ESP-in-UDP over IPv6 carried the connection"
+    assert not seen(frames, marker), "the payload crossed the link in clear"
+    pa, pb = contact(a, b, demand(*LOF), demand(*LOF), 26042, family=6)
+    assert pa.itoken.authentication_method is AuthMethod.LEAPOFFAITH, pa.information_string
+    assert pb.itoken.authentication_method is AuthMethod.LEAPOFFAITH, pb.information_string
 
 
 def test_without_learner_no_key(tb, leap):

@@ -48,6 +48,16 @@ def esp_in_udp(frames: list[bytes]) -> int:
     return count
 
 
+def udp_v6(frames: list[bytes], port: int) -> int:
+    """Frames carrying IPv6 UDP from or to ``port`` (no extension headers), over Ethernet."""
+    count = 0
+    for f in frames:
+        if len(f) >= 14 + 40 + 8 and f[12:14] == b"\x86\xdd" and f[14 + 6] == socket.IPPROTO_UDP:
+            sport, dport = struct.unpack_from("!HH", f, 14 + 40)
+            count += port in (sport, dport)
+    return count
+
+
 def tcp_segments(frames: list[bytes], src: str, sport: int) -> list[tuple[int, int, bytes]]:
     """(seq, ack, payload) of IPv4 TCP segments from src:sport among raw IP frames (a TUN capture)."""
     out = []

@@ -97,3 +97,21 @@ def test_both_ends_agree() -> None:
 
     b_side = ptoken_for(Protection(FLOW, b_ike, child(), DataplaneProof("x", "y")))
     assert a_side.itoken == b_side.remote_itoken and b_side.itoken == a_side.remote_itoken
+
+
+def test_a_backends_peer_record_reaches_the_audit_string() -> None:
+    """A NULL peer's known-peers verdict (libreswan's nullpeers) is in the pToken's auditString, not compared."""
+    import dataclasses
+
+    from btns_vici.core.records import DataplaneProof, Protection
+
+    from .test_equivalence import ike
+
+    c = child()
+    plain = ike(c)
+    noted = dataclasses.replace(plain, extra={"peer_record": "new-session: null-auth 10.0.0.2 claims 'ID_NULL'"})
+    proof = DataplaneProof("kernel-xfrm", "state", c.spi_out, c.reqid)
+    p_plain, p_noted = (ptoken_for(Protection(FLOW, sa, c, proof)) for sa in (plain, noted))
+    assert "peer_record=\"new-session: null-auth 10.0.0.2 claims 'ID_NULL'\"" in (p_noted.audit_string or "")
+    assert "peer_record" not in (p_plain.audit_string or "")
+    assert p_plain == p_noted  # descriptive: equivalence ignores it

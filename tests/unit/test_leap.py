@@ -15,7 +15,7 @@ from btns_vici.hostkey import load_or_create
 from btns_vici.knownpeers import KnownPeers
 from btns_vici.leap import requires_leap, wire
 from btns_vici.leap.initiator import exchange
-from btns_vici.leap.responder import Limits, Responder, plain_addr
+from btns_vici.leap.responder import IP_PKTINFO, Limits, Responder, _pktinfo, plain_addr
 
 
 @given(st.binary(max_size=600))
@@ -219,11 +219,32 @@ def test_store_bounded(tmp_path, monkeypatch):
     assert len(addrs) == 5 and "10.0.0.1" in addrs and "10.0.0.11" in addrs
 
 
-def test_null_auth_record(tmp_path):
+def test_null_auth_record(tmp_path, caplog, capsys):
+    """NULL auth (libreswan): a record per address without a key; sessions and claimed identities."""
+    from btns_vici.cli import main
+
     s = KnownPeers(tmp_path)
-    assert s.note_null("10.0.0.2", "ID_NULL", "sa1")[0]
-    assert s.note_null("10.0.0.2", "ID_NULL", "sa2")[0]
-    assert not s.note_null("10.0.0.2", "@other", "sa3")[0]
+    k = load_or_create(tmp_path / "1").public_der
+    s.learn("10.0.0.9", k, knownpeers.LEARNED_INITIATOR)
+    assert s.note_null("10.0.0.2", "ID_NULL", "sa1")[0] == knownpeers.FIRST_CONTACT
+    assert s.note_null("10.0.0.2", "ID_NULL", "sa1")[0] == knownpeers.SAME_SESSION
+    before = s.path.stat().st_mtime_ns
+    assert s.note_null("10.0.0.2", "ID_NULL", "sa1")[0] == knownpeers.SAME_SESSION
+    assert s.path.stat().st_mtime_ns == before, "an unchanged session is not rewritten"
+    assert s.note_null("10.0.0.2", "ID_NULL", "sa2")[0] == knownpeers.NEW_SESSION
+    with caplog.at_level("WARNING", logger="btns_vici.knownpeers"):
+        assert s.note_null("10.0.0.2", "@other", "sa3")[0] == knownpeers.OTHER_IDENTITY
+    assert "now claims IKE identity '@other'" in caplog.text
+    n = s.get_null("10.0.0.2")
+    assert (n.ike_id, n.sessions, n.session, [c.ike_id for c in n.other_ids]) == ("ID_NULL", 3, "sa3", ["@other"])
+    assert s.get("10.0.0.2") is None, "no key entry for a NULL peer: nothing to pin"
+    assert s.get("10.0.0.9").spki == k, "the keyed section is untouched"
+    s.learn("10.0.0.9", k, knownpeers.LEARNED_INITIATOR)  # a keyed write keeps the NULL section
+    assert s.get_null("10.0.0.2").sessions == 3
+    assert main(["peers", "list", "--key-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "NULL ID_NULL" in out and "null-auth" in out and "@otherx1" in out
+    assert s.forget("10.0.0.2") and s.get_null("10.0.0.2") is None and s.get("10.0.0.9") is not None
 
 
 def test_cli_peers(tmp_path, capsys):
@@ -253,3 +274,37 @@ def test_leap_address():
     assert leap_address("5387") == ("::", 5387)
     assert leap_address("10.0.0.1:5386") == ("10.0.0.1", 5386)
     assert leap_address(":5386") == ("::", 5386)
+
+
+def test_answers_leave_from_the_address_asked():
+    """recvmsg's pktinfo -> (the destination, the cmsg that makes the answer leave from it)."""
+    import socket
+
+    v6 = socket.inet_pton(socket.AF_INET6, "fd00:b75::2") + (7).to_bytes(4, "little")
+    dst, (level, kind, data) = _pktinfo([(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, v6)])
+    assert dst == "fd00:b75::2" and (level, kind) == (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO)
+    assert data == v6[:16] + bytes(4)  # any interface: the route decides
+    mapped = socket.inet_pton(socket.AF_INET6, "::ffff:10.0.0.2") + bytes(4)
+    assert _pktinfo([(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, mapped)])[0] == "10.0.0.2"
+    v4 = (3).to_bytes(4, "little") + socket.inet_aton("10.0.0.9") + socket.inet_aton("10.0.0.2")
+    dst, (level, kind, data) = _pktinfo([(socket.IPPROTO_IP, IP_PKTINFO, v4)])
+    assert dst == "10.0.0.2" and data == bytes(4) + socket.inet_aton("10.0.0.2") + bytes(4)
+    assert _pktinfo([]) is None and _pktinfo([(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, b"short")]) is None
+
+
+def test_responder_replies_from_the_destination_address(tmp_path):
+    """A dual-stack learner on a host with two addresses answers each from the one it was asked at."""
+    import socket
+
+    for bind, asks in (("::", ("127.0.0.1", "127.0.0.2", "::1")), ("0.0.0.0", ("127.0.0.3", "127.0.0.1"))):
+        r = Responder({"key_dir": str(tmp_path / "r")}, host=bind, port=0, charon=False).start()
+        try:
+            for asked in asks:
+                fam = socket.AF_INET6 if ":" in asked else socket.AF_INET
+                with socket.socket(fam, socket.SOCK_DGRAM) as s:
+                    s.settimeout(2)
+                    s.sendto(wire.hello(os.urandom(16)), (asked, r.port))
+                    data, frm = s.recvfrom(512)
+                    assert wire.parse(data).type == wire.COOKIE and frm[0] == asked
+        finally:
+            r.stop()

@@ -21,6 +21,17 @@ def require_root_and_tools() -> None:
         pytest.fail("libreswan prerequisites missing: " + "; ".join(problems), pytrace=False)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_key_dir() -> Iterator[None]:
+    """The backend notes NULL peers in the known-peers store: keep it out of /var/lib/btns-vici."""
+    d = tempfile.mkdtemp(prefix="btns-lsw-keys-")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BTNS_KEY_DIR", d)
+    yield
+    mp.undo()
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     """Two plutos with nullc/pskc/rsac/anyc IKE SAs established (CHILD SAs fail: no ESP here)."""

@@ -1,10 +1,12 @@
 """``btns peers``: the known-peers store (the ssh ``known_hosts`` of IPsec; README "Leap of faith").
 
 ``list``: every peer with its key fingerprint, when and how it was learned, last seen, pinned,
-and the other keys seen from its address since. ``forget ADDR``: drop the entry (the next
-contact is a first contact again, reported BTNS). ``pin ADDR [--key FILE]``: pin the stored key,
-or the key in FILE (PEM or DER SPKI, e.g. the peer's ``host.key`` public half); a pinned peer's
-key change is refused whatever the demand. Exit 5 when ADDR is not known (forget, pin).
+and the other keys seen from its address since; then every NULL-authenticated peer (libreswan,
+no key: ``NULL <claimed id>``, the IKE_SAs seen as CONTACTS, the other identities it claimed).
+``forget ADDR``: drop the entry (the next contact is a first contact again, reported BTNS).
+``pin ADDR [--key FILE]``: pin the stored key, or the key in FILE (PEM or DER SPKI, e.g. the
+peer's ``host.key`` public half); a pinned peer's key change is refused whatever the demand.
+Exit 5 when ADDR is not known (forget, pin).
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ def _when(t: float) -> str:
 def run(args: argparse.Namespace) -> int:
     store = KnownPeers(args.key_dir)
     if args.action == "list":
-        entries = store.entries()
+        entries, nulls = store.entries(), store.null_peers()
         if args.json:
-            emit_json([e.to_json() for e in entries])
+            emit_json([e.to_json() for e in entries] + [n.to_json() for n in nulls])
         else:
             table(
                 HEADERS,
@@ -46,6 +48,19 @@ def run(args: argparse.Namespace) -> int:
                         ",".join(f"{fingerprint(base64.b64decode(c.key))}x{c.count}" for c in e.changes),
                     ]
                     for e in entries
+                ]
+                + [
+                    [
+                        n.address,
+                        f"NULL {n.ike_id}",
+                        n.how,
+                        _when(n.first_seen),
+                        _when(n.last_seen),
+                        "no",
+                        n.sessions,
+                        ",".join(f"{c.ike_id}x{c.count}" for c in n.other_ids),
+                    ]
+                    for n in nulls
                 ],
             )
         return exits.OK

@@ -96,7 +96,8 @@ COMMANDS = {
     "peers": (
         "the known-peers store (leap of faith)",
         "list: every peer whose key was learned at first contact (leap of faith) or pinned, with its\n"
-        "fingerprint, when and how it was learned, when last seen, and other keys seen from its address.\n"
+        "fingerprint, when and how it was learned, when last seen, and other keys seen from its address;\n"
+        "then NULL-authenticated peers (libreswan: no key) as NULL <identity>, their IKE SAs as contacts.\n"
         "forget ADDR: drop it (the next contact is a first contact again). pin ADDR [--key FILE]: pin the\n"
         "stored key or FILE's (PEM/DER); a pinned peer's changed key is always refused. The store is\n"
         "known_peers.json in --key-dir (default $BTNS_KEY_DIR, else /var/lib/btns-vici).",

@@ -210,6 +210,7 @@ def _ptoken_template(ike: IkeSA, child: ChildSA, proof: DataplaneProof) -> PToke
             f"proto={child.protocol} mode={child.mode} alg={_alg_text(child)} "
             f"peer_id={ike.remote.ike_id!r} dataplane={proof.dataplane} inbound={'sa' if proof.inbound else 'open'} "
             f"proof={proof.detail!r}"
+            + (f" peer_record={ike.extra['peer_record']!r}" if "peer_record" in ike.extra else "")
         ),
         Attr.informationString: (
             f"is protected by IPsec {child.protocol} in {child.mode.lower()} mode "

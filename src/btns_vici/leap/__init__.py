@@ -45,13 +45,26 @@ def port(options: Mapping[str, str]) -> int:
     return int(options.get("leap_port") or os.environ.get("BTNS_LEAP_PORT") or DEFAULT_PORT)
 
 
+def _source(local: Any) -> str | None:
+    """``local`` as an address to bind to; None for none or a wildcard (the kernel then picks)."""
+    if local is None:
+        return None
+    a = knownpeers.normalize(local)
+    return None if a in ("0.0.0.0", "::") else a
+
+
 def requires_leap(allowed: frozenset[AuthMethod]) -> bool:
     """The demand accepts a raw key only when it is the stored one (LEAPOFFAITH without BTNS)."""
     return AuthMethod.LEAPOFFAITH in allowed and AuthMethod.BTNS not in allowed
 
 
-def initiator_key(peer: Any, allowed: frozenset[AuthMethod], options: Mapping[str, str], session: Any = None) -> bytes:
-    """The key to authenticate ``peer`` with, learned or checked by the exchange (see README)."""
+def initiator_key(
+    peer: Any, allowed: frozenset[AuthMethod], options: Mapping[str, str], session: Any = None, local: Any = None
+) -> bytes:
+    """The key to authenticate ``peer`` with, learned or checked by the exchange (see README).
+
+    ``local``: the connection's own address; the exchange is sent from it, so that the peer's
+    learner stores our key for the address our IKE_SA will come from (a host may have several)."""
     from ..hostkey import load_or_create
     from .charon import operator_conn_for
     from .initiator import exchange
@@ -76,7 +89,7 @@ def initiator_key(peer: Any, allowed: frozenset[AuthMethod], options: Mapping[st
         store.learn(addr, hit[1], knownpeers.LEARNED_INITIATOR)  # last seen
         return hit[1]
     try:
-        spki = exchange(addr, port(options), host, options.get("netns"))
+        spki = exchange(addr, port(options), host, options.get("netns"), source=_source(local))
         if len(_recent) > 4096:
             _recent.clear()
         _recent[where] = (time.monotonic(), spki)

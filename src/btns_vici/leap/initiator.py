@@ -60,13 +60,14 @@ def exchange(
     netns_name: str | None = None,
     timeout: float = TIMEOUT,
     bind_port: bool = True,
+    source: str | None = None,
 ) -> bytes:
     """:func:`exchange_once`, one at a time per (namespace, peer, port) in this process (they share
     the 4-tuple when bound to the learner's port)."""
     with _locks_guard:
         lock = _locks.setdefault((netns_name, peer, port), threading.Lock())
     with lock:
-        return exchange_once(peer, port, host, netns_name, timeout, bind_port)
+        return exchange_once(peer, port, host, netns_name, timeout, bind_port, source)
 
 
 def exchange_once(
@@ -76,8 +77,11 @@ def exchange_once(
     netns_name: str | None = None,
     timeout: float = TIMEOUT,
     bind_port: bool = True,
+    source: str | None = None,
 ) -> bytes:
     """Run HELLO/COOKIE/KEYREQ/KEY with ``peer``; its host key (DER SPKI), proven possessed.
+
+    ``source``: the local address to send from (the IKE_SA's; default: the kernel's choice).
 
     The socket is bound to ``port`` too (SO_REUSEADDR: next to this host's own learner; a
     connected socket wins the replies) and connected (only datagrams from ``peer``:``port`` are read). Errors:
@@ -95,10 +99,11 @@ def exchange_once(
         # From the learner's own port, like IKE's 500 -> 500: an inbound filter then lets in only
         # udp/5386 (README "Leap of faith"), never clear datagrams from a port an attacker chooses.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        any_addr = source or ("::" if fam == socket.AF_INET6 else "0.0.0.0")
         try:
-            sock.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", port if bind_port else 0))
+            sock.bind((any_addr, port if bind_port else 0))
         except OSError:
-            sock.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", 0))
+            sock.bind((any_addr, 0))
         sock.connect((peer, port))
         deadline = time.monotonic() + timeout
         nonce = os.urandom(wire.NONCE_LEN)

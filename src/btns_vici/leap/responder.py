@@ -86,6 +86,21 @@ class _Bucket:
         return False
 
 
+IP_PKTINFO = 8  # <linux/in.h>; Python 3.11's socket module lacks it
+_CMSG_SPACE = socket.CMSG_SPACE(20)  # in6_pktinfo (20) >= in_pktinfo (12)
+
+
+def _pktinfo(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, tuple[int, int, bytes]] | None:
+    """(the datagram's destination address, the cmsg that sends an answer from it) from recvmsg's ancdata."""
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 20:
+            return plain_addr(socket.inet_ntop(socket.AF_INET6, data[:16])), (level, kind, data[:16] + bytes(4))
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            dst = data[8:12]  # ipi_addr: the header's destination; answer with ipi_spec_dst = it, any ifindex
+            return socket.inet_ntop(socket.AF_INET, dst), (level, kind, bytes(4) + dst + bytes(4))
+    return None
+
+
 def plain_addr(addr: str) -> str:
     ip = ipaddress.ip_address(addr.split("%", 1)[0])
     if ip.version == 6 and ip.ipv4_mapped is not None:
@@ -137,6 +152,13 @@ class Responder:
             try:
                 if family == socket.AF_INET6 and host == "::":
                     self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                # Every answer leaves from the address its question was sent to (a host with several
+                # addresses on a link, e.g. IPv6, would otherwise answer from another one, which the
+                # initiator's connected socket ignores); also the local end of the peer's connection.
+                if family == socket.AF_INET6:
+                    self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+                else:
+                    self.sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
                 self.sock.bind((host, port))
             except OSError:
                 self.sock.close()
@@ -180,8 +202,8 @@ class Responder:
             self._sources.move_to_end(addr)
         return b
 
-    def handle(self, data: bytes, addr: str, port: int) -> bytes | None:
-        """One datagram from (addr, port) -> the answer to send back (None: drop silently)."""
+    def handle(self, data: bytes, addr: str, port: int, local: str | None = None) -> bytes | None:
+        """One datagram from (addr, port) to ``local`` -> the answer to send back (None: drop silently)."""
         st = self.stats
         st.received += 1
         st.bytes_in += len(data)
@@ -230,7 +252,7 @@ class Responder:
             return wire.refused(msg.nonce, wire.R_POLICY)  # our own key: a reflection
         # Return routability proven and the key possessed: now (and only now) state.
         try:
-            reason = self._accept(addr, wire.spki_of(msg.key))
+            reason = self._accept(addr, wire.spki_of(msg.key), local)
         except Exception as exc:  # charon down, store unwritable: refuse, never crash the listener
             st.errors += 1
             log.warning("leap of faith: %s: %s", addr, exc)
@@ -241,7 +263,7 @@ class Responder:
         sig = self._priv.sign(wire.key_transcript(msg.nonce, msg.cookie, msg.key, self._raw))
         return wire.key_msg(msg.nonce, self._raw, sig)
 
-    def _accept(self, addr: str, spki: bytes) -> int:
+    def _accept(self, addr: str, spki: bytes, local: str | None = None) -> int:
         if self._charon:
             found = operator_conn_for(self._context().session, addr)
             if found is not None:
@@ -259,7 +281,7 @@ class Responder:
             self.stats.learned += 1
         if self._charon:
             ctx = self._context()
-            load_peer_conn(ctx.session, ctx.dataplane(), self.host, self._local_for(addr), addr, spki)
+            load_peer_conn(ctx.session, ctx.dataplane(), self.host, local or self._local_for(addr), addr, spki)
             self._loaded[addr] = addr
             self._loaded.move_to_end(addr)
             while len(self._loaded) > self.limits.max_peer_conns:
@@ -281,16 +303,17 @@ class Responder:
                     continue
                 for _ in range(256):
                     try:
-                        data, peer = self.sock.recvfrom(wire.MAX_DATAGRAM + 1)
+                        data, anc, _flags, peer = self.sock.recvmsg(wire.MAX_DATAGRAM + 1, _CMSG_SPACE)
                     except (BlockingIOError, InterruptedError):
                         break
                     except OSError as exc:  # e.g. an ICMP error queued on the socket
-                        log.debug("leap of faith: recvfrom: %s", exc)
+                        log.debug("leap of faith: recvmsg: %s", exc)
                         continue
-                    answer = self.handle(data, peer[0], peer[1])
+                    info = _pktinfo(anc)
+                    answer = self.handle(data, peer[0], peer[1], info[0] if info else None)
                     if answer is not None:
                         try:
-                            self.sock.sendto(answer, peer)
+                            self.sock.sendmsg([answer], [info[1]] if info else [], 0, peer)
                             self.stats.bytes_out += len(answer)
                         except OSError as exc:
                             log.debug("leap of faith: sendto %s: %s", peer[0], exc)

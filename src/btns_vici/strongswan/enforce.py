@@ -149,17 +149,20 @@ def pinned_key(demand: PToken) -> bytes | None:
     return tok.pub_key_id if tok is not None else None
 
 
-def peer_keys(demand: PToken, options: Mapping[str, str], peer: Any = None, session: Any = None) -> list[bytes]:
+def peer_keys(
+    demand: PToken, options: Mapping[str, str], peer: Any = None, session: Any = None, local: Any = None
+) -> list[bytes]:
     """DER SPKI keys the peer may authenticate with: the pinned one; else, with leap of faith on
-    (README "Leap of faith"), the key the peer ``peer`` presents in the key exchange, checked
-    against the known-peers store; else the peer-key directory."""
+    (README "Leap of faith"), the key the peer ``peer`` presents in the key exchange (sent from
+    ``local``, the connection's own address), checked against the known-peers store; else the
+    peer-key directory."""
     pinned = pinned_key(demand)
     if pinned is not None:
         return [pinned]
     from .. import leap
 
     if peer is not None and leap.enabled(options):
-        return [leap.initiator_key(peer, allowed_methods(demand), options, session)]
+        return [leap.initiator_key(peer, allowed_methods(demand), options, session, local)]
     directory = options.get("peer_keys") or os.environ.get("BTNS_PEER_KEYS")
     keys = []
     if directory and Path(directory).is_dir():
@@ -303,7 +306,7 @@ def establish(
             "(the library builds raw-key connections only), and no such SA covers this flow"
         )
     host = local_identity(demand, options)
-    keys = peer_keys(demand, options, peer=remote_addr, session=session)
+    keys = peer_keys(demand, options, peer=remote_addr, session=session, local=local_addr)
     name = conn_name("init", str(local_addr), str(remote_addr), demand, keys, dataplane, _alt(host, options))
     _load_host_key(session, host)
     session.request("load-conn", conn_config(name, local_addr, remote_addr, host, keys, demand, dataplane))

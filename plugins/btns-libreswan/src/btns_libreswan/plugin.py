@@ -11,6 +11,8 @@ Options (each also from the environment):
 * ``netns``: the network namespace whose kernel XFRM proves the data plane.
 * ``ike``, ``timeout``, ``ckaid``, ``conf_dir``: for conns built from pTokens (see :mod:`.enforce`).
 * ``poll_interval``: seconds between ``--showstates`` polls of :meth:`btns_watch` (default 0.5).
+* ``known_peers`` (``BTNS_KNOWN_PEERS``), ``key_dir``: NULL-authenticated SAs noted in the
+  known-peers store (:mod:`.nullpeers`; default on).
 
 pluto has no event stream, so every answer is read fresh from pluto (~2 ms a whack call):
 :meth:`btns_find_sa` can never answer from stale state.
@@ -32,7 +34,7 @@ from btns_vici.core.tokens import PToken
 from btns_vici.dataplane import XFRM, verify
 from btns_vici.hookspecs import hookimpl
 
-from . import enforce, ipsecconf, whack
+from . import enforce, ipsecconf, nullpeers, whack
 from .normalize import BACKEND, ike_sas
 from .parse import parse_listpubkeys, parse_showstates, parse_status, parse_trafficstatus
 from .rsakey import KeyFormatError, spki_from_pubkey
@@ -86,7 +88,7 @@ def list_sas(options: Mapping[str, str]) -> list[IkeSA]:
     pubkeys = parse_listpubkeys(whack.run(options, "--listpubkeys"))
     nssdir = options.get("nssdir") or status.nssdir or DEFAULT_NSSDIR
     keys = _with_ckaid_keys(options, _conf_keys(options, status.configfile), nssdir)
-    return ike_sas(status, states, traffic, keys, pubkeys)
+    return nullpeers.annotate(options, ike_sas(status, states, traffic, keys, pubkeys))
 
 
 def find_in(sas: list[IkeSA], flow: Flow) -> tuple[IkeSA, ChildSA] | None:

@@ -26,7 +26,7 @@ import pytest
 
 from btns_libreswan.lab import Lab, bring_up, build
 from btns_libreswan.runner import RsaKey, wait_for
-from btns_vici import netns, plugins
+from btns_vici import knownpeers, netns, plugins
 from btns_vici.backend import Backend
 from btns_vici.core.constants import AuthMethod, Setting
 from btns_vici.core.derive import ptoken_for
@@ -39,6 +39,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.libreswan]
 UP = ("nullc", "rsac", "tpc")
 # qemu TCG is slow: ECDH instead of MODP2048, the smallest RSA keys pluto makes, patient retransmits
 FAST = "\tike=aes_gcm256-sha2_256;dh19\n\tretransmit-interval=2000\n"
+KEY_DIR = tempfile.mkdtemp(prefix="btns-lsw-vm-keys-")  # the known-peers store of these tests (NULL peers)
 MODULES = ("xfrm_user", "esp4", "esp6", "ah4", "xfrm4_tunnel", "tunnel4", "xfrm_ipcomp", "veth")
 
 
@@ -82,6 +83,7 @@ def lab() -> Iterator[Lab]:
 def backend(lab: Lab, side: str) -> Backend:
     p = lab.a if side == "a" else lab.b
     opts = {"pluto_ctl": str(p.ctl), "netns": p.netns, "ike": "aes_gcm256-sha2_256;dh19", "timeout": "90"}
+    opts["key_dir"] = os.path.join(KEY_DIR, side)
     return plugins.get_backend("libreswan", opts)
 
 
@@ -124,6 +126,11 @@ def test_null_auth_tunnel_flow(lab: Lab) -> None:
     assert tok.tunnel_mode is Setting.ENABLE
     assert tok.itoken is not None and tok.itoken.authentication_method is AuthMethod.BTNS
     assert tok.itoken.pub_key_id is None and tok.itoken.channel_binding is None
+    # NULL auth leaves nothing to pin: the known-peers record says which session this is instead.
+    assert prot.ike_sa.extra["null_peer"] == knownpeers.SAME_SESSION  # the fixture saw this IKE SA first
+    assert "peer_record=" in (tok.audit_string or "") and "same-session: null-auth 10.231.0.2" in tok.audit_string
+    rec = knownpeers.KnownPeers(os.path.join(KEY_DIR, "a")).get_null("10.231.0.2")
+    assert rec is not None and rec.sessions == 1 and rec.ike_id == "ID_NULL"
 
 
 ECHO_SERVER = (

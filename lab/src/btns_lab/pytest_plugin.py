@@ -43,6 +43,7 @@ def _forget(p: Peer) -> None:
 
 @pytest.fixture(scope="session")
 def testbed() -> Iterator[Testbed]:
+    """Two charons in btns-tb-* namespaces for the whole session (raises when a prerequisite is missing)."""
     with Testbed() as tb:
         yield tb
         for p in tb.peers:
@@ -62,11 +63,13 @@ def tb(testbed: Testbed) -> Iterator[Testbed]:
 
 @pytest.fixture
 def backend_a(tb: Testbed) -> Backend:
+    """The strongSwan backend of peer A (its VICI socket and namespace)."""
     return get_backend("strongswan", tb.a.options)
 
 
 @pytest.fixture
 def backend_b(tb: Testbed) -> Backend:
+    """The strongSwan backend of peer B (its VICI socket and namespace)."""
     return get_backend("strongswan", tb.b.options)
 
 

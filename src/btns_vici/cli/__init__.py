@@ -26,10 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``btns`` command; returns the exit code (see ``btns --help``)."""
     parser = build()
     args, extra = parser.parse_known_args(argv)
-    dist = getattr(args, "not_installed", None)
-    if dist is not None:
-        print(f"btns {args.command}: not installed: this command comes from {dist}", file=sys.stderr)
-        return exits.NOT_FOUND
+    why = getattr(args, "unavailable", None)
+    if why is not None:
+        print(f"btns {args.command}: {why.message}", file=sys.stderr)
+        return why.code
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     module = _COMMANDS.get(args.command)

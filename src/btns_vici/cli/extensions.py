@@ -4,7 +4,9 @@ An entry point ``NAME = module:OBJECT`` of group :data:`GROUP` adds the command 
 OBJECT is a :class:`Command`. btns-lab (``lab/`` of the repository) provides ``testbed`` and
 ``demo`` this way, so that the library wheel carries no lab code. A command of
 :data:`EXPECTED` whose distribution is not installed still parses (any arguments) and then
-fails with a message naming what to install and exit :data:`exits.NOT_FOUND`.
+fails with a message naming what to install and exit :data:`exits.NOT_FOUND`; an entry point
+that does not load (or is not a :class:`Command`) fails the same way with exit
+:data:`exits.FAILED`, and never takes the other commands down.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+
+from . import exits
 
 GROUP = "btns_vici.cli"
 #: command -> the distribution that provides it (and how to get it)
@@ -37,25 +41,57 @@ class Command:
     environment: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True)
+class Unavailable:
+    """A command that parses but cannot run: why, and the exit code it ends with."""
+
+    summary: str  # for ``btns --help``
+    message: str  # after ``btns NAME: ``
+    code: int
+
+
 @functools.cache
-def commands() -> dict[str, Command]:
-    """The installed extension commands by name (those of EXPECTED first; the built-in commands win a clash)."""
+def _load() -> tuple[dict[str, Command], dict[str, Unavailable]]:
     found: dict[str, Command] = {}
+    broken: dict[str, Unavailable] = {}
     order = list(EXPECTED)
     for ep in sorted(
         entry_points(group=GROUP), key=lambda ep: (order.index(ep.name) if ep.name in order else len(order), ep.name)
     ):
-        cmd = ep.load()
+        if ep.name in found:
+            continue
+        try:
+            cmd = ep.load()
+        except Exception as exc:  # a broken extension must not take the other commands down
+            broken[ep.name] = Unavailable(
+                "(broken: see btns NAME)", f"entry point {ep.value} does not load: {exc!r}", exits.FAILED
+            )
+            continue
         if not isinstance(cmd, Command):
-            raise TypeError(f"entry point {GROUP}:{ep.name} = {ep.value} is not a btns_vici.cli.extensions.Command")
-        found.setdefault(ep.name, cmd)
-    return found
+            broken[ep.name] = Unavailable(
+                "(broken: see btns NAME)", f"entry point {ep.value} is not a {__name__}.Command", exits.FAILED
+            )
+            continue
+        found[ep.name] = cmd
+        broken.pop(ep.name, None)
+    for name, dist in EXPECTED.items():
+        if name not in found and name not in broken:
+            broken[name] = Unavailable(
+                f"(not installed: needs {dist.split(' (')[0]})",
+                f"not installed: this command comes from {dist}",
+                exits.NOT_FOUND,
+            )
+    return found, broken
 
 
-def missing() -> dict[str, str]:
-    """Expected commands that no installed distribution provides: name -> what to install."""
-    have = commands()
-    return {name: dist for name, dist in EXPECTED.items() if name not in have}
+def commands() -> dict[str, Command]:
+    """The installed extension commands by name (those of EXPECTED first; the built-in commands win a clash)."""
+    return _load()[0]
+
+
+def unavailable() -> dict[str, Unavailable]:
+    """Commands that cannot run: expected ones not installed (exit 5), extensions that do not load (exit 6)."""
+    return _load()[1]
 
 
 def netns_options(netns_name: str) -> dict[str, str]:

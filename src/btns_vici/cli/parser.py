@@ -201,15 +201,17 @@ def build() -> argparse.ArgumentParser:
             parents=[common],
         )
         ext.add_arguments(p)
-    for name, dist in extensions.missing().items():
+    for name, why in extensions.unavailable().items():
+        if name in cmds:
+            continue
         p = sub.add_parser(
             name,
-            help=f"(not installed: needs {dist.split(' (')[0]})",
-            description=f"`btns {name}` comes from {dist}, which is not installed.",
+            help=why.summary.replace("NAME", name),
+            description=f"`btns {name}` cannot run here: {why.message}.",
             epilog=exits.epilog(),
             formatter_class=fmt,
             parents=[common],
         )
         p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        p.set_defaults(not_installed=dist)
+        p.set_defaults(unavailable=why)
     return parser

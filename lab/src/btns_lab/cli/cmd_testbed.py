@@ -21,7 +21,6 @@ from typing import Any
 from btns_vici.cli import exits
 from btns_vici.cli.extensions import Command
 from btns_vici.cli.output import emit_json, table
-from btns_vici.strongswan.session import ViciSession
 
 from . import tbstate
 
@@ -104,6 +103,8 @@ def _is_testbed_workdir(workdir: Path, tag: str) -> bool:
 
 def health(state: tbstate.TestbedState) -> list[dict[str, Any]]:
     """Per peer: charon alive (the recorded process), namespace present, VICI answering, SA count."""
+    from btns_vici.strongswan.session import ViciSession  # on use: every `btns` command loads this module
+
     out = []
     for p in state.peers:
         answers, sas, version = False, None, None

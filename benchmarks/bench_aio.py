@@ -25,10 +25,10 @@ import time
 
 import uvicorn
 
+from btns_lab.testbed import Testbed, connected_pair
 from btns_vici import aio, api, netns
 from btns_vici.asgi import IPsecMiddleware, btns_info
 from btns_vici.plugins import get_backend, get_plugin_manager
-from btns_vici.testbed import Testbed, connected_pair
 
 BEST_OF = 3  # the machine is shared: each rate is the best of 3 runs
 

@@ -25,10 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from btns_lab.testbed import Testbed, connected_pair
 from btns_vici.api import get_socket_ptoken
 from btns_vici.broker.client import BrokerClient
 from btns_vici.plugins import get_backend
-from btns_vici.testbed import Testbed, connected_pair
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_cli.py [--sockets 10,10000] [--sas 1,1000] [--runs 7] [--btns PATH]
                                              [--before PATH]   # e.g. an older checkout's btns, same runs
 
-On the host testbed (two namespaces, one charon each, btns_vici.testbed):
+On the host testbed (two namespaces, one charon each, btns_lab.testbed):
 
 * sockets: N sockets in namespace A (N/2 TCP connections over A's loopback, all clear) plus one
   protected TCP connection A->B; both tools run under ``nsenter --net=/run/netns/A``, btns with
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_socket_ptoken import BASE_PORT, bring_up
 
-from btns_vici.testbed import Testbed
+from btns_lab.testbed import Testbed
 
 
 def wall(cmd: list[str], runs: int) -> float | None:

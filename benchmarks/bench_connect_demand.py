@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 import btns_vici
+from btns_lab.testbed import Testbed
 from btns_vici import AuthMethod, IToken, PToken, Setting
 from btns_vici.api import connect
 from btns_vici.core.selectors import Flow
 from btns_vici.hostkey import load_or_create
 from btns_vici.latch import unlatch
 from btns_vici.plugins import get_backend
-from btns_vici.testbed import Testbed
 
 
 def demand() -> PToken:

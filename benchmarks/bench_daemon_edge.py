@@ -24,9 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+from btns_lab.testbed import Testbed
 from btns_vici.core.selectors import Flow
 from btns_vici.plugins import get_backend, get_plugin_manager
-from btns_vici.testbed import Testbed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_socket_ptoken import BASE_PORT, bring_up

@@ -37,12 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: te
 from tests.integration.test_leap_testbed import PORT, LeapSide
 
 import btns_vici
+from btns_lab.testbed import Testbed
 from btns_vici import AuthMethod, IToken, PToken, Setting, leap
 from btns_vici.api import accept, connect, listen
 from btns_vici.latch import unlatch
 from btns_vici.leap.responder import Limits
 from btns_vici.strongswan.enforce import conn_config
-from btns_vici.testbed import Testbed
 
 TCP_PORT = 27001
 

@@ -29,11 +29,11 @@ import subprocess
 import time
 from collections.abc import Callable
 
+from btns_lab.testbed import Testbed
 from btns_vici.api import get_socket_ptoken, ptoken_for_flow
 from btns_vici.backend import Backend
 from btns_vici.plugins import get_backend, get_plugin_manager
 from btns_vici.sockets import flow_of, inspect
-from btns_vici.testbed import Testbed
 
 BASE_PORT = 20000
 

@@ -19,7 +19,7 @@ trap '[ -n "$keep" ] || rm -rf "$VENV"' EXIT
 OPTIONAL=("prometheus_client>=0.17" "starlette>=0.37" "aiohttp>=3.9" "fastapi>=0.110" "httpx>=0.27")
 "$VENV/bin/pip" install -q --disable-pip-version-check "${LOWER[@]}" "${OPTIONAL[@]}" "pytest>=7" "hypothesis>=6" 2>&1 \
   | grep -v "^WARNING: Location" || true
-"$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e . -e lab 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/pip" check
 "$VENV/bin/python" - "${LOWER[@]}" <<'PY'
 import sys

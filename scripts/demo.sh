@@ -81,7 +81,7 @@ if [ "${want}" != netns ]; then
     if compose_engine; then
         say "running the demo on the compose testbed (${ENGINE})"
         rc=0
-        .venv/bin/python -m btns_vici.compose_demo --engine "${ENGINE}" ${args[@]+"${args[@]}"} || rc=$?
+        .venv/bin/python -m btns_lab.compose --engine "${ENGINE}" ${args[@]+"${args[@]}"} || rc=$?
         # 2: it cannot run here, 3: the testbed did not come up; anything else is the demo's verdict.
         if { [ "${rc}" -ne 2 ] && [ "${rc}" -ne 3 ]; } || [ "${want}" = compose ]; then
             exit "${rc}"
@@ -96,4 +96,4 @@ if [ "${want}" != netns ]; then
 else
     say "running the demo on the network-namespace testbed (--netns)"
 fi
-exec .venv/bin/python -m btns_vici.demo ${args[@]+"${args[@]}"}
+exec .venv/bin/python -m btns_lab.demo ${args[@]+"${args[@]}"}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up of everything btns-vici needs on Debian 12, as root:
-# Debian packages, the Python virtualenv (.venv) with btns-vici and its plugins,
+# Debian packages, the Python virtualenv (.venv) with btns-vici, its plugins and its lab,
 # and (with --vm / --libreswan / --compose) the extra parts of those test tiers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +39,8 @@ fi
 if [ -f plugins/btns-libreswan/pyproject.toml ]; then
   .venv/bin/pip install -q -e plugins/btns-libreswan
 fi
+# The lab (lab/: btns-lab): the testbeds, the demos, `btns testbed|demo` and the tests' fixtures.
+.venv/bin/pip install -q -e 'lab[test]'
 
 for tier in "$@"; do
   case "$tier" in

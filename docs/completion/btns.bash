@@ -7,7 +7,7 @@ _btns() {
     cmd=
     for ((i = 1; i < COMP_CWORD; i++)); do
         case "${COMP_WORDS[i]}" in
-            sockets|sas|watch|token|testbed|daemon|man|completion|demo|peers) cmd=${COMP_WORDS[i]}; break ;;
+            sockets|sas|watch|token|daemon|man|completion|peers|testbed|demo) cmd=${COMP_WORDS[i]}; break ;;
         esac
     done
     case "$prev" in
@@ -17,17 +17,17 @@ _btns() {
         --child|--child-id|--config|--count|--fd|--ike|--ike-id|--key|--key-dir|--leap-of-faith|--metrics|--pid|--socket|--timeout) COMPREPLY=(); return ;;
     esac
     case "$cmd" in
-        "") COMPREPLY=($(compgen -W "sockets sas watch token testbed daemon man completion demo peers -h --help --backend --vici-socket --netns --json -V --version" -- "$cur")) ;;
+        "") COMPREPLY=($(compgen -W "sockets sas watch token daemon man completion peers testbed demo -h --help --backend --vici-socket --netns --json -V --version" -- "$cur")) ;;
         sockets) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --connected -t --tcp -u --udp -4 --ipv4 -6 --ipv6 -l --listening -a --all -n --numeric -p --processes state exclude dst src dport sport and or not established syn-sent syn-recv fin-wait-1 fin-wait-2 time-wait closed close-wait last-ack listening closing all connected synchronized bucket big" -- "$cur")) ;;
         sas) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --ike --ike-id --child --child-id" -- "$cur")) ;;
         watch) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --count --timeout --sa-only" -- "$cur")) ;;
         token) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --pid --fd" -- "$cur")) ;;
-        testbed) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --state up down status" -- "$cur")) ;;
         daemon) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --socket --config --metrics --keep-privileges --leap-of-faith -v --verbose" -- "$cur")) ;;
         man) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json" -- "$cur")) ;;
         completion) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json bash zsh" -- "$cur")) ;;
-        demo) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --ipv6" -- "$cur")) ;;
         peers) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --key --key-dir list forget pin" -- "$cur")) ;;
+        testbed) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --state up down status" -- "$cur")) ;;
+        demo) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --ipv6" -- "$cur")) ;;
     esac
 }
 complete -F _btns btns

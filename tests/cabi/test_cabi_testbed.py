@@ -4,10 +4,8 @@ The C programs run in peer A's network namespace (``ip netns exec``) and find
 A's charon through ``$BTNS_VICI_SOCKET``; the server side is a Python socket in
 B's namespace, whose pToken (read with the Python API) must mirror A's.
 
-The fixtures ``testbed`` and ``tb`` come from tests/integration/conftest.py
-(``tb`` registered here as ``integration_tb``). Registered in this module they
-are separate fixture definitions, so a session running both directories brings
-up a second testbed (its own namespaces and charons) for these tests.
+The fixture ``tb`` comes from btns-lab's pytest plugin (btns_lab.pytest_plugin), here
+also under the name ``integration_tb``: the session's one host testbed.
 """
 
 from __future__ import annotations
@@ -22,22 +20,23 @@ from pathlib import Path
 
 import pytest
 
+from btns_lab.testbed import Testbed
 from btns_vici import AuthMethod, IToken, get_socket_ptoken
 from btns_vici.core.derive import connection_binding
 from btns_vici.core.records import Identity
 from btns_vici.plugins import get_backend
-from btns_vici.testbed import Testbed
 
-from ..integration import conftest as integration
 from .conftest import C_DIR, EXAMPLES, Compiler, fields, run, run_env
 
 pytestmark = pytest.mark.testbed
 
 Server = tuple[int, list[socket.socket]]
 
-# The testbed fixtures of tests/integration (registered here under their own names).
-testbed = integration.testbed
-integration_tb = integration.tb
+
+@pytest.fixture
+def integration_tb(tb: Testbed) -> Testbed:
+    """The plugin's ``tb`` (the name this module's tests use, ``tb`` being their helpers' argument)."""
+    return tb
 
 
 @pytest.fixture

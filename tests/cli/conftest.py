@@ -1,7 +1,7 @@
 """The `btns` command driven as a user would: a subprocess, against the session testbed.
 
-The testbed fixtures come from tests/integration/conftest.py (they raise, so the tests ERROR,
-when root, iproute2, openssl or strongSwan are missing).
+The testbed fixtures come from btns-lab's pytest plugin (btns_lab.pytest_plugin; they raise, so
+the tests ERROR, when root, iproute2, openssl or strongSwan are missing).
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.integration.conftest import backend_a, backend_b, pair_factory, tb, testbed  # noqa: F401
 
 #: The installed console script when there is one, else the module (identical behaviour).
 SCRIPT = Path(sys.executable).with_name("btns")
@@ -46,7 +44,7 @@ def peer_args(peer: Any) -> list[str]:
 
 
 @pytest.fixture
-def conn(tb):  # noqa: F811
+def conn(tb):
     """A BTNS raw-key connection established between the peers (unloaded by ``tb``)."""
     name = f"cli{os.getpid() % 1000}"
     tb.up(name, "rawkey")

@@ -1,6 +1,6 @@
 """The README's main job on the compose testbed, run as a user would (issue 7 item 2).
 
-``python -m btns_vici.compose_demo`` brings docker/docker-compose.yml up with podman
+``python -m btns_lab.compose`` brings docker/docker-compose.yml up with podman
 (charon only in each container, ``BTNS_CONN=no``), runs bob's server and alice's client
 in the containers (set_socket_pToken demanding encryption and BTNS, library host keys,
 peer keys from the shared volume), prints both ends' tokens and checks that they agree,
@@ -53,7 +53,7 @@ def test_compose_demo_runs_and_both_ends_agree() -> None:
         pytest.fail(f"compose testbed prerequisites missing:\n{check.stderr}", pytrace=False)
     before = _sysctls()
     res = subprocess.run(
-        [sys.executable, "-m", "btns_vici.compose_demo", "--engine", "podman", "--dataplane", DATAPLANE],
+        [sys.executable, "-m", "btns_lab.compose", "--engine", "podman", "--dataplane", DATAPLANE],
         capture_output=True,
         text=True,
         timeout=DEMO_TIMEOUT,
@@ -81,7 +81,7 @@ def test_compose_demo_runs_and_both_ends_agree() -> None:
 
 def test_compose_demo_refuses_an_unknown_engine_clearly() -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "btns_vici.compose_demo"],
+        [sys.executable, "-m", "btns_lab.compose"],
         capture_output=True,
         text=True,
         timeout=120,

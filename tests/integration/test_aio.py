@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 import btns_vici
+from btns_lab.testbed import Testbed
 from btns_vici import ProtectionLostError, aio, capi
 from btns_vici.core.selectors import Flow
 from btns_vici.hostkey import load_or_create
 from btns_vici.latch import LatchBroken
 from btns_vici.sockets import source_address
-from btns_vici.testbed import Testbed
 
 from .test_enforce import Side, _cleanup, btns_demand
 

@@ -17,9 +17,9 @@ aiohttp = pytest.importorskip("aiohttp")
 import uvicorn  # noqa: E402
 from aiohttp import web  # noqa: E402
 
+from btns_lab.testbed import Testbed  # noqa: E402
 from btns_vici import aio, netns  # noqa: E402
 from btns_vici.asgi import IPsecMiddleware, btns_info  # noqa: E402
-from btns_vici.testbed import Testbed  # noqa: E402
 
 pytestmark = pytest.mark.testbed
 

@@ -25,8 +25,8 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("hypercorn")
 ws_client = pytest.importorskip("websockets.sync.client")
 
+from btns_lab.testbed import Testbed  # noqa: E402
 from btns_vici.hostkey import load_or_create  # noqa: E402
-from btns_vici.testbed import Testbed  # noqa: E402
 
 pytestmark = pytest.mark.testbed
 

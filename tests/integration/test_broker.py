@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 
 import btns_vici
+from btns_lab.testbed import Testbed, connected_pair
 from btns_vici import Setting
 from btns_vici.broker import protocol
 from btns_vici.broker.client import BrokerClient
-from btns_vici.testbed import Testbed, connected_pair
 
 pytestmark = pytest.mark.testbed
 

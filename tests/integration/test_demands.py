@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 
 import btns_vici
+from btns_lab.testbed import connected_pair
 from btns_vici import AuthMethod, PToken, Setting
 from btns_vici.api import connect
 from btns_vici.core.errors import NotSupportedError, ProtectionLostError
 from btns_vici.core.requirements import USE_POLICY
 from btns_vici.guard import bound_device
 from btns_vici.latch import LatchBroken, latch, latched, unlatch
-from btns_vici.testbed import connected_pair
 
 from .test_enforce import Side, _cleanup, btns_demand, serve, wait_accept
 

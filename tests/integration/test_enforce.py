@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 import btns_vici
+from btns_lab.testbed import Testbed
 from btns_vici import AuthMethod, IToken, ProtectionLostError, PToken, Setting
 from btns_vici.api import connect
 from btns_vici.backend import Backend
 from btns_vici.hostkey import HostIdentity, load_or_create
 from btns_vici.latch import LatchBroken, latch, unlatch
 from btns_vici.plugins import get_backend
-from btns_vici.testbed import Testbed
 
 from .acceptor import serve_with, wait_accept
 

@@ -9,9 +9,9 @@ import socket
 import pytest
 
 import btns_vici
+from btns_lab.testbed import connected_pair
 from btns_vici import rtnl
 from btns_vici.plugins import get_plugin_manager
-from btns_vici.testbed import connected_pair
 
 pytestmark = pytest.mark.testbed
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import btns_vici
+from btns_lab.testbed import Peer, Testbed
 from btns_vici import AuthMethod, IToken, PToken, Setting
 from btns_vici import leap as leap_mod
 from btns_vici.api import connect
@@ -27,7 +28,6 @@ from btns_vici.knownpeers import KnownPeers
 from btns_vici.latch import unlatch
 from btns_vici.leap.responder import Limits, Responder
 from btns_vici.plugins import get_backend
-from btns_vici.testbed import Peer, Testbed
 
 from .acceptor import serve_with, wait_accept
 from .wire import capture, seen, udp_v6

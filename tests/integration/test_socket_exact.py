@@ -19,8 +19,8 @@ import pytest
 
 import btns_vici
 import btns_vici.latch
+from btns_lab.testbed import NETNS_PREFIX, Testbed, connected_pair
 from btns_vici import PToken, Setting, capi
-from btns_vici.testbed import NETNS_PREFIX, Testbed, connected_pair
 
 from .wire import capture, esp_in_udp, seen, send_raw_clear, tcp_segment, tcp_segments
 

@@ -10,9 +10,9 @@ import socket
 
 import pytest
 
+from btns_lab.testbed import Testbed
 from btns_vici.api import get_socket_ptoken
 from btns_vici.core.constants import Attr, AuthMethod, Setting
-from btns_vici.testbed import Testbed
 
 from .conftest import AUTHS, FAMILIES, PROTOS, protected_ptoken
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from btns_vici.testbed import Testbed, check_prerequisites
+from btns_lab.testbed import Testbed, check_prerequisites
 
 pytestmark = pytest.mark.testbed
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email.parser
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -43,6 +44,53 @@ def test_wheel_is_pure_python(dists: Dists) -> None:
     # PEP 561: the annotations are for users' type checkers too; the stubs are for ours only.
     assert "btns_vici/py.typed" in names
     assert not [n for n in names if n.endswith(".pyi") or n.startswith("stubs/")]
+
+
+#: The lab's modules (btns-lab, lab/): never in a library distribution, under any package.
+LAB_MODULE = re.compile(r"(^|/)(btns_lab/|(testbed|demo|compose\w*|tbstate|cmd_testbed|cmd_demo|lab|runner)(\.py|/))")
+
+
+def _lab_modules(names: list[str], package_roots: tuple[str, ...]) -> list[str]:
+    """The names under ``package_roots`` that are lab modules or packages."""
+    return [n for n in names if n.startswith(package_roots) and LAB_MODULE.search(n)]
+
+
+def test_wheel_has_no_lab_module(dists: Dists) -> None:
+    with zipfile.ZipFile(dists.wheel) as z:
+        names = z.namelist()
+        py = [n for n in names if n.endswith(".py")]
+        lines = sum(len(z.read(n).splitlines()) for n in py)
+        eps = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    print(f"library wheel: {len(py)} .py files, {lines} lines")
+    assert "btns_vici/__init__.py" in names
+    assert not _lab_modules(names, ("btns_vici/", "btns_lab/")), _lab_modules(names, ("btns_vici/", "btns_lab/"))
+    assert "btns_lab" not in eps and "pytest11" not in eps
+
+
+def test_sdist_has_no_lab_module(dists: Dists) -> None:
+    with tarfile.open(dists.sdist) as t:
+        names = [n.split("/", 1)[1] for n in t.getnames() if "/" in n]
+    assert "src/btns_vici/__init__.py" in names
+    roots = ("src/", "plugins/btns-libreswan/src/")
+    assert not _lab_modules(names, roots), _lab_modules(names, roots)
+    assert not [n for n in names if n.startswith("lab/")], "btns-lab is its own distribution"
+
+
+def test_libreswan_wheel_has_no_lab_module(tmp_path: Path) -> None:
+    """The libreswan backend's wheel: its lab (two plutos in namespaces) moved to btns-lab too."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path), str(ROOT / "plugins" / "btns-libreswan")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (wheel,) = tmp_path.glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+    assert "btns_libreswan/plugin.py" in names
+    assert not _lab_modules(names, ("btns_libreswan/",)), _lab_modules(names, ("btns_libreswan/",))
 
 
 def test_wheel_metadata(dists: Dists) -> None:

@@ -116,3 +116,18 @@ def test_non_root_user_gets_exit_4_from_the_system_python_install(system_venv: V
             ]
         )
         assert res.returncode == 3, res.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "argv"),
+    [("testbed", ["testbed", "status"]), ("demo", ["demo", "--ipv6"]), ("testbed", ["--json", "testbed", "up"])],
+)
+def test_lab_commands_without_btns_lab_say_what_to_install(system_venv: Venv, command: str, argv: list[str]) -> None:
+    """The wheel alone has no lab: `btns testbed|demo` parse, name btns-lab and exit 5 (not found)."""
+    res = run([system_venv.bin("btns"), *argv])
+    assert res.returncode == 5, (res.returncode, res.stdout, res.stderr)
+    assert res.stdout == ""
+    assert res.stderr.startswith(f"btns {command}: not installed: ")
+    assert "btns-lab" in res.stderr
+    listed = run([system_venv.bin("btns"), "--help"])
+    assert listed.returncode == 0 and "(not installed: needs btns-lab)" in listed.stdout

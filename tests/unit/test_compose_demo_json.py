@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from btns_vici.compose_demo import ptoken_from_json, ptoken_to_json
+from btns_lab.compose.tokens_json import ptoken_from_json, ptoken_to_json
 from btns_vici.core.constants import Attr, AuthMethod, Setting
 from btns_vici.core.derive import itoken_for, restored_ptoken
 from btns_vici.core.records import Identity

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Capture real pluto output for the parser tests: tests/data/libreswan-<version>/.
 
-Needs root. Builds the lab of btns_libreswan.lab (two plutos in btns-lsw-cap* namespaces),
+Needs root. Builds the lab of btns_lab.libreswan.lab (two plutos in btns-lsw-cap* namespaces),
 brings every conn up, stores --status/--showstates/--trafficstatus/--listpubkeys of both
 sides plus their ipsec.conf, then stops both plutos and removes the namespaces.
 Usage: capture-whack-output.py [OUTDIR]
@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from btns_libreswan.lab import bring_up, build
+from btns_lab.libreswan.lab import bring_up, build
 
 COMMANDS = ("--status", "--showstates", "--trafficstatus", "--listpubkeys")
 

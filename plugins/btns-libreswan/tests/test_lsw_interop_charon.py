@@ -1,6 +1,6 @@
 """pluto (libreswan 4.10) <-> charon (strongSwan 5.9) at IKE level: raw RSA keys and PSK.
 
-pluto runs in btns-lsw-<tag>a, charon (btns_vici.testbed.Peer) in btns-lsw-<tag>b. charon
+pluto runs in btns-lsw-<tag>a, charon (btns_lab.testbed.Peer) in btns-lsw-<tag>b. charon
 initiates: pluto, as responder, fails to install the CHILD SA (no ESP in this kernel) and
 answers IKE_AUTH without it, so the IKE SA stays up (as initiator pluto would delete it).
 Both backends then describe the same IKE SA from both ends: the libreswan backend must
@@ -24,13 +24,13 @@ import pytest
 import vici
 import vici.exception
 
-from btns_libreswan.lab import established
+from btns_lab.libreswan.lab import established
+from btns_lab.libreswan.runner import Pluto, PlutoPair, RsaKey, missing_prerequisites, wait_for
+from btns_lab.testbed import Peer
 from btns_libreswan.rsakey import numbers_from_spki, rfc3110_from_numbers
-from btns_libreswan.runner import Pluto, PlutoPair, RsaKey, missing_prerequisites, wait_for
 from btns_vici import plugins
 from btns_vici.core.constants import AuthMethod
 from btns_vici.core.derive import channel_binding
-from btns_vici.testbed import Peer
 
 pytestmark = [pytest.mark.libreswan, pytest.mark.testbed]
 

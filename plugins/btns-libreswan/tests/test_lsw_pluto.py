@@ -16,8 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from btns_libreswan.lab import Lab, established
-from btns_libreswan.runner import wait_for
+from btns_lab.libreswan.lab import Lab, established
+from btns_lab.libreswan.runner import wait_for
 from btns_vici import plugins
 from btns_vici.backend import Backend, SAEvent
 from btns_vici.core.constants import AuthMethod, Setting

@@ -11,20 +11,32 @@ import traceback
 from collections.abc import Callable, Sequence
 from importlib import import_module
 
-from . import exits
+from . import exits, extensions
 from .parser import build
 
-#: command -> module with ``run(args) -> int`` (imported on use: `btns sas` loads no sock_diag)
+#: command -> module with ``run(args) -> int`` (imported on use: `btns sas` loads no sock_diag);
+#: other distributions add commands through the entry point group btns_vici.cli (extensions)
 _COMMANDS = {
     name: f"{__name__}.cmd_{name}"
-    for name in ("sockets", "sas", "watch", "token", "testbed", "demo", "man", "completion", "daemon", "peers")
+    for name in ("sockets", "sas", "watch", "token", "man", "completion", "daemon", "peers")
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``btns`` command; returns the exit code (see ``btns --help``)."""
-    args = build().parse_args(argv)
-    run: Callable[[argparse.Namespace], int] = import_module(_COMMANDS[args.command]).run
+    parser = build()
+    args, extra = parser.parse_known_args(argv)
+    why = getattr(args, "unavailable", None)
+    if why is not None:
+        print(f"btns {args.command}: {why.message}", file=sys.stderr)
+        code: int = why.code
+        return code
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    module = _COMMANDS.get(args.command)
+    run: Callable[[argparse.Namespace], int] = (
+        import_module(module).run if module else extensions.commands()[args.command].run
+    )
     try:
         return run(args)
     except KeyboardInterrupt:

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import BtnsError
-from ..demo import describe_ptoken
 from ..sockets import SIOCGSKNS, check_inet, is_connected, resolve_fd, view_of
 from . import exits
 from .context import open_backend
-from .describe import flow_dict, protection_dict, ptoken_dict, verify_view
+from .describe import describe_ptoken, flow_dict, protection_dict, ptoken_dict, verify_view
 from .output import emit_json
 from .pidfd import borrow_fd
 

@@ -7,14 +7,14 @@ from collections.abc import Mapping
 
 from ..backend import Backend
 from ..plugins import get_backend
-from . import exits, tbstate
+from . import exits, extensions
 
 
 def backend_options(args: argparse.Namespace, netns_name: str | None = None) -> dict[str, str]:
     """``--vici-socket`` and ``--netns`` (or ``netns_name``) as backend options.
 
-    A namespace of the testbed recorded by ``btns testbed up`` brings its charon's VICI
-    socket along unless ``--vici-socket`` is given.
+    A namespace an installed extension knows (``btns testbed up`` of btns-lab records its
+    namespaces) brings its charon's VICI socket along unless ``--vici-socket`` is given.
     """
     ns = netns_name or args.netns
     opts: dict[str, str] = {}
@@ -23,10 +23,7 @@ def backend_options(args: argparse.Namespace, netns_name: str | None = None) -> 
     if args.vici_socket:
         opts["vici_socket"] = args.vici_socket
     elif ns:
-        state = tbstate.load(tbstate.state_path())
-        peer = state.peer_in(ns) if state else None
-        if peer is not None:
-            opts["vici_socket"] = peer.vici_socket
+        opts.update({k: v for k, v in extensions.netns_options(ns).items() if k == "vici_socket"})
     return opts
 
 

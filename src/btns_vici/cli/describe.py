@@ -155,3 +155,38 @@ def protection_cells(p: Protection | None) -> list[str]:
         ike.remote.ike_id,
         ike.remote.auth_method.name,
     ]
+
+
+# ---- tokens as lines of text (btns token, the demos) -----------------------------------------
+
+
+def describe_itoken(tok: IToken | None, indent: str = "    ") -> list[str]:
+    if tok is None:
+        return [f"{indent}(none)"]
+    method = tok.authentication_method
+    key = tok.pub_key_id
+    return [
+        f"{indent}authenticationMethod: {method.name if method else '-'}",
+        f"{indent}pubKeyID:             {key.hex()[:48] + '...' if key else '-'} ({len(key or b'')} bytes DER SPKI)",
+        f"{indent}certificateDN:        {tok.certificate_dn or '-'}",
+        f"{indent}channelBinding:       {tok.channel_binding or '-'}",
+        f"{indent}auditString:          {tok.audit_string or '-'}",
+    ]
+
+
+def describe_ptoken(name: str, p: PToken) -> list[str]:
+    lines = [
+        f"{name}:",
+        f"  privacyProtected:     {p.privacy_protected.name}",
+        f"  integrityProtected:   {p.integrity_protected.name}",
+        f"  compressionAvailable: {p.compression_available.name}",
+        f"  tunnelMode:           {p.tunnel_mode.name}",
+        f"  ipoptionsProtected:   {p.ipoptions_protected.name}",
+        f"  policyName:           {p.policy_name or '-'}",
+        f"  informationString:    {p.information_string or '-'}",
+        "  iToken (the peer):",
+        *describe_itoken(p.itoken),
+        "  remote_iToken (what we showed the peer):",
+        *describe_itoken(p.remote_itoken),
+    ]
+    return lines

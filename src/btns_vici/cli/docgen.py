@@ -13,12 +13,11 @@ import re
 import textwrap
 
 from .._version import __version__
-from . import exits
+from . import exits, extensions
 
 ENVIRONMENT = (
     ("BTNS_BACKEND", "backend plugin to use when --backend is not given (strongswan, libreswan, ...)"),
     ("BTNS_VICI_SOCKET", "charon's VICI socket when --vici-socket is not given (default /var/run/charon.vici)"),
-    ("BTNS_TESTBED_STATE", "state file of btns testbed"),
 )
 SEE_ALSO = "ss(8), swanctl(8), ip-xfrm(8), charon(8), strongswan.conf(5)"
 #: option dest -> how a shell completes its value
@@ -143,7 +142,7 @@ def manpage(parser: argparse.ArgumentParser) -> str:
     for code, what in exits.EXIT_CODES:
         parts.append(f".TP\n.B {code}\n{_roff(what)}")
     parts.append(".SH ENVIRONMENT")
-    for var, what in ENVIRONMENT:
+    for var, what in ENVIRONMENT + tuple(e for cmd in extensions.commands().values() for e in cmd.environment):
         parts.append(f".TP\n.B {var}\n{_roff(what)}")
     parts += [".SH SEE ALSO", _roff(SEE_ALSO), ""]
     return "\n".join(parts)

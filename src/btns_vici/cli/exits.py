@@ -14,7 +14,7 @@ NEGATIVE = 1
 USAGE = 2  # argparse's own code for bad arguments
 BACKEND = 3  # no backend, or its IKE daemon does not answer (or went away during ``watch``)
 PERMISSION = 4  # EPERM/EACCES: not root, ptrace rules refuse pidfd_getfd, setns refused
-NOT_FOUND = 5  # no such process, fd, namespace or recorded testbed; the fd is not an IP socket
+NOT_FOUND = 5  # no such process, fd, namespace or recorded testbed; the fd is not an IP socket; not installed
 FAILED = 6  # anything else: the testbed could not be built, a testbed is already up, ...
 INTERRUPTED = 130  # Ctrl-C outside ``watch`` (where SIGINT is the normal way to stop, exit 0)
 
@@ -28,7 +28,11 @@ EXIT_CODES = (
     (USAGE, "usage error"),
     (BACKEND, "backend or IKE daemon unavailable (or gone during watch)"),
     (PERMISSION, "permission denied (not root, ptrace rules for pidfd_getfd, entering a namespace)"),
-    (NOT_FOUND, "not found: no such process, fd, network namespace or recorded testbed; fd is not an IP socket"),
+    (
+        NOT_FOUND,
+        "not found: no such process, fd, network namespace or recorded testbed; fd is not an IP socket; "
+        "the command's distribution is not installed (testbed, demo: btns-lab)",
+    ),
     (FAILED, "operation failed (testbed could not be built, already up, other errors)"),
     (INTERRUPTED, "interrupted by SIGINT (except watch, which stops cleanly with exit 0)"),
 )

@@ -6,8 +6,7 @@ import argparse
 from typing import Any
 
 from .._version import __version__
-from . import exits
-from .tbstate import DEFAULT_STATE, STATE_ENV
+from . import exits, extensions
 
 DESCRIPTION = """\
 btns: the `ss` of IPsec. Shows which sockets IPsec protects, by which SA, with which
@@ -61,16 +60,6 @@ COMMANDS = {
         "protected, 1 when it is clear or not connected, 4 when pidfd_getfd is not permitted,\n"
         "5 when there is no such process or fd, or the fd is not an IPv4/IPv6 socket.",
     ),
-    "testbed": (
-        "a persistent two-namespace strongSwan testbed",
-        "up: create two network namespaces joined by a veth pair, start one charon in each\n"
-        "(kernel-libipsec) and establish the BTNS raw-key connection `btns` between\n"
-        "10.231.0.1 and 10.231.0.2 (fd00:b75::1/::2); 10.231.0.11/.12 are plain addresses no SA\n"
-        "covers. The testbed stays up; what `down` must remove is recorded in the state file.\n"
-        "status: show the recorded testbed and whether its charons run and answer (exit 1 when\n"
-        "not). down: stop exactly the recorded charons, delete the recorded namespaces and workdir.\n"
-        "Other commands given --netns of a recorded namespace use that peer's VICI socket.",
-    ),
     "daemon": (
         "run btnsd, the broker for unprivileged applications",
         "Run the btns-vici broker (also installed as btnsd): it answers and enforces pTokens for\n"
@@ -86,12 +75,6 @@ COMMANDS = {
         "Print a completion script generated from this command's parser, e.g.\n"
         "  btns completion bash > /etc/bash_completion.d/btns\n"
         "  btns completion zsh > /usr/local/share/zsh/site-functions/_btns",
-    ),
-    "demo": (
-        "the two-peer demo",
-        "Run the two-peer demo (btns_vici.demo): a temporary testbed, a TCP connection whose\n"
-        "ends demand encryption and BTNS with set_socket_pToken, and both ends' tokens compared.\n"
-        "It builds its own testbed: --backend, --vici-socket and --netns do not apply.",
     ),
     "peers": (
         "the known-peers store (leap of faith)",
@@ -188,15 +171,11 @@ def build() -> argparse.ArgumentParser:
     t = cmds["token"]
     t.add_argument("--pid", type=int, required=True, metavar="P", help="the process holding the socket")
     t.add_argument("--fd", type=int, required=True, metavar="N", help="its file descriptor number")
-    tb = cmds["testbed"]
-    tb.add_argument("action", choices=("up", "down", "status"), metavar="ACTION", help="up, status or down")
-    tb.add_argument("--state", metavar="PATH", help=f"state file (default: ${STATE_ENV}, else {DEFAULT_STATE})")
     pe = cmds["peers"]
     pe.add_argument("action", choices=("list", "forget", "pin"), metavar="ACTION", help="list, forget or pin")
     pe.add_argument("address", nargs="?", metavar="ADDR", help="the peer's IP address (forget, pin)")
     pe.add_argument("--key", metavar="FILE", help="pin: the peer's public key (PEM or DER)")
     pe.add_argument("--key-dir", metavar="DIR", help="the host-key directory holding known_peers.json")
-    cmds["demo"].add_argument("--ipv6", action="store_true", help="connect over IPv6")
     d = cmds["daemon"]
     d.add_argument(
         "--socket",
@@ -215,4 +194,29 @@ def build() -> argparse.ArgumentParser:
     )
     d.add_argument("-v", "--verbose", action="store_true", help="log requests and connections")
     cmds["completion"].add_argument("shell", choices=("bash", "zsh"), metavar="SHELL", help="bash or zsh")
+    for name, ext in extensions.commands().items():
+        if name in cmds:
+            continue
+        p = sub.add_parser(
+            name,
+            help=ext.summary,
+            description=ext.description,
+            epilog=exits.epilog(),
+            formatter_class=fmt,
+            parents=[common],
+        )
+        ext.add_arguments(p)
+    for name, why in extensions.unavailable().items():
+        if name in cmds:
+            continue
+        p = sub.add_parser(
+            name,
+            help=why.summary.replace("NAME", name),
+            description=f"`btns {name}` cannot run here: {why.message}.",
+            epilog=exits.epilog(),
+            formatter_class=fmt,
+            parents=[common],
+        )
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.set_defaults(unavailable=why)
     return parser

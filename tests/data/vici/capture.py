@@ -10,9 +10,9 @@ import json
 import time
 from pathlib import Path
 
+from btns_lab.testbed import Testbed
 from btns_vici.strongswan.events import EventStream
 from btns_vici.strongswan.session import ViciSession, encode_message
-from btns_vici.testbed import Testbed
 
 HERE = Path(__file__).parent
 

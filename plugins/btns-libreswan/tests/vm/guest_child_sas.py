@@ -1,7 +1,7 @@
 """CHILD SAs with pluto on a kernel with ESP: runs INSIDE the VM tier (scripts/vm/run.sh).
 
 Not collected on the host (no ``test_`` prefix): test_lsw_vm.py boots the VM and runs
-``pytest`` on this file there. Two plutos (btns_libreswan.lab) bring up every conn with
+``pytest`` on this file there. Two plutos (btns_lab.libreswan.lab) bring up every conn with
 its CHILD SA: the four tunnel-mode host-to-host conns of the lab plus ``tpc``, transport
 mode with raw RSA keys on address pair 4. The backend must report the SAs as the kernel
 has them, prove the data plane through XFRM, and fail closed when the SA goes away.
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from btns_libreswan.lab import Lab, bring_up, build
-from btns_libreswan.runner import RsaKey, wait_for
+from btns_lab.libreswan.lab import Lab, bring_up, build
+from btns_lab.libreswan.runner import RsaKey, wait_for
 from btns_vici import knownpeers, netns, plugins
 from btns_vici.backend import Backend
 from btns_vici.core.constants import AuthMethod, Setting

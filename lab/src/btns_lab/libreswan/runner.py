@@ -26,7 +26,8 @@ from btns_vici.core.errors import BackendError
 ROOT_ENV = "BTNS_LIBRESWAN_ROOT"
 DEFAULT_CACHE = Path("/var/cache/btns-libreswan")
 NS_PREFIX = "btns-lsw-"
-_FETCH_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fetch-libreswan.sh"
+#: in a checkout: lab/src/btns_lab/libreswan/ -> plugins/btns-libreswan/scripts/
+_FETCH_SCRIPT = Path(__file__).resolve().parents[4] / "plugins" / "btns-libreswan" / "scripts" / "fetch-libreswan.sh"
 
 
 def missing_prerequisites() -> list[str]:

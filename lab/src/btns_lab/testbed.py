@@ -36,7 +36,7 @@ from typing import Any
 
 import vici
 
-from . import netns
+from btns_vici import netns
 
 CHARON = "/usr/lib/ipsec/charon"
 NETNS_PREFIX = "btns-tb-"

@@ -1,6 +1,6 @@
 """The two-peer demo: a TCP connection that demands IPsec, and both ends' tokens.
 
-Runs on the network-namespace testbed (:mod:`btns_vici.testbed`): two charons,
+Runs on the network-namespace testbed (:mod:`btns_lab.testbed`): two charons,
 each in its own namespace. Each end gets a host key made on first use; the raw
 public keys are exchanged out of band (BTNS: no certificates, no CA). The
 server's listening socket and the client's socket get a pToken demanding
@@ -18,44 +18,13 @@ import sys
 import threading
 from typing import TextIO
 
-from .api import accept, connect, get_socket_ptoken, listen, set_socket_ptoken
-from .core.constants import Attr, AuthMethod, Setting
-from .core.derive import restored_ptoken
-from .core.tokens import IToken, PToken
-from .hostkey import load_or_create
-from .plugins import get_backend
-
-
-def describe_itoken(tok: IToken | None, indent: str = "    ") -> list[str]:
-    if tok is None:
-        return [f"{indent}(none)"]
-    method = tok.authentication_method
-    key = tok.pub_key_id
-    return [
-        f"{indent}authenticationMethod: {method.name if method else '-'}",
-        f"{indent}pubKeyID:             {key.hex()[:48] + '...' if key else '-'} ({len(key or b'')} bytes DER SPKI)",
-        f"{indent}certificateDN:        {tok.certificate_dn or '-'}",
-        f"{indent}channelBinding:       {tok.channel_binding or '-'}",
-        f"{indent}auditString:          {tok.audit_string or '-'}",
-    ]
-
-
-def describe_ptoken(name: str, p: PToken) -> list[str]:
-    lines = [
-        f"{name}:",
-        f"  privacyProtected:     {p.privacy_protected.name}",
-        f"  integrityProtected:   {p.integrity_protected.name}",
-        f"  compressionAvailable: {p.compression_available.name}",
-        f"  tunnelMode:           {p.tunnel_mode.name}",
-        f"  ipoptionsProtected:   {p.ipoptions_protected.name}",
-        f"  policyName:           {p.policy_name or '-'}",
-        f"  informationString:    {p.information_string or '-'}",
-        "  iToken (the peer):",
-        *describe_itoken(p.itoken),
-        "  remote_iToken (what we showed the peer):",
-        *describe_itoken(p.remote_itoken),
-    ]
-    return lines
+from btns_vici.api import accept, connect, get_socket_ptoken, listen, set_socket_ptoken
+from btns_vici.cli.describe import describe_ptoken
+from btns_vici.core.constants import Attr, AuthMethod, Setting
+from btns_vici.core.derive import restored_ptoken
+from btns_vici.core.tokens import IToken, PToken
+from btns_vici.hostkey import load_or_create
+from btns_vici.plugins import get_backend
 
 
 def preflight() -> str | None:
@@ -176,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m btns_vici.demo", description="The two-peer demo on the network-namespace testbed."
+        prog="python -m btns_lab.demo", description="The two-peer demo on the network-namespace testbed."
     )
     parser.add_argument("--ipv6", action="store_true", help="connect over IPv6")
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """``btns testbed up|down|status``: a netns testbed that outlives the command.
 
-``up`` builds a :class:`btns_vici.testbed.Testbed` (two namespaces, a veth pair, one
+``up`` builds a :class:`btns_lab.testbed.Testbed` (two namespaces, a veth pair, one
 charon each), brings up one BTNS raw-key connection and records everything ``down``
 must remove in the state file; it never calls ``Testbed.close``. ``down`` stops exactly
 the recorded charons (pid + start time), deletes the recorded namespaces and workdir.
@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..strongswan.session import ViciSession
-from . import exits, tbstate
-from .output import emit_json, table
+from btns_vici.cli import exits
+from btns_vici.cli.extensions import Command
+from btns_vici.cli.output import emit_json, table
+
+from . import tbstate
 
 CONNECTION = "btns"  # the BTNS raw-key connection `up` establishes
 
@@ -101,6 +103,8 @@ def _is_testbed_workdir(workdir: Path, tag: str) -> bool:
 
 def health(state: tbstate.TestbedState) -> list[dict[str, Any]]:
     """Per peer: charon alive (the recorded process), namespace present, VICI answering, SA count."""
+    from btns_vici.strongswan.session import ViciSession  # on use: every `btns` command loads this module
+
     out = []
     for p in state.peers:
         answers, sas, version = False, None, None
@@ -194,3 +198,35 @@ def _peer_table(peers: list[dict[str, Any]]) -> None:
             for p in peers
         ],
     )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("up", "down", "status"), metavar="ACTION", help="up, status or down")
+    p.add_argument(
+        "--state", metavar="PATH", help=f"state file (default: ${tbstate.STATE_ENV}, else {tbstate.DEFAULT_STATE})"
+    )
+
+
+def netns_options(netns_name: str) -> dict[str, str]:
+    """The VICI socket of the recorded testbed's peer in ``netns_name`` ({} when none is recorded there)."""
+    state = tbstate.load(tbstate.state_path())
+    peer = state.peer_in(netns_name) if state else None
+    return {"vici_socket": peer.vici_socket} if peer is not None else {}
+
+
+#: ``btns testbed`` (entry point btns_vici.cli: testbed)
+COMMAND = Command(
+    summary="a persistent two-namespace strongSwan testbed",
+    description="up: create two network namespaces joined by a veth pair, start one charon in each\n"
+    "(kernel-libipsec) and establish the BTNS raw-key connection `btns` between\n"
+    "10.231.0.1 and 10.231.0.2 (fd00:b75::1/::2); 10.231.0.11/.12 are plain addresses no SA\n"
+    "covers. The testbed stays up; what `down` must remove is recorded in the state file.\n"
+    "status: show the recorded testbed and whether its charons run and answer (exit 1 when\n"
+    "not). down: stop exactly the recorded charons, delete the recorded namespaces and workdir.\n"
+    "Other commands given --netns of a recorded namespace use that peer's VICI socket.\n"
+    "(From btns-lab.)",
+    add_arguments=add_arguments,
+    run=run,
+    netns_options=netns_options,
+    environment=((tbstate.STATE_ENV, "state file of btns testbed"),),
+)

@@ -66,8 +66,3 @@ def apply(fd: FileDescriptorLike, dataplane: str, reqid: int = 0, optional: bool
             return "per-socket XFRM policy in/out, ESP required"
     raise NotSupportedError(f"no data-plane guard for {dataplane!r}")
 
-
-def is_armed(fd: FileDescriptorLike) -> bool:
-    """True when the libipsec guard is in place (XFRM socket policies cannot be read back)."""
-    with borrowed_socket(fd) as sock:
-        return bound_device(sock) == LIBIPSEC_DEVICE

@@ -22,11 +22,8 @@ import errno
 import socket
 
 from .core.errors import BtnsError, NotSupportedError
+from .core.records import LIBIPSEC, LIBIPSEC_DEVICE, XFRM
 from .sockets import FileDescriptorLike, borrowed_socket, check_inet
-
-LIBIPSEC = "kernel-libipsec"
-XFRM = "kernel-xfrm"
-LIBIPSEC_DEVICE = "ipsec0"
 
 
 def bound_device(sock: socket.socket) -> str:

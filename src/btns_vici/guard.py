@@ -62,4 +62,3 @@ def apply(fd: FileDescriptorLike, dataplane: str, reqid: int = 0, optional: bool
                 xfrm.set_socket_policy(sock, direction, ["esp"], level="required", reqid=reqid)
             return "per-socket XFRM policy in/out, ESP required"
     raise NotSupportedError(f"no data-plane guard for {dataplane!r}")
-

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import forksafe
-from .api import Authority, BackendLike, resolve_backend
+from .authority import Authority, BackendLike, resolve_backend
 from .backend import SAEvent
 from .broker.client import BrokerClient
 from .core.derive import unprotected_ptoken

@@ -28,11 +28,13 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
+from .authority import resolve_backend
 from .broker.client import BrokerClient
 from .core.errors import BtnsError
 from .core.records import IN, OUT, SocketView
 from .core.selectors import Flow, normalize_address
 from .core.tokens import PToken
+from .protection import DATAGRAM_REFUSAL, require
 from .sockets import (
     FileDescriptorLike,
     borrowed_socket,
@@ -267,9 +269,6 @@ def send_view(s: socket.socket, dest: tuple, control: list[tuple[int, int, bytes
 def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: object = None) -> int:
     """Send like socket.sendmsg; when msg carries a pToken, refuse (EACCES) unless it is met now,
     for this socket and this message's own routing keys."""
-    from .api import resolve_backend
-    from .protection import shortfall
-
     demand = attached(msg)
     control = [c for c in msg.control if c[0] != SOL_BTNS and c[:2] != (PTOKEN_LEVEL, BTNS_PTOKEN)]
     with _as_socket(sock) as s:
@@ -279,10 +278,7 @@ def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: obje
             be = resolve_backend(backend)  # type: ignore[arg-type]
             if isinstance(be, BrokerClient):
                 be.check_send(s, tuple(dest) if msg.name is not None else None, control, flags, demand)
-                problems: list[str] = []
             else:
-                _actual, problems = shortfall(demand, send_view(s, dest, control, flags), be)
-            if problems:
-                raise BtnsError("datagram refused, pToken not met: " + "; ".join(problems), errno.EACCES)
+                require(demand, send_view(s, dest, control, flags), be, DATAGRAM_REFUSAL)
         args = (msg.iov, control, flags) + ((msg.name,) if msg.name is not None else ())
         return s.sendmsg(*args)

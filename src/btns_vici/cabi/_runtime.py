@@ -27,7 +27,7 @@ from ..broker.client import BrokerClient
 from ..core.errors import BtnsError, TokenFreedError
 from ..core.tokens import IToken, PToken
 from ..msg import IP_PKTINFO, IPV6_PKTINFO, MsgHdr, send_view
-from ..protection import shortfall
+from ..protection import DATAGRAM_REFUSAL, require
 from ..sockets import borrowed_socket, check_inet
 
 KIND_ITOKEN = 1
@@ -277,6 +277,4 @@ def install(ffi: Any) -> None:
                 be.check_send(sock, dest if has_dest else None, control, flags, demand)
                 return
             view = send_view(sock, dest, control, flags)
-        _actual, problems = shortfall(demand, view, be)
-        if problems:
-            raise BtnsError("datagram refused, pToken not met: " + "; ".join(problems), errno.EACCES)
+        require(demand, view, be, DATAGRAM_REFUSAL)

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..core.tokens import PToken
 from ..hostkey import HostIdentity
+from ..strongswan.conns import conn_config
 from ..strongswan.parse import text
 
 #: Prefix of the per-peer responder connections the learner loads (a "btns-" name, like every
@@ -55,8 +56,6 @@ def peer_conn_name(peer: Any) -> str:
 
 def load_peer_conn(session: Any, dataplane: str, host: HostIdentity, local: Any, peer: Any, spki: bytes) -> str:
     """Load (or replace) the responder connection that accepts ``peer`` authenticated by ``spki``."""
-    from ..strongswan.enforce import conn_config
-
     name = peer_conn_name(peer)
     session.request("load-key", {"type": "any", "data": host.private_pem.decode()})
     cfg = conn_config(

@@ -39,6 +39,9 @@ fi
 if [ -f plugins/btns-libreswan/pyproject.toml ]; then
   .venv/bin/pip install -q -e plugins/btns-libreswan
 fi
+# The example backend of docs/backends.md: tests/integration/test_backend_minimal.py drives it
+# through its entry point, as btns_vici finds any third-party backend.
+.venv/bin/pip install -q -e examples/backend_minimal
 
 for tier in "$@"; do
   case "$tier" in

@@ -156,14 +156,17 @@ def establish(
     name = conn_name("init", str(local_addr), str(remote_addr), demand, keys, dataplane, _alt(host, options))
     _load_host_key(session, host)
     session.request("load-conn", conn_config(name, local_addr, remote_addr, host, keys, demand, dataplane))
-    msg = {"ike": name, "child": name, "timeout": str(timeout_ms), "init-limits": "no"}
+    _initiate(session, name, name, timeout_ms, f"no SA meeting the pToken could be negotiated with {remote_addr}")
+    return name
+
+
+def _initiate(session: Any, ike: str, child: str, timeout_ms: int, failure: str) -> None:
+    """VICI ``initiate`` of ``ike``/``child`` within ``timeout_ms``; EHOSTUNREACH ("failure: why") if not up."""
+    msg = {"ike": ike, "child": child, "timeout": str(timeout_ms), "init-limits": "no"}
     try:
         session.streamed("initiate", "control-log", msg)
     except BtnsError as exc:
-        raise BtnsError(
-            f"no SA meeting the pToken could be negotiated with {remote_addr}: {exc.strerror}", errno.EHOSTUNREACH
-        ) from None
-    return name
+        raise BtnsError(f"{failure}: {exc.strerror}", errno.EHOSTUNREACH) from None
 
 
 def _alt(host: HostIdentity, options: Mapping[str, str]) -> bytes:
@@ -196,13 +199,7 @@ def initiate_operator(session: Any, op: tuple[str, str | None], remote_addr: Any
         child = children[0] if isinstance(children[0], str) else children[0].decode()
     elif child not in [c if isinstance(c, str) else c.decode() for c in children]:
         raise BtnsError(f"policyName {conn}/{child}: no such CHILD config", errno.EHOSTUNREACH)
-    msg = {"ike": conn, "child": child, "timeout": str(timeout_ms), "init-limits": "no"}
-    try:
-        session.streamed("initiate", "control-log", msg)
-    except BtnsError as exc:
-        raise BtnsError(
-            f"operator connection {conn}/{child} to {remote_addr} did not come up: {exc.strerror}", errno.EHOSTUNREACH
-        ) from None
+    _initiate(session, conn, child, timeout_ms, f"operator connection {conn}/{child} to {remote_addr} did not come up")
     return f"{conn}/{child}"
 
 

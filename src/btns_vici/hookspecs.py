@@ -72,7 +72,9 @@ def btns_verify_dataplane(
     Must judge the socket, not only its flow (``view.flow``, passed also as ``flow``):
     its device, mark, uid and, on kernel XFRM, its socket policies, and for
     ``view.direction == "in"`` where the datagram arrived (README "Socket-exact truth").
-    ``btns_vici.dataplane.verify`` does this for both Linux data planes. Return
+    ``btns_vici.dataplane.verify`` does this for both Linux data planes (a backend answers
+    with ``btns_vici.backendkit.verify_dataplane``; docs/backends.md says what a proof must
+    establish). Return
     NotCarried(reason) or None (fail closed) otherwise. The core has already checked
     that the socket lives in the namespace this backend speaks for (option ``netns``).
     """

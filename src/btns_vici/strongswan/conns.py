@@ -20,9 +20,6 @@ from ..core.requirements import allowed_methods, demanded, is_no_demand, operato
 from ..core.tokens import PToken
 from ..hostkey import HostIdentity
 
-RAW_KEY_METHODS = kit.RAW_KEY_METHODS
-CONN_PREFIX = kit.CONN_PREFIX
-
 #: ESP proposals the library offers, in preference order, with their (privacy, integrity) levels.
 #: Non-GCM first: kernel-libipsec has no AES-GCM unless charon loads the gcm plugin.
 CANDIDATES: tuple[kit.Proposal, ...] = (
@@ -91,7 +88,7 @@ def check_supported(demand: PToken, dataplane: str) -> None:
     if demanded(demand, Attr.compressionAvailable) == Setting.ENABLE and dataplane == LIBIPSEC:
         raise NotSupportedError("kernel-libipsec has no IPComp")
     methods = allowed_methods(demand)
-    if not methods & (RAW_KEY_METHODS | OPERATOR_METHODS):
+    if not methods & (kit.RAW_KEY_METHODS | OPERATOR_METHODS):
         names = ", ".join(sorted(m.name for m in methods)) or "none"
         raise NotSupportedError(f"strongSwan cannot authenticate with any allowed method ({names})")
 

@@ -54,8 +54,6 @@ CANDIDATES: tuple[kit.Proposal, ...] = (
     ("aes128-sha2_256", Setting.LEVEL_MEDIUM, Setting.LEVEL_MEDIUM),
     ("aes128-sha1", Setting.LEVEL_MEDIUM, Setting.LEVEL_LOW),
 )
-CONN_PREFIX = kit.CONN_PREFIX
-RAW_KEY_METHODS = kit.RAW_KEY_METHODS
 
 
 def esp_proposals(demand: PToken) -> list[str]:
@@ -85,7 +83,7 @@ def auth(demand: PToken) -> tuple[str, bytes | None]:
         raise NotSupportedError("a certificate identity needs a conn the operator configured (X.509)")
     pinned = tok.pub_key_id if tok is not None else None
     if pinned is not None:
-        if not methods & RAW_KEY_METHODS:
+        if not methods & kit.RAW_KEY_METHODS:
             raise NotSupportedError("a pinned key needs BTNS or LEAPOFFAITH to be allowed")
         try:
             numbers_from_spki(pinned)

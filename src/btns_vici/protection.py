@@ -25,11 +25,6 @@ CONNECTION_REFUSAL = "protection does not meet the socket's pToken"
 DATAGRAM_REFUSAL = "datagram refused, pToken not met"
 
 
-def protection_of(view: SocketView, backend: Backend) -> Protection | NotCarried:
-    """The verified protection of the socket ``view`` (see :meth:`Backend.protect`)."""
-    return backend.protect(view)
-
-
 def verify(view: SocketView, backend: Backend) -> tuple[Protection | None, PToken]:
     """The verified protection of the socket ``view`` (None: not protected) and its pToken."""
     verdict = backend.protect(view)

@@ -17,7 +17,7 @@ import pluggy
 
 from . import netns
 from .core.constants import AuthMethod
-from .core.errors import BackendError
+from .core.errors import BackendError, NotSupportedError
 from .core.records import ChildSA, IkeSA, NotCarried, Protection, SocketView
 from .core.selectors import Flow
 
@@ -144,24 +144,18 @@ class Backend:
     def enforce(self, sock: Any, ptoken: Any) -> Enforcement:
         result = self._call("btns_enforce", sock=sock, ptoken=ptoken)
         if result is None:
-            from .core.errors import NotSupportedError
-
             raise NotSupportedError(f"backend {self.name!r} cannot enforce pTokens")
         return result
 
     def establish(self, flow: Flow, ptoken: Any) -> str:
         name = self._call("btns_establish", flow=flow, ptoken=ptoken)
         if name is None:
-            from .core.errors import NotSupportedError
-
             raise NotSupportedError(f"backend {self.name!r} cannot establish SAs on demand")
         return name
 
     def serve(self, local_addr: Any, ptoken: Any) -> str:
         name = self._call("btns_serve", local_addr=local_addr, ptoken=ptoken)
         if name is None:
-            from .core.errors import NotSupportedError
-
             raise NotSupportedError(f"backend {self.name!r} cannot accept peers on demand")
         return name
 
@@ -172,7 +166,5 @@ class Backend:
     def watch(self, callback: Callable[[SAEvent], None]) -> Callable[[], None]:
         stop = self._call("btns_watch", callback=callback)
         if stop is None:
-            from .core.errors import NotSupportedError
-
             raise NotSupportedError(f"backend {self.name!r} has no event stream")
         return stop

@@ -35,6 +35,8 @@ from btns_vici.plugins import ENTRY_POINT_GROUP, get_backend
 
 from .wire import capture, seen
 
+pytestmark = pytest.mark.testbed  # root and a network namespace of its own (no charon)
+
 NS = f"btns-kit-{os.getpid()}"
 LOCAL, PEER, CLEAR_NET = "10.77.0.1", "10.77.0.2", "10.77.1.1/24"
 VETH, VETH_PEER = "btns-kv0", "btns-kv1"

@@ -45,7 +45,7 @@ def _ike(name: str, *children: ChildSA, state: str = "ESTABLISHED") -> IkeSA:
     return IkeSA("test", name, name, 2, state, A, B, me, peer, children)
 
 
-def test_find_in_takes_the_first_established_installed_child():
+def test_find_in_takes_the_first_established_installed_child() -> None:
     sas = [
         _ike("down", _child("c0", 80), state="CONNECTING"),
         _ike("one", _child("c1", 80, state="DELETING"), _child("c2", 80)),
@@ -57,7 +57,7 @@ def test_find_in_takes_the_first_established_installed_child():
     assert kit.find_in([], Flow(socket.IPPROTO_TCP, A, 80, B, 5000)) is None
 
 
-def test_demand_names_are_stable_per_parts_and_nul_separated():
+def test_demand_names_are_stable_per_parts_and_nul_separated() -> None:
     digest = hashlib.sha256(b"init\0a\0b\0" + b"\x01\x02\0").hexdigest()[:12]
     assert kit.demand_name("init", "a", "b", b"\x01\x02") == f"btns-init-{digest}"
     assert kit.demand_name("init", "ab", "") != kit.demand_name("init", "a", "b")  # the separator counts
@@ -65,7 +65,7 @@ def test_demand_names_are_stable_per_parts_and_nul_separated():
     assert kit.demand_name("init", "a").startswith(kit.CONN_PREFIX)
 
 
-def test_demand_numbers_stay_in_range_and_are_stable():
+def test_demand_numbers_stay_in_range_and_are_stable() -> None:
     numbers = {kit.demand_number(16000, "null", "transport", str(i)) for i in range(2000)}
     assert min(numbers) >= 1 and max(numbers) <= 16000 and len(numbers) > 1800
     assert kit.demand_number(7, "x") == kit.demand_number(7, "x")
@@ -78,7 +78,7 @@ def _only(method: AuthMethod) -> IToken:
     return tok
 
 
-def test_raw_key_methods_and_proposals():
+def test_raw_key_methods_and_proposals() -> None:
     demand = PToken()
     demand.itoken = _only(AuthMethod.BTNS)
     assert kit.allows_raw_keys(demand) and AuthMethod.LEAPOFFAITH in kit.RAW_KEY_METHODS
@@ -110,7 +110,7 @@ def _collect() -> tuple[list[SAEvent], threading.Event, Callable[[SAEvent], None
     return got, done, callback
 
 
-def test_a_broken_stream_is_one_reset_then_the_watch_ends():
+def test_a_broken_stream_is_one_reset_then_the_watch_ends() -> None:
     got, done, callback = _collect()
     rounds = iter([[SAEvent("ike-up")], []])
     closed = threading.Event()
@@ -129,7 +129,7 @@ def test_a_broken_stream_is_one_reset_then_the_watch_ends():
         stop()
 
 
-def test_a_polled_daemon_resumes_after_a_reset():
+def test_a_polled_daemon_resumes_after_a_reset() -> None:
     got: list[SAEvent] = []
     done = threading.Event()
     calls = [0]
@@ -153,7 +153,7 @@ def test_a_polled_daemon_resumes_after_a_reset():
         stop()
 
 
-def test_the_stopper_stops_the_thread():
+def test_the_stopper_stops_the_thread() -> None:
     polled = threading.Event()
 
     def poll() -> list[SAEvent]:

@@ -154,13 +154,13 @@ def _core_violations() -> set[tuple[str, str]]:
     return bad
 
 
-def test_the_cycle_finder_finds_cycles():
+def test_the_cycle_finder_finds_cycles() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
     assert _cycles(graph) == [frozenset({"a", "b", "c"})]
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_lazy_imports_count_and_type_checking_ones_do_not(tmp_path):
+def test_lazy_imports_count_and_type_checking_ones_do_not(tmp_path: Path) -> None:
     src = tmp_path / "pkg"
     src.mkdir()
     (src / "__init__.py").write_text("")
@@ -172,16 +172,16 @@ def test_lazy_imports_count_and_type_checking_ones_do_not(tmp_path):
     assert _imports("pkg.a", src / "a.py", False, known) == {"typing", "pkg.b"}
 
 
-def test_no_import_cycles():
+def test_no_import_cycles() -> None:
     cycles = [sorted(c) for c in _cycles(_graph()) if c not in CORE_OWNED_CYCLES]
     assert cycles == []
 
 
-def test_core_imports_only_core_and_the_standard_library():
+def test_core_imports_only_core_and_the_standard_library() -> None:
     assert _core_violations() - CORE_OWNED_IMPORTS == set()
 
 
 @pytest.mark.xfail(strict=True, reason="core/ owner's part of issue 14: tokens<->serialize, derive->knownpeers")
-def test_core_owned_cycles_are_gone():
+def test_core_owned_cycles_are_gone() -> None:
     assert not (set(_cycles(_graph())) & CORE_OWNED_CYCLES)
     assert not (_core_violations() & CORE_OWNED_IMPORTS)

@@ -11,7 +11,7 @@ from btns_vici.core.errors import ProtocolError
 from btns_vici.strongswan.session import HEADER, MAX_PACKET, PacketBuffer, frame
 
 
-def test_whole_packets_come_out_whatever_the_split():
+def test_whole_packets_come_out_whatever_the_split() -> None:
     packets = [b"\x05abc", b"\x01" + bytes(300), b"\x03"]
     wire = b"".join(frame(p) for p in packets)
     for step in (1, 2, 3, 5, 7, len(wire)):
@@ -25,7 +25,7 @@ def test_whole_packets_come_out_whatever_the_split():
         assert len(buf) == 0 and buf.need() == HEADER.size
 
 
-def test_need_says_how_many_bytes_are_missing():
+def test_need_says_how_many_bytes_are_missing() -> None:
     buf = PacketBuffer()
     assert buf.need() == 4 and buf.pop() is None
     buf.feed(frame(b"\x05hello")[:2])
@@ -37,7 +37,7 @@ def test_need_says_how_many_bytes_are_missing():
 
 
 @pytest.mark.parametrize("length", [0, MAX_PACKET + 1, 0xFFFFFFFF])
-def test_an_empty_or_oversized_packet_is_refused_from_its_header(length):
+def test_an_empty_or_oversized_packet_is_refused_from_its_header(length: int) -> None:
     buf = PacketBuffer()
     buf.feed(HEADER.pack(length))
     with pytest.raises(ProtocolError) as err:
@@ -47,7 +47,7 @@ def test_an_empty_or_oversized_packet_is_refused_from_its_header(length):
         buf.pop()
 
 
-def test_the_largest_packet_charon_sends_is_accepted():
+def test_the_largest_packet_charon_sends_is_accepted() -> None:
     buf = PacketBuffer()
     buf.feed(frame(b"\x01" + bytes(MAX_PACKET - 1)))
     assert len(buf.pop() or b"") == MAX_PACKET

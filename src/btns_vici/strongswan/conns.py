@@ -113,8 +113,10 @@ def conn_name(
     role: str, local: str, remote: str, demand: PToken, keys: list[bytes], dataplane: str, host_key: bytes = b""
 ) -> str:
     """A stable name per (role, endpoints, demand, our key): the same demand reuses its connection."""
-    parts = (local, remote, dataplane, *esp_proposals(demand), child_mode(demand, dataplane), *keys)
-    return kit.demand_name(role, *parts, *((b"local-key", host_key) if host_key else ()))
+    parts: list[str | bytes] = [local, remote, dataplane, *esp_proposals(demand), child_mode(demand, dataplane), *keys]
+    if host_key:
+        parts += [b"local-key", host_key]
+    return kit.demand_name(role, *parts)
 
 
 def conn_config(

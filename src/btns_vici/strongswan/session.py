@@ -207,7 +207,7 @@ class PacketBuffer:
     def _length(self) -> int | None:
         if len(self._buf) < HEADER.size:
             return None
-        (length,) = HEADER.unpack_from(self._buf)
+        length: int = HEADER.unpack_from(self._buf)[0]
         check_length(length)
         return length
 
@@ -235,7 +235,9 @@ def recv_packet(sock: socket.socket, deadline: Deadline) -> bytes:
     return recv_exact(sock, length, deadline, started=True)
 
 
-def register(sock: socket.socket, event: str, on: bool, deadline: Deadline, early: list | None = None) -> None:
+def register(
+    sock: socket.socket, event: str, on: bool, deadline: Deadline, early: list[tuple[str, dict[str, Any]]] | None = None
+) -> None:
     """(Un)register ``event`` on a command connection and wait for charon's confirmation.
 
     Events charon sends before the confirmation go to ``early`` ((name, message) pairs);

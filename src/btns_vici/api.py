@@ -16,8 +16,9 @@ import stat
 import threading
 
 from . import guard
-from .authority import Authority, BackendLike, resolve_backend
-from .authority import set_default_backend as set_default_backend  # the public path: btns_vici.api
+from .authority import Authority, BackendLike
+from .authority import resolve_backend as resolve_backend  # the public path: btns_vici.api
+from .authority import set_default_backend as set_default_backend
 from .backend import Backend
 from .broker.client import BrokerClient
 from .core.derive import ptoken_for

@@ -22,7 +22,9 @@ import errno
 import socket
 
 from .core.errors import BtnsError, NotSupportedError
-from .core.records import LIBIPSEC, LIBIPSEC_DEVICE, XFRM
+from .core.records import LIBIPSEC as LIBIPSEC  # the data planes a guard exists for
+from .core.records import LIBIPSEC_DEVICE as LIBIPSEC_DEVICE
+from .core.records import XFRM as XFRM
 from .sockets import FileDescriptorLike, borrowed_socket, check_inet
 
 

@@ -27,8 +27,10 @@ import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .authority import resolve_backend
+from .backend import Backend
 from .broker.client import BrokerClient
 from .core.errors import BtnsError
 from .core.records import IN, OUT, SocketView
@@ -266,6 +268,26 @@ def send_view(s: socket.socket, dest: tuple, control: list[tuple[int, int, bytes
     )
 
 
+def check_send(
+    s: socket.socket,
+    name: tuple[Any, ...] | None,
+    control: list[tuple[int, int, bytes]],
+    flags: int,
+    demand: PToken,
+    be: Backend | BrokerClient,
+) -> None:
+    """Refuse (RequirementNotMetError, EACCES) unless the datagram ``s`` is about to send to ``name``
+    (None: its peer) meets ``demand`` now, with the message's own routing keys (see :func:`send_view`).
+
+    btnsd, when it is the authority, reads the socket and judges it itself.
+    """
+    dest = name if name is not None else s.getpeername()
+    if isinstance(be, BrokerClient):
+        be.check_send(s, tuple(dest) if name is not None else None, control, flags, demand)
+    else:
+        require(demand, send_view(s, dest, control, flags), be, DATAGRAM_REFUSAL)
+
+
 def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: object = None) -> int:
     """Send like socket.sendmsg; when msg carries a pToken, refuse (EACCES) unless it is met now,
     for this socket and this message's own routing keys."""
@@ -274,11 +296,6 @@ def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: obje
     with _as_socket(sock) as s:
         check_inet(s)
         if demand is not None:
-            dest = msg.name if msg.name is not None else s.getpeername()
-            be = resolve_backend(backend)  # type: ignore[arg-type]
-            if isinstance(be, BrokerClient):
-                be.check_send(s, tuple(dest) if msg.name is not None else None, control, flags, demand)
-            else:
-                require(demand, send_view(s, dest, control, flags), be, DATAGRAM_REFUSAL)
+            check_send(s, msg.name, control, flags, demand, resolve_backend(backend))  # type: ignore[arg-type]
         args = (msg.iov, control, flags) + ((msg.name,) if msg.name is not None else ())
         return s.sendmsg(*args)

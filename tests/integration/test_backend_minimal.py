@@ -28,10 +28,13 @@ from pathlib import Path
 import pytest
 
 import btns_vici
-from btns_vici import dataplane, netns
+from btns_vici import api, dataplane, netns
 from btns_vici.backend import Backend
+from btns_vici.core.constants import AuthMethod, Setting
 from btns_vici.core.errors import NotSupportedError, ProtocolError
 from btns_vici.plugins import ENTRY_POINT_GROUP, get_backend
+from btns_vici.protection import CONNECTION_REFUSAL, require
+from btns_vici.sockets import view_of
 
 from .wire import capture, seen
 
@@ -230,3 +233,30 @@ def test_the_watch_reports_a_changed_table(backend: Backend, lab: tuple[str, int
         assert got.wait(5), "no reset event after the table changed"
     finally:
         stop()
+
+
+def _demand(method: AuthMethod) -> btns_vici.PToken:
+    tok = btns_vici.PToken()
+    it = btns_vici.IToken()
+    it.set_auth_method(method, Setting.ENABLE)
+    tok.itoken = it
+    return tok
+
+
+def test_an_unmet_demand_is_one_requirement_not_met_error(backend: Backend) -> None:
+    sock = _udp()
+    try:
+        assert api.admit(sock, _demand(AuthMethod.BTNS), backend).protected  # met: the table's SA is BTNS
+        with pytest.raises(btns_vici.RequirementNotMetError) as err:
+            require(_demand(AuthMethod.PRESHAREDKEY), view_of(sock), backend)
+        assert err.value.errno == errno.EACCES and isinstance(err.value, btns_vici.BtnsError)
+        assert err.value.problems and str(err.value.strerror).startswith(CONNECTION_REFUSAL + ": ")
+    finally:
+        sock.close()
+    marked = _udp(mark=BYPASS_MARK)
+    try:
+        with pytest.raises(btns_vici.RequirementNotMetError) as err:
+            api.admit(marked, _demand(AuthMethod.BTNS), backend)
+        assert any(p.startswith("why: ") and VETH in p for p in err.value.problems)
+    finally:
+        marked.close()

@@ -86,9 +86,30 @@ class Backend:
 
     def _call(self, hook: str, **kwargs: Any) -> Any:
         caller = self._callers.get(hook)
-        if caller is None:  # pluggy's subset callers filter at call time: safe to keep
-            caller = self._callers[hook] = self._pm.subset_hook_caller(hook, remove_plugins=self._others)
+        if caller is None:
+            caller = self._callers[hook] = self._caller(hook)
         return caller(options=self.options, **kwargs)
+
+    def _caller(self, hook: str) -> Callable[..., Any]:
+        """How to call ``hook`` on this backend alone, exactly as pluggy would.
+
+        A firstresult hook this plugin implements once, without wrappers, is called directly
+        (what pluggy's ``_multicall`` does with one implementation: its arguments by name, its
+        result). pluggy's subset caller would filter every installed plugin's implementations
+        on each call, about 1 us more per call for each other installed backend. Anything
+        else goes through that subset caller.
+        """
+        caller = getattr(self._pm.hook, hook)
+        impls = [i for i in caller.get_hookimpls() if i.plugin_name == self.name]
+        firstresult = bool(caller.spec is not None and caller.spec.opts.get("firstresult"))
+        if firstresult and len(impls) == 1 and not (impls[0].hookwrapper or getattr(impls[0], "wrapper", False)):
+            function, names = impls[0].function, tuple(impls[0].argnames)
+
+            def direct(**kw: Any) -> Any:
+                return function(*[kw[n] for n in names])
+
+            return direct
+        return self._pm.subset_hook_caller(hook, remove_plugins=self._others)
 
     def probe(self) -> bool:
         return bool(self._call("btns_probe"))

@@ -7,6 +7,7 @@ import hashlib
 import ipaddress
 from typing import Any
 
+from ..backendkit import CONN_PREFIX
 from ..core.tokens import PToken
 from ..hostkey import HostIdentity
 from ..strongswan.conns import conn_config
@@ -14,7 +15,7 @@ from ..strongswan.parse import text
 
 #: Prefix of the per-peer responder connections the learner loads (a "btns-" name, like every
 #: connection the library makes).
-LEAP_PREFIX = "btns-leap-"
+LEAP_PREFIX = CONN_PREFIX + "leap-"
 
 
 def _covers(spec: str, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -41,7 +42,7 @@ def operator_conn_for(session: Any, addr: Any) -> tuple[str, str] | None:
     ip = ipaddress.ip_address(str(addr))
     for entry in session.list_conns():
         for name, conn in entry.items():
-            if not isinstance(conn, dict) or name.startswith("btns-"):
+            if not isinstance(conn, dict) or name.startswith(CONN_PREFIX):
                 continue
             remotes = [text(x) for x in conn.get("remote_addrs", []) or []]
             if any(_covers(r, ip) for r in remotes):

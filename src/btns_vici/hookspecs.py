@@ -59,7 +59,8 @@ def btns_find_sa(options: Mapping[str, str], flow: Flow) -> tuple[IkeSA, ChildSA
     """The established IKE_SA and installed CHILD_SA covering ``flow``, or None.
 
     Should answer from an index kept current by the daemon's events; must never
-    answer from state older than the last event it processed.
+    answer from state older than the last event it processed (``btns_vici.backendkit.find_in``
+    over fresh records is the simple way).
     """
 
 
@@ -92,7 +93,8 @@ def btns_enforce(options: Mapping[str, str], sock: Any, ptoken: PToken) -> Enfor
 def btns_watch(options: Mapping[str, str], callback: Callable[[SAEvent], None]) -> Callable[[], None] | None:
     """Deliver SA events (up, down, rekey) to ``callback`` from a background thread.
 
-    Returns a function that stops the watch.
+    Returns a function that stops the watch. A ``reset`` event tells the caller to re-read
+    everything (the daemon went away or restarted): ``btns_vici.backendkit.watch_thread``.
     """
 
 

@@ -260,3 +260,15 @@ def test_an_unmet_demand_is_one_requirement_not_met_error(backend: Backend) -> N
         assert any(p.startswith("why: ") and VETH in p for p in err.value.problems)
     finally:
         marked.close()
+
+
+def test_hostile_on_kernel_xfrm_the_table_alone_proves_nothing(lab: tuple[str, int]) -> None:
+    """The same SA on the kernel-xfrm data plane: the kernel holds no such state, so not protected."""
+    be = get_backend("minimal", {"sa_table": lab[0], "netns": NS, "dataplane": dataplane.XFRM})
+    sock = _udp()
+    try:
+        tok = btns_vici.get_socket_ptoken(sock, be)
+        assert not tok.protected
+        assert "the kernel SAD lacks the CHILD_SA's SAs (spi 0xc0000002 out" in (tok.information_string or "")
+    finally:
+        sock.close()

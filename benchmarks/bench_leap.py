@@ -42,7 +42,7 @@ from btns_vici import AuthMethod, IToken, PToken, Setting, leap
 from btns_vici.api import accept, connect, listen
 from btns_vici.latch import unlatch
 from btns_vici.leap.responder import Limits
-from btns_vici.strongswan.enforce import conn_config
+from btns_vici.strongswan.conns import conn_config
 
 TCP_PORT = 27001
 

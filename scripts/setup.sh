@@ -41,6 +41,9 @@ if [ -f plugins/btns-libreswan/pyproject.toml ]; then
 fi
 # The lab (lab/: btns-lab): the testbeds, the demos, `btns testbed|demo` and the tests' fixtures.
 .venv/bin/pip install -q -e 'lab[test]'
+# The example backend of docs/backends.md: tests/integration/test_backend_minimal.py drives it
+# through its entry point, as btns_vici finds any third-party backend.
+.venv/bin/pip install -q -e examples/backend_minimal
 
 for tier in "$@"; do
   case "$tier" in

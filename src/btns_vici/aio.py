@@ -42,6 +42,7 @@ from typing import Any, TypeVar, cast
 
 from . import api
 from . import latch as _latch
+from .authority import Authority, BackendLike
 from .backend import Backend
 from .core.constants import AuthMethod, Setting
 from .core.derive import unprotected_ptoken
@@ -53,7 +54,6 @@ from .core.tokens import IToken, PToken
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-BackendLike = api.BackendLike
 OnBreak = Callable[["_latch.LatchBroken"], Any]
 
 #: Threads for lookups (VICI round trips of a few ms at most, bounded by the backend's deadline).
@@ -122,7 +122,7 @@ def socket_of(obj: Any) -> Any:
     raise BtnsError(f"{type(obj).__name__} has no socket", errno.ENOTSOCK)
 
 
-async def resolve_backend(backend: BackendLike = None) -> api.Authority:
+async def resolve_backend(backend: BackendLike = None) -> Authority:
     """:func:`btns_vici.api.resolve_backend` off the loop (the default selection probes daemons)."""
     if isinstance(backend, Backend):
         return backend
@@ -183,7 +183,7 @@ def _loop_callback(loop: asyncio.AbstractEventLoop, *targets: Callable[[Any], An
 def _connect_sync(
     sock: socket.socket,
     address: tuple[Any, ...],
-    be: api.Authority,
+    be: Authority,
     demand_set: bool,
     timeout: float | None,
     want_latch: bool,
@@ -235,7 +235,7 @@ async def listen(sock: socket.socket, backlog: int = 128, backend: BackendLike =
 
 
 def _admit_sync(
-    conn: Any, demand: PToken | None, be: api.Authority, want_latch: bool, on_break: Callable[[Any], None]
+    conn: Any, demand: PToken | None, be: Authority, want_latch: bool, on_break: Callable[[Any], None]
 ) -> tuple[PToken, _latch.Latch | None]:
     """In a worker: what api.accept checks for an accepted connection (and the latch)."""
     tok = api.get_socket_ptoken(conn, be) if demand is None else api.admit(conn, demand, be)
@@ -492,7 +492,7 @@ class _ServerState:
         self,
         handler: ClientConnected,
         demand: PToken | None,
-        backend: api.Authority,
+        backend: Authority,
         latch: bool,
         on_break: OnBreak | None,
     ) -> None:
@@ -618,7 +618,7 @@ def _info(
     }
 
 
-def _peer_sync(sock: Any, be: api.Authority) -> tuple[PToken, Any]:
+def _peer_sync(sock: Any, be: Authority) -> tuple[PToken, Any]:
     """In a worker: the peer address and the pToken of a server-side connected socket."""
     peer = sock.getpeername()
     return api.get_socket_ptoken(sock, be), peer

@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from . import aio
-from .api import Authority
+from .authority import Authority
 from .core.constants import Setting
 from .core.tokens import IToken, PToken
 

@@ -14,21 +14,22 @@ import os
 import socket
 import stat
 import threading
-from collections.abc import Mapping
 from typing import Any
 
-from . import forksafe, guard
+from . import guard
+from .authority import Authority, BackendLike
+from .authority import resolve_backend as resolve_backend  # the public path: btns_vici.api
+from .authority import set_default_backend as set_default_backend
 from .backend import Backend
 from .broker.client import BrokerClient
-from .broker.policy import DEFAULT_SOCKET as DEFAULT_BROKER_SOCKET
 from .core.derive import ptoken_for
-from .core.errors import BackendError, BtnsError
+from .core.errors import BackendError, BtnsError, RequirementNotMetError
 from .core.records import Protection
 from .core.requirements import is_no_demand, is_opportunistic, operator_policy, satisfies
 from .core.selectors import Flow
 from .core.tokens import PToken
-from .plugins import get_backend
-from .protection import ptoken_of, ptoken_of_flow, shortfall
+from .latch import latch, latch_of
+from .protection import ptoken_of, ptoken_of_flow, require
 from .sockets import (
     FileDescriptorLike,
     endpoint,
@@ -39,13 +40,6 @@ from .sockets import (
     source_address,
     view_of,
 )
-
-BackendLike = Backend | BrokerClient | str | None
-#: What answers: a backend in this process, or btnsd (README "btnsd: the broker").
-Authority = Backend | BrokerClient
-
-_lock = threading.Lock()
-_default: Authority | None = None
 
 
 def _open_socket_keys() -> set[tuple[int, int]]:
@@ -94,56 +88,6 @@ class _Registry(dict[tuple[int, int], PToken]):
 _attached: _Registry = _Registry()
 
 
-def resolve_backend(backend: BackendLike = None, options: Mapping[str, str] | None = None) -> Authority:
-    """A Backend (or the broker) from an instance, a name, or the process default (selected once).
-
-    The default: ``$BTNS_BROKER`` names btnsd's socket; else, for a process without root
-    when btnsd's default socket exists, btnsd; else the first backend whose daemon answers
-    (see plugins), and btnsd when none can be used from here (EACCES, ENOENT,
-    ECONNREFUSED) and its socket exists.
-    """
-    global _default
-    if isinstance(backend, (Backend, BrokerClient)):
-        return backend
-    if backend is not None or options:
-        return get_backend(backend, options)
-    with _lock:
-        if _default is None:
-            _default = _select_default()
-        return _default
-
-
-@forksafe.in_child
-def _reset_after_fork() -> None:
-    global _default, _lock
-    _default = None
-    _lock = threading.Lock()
-
-
-def _select_default() -> Authority:
-    path = os.environ.get("BTNS_BROKER")
-    if path:
-        return BrokerClient(path)
-    if os.geteuid() != 0 and not os.environ.get("BTNS_BACKEND") and os.path.exists(DEFAULT_BROKER_SOCKET):
-        return BrokerClient(DEFAULT_BROKER_SOCKET)
-    try:
-        return get_backend()
-    except BackendError as exc:
-        if exc.errno in (errno.EACCES, errno.ENOENT, errno.ECONNREFUSED) and os.path.exists(DEFAULT_BROKER_SOCKET):
-            return BrokerClient(DEFAULT_BROKER_SOCKET)
-        raise
-
-
-def set_default_backend(backend: BackendLike, options: Mapping[str, str] | None = None) -> Authority | None:
-    """Choose the backend used when none is passed explicitly (by the draft's calls too, which name
-    none: the host's key management, draft section 2.3.1)."""
-    global _default
-    chosen = resolve_backend(backend, options) if backend is not None or options else None
-    with _lock:
-        _default = chosen
-    return chosen
-
-
 def _local(be: Authority, what: str) -> Backend:
     if isinstance(be, BrokerClient):
         raise BtnsError(
@@ -166,8 +110,6 @@ def get_socket_ptoken(sock: FileDescriptorLike, backend: BackendLike = None) -> 
     socket gets the pToken attached with :func:`set_socket_ptoken`, or ENOTCONN.
     """
     key, view = inspect(sock)  # one dup/fstat: this is the hot path
-    from .latch import latch_of  # latch builds on this module
-
     lt = latch_of(key)
     if lt is not None and (view is not None or lt.broken is not None):
         return lt.check()  # ProtectionLostError once the latch broke (also after SOCK_DESTROY unconnected it)
@@ -267,8 +209,6 @@ def finish_connect(sock: socket.socket, backend: BackendLike = None, latch_: boo
     be = resolve_backend(backend)
     actual = _verify_or_abort(sock, demand, be)
     if latch_ and actual.protected:  # a demand met in clear (all ANY, "btns:use") has nothing to latch
-        from .latch import latch
-
         latch(sock, be, shutdown=True)
     return actual
 
@@ -301,8 +241,6 @@ def accept(
         conn.close()
         raise
     if latch_ and actual.protected:
-        from .latch import latch
-
         latch(conn, be, shutdown=True)
     return conn, addr
 
@@ -324,9 +262,9 @@ def _verify_or_abort(sock: socket.socket, demand: PToken, be: Authority) -> PTok
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
             raise
-    actual, problems = shortfall(demand, view_of(sock), be)
-    if problems:
+    try:
+        return require(demand, view_of(sock), be)
+    except RequirementNotMetError:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
-        raise BtnsError("protection does not meet the socket's pToken: " + "; ".join(problems), errno.EACCES)
-    return actual
+        raise

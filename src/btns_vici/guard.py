@@ -22,11 +22,10 @@ import errno
 import socket
 
 from .core.errors import BtnsError, NotSupportedError
+from .core.records import LIBIPSEC as LIBIPSEC  # the data planes a guard exists for
+from .core.records import LIBIPSEC_DEVICE as LIBIPSEC_DEVICE
+from .core.records import XFRM as XFRM
 from .sockets import FileDescriptorLike, borrowed_socket, check_inet
-
-LIBIPSEC = "kernel-libipsec"
-XFRM = "kernel-xfrm"
-LIBIPSEC_DEVICE = "ipsec0"
 
 
 def bound_device(sock: socket.socket) -> str:
@@ -65,9 +64,3 @@ def apply(fd: FileDescriptorLike, dataplane: str, reqid: int = 0, optional: bool
                 xfrm.set_socket_policy(sock, direction, ["esp"], level="required", reqid=reqid)
             return "per-socket XFRM policy in/out, ESP required"
     raise NotSupportedError(f"no data-plane guard for {dataplane!r}")
-
-
-def is_armed(fd: FileDescriptorLike) -> bool:
-    """True when the libipsec guard is in place (XFRM socket policies cannot be read back)."""
-    with borrowed_socket(fd) as sock:
-        return bound_device(sock) == LIBIPSEC_DEVICE

@@ -60,7 +60,8 @@ def btns_find_sa(options: Mapping[str, str], flow: Flow) -> tuple[IkeSA, ChildSA
     """The established IKE_SA and installed CHILD_SA covering ``flow``, or None.
 
     Should answer from an index kept current by the daemon's events; must never
-    answer from state older than the last event it processed.
+    answer from state older than the last event it processed (``btns_vici.backendkit.find_in``
+    over fresh records is the simple way).
     """
 
 
@@ -73,7 +74,9 @@ def btns_verify_dataplane(
     Must judge the socket, not only its flow (``view.flow``, passed also as ``flow``):
     its device, mark, uid and, on kernel XFRM, its socket policies, and for
     ``view.direction == "in"`` where the datagram arrived (README "Socket-exact truth").
-    ``btns_vici.dataplane.verify`` does this for both Linux data planes. Return
+    ``btns_vici.dataplane.verify`` does this for both Linux data planes (a backend answers
+    with ``btns_vici.backendkit.verify_dataplane``; docs/backends.md says what a proof must
+    establish). Return
     NotCarried(reason) or None (fail closed) otherwise. The core has already checked
     that the socket lives in the namespace this backend speaks for (option ``netns``).
     """
@@ -91,7 +94,8 @@ def btns_enforce(options: Mapping[str, str], sock: Any, ptoken: PToken) -> Enfor
 def btns_watch(options: Mapping[str, str], callback: Callable[[SAEvent], None]) -> Callable[[], None] | None:
     """Deliver SA events (up, down, rekey) to ``callback`` from a background thread.
 
-    Returns a function that stops the watch.
+    Returns a function that stops the watch. A ``reset`` event tells the caller to re-read
+    everything (the daemon went away or restarted): ``btns_vici.backendkit.watch_thread``.
     """
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -440,6 +441,32 @@ def _store_for(local_key: bytes | None) -> KnownPeers | None:
             return None
         return store if _stores.get(local_key) is store else None
     return None
+
+
+def reported(ike: IkeSA) -> IkeSA:
+    """The IKE_SA as reported: a raw-key (BTNS) peer whose key this store held before the IKE_SA
+    is LEAPOFFAITH (README "Leap of faith"); first contact and changed keys stay BTNS.
+
+    Memoized per record object, so that the pToken template cache of ``core.derive`` (keyed by
+    the records' identity) keeps hitting and the store is consulted once per IKE_SA record.
+    """
+    remote = ike.remote
+    if remote.auth_method != AuthMethod.BTNS or not remote.public_key:
+        return ike
+    hit = _REPORTED.get(id(ike))
+    if hit is not None and hit[0] is ike:
+        return hit[1]
+    out = ike
+    if method_for(ike) == AuthMethod.LEAPOFFAITH:
+        out = dataclasses.replace(ike, remote=dataclasses.replace(remote, auth_method=AuthMethod.LEAPOFFAITH))
+    if len(_REPORTED) >= 1024:
+        _REPORTED.clear()
+    _REPORTED[id(ike)] = (ike, out)
+    return out
+
+
+#: id(record) -> (record, reported record); the strong reference keeps the id unique.
+_REPORTED: dict[int, tuple[IkeSA, IkeSA]] = {}
 
 
 def method_for(ike: IkeSA) -> AuthMethod:

@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import forksafe
-from .api import Authority, BackendLike, resolve_backend
+from . import forksafe, sockdestroy
+from .authority import Authority, BackendLike, resolve_backend
 from .backend import SAEvent
 from .broker.client import BrokerClient
 from .core.derive import unprotected_ptoken
@@ -125,8 +125,6 @@ class Latch:
 def _stop_socket(fd: int, key: tuple[int, int]) -> str:
     """End the latched connection for every holder: SOCK_DESTROY in the kernel (ECONNABORTED on
     everyone's next call, whatever the language); shutdown(2) when that is not possible here."""
-    from . import sockdestroy
-
     try:
         dup = socket.socket(fileno=os.dup(fd))
     except OSError:

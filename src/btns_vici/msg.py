@@ -27,13 +27,16 @@ import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .authority import BackendLike, resolve_backend
+from .backend import Backend
 from .broker.client import BrokerClient
 from .core.errors import BtnsError
 from .core.records import IN, OUT, SocketView
 from .core.selectors import Flow, normalize_address
 from .core.tokens import PToken
+from .protection import DATAGRAM_REFUSAL, require
 from .sockets import (
     FileDescriptorLike,
     borrowed_socket,
@@ -44,9 +47,6 @@ from .sockets import (
     source_address,
     view_of,
 )
-
-if TYPE_CHECKING:  # the alias only: sendmsg imports api when it is called
-    from .api import BackendLike
 
 #: Private cmsg level/type: never passed to the kernel ("BT", 1).
 SOL_BTNS = 0x4254
@@ -272,27 +272,36 @@ def send_view(s: socket.socket, dest: tuple[Any, ...], control: list[tuple[int, 
     )
 
 
+def check_send(
+    s: socket.socket,
+    name: tuple[Any, ...] | None,
+    control: list[tuple[int, int, bytes]],
+    flags: int,
+    demand: PToken,
+    be: Backend | BrokerClient,
+) -> None:
+    """Refuse (RequirementNotMetError, EACCES) unless the datagram ``s`` is about to send to ``name``
+    (None: its peer) meets ``demand`` now, with the message's own routing keys (see :func:`send_view`).
+
+    btnsd, when it is the authority, reads the socket and judges it itself.
+    """
+    dest = name if name is not None else s.getpeername()
+    if isinstance(be, BrokerClient):
+        be.check_send(s, tuple(dest) if name is not None else None, control, flags, demand)
+    else:
+        require(demand, send_view(s, dest, control, flags), be, DATAGRAM_REFUSAL)
+
+
 def sendmsg(sock: FileDescriptorLike, msg: MsgHdr, flags: int = 0, backend: BackendLike = None) -> int:
     """Send like socket.sendmsg; when msg carries a pToken (``ipsec_set_msg_pToken``, draft section
     2.3.4, Figure 10), refuse (EACCES) unless it is met now, for this socket and this message's own
     routing keys."""
-    from .api import resolve_backend
-    from .protection import shortfall
-
     demand = attached(msg)
     control = [c for c in msg.control if c[0] != SOL_BTNS and c[:2] != (PTOKEN_LEVEL, BTNS_PTOKEN)]
     with _as_socket(sock) as s:
         check_inet(s)
         if demand is not None:
-            dest = msg.name if msg.name is not None else s.getpeername()
-            be = resolve_backend(backend)
-            if isinstance(be, BrokerClient):
-                be.check_send(s, tuple(dest) if msg.name is not None else None, control, flags, demand)
-                problems: list[str] = []
-            else:
-                _actual, problems = shortfall(demand, send_view(s, dest, control, flags), be)
-            if problems:
-                raise BtnsError("datagram refused, pToken not met: " + "; ".join(problems), errno.EACCES)
+            check_send(s, msg.name, control, flags, demand, resolve_backend(backend))
         if msg.name is not None:
             return s.sendmsg(msg.iov, control, flags, msg.name)
         return s.sendmsg(msg.iov, control, flags)

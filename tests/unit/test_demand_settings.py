@@ -22,7 +22,7 @@ from btns_vici.core.records import Identity
 from btns_vici.core.requirements import USE_POLICY, is_no_demand, is_opportunistic, operator_policy
 from btns_vici.guard import LIBIPSEC, XFRM
 from btns_vici.hostkey import load_or_create
-from btns_vici.strongswan import enforce
+from btns_vici.strongswan import conns, enforce
 
 from .test_equivalence import FLOW, KEY_A, KEY_B, child, token
 
@@ -32,8 +32,8 @@ def test_all_any_is_no_demand() -> None:
     assert is_no_demand(p)
     p.itoken = IToken()  # an iToken with every switch ANY constrains nothing
     assert is_no_demand(p)
-    enforce.check_supported(p, XFRM)
-    enforce.check_supported(p, LIBIPSEC)
+    conns.check_supported(p, XFRM)
+    conns.check_supported(p, LIBIPSEC)
     for attr, value in (
         ("privacy_protected", Setting.ENABLE),
         ("tunnel_mode", Setting.DISABLE),
@@ -64,16 +64,16 @@ def test_esp_null_proposals_only_when_privacy_disable_is_demanded() -> None:
     p = PToken()
     p.privacy_protected = Setting.DISABLE
     p.integrity_protected = Setting.LEVEL_MEDIUM
-    assert enforce.esp_proposals(p) == ["null-sha384", "null-sha256"]
-    enforce.check_supported(p, XFRM)
+    assert conns.esp_proposals(p) == ["null-sha384", "null-sha256"]
+    conns.check_supported(p, XFRM)
     with pytest.raises(NotSupportedError, match="ESP-NULL"):
-        enforce.check_supported(p, LIBIPSEC)
+        conns.check_supported(p, LIBIPSEC)
     p.integrity_protected = Setting.ANY
     with pytest.raises(NotSupportedError):
-        enforce.check_supported(p, XFRM)  # privacy off, integrity not asked: no IPsec at all
+        conns.check_supported(p, XFRM)  # privacy off, integrity not asked: no IPsec at all
     q = PToken()
     q.integrity_protected = Setting.ENABLE  # privacy ANY: never a NULL cipher
-    assert not [n for n in enforce.esp_proposals(q) if n.startswith("null")]
+    assert not [n for n in conns.esp_proposals(q) if n.startswith("null")]
     # An ESP-NULL SA reads privacy DISABLE, integrity from the HMAC: it meets the demand.
     null_sa = token(child(encr_alg="NULL", encr_keysize=0))
     assert null_sa.protected and null_sa.privacy_protected == Setting.DISABLE
@@ -92,7 +92,7 @@ def test_policy_name_selects_and_is_checked() -> None:
     p.policy_name = "other/c"
     assert unmet(p, token(child())) == ["policyName: required other/c, have conn/c"]
     assert unmet(p, token(child()), policy=False) == []  # latching compares protection, not names
-    enforce.check_supported(p, XFRM)  # the operator's connection decides proposals
+    conns.check_supported(p, XFRM)  # the operator's connection decides proposals
 
 
 def _write_key(directory: Path, name: str) -> bytes:
@@ -121,7 +121,7 @@ def test_remote_itoken_selects_our_key(tmp_path: Path) -> None:
     assert exc.value.errno == errno.ENOKEY
     # A different local key is a different connection (charon must not reuse the other one's IKE_SA).
     q = PToken()
-    names = {enforce.conn_name("init", "a", "b", q, [KEY_B], XFRM, k) for k in (b"", alt)}
+    names = {conns.conn_name("init", "a", "b", q, [KEY_B], XFRM, k) for k in (b"", alt)}
     assert len(names) == 2
 
 

@@ -12,7 +12,7 @@ import ipaddress
 from btns_vici import AuthMethod, IToken, PToken, Setting
 from btns_vici.dataplane import LIBIPSEC, XFRM
 from btns_vici.hostkey import load_or_create
-from btns_vici.strongswan.enforce import XFRM_REQID, conn_config
+from btns_vici.strongswan.conns import XFRM_REQID, conn_config
 
 
 def _demand(tunnel: Setting) -> PToken:

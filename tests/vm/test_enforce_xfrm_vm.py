@@ -32,7 +32,7 @@ from btns_vici.backend import Backend
 from btns_vici.hostkey import HostIdentity, load_or_create
 from btns_vici.latch import unlatch
 from btns_vici.plugins import get_backend, get_plugin_manager
-from btns_vici.strongswan.enforce import XFRM_REQID
+from btns_vici.strongswan.conns import XFRM_REQID
 
 from ..integration.xfrm_support import ip, socket_in
 from .charon import PLUGINS, Charon, charon, child_sas, load_psk_conn

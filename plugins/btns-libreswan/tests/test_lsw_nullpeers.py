@@ -11,9 +11,9 @@ import logging
 from pathlib import Path
 
 import pytest
-from btns_libreswan.lab import Lab, established
-from btns_libreswan.runner import wait_for
 
+from btns_lab.libreswan.lab import Lab, established
+from btns_lab.libreswan.runner import wait_for
 from btns_libreswan import nullpeers
 from btns_libreswan.enforce import load_conn
 from btns_vici import knownpeers, plugins

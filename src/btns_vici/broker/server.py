@@ -36,14 +36,14 @@ from typing import Any
 from .. import guard
 from ..backend import Backend
 from ..core.derive import ptoken_for, unprotected_ptoken
-from ..core.errors import BtnsError
+from ..core.errors import BtnsError, RequirementNotMetError
 from ..core.records import IN, NotCarried, Protection, SocketView
 from ..core.requirements import satisfies
 from ..core.selectors import Flow
 from ..core.tokens import PToken
 from ..msg import send_view
 from ..plugins import get_backend
-from ..protection import ptoken_of, shortfall
+from ..protection import CONNECTION_REFUSAL, DATAGRAM_REFUSAL, ptoken_of, require, shortfall
 from ..sockets import endpoint, inspect, is_connected, netns_of, resolve_fd, source_address, view_of
 from . import protocol
 from .policy import Config
@@ -525,7 +525,7 @@ class Server:
         else:
             actual, problems = shortfall(demand, view, be)
         if problems:
-            raise BtnsError("protection does not meet the socket's pToken: " + "; ".join(problems), errno.EACCES)
+            raise RequirementNotMetError(CONNECTION_REFUSAL, problems)
         if demand is not None:
             with self._lock:
                 self.demands[key] = (c.ident, demand.copy())
@@ -565,9 +565,7 @@ class Server:
         be = self._backend_or_unprotected(view)
         if isinstance(be, PToken):
             raise BtnsError("datagram refused: btnsd has no backend for the socket's namespace", errno.EACCES)
-        _actual, problems = shortfall(demand, view, be)
-        if problems:
-            raise BtnsError("datagram refused, pToken not met: " + "; ".join(problems), errno.EACCES)
+        require(demand, view, be, DATAGRAM_REFUSAL)
         return {}
 
     def op_sockets(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:

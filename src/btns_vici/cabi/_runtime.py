@@ -23,11 +23,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import api, capi
-from ..broker.client import BrokerClient
 from ..core.errors import BtnsError, TokenFreedError
 from ..core.tokens import IToken, PToken
-from ..msg import IP_PKTINFO, IPV6_PKTINFO, MsgHdr, send_view
-from ..protection import shortfall
+from ..msg import IP_PKTINFO, IPV6_PKTINFO, MsgHdr, check_send
 from ..sockets import borrowed_socket, check_inet
 
 if TYPE_CHECKING:  # the embedded library's ffi (cffi's FFI API), typed by stubs/cffi
@@ -277,11 +275,4 @@ def install(ffi: FFI) -> None:
                 control.append((socket.SOL_SOCKET, socket.SO_MARK, struct.pack("=I", mark)))
             flags = socket.MSG_DONTROUTE if dontroute else 0
             configure_backend()
-            be = api.resolve_backend()
-            if isinstance(be, BrokerClient):  # btnsd reads the socket itself
-                be.check_send(sock, dest if has_dest else None, control, flags, demand)
-                return
-            view = send_view(sock, dest, control, flags)
-        _actual, problems = shortfall(demand, view, be)
-        if problems:
-            raise BtnsError("datagram refused, pToken not met: " + "; ".join(problems), errno.EACCES)
+            check_send(sock, dest if has_dest else None, control, flags, demand, api.resolve_backend())

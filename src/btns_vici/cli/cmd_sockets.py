@@ -99,7 +99,7 @@ def exact_view(entry: SocketEntry, owners: list[tuple[int, str, int]]) -> Socket
 
 
 def clear_reason(backend: Backend) -> str:
-    """The reason describe.verify_flow gives for a flow nothing protects."""
+    """The reason protection.verify_flow gives for a flow nothing protects."""
     return f"no CHILD_SA verified in both {backend.name} and the data plane covers it"
 
 

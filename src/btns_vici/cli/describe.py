@@ -5,28 +5,17 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from ..backend import Backend
 from ..core.constants import Setting
-from ..core.derive import ptoken_for, unprotected_ptoken
-from ..core.records import ChildSA, IkeSA, NotCarried, Protection, SocketView
+from ..core.records import ChildSA, IkeSA, Protection, SocketView
 from ..core.selectors import Flow
 from ..core.tokens import IToken, PToken
+from ..protection import verify
 from .sockdiag import SocketEntry
 
 PROTO_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
 
-
-def verify_view(view: SocketView, backend: Backend) -> tuple[Protection | None, PToken]:
-    """The verified protection of the socket ``view`` and its pToken (as protection.ptoken_of, keeping the SA)."""
-    verdict = backend.protect(view)
-    if isinstance(verdict, NotCarried):
-        return None, unprotected_ptoken(view.flow, f"{verdict.reason} [socket {view.facts()}]")
-    return verdict, ptoken_for(verdict)
-
-
-def verify_flow(flow: Flow, backend: Backend) -> tuple[Protection | None, PToken]:
-    """:func:`verify_view` for a bare flow (an unbound, unmarked socket of the backend's namespace)."""
-    return verify_view(SocketView(flow=flow, netns=backend.netns_id), backend)
+#: The verified protection of a socket view and its pToken: :func:`btns_vici.protection.verify`.
+verify_view = verify
 
 
 def entry_view(entry: SocketEntry, netns_id: tuple[int, int] | None) -> SocketView | None:

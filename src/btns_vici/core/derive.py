@@ -6,7 +6,6 @@ format are documented in README.md ("Protection levels", "Channel bindings").
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 from collections.abc import Iterable, Mapping
@@ -191,7 +190,9 @@ _TEMPLATES: dict[tuple[int, int, int], tuple[IkeSA, ChildSA, DataplaneProof, PTo
 def _ptoken_template(ike: IkeSA, child: ChildSA, proof: DataplaneProof) -> PToken:
     """ptoken_for without the flow: audit and information strings lack the flow's text."""
     tunnel = child.mode.upper() == "TUNNEL"
-    remote = reported_remote(ike)  # BTNS at first contact, LEAPOFFAITH once the key is a known peer's
+    # As reported: the edge (backend.protect -> knownpeers.reported) has already made a raw-key
+    # peer whose key the known-peers store held before this IKE_SA LEAPOFFAITH.
+    remote = ike.remote
     attributes: dict[Attr, object] = {
         Attr.privacyProtected: int(privacy_level(child)),
         # Integrity is a property of both directions: if clear packets from the peer's address
@@ -221,19 +222,6 @@ def _ptoken_template(ike: IkeSA, child: ChildSA, proof: DataplaneProof) -> PToke
         ),
     }
     return PToken._from_attributes(attributes, child.local_ts, child.remote_ts)
-
-
-def reported_remote(ike: IkeSA) -> Identity:
-    """The peer identity as reported: a raw-key (BTNS) peer whose key the known-peers store held
-    before this IKE_SA is LEAPOFFAITH (README "Leap of faith"); first contact and changed keys stay BTNS."""
-    remote = ike.remote
-    if remote.auth_method != AuthMethod.BTNS or not remote.public_key:
-        return remote
-    from .. import knownpeers
-
-    if knownpeers.method_for(ike) == AuthMethod.LEAPOFFAITH:
-        return dataclasses.replace(remote, auth_method=AuthMethod.LEAPOFFAITH)
-    return remote
 
 
 def unprotected_ptoken(flow: Flow | None, reason: str) -> PToken:

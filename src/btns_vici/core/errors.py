@@ -112,6 +112,21 @@ class NotSupportedError(BtnsError):
     default_errno = _errno.EOPNOTSUPP
 
 
+class RequirementNotMetError(BtnsError):
+    """The protection of a socket or datagram does not meet the demanded pToken (EACCES; a pToken
+    "can be used to enforce and negotiate required attribute values", draft section 2.3.2).
+
+    ``problems`` lists each unmet requirement (:func:`btns_vici.core.requirements.unmet`),
+    plus, when nothing protects it, why (``"why: ..."``). The message is ``refusal: p1; p2``.
+    """
+
+    default_errno = _errno.EACCES
+
+    def __init__(self, refusal: str, problems: list[str] | tuple[str, ...], err: int | None = None) -> None:
+        self.problems: tuple[str, ...] = tuple(problems)
+        super().__init__(f"{refusal}: " + "; ".join(self.problems), err)
+
+
 class ProtectionLostError(BtnsError):
     """A latched connection lost or changed its protection (ECONNABORTED). Not in the draft: the pToken
     read with ``ipsec_get_socket_pToken`` (section 2.3.3) is held to for the connection's life

@@ -102,11 +102,18 @@ class IkeSA:
         return None
 
 
+#: The two Linux data planes (README "Data planes"): the kernel's own XFRM SAs and policies, and
+#: charon's userspace ESP over the TUN device :data:`LIBIPSEC_DEVICE`.
+XFRM = "kernel-xfrm"
+LIBIPSEC = "kernel-libipsec"
+LIBIPSEC_DEVICE = "ipsec0"
+
+
 @dataclass(frozen=True)
 class DataplaneProof:
     """Evidence that the kernel really carries a flow through a given SA."""
 
-    dataplane: str  # "kernel-xfrm" | "kernel-libipsec"
+    dataplane: str  # XFRM | LIBIPSEC
     detail: str  # human-readable: which state/policy/route proved it
     spi_out: int | None = None
     reqid: int | None = None

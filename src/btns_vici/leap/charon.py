@@ -7,13 +7,15 @@ import hashlib
 import ipaddress
 from typing import Any
 
+from ..backendkit import CONN_PREFIX
 from ..core.tokens import PToken
 from ..hostkey import HostIdentity
+from ..strongswan.conns import conn_config
 from ..strongswan.parse import text
 
 #: Prefix of the per-peer responder connections the learner loads (a "btns-" name, like every
 #: connection the library makes).
-LEAP_PREFIX = "btns-leap-"
+LEAP_PREFIX = CONN_PREFIX + "leap-"
 
 
 def _covers(spec: str, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -40,7 +42,7 @@ def operator_conn_for(session: Any, addr: Any) -> tuple[str, str] | None:
     ip = ipaddress.ip_address(str(addr))
     for entry in session.list_conns():
         for name, conn in entry.items():
-            if not isinstance(conn, dict) or name.startswith("btns-"):
+            if not isinstance(conn, dict) or name.startswith(CONN_PREFIX):
                 continue
             remotes = [text(x) for x in conn.get("remote_addrs", []) or []]
             if any(_covers(r, ip) for r in remotes):
@@ -55,8 +57,6 @@ def peer_conn_name(peer: Any) -> str:
 
 def load_peer_conn(session: Any, dataplane: str, host: HostIdentity, local: Any, peer: Any, spki: bytes) -> str:
     """Load (or replace) the responder connection that accepts ``peer`` authenticated by ``spki``."""
-    from ..strongswan.enforce import conn_config
-
     name = peer_conn_name(peer)
     session.request("load-key", {"type": "any", "data": host.private_pem.decode()})
     cfg = conn_config(

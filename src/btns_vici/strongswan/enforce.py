@@ -14,102 +14,34 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import guard, knownpeers, leap
 from ..backend import Enforcement
-from ..core.constants import Attr, AuthMethod, Setting
+from ..core.constants import Attr
 from ..core.errors import BtnsError, NotSupportedError
+from ..core.records import XFRM
 from ..core.requirements import (
     allowed_methods,
-    choose_proposals,
-    demanded,
     is_no_demand,
     is_opportunistic,
     operator_policy,
 )
 from ..core.tokens import PToken
-from ..guard import LIBIPSEC, XFRM
 from ..hookspecs import hookimpl
-from ..hostkey import HostIdentity
-
-#: ESP proposals the library offers, in preference order, with their (privacy, integrity) levels.
-#: Non-GCM first: kernel-libipsec has no AES-GCM unless charon loads the gcm plugin.
-CANDIDATES: tuple[tuple[str, Setting, Setting], ...] = (
-    ("chacha20poly1305", Setting.LEVEL_HIGH, Setting.LEVEL_HIGH),
-    ("aes256-sha384", Setting.LEVEL_HIGH, Setting.LEVEL_HIGH),
-    ("aes256gcm16", Setting.LEVEL_HIGH, Setting.LEVEL_HIGH),
-    ("aes256-sha256", Setting.LEVEL_HIGH, Setting.LEVEL_MEDIUM),
-    ("aes128-sha256", Setting.LEVEL_MEDIUM, Setting.LEVEL_MEDIUM),
-    ("aes128gcm16", Setting.LEVEL_MEDIUM, Setting.LEVEL_HIGH),
-    ("aes128-sha1", Setting.LEVEL_MEDIUM, Setting.LEVEL_LOW),
-    # Integrity-only ESP (ESP-NULL, RFC 2410 + an HMAC): offered only when privacy DISABLE is
-    # demanded (requirements.choose_proposals), e.g. under TLS to avoid encrypting twice.
-    ("null-sha384", Setting.DISABLE, Setting.LEVEL_HIGH),
-    ("null-sha256", Setting.DISABLE, Setting.LEVEL_MEDIUM),
-    ("null-sha1", Setting.DISABLE, Setting.LEVEL_LOW),
+from ..hostkey import KEY_NAME, HostIdentity, _check_private, key_dir, load_or_create
+from .conns import (
+    XFRM_REQID,
+    check_supported,
+    conn_config,
+    conn_name,
+    demand_allows_raw_keys,
+    pinned_key,
 )
-RAW_KEY_METHODS = frozenset({AuthMethod.BTNS, AuthMethod.LEAPOFFAITH})
-#: Methods strongSwan can authenticate with when the operator configured them.
-OPERATOR_METHODS = frozenset({AuthMethod.PRESHAREDKEY, AuthMethod.PKIX_TRUSTED, AuthMethod.EAP})
-CONN_PREFIX = "btns-"
-#: kernel-xfrm: the reqid of every CHILD_SA the library negotiates, and of the guard's per-socket
-#: policy templates. The kernel's outbound SA lookup matches a template's reqid exactly (0 is not
-#: a wildcard there), so a guard with reqid 0 never finds charon's SAs: both must agree. A fixed
-#: (static) reqid is shared by all of the library's CHILD_SAs; charon keeps them apart by address.
-#: Chosen far above charon's dynamic reqids (1, 2, 3, ...); ASCII "btns".
-XFRM_REQID = 0x62746E73
-
-
-def esp_proposals(demand: PToken) -> list[str]:
-    """The ESP proposals meeting the demanded privacy and integrity levels (EOPNOTSUPP if none)."""
-    return choose_proposals(demand, CANDIDATES)
-
-
-def child_mode(demand: PToken, dataplane: str) -> str:
-    """ "tunnel" or "transport" for the demanded tunnelMode/ipoptionsProtected on ``dataplane``."""
-    tunnel, ipopts = demanded(demand, Attr.tunnelMode), demanded(demand, Attr.ipoptionsProtected)
-    if tunnel == Setting.DISABLE and ipopts == Setting.ENABLE:
-        raise NotSupportedError("IP options are protected only in tunnel mode (AH is not offered)")
-    if dataplane == LIBIPSEC:
-        if tunnel == Setting.DISABLE:
-            raise NotSupportedError("kernel-libipsec supports tunnel mode only; transport mode needs kernel ESP")
-        return "tunnel"
-    if tunnel == Setting.ENABLE or ipopts == Setting.ENABLE:
-        return "tunnel"
-    return "transport"
-
-
-def check_supported(demand: PToken, dataplane: str) -> None:
-    """Raise EOPNOTSUPP for any requirement this backend on ``dataplane`` cannot meet."""
-    if is_no_demand(demand):
-        return
-    if demanded(demand, Attr.privacyProtected) == Setting.DISABLE:
-        if demanded(demand, Attr.integrityProtected) in (Setting.DISABLE, Setting.ANY):
-            raise NotSupportedError(
-                "privacy DISABLE without integrity asks for no IPsec at all: leave the pToken unset (all ANY) "
-                "or demand integrity (ESP-NULL)"
-            )
-        if dataplane == LIBIPSEC:
-            raise NotSupportedError(
-                "kernel-libipsec has no ESP-NULL (its ESP context accepts no NULL cipher); integrity-only ESP "
-                "needs kernel ESP (kernel-netlink, CONFIG_CRYPTO_NULL)"
-            )
-    if operator_policy(demand) is not None:
-        child_mode(demand, dataplane)
-        return  # the operator's connection decides proposals and authentication; verified after connecting
-    esp_proposals(demand)
-    child_mode(demand, dataplane)
-    if demanded(demand, Attr.compressionAvailable) == Setting.ENABLE and dataplane == LIBIPSEC:
-        raise NotSupportedError("kernel-libipsec has no IPComp")
-    methods = allowed_methods(demand)
-    if not methods & (RAW_KEY_METHODS | OPERATOR_METHODS):
-        names = ", ".join(sorted(m.name for m in methods)) or "none"
-        raise NotSupportedError(f"strongSwan cannot authenticate with any allowed method ({names})")
 
 
 def local_identity(demand: PToken, options: Mapping[str, str]) -> HostIdentity:
@@ -118,8 +50,6 @@ def local_identity(demand: PToken, options: Mapping[str, str]) -> HostIdentity:
     Every ``*.key`` (PKCS#8 PEM, owner-only) in the key directory is one of our identities; a
     remote_iToken pinning a pubKeyID selects the key whose public half it is (ENOKEY if none).
     """
-    from ..hostkey import _check_private, key_dir, load_or_create
-
     default = load_or_create(options.get("key_dir"))
     tok = demand.remote_itoken
     wanted = tok.pub_key_id if tok is not None else None
@@ -144,11 +74,6 @@ def local_identity(demand: PToken, options: Mapping[str, str]) -> HostIdentity:
     )
 
 
-def pinned_key(demand: PToken) -> bytes | None:
-    tok = demand.itoken
-    return tok.pub_key_id if tok is not None else None
-
-
 def peer_keys(
     demand: PToken, options: Mapping[str, str], peer: Any = None, session: Any = None, local: Any = None
 ) -> list[bytes]:
@@ -159,8 +84,6 @@ def peer_keys(
     pinned = pinned_key(demand)
     if pinned is not None:
         return [pinned]
-    from .. import leap
-
     if peer is not None and leap.enabled(options):
         return [leap.initiator_key(peer, allowed_methods(demand), options, session, local)]
     directory = options.get("peer_keys") or os.environ.get("BTNS_PEER_KEYS")
@@ -172,9 +95,6 @@ def peer_keys(
     if not keys and leap.enabled(options):
         # A listener with leap of faith and no configured keys: the learner loads one responder
         # connection per peer it learns; this one only our own key could satisfy (a placeholder).
-        from .. import knownpeers
-        from ..hostkey import load_or_create
-
         knownpeers.register(options.get("key_dir"))
         return [load_or_create(options.get("key_dir")).public_der]
     if not keys:
@@ -198,77 +118,6 @@ def _der_of(data: bytes, where: Path) -> bytes:
     except ValueError as exc:
         raise BtnsError(f"{where}: not a public key ({exc})", errno.EINVAL) from None
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def _pem(der: bytes) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    key = serialization.load_der_public_key(der)
-    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def _host_ts(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-    return f"{addr}/{addr.max_prefixlen}"
-
-
-def conn_name(
-    role: str, local: str, remote: str, demand: PToken, keys: list[bytes], dataplane: str, host_key: bytes = b""
-) -> str:
-    """A stable name per (role, endpoints, demand, our key): the same demand reuses its connection."""
-    h = hashlib.sha256()
-    parts = (role, local, remote, dataplane, *esp_proposals(demand), child_mode(demand, dataplane), *keys)
-    for part in (*parts, *((b"local-key", host_key) if host_key else ())):
-        h.update(part if isinstance(part, bytes) else part.encode())
-        h.update(b"\0")
-    return f"{CONN_PREFIX}{role}-{h.hexdigest()[:12]}"
-
-
-def conn_config(
-    name: str,
-    local_addr: ipaddress.IPv4Address | ipaddress.IPv6Address,
-    remote_addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
-    host: HostIdentity,
-    keys: list[bytes],
-    demand: PToken,
-    dataplane: str,
-) -> dict[str, Any]:
-    """The VICI load-conn message: initiator when ``remote_addr`` is given, else responder for any peer."""
-    child: dict[str, Any] = {
-        "local_ts": [_host_ts(local_addr)],
-        "remote_ts": [_host_ts(remote_addr)] if remote_addr is not None else ["dynamic"],
-        "mode": child_mode(demand, dataplane),
-        "esp_proposals": esp_proposals(demand),
-        "start_action": "none",
-        "dpd_action": "clear",
-    }
-    if demanded(demand, Attr.compressionAvailable) == Setting.ENABLE:
-        child["ipcomp"] = "yes"
-    if dataplane == XFRM:
-        child["reqid"] = str(XFRM_REQID)
-    return {
-        name: {
-            "version": "2",
-            "local_addrs": [str(local_addr)],
-            "remote_addrs": [str(remote_addr) if remote_addr is not None else "%any"],
-            "proposals": ["default"],
-            "unique": "never",
-            "local-1": {"auth": "pubkey", "pubkeys": [host.public_pem]},
-            "remote-1": _remote_auth(keys),
-            "children": {name: child},
-        }
-    }
-
-
-def _remote_auth(keys: list[bytes]) -> dict[str, Any]:
-    """Peer authentication by any of ``keys``; with several, no IDr is sent (any of them may answer)."""
-    auth: dict[str, Any] = {"auth": "pubkey", "pubkeys": [_pem(k) for k in keys]}
-    if len(keys) > 1:
-        auth["id"] = "%any"
-    return auth
-
-
-def demand_allows_raw_keys(demand: PToken) -> bool:
-    return bool(allowed_methods(demand) & RAW_KEY_METHODS)
 
 
 # -- talking to charon (the I/O edge of this module) ------------------------------------------
@@ -310,30 +159,29 @@ def establish(
     name = conn_name("init", str(local_addr), str(remote_addr), demand, keys, dataplane, _alt(host, options))
     _load_host_key(session, host)
     session.request("load-conn", conn_config(name, local_addr, remote_addr, host, keys, demand, dataplane))
-    msg = {"ike": name, "child": name, "timeout": str(timeout_ms), "init-limits": "no"}
+    _initiate(session, name, name, timeout_ms, f"no SA meeting the pToken could be negotiated with {remote_addr}")
+    return name
+
+
+def _initiate(session: Any, ike: str, child: str, timeout_ms: int, failure: str) -> None:
+    """VICI ``initiate`` of ``ike``/``child`` within ``timeout_ms``; EHOSTUNREACH ("failure: why") if not up."""
+    msg = {"ike": ike, "child": child, "timeout": str(timeout_ms), "init-limits": "no"}
     try:
         session.streamed("initiate", "control-log", msg)
     except BtnsError as exc:
-        raise BtnsError(
-            f"no SA meeting the pToken could be negotiated with {remote_addr}: {exc.strerror}", errno.EHOSTUNREACH
-        ) from None
-    return name
+        raise BtnsError(f"{failure}: {exc.strerror}", errno.EHOSTUNREACH) from None
 
 
 def _alt(host: HostIdentity, options: Mapping[str, str]) -> bytes:
     """Our key's DER when it is not the default host key (part of the connection's name), else b""."""
-    from ..hostkey import KEY_NAME
-
     return b"" if host.path.name == KEY_NAME else host.public_der
 
 
 def _without_policy(demand: PToken) -> PToken:
     """``demand`` without its policyName keyword (what an opportunistic attempt negotiates)."""
-    from ..core.constants import Attr as _A
-
     out = PToken()
     for attr, value in demand.attributes().items():
-        if attr != _A.policyName:
+        if attr != Attr.policyName:
             out.set_attr(attr, value)
     return out
 
@@ -354,13 +202,7 @@ def initiate_operator(session: Any, op: tuple[str, str | None], remote_addr: Any
         child = children[0] if isinstance(children[0], str) else children[0].decode()
     elif child not in [c if isinstance(c, str) else c.decode() for c in children]:
         raise BtnsError(f"policyName {conn}/{child}: no such CHILD config", errno.EHOSTUNREACH)
-    msg = {"ike": conn, "child": child, "timeout": str(timeout_ms), "init-limits": "no"}
-    try:
-        session.streamed("initiate", "control-log", msg)
-    except BtnsError as exc:
-        raise BtnsError(
-            f"operator connection {conn}/{child} to {remote_addr} did not come up: {exc.strerror}", errno.EHOSTUNREACH
-        ) from None
+    _initiate(session, conn, child, timeout_ms, f"operator connection {conn}/{child} to {remote_addr} did not come up")
     return f"{conn}/{child}"
 
 
@@ -419,8 +261,6 @@ class EnforceHooks:
 
     @hookimpl
     def btns_enforce(self, options: Mapping[str, str], sock: Any, ptoken: PToken) -> Enforcement:
-        from .. import guard
-
         ctx = self.context(options)
         dataplane = ctx.dataplane()
         check_supported(ptoken, dataplane)

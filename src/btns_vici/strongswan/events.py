@@ -15,7 +15,7 @@ from typing import Any
 from vici.protocol import Packet
 
 from ..core.errors import BackendError, DaemonDownError, ProtocolError
-from .session import DEFAULT_TIMEOUT, HEADER, Deadline, check_length, connect, decode_packet, recv_packet, send_all
+from .session import DEFAULT_TIMEOUT, Deadline, PacketBuffer, connect, decode_packet, frame, register, send_all
 
 #: Bytes one :meth:`EventStream.poll` reads at most (a flooding daemon cannot keep it reading).
 POLL_BUDGET = 4 << 20
@@ -31,20 +31,11 @@ class EventStream:
         self.timeout = timeout
         deadline = Deadline(timeout, path)
         self.sock: socket.socket = connect(path, deadline)
-        self._buf = bytearray()
+        self._buf = PacketBuffer()
         self._early: list[tuple[str, dict[str, Any]]] = []
         try:
             for name in events:
-                pkt = Packet.register_event(name)
-                send_all(self.sock, HEADER.pack(len(pkt)) + pkt, deadline)
-                while True:
-                    kind, ev, msg = decode_packet(recv_packet(self.sock, deadline))
-                    if kind == Packet.EVENT:
-                        self._early.append((ev, msg))
-                        continue
-                    if kind != Packet.EVENT_CONFIRM:
-                        raise ProtocolError(f"charon refused event {name!r} (packet type {kind})")
-                    break
+                register(self.sock, name, True, deadline, self._early)
         except BackendError:
             self.close()
             raise
@@ -79,7 +70,7 @@ class EventStream:
             if not chunk:
                 raise ConnectionResetError("charon closed the VICI event connection")
             budget -= len(chunk)
-            self._buf += chunk
+            self._buf.feed(chunk)
             out.extend(self._packets())
         return out
 
@@ -93,7 +84,7 @@ class EventStream:
         deadline = Deadline(self.timeout if timeout is None else timeout, self.path)
         pkt = Packet.request("version")
         try:
-            send_all(self.sock, HEADER.pack(len(pkt)) + pkt, deadline)
+            send_all(self.sock, frame(pkt), deadline)
             out, self._early = self._early, []
             while True:
                 raw = self._take_packet(deadline)
@@ -108,35 +99,20 @@ class EventStream:
             self.sock.setblocking(False)
 
     def _take_packet(self, deadline: Deadline) -> bytes:
-        while True:
-            if len(self._buf) >= HEADER.size:
-                (length,) = HEADER.unpack_from(self._buf)
-                check_length(length)
-                if len(self._buf) >= HEADER.size + length:
-                    raw = bytes(self._buf[HEADER.size : HEADER.size + length])
-                    del self._buf[: HEADER.size + length]
-                    return raw
-                want = HEADER.size + length - len(self._buf)
-            else:
-                want = HEADER.size - len(self._buf)
+        while (raw := self._buf.pop()) is None:
             self.sock.settimeout(deadline.remaining("answer the barrier on the event connection"))
             try:
-                chunk = self.sock.recv(want)
+                chunk = self.sock.recv(self._buf.need())
             except TimeoutError:
                 raise deadline.expired("answer the barrier on the event connection") from None
             if not chunk:
                 raise ConnectionResetError("charon closed the VICI event connection")
-            self._buf += chunk
+            self._buf.feed(chunk)
+        return raw
 
     def _packets(self) -> list[tuple[str, dict[str, Any]]]:
         out = []
-        while len(self._buf) >= HEADER.size:
-            (length,) = HEADER.unpack_from(self._buf)
-            check_length(length)
-            if len(self._buf) < HEADER.size + length:
-                break
-            raw = bytes(self._buf[HEADER.size : HEADER.size + length])
-            del self._buf[: HEADER.size + length]
+        while (raw := self._buf.pop()) is not None:
             kind, name, msg = decode_packet(raw)
             if kind == Packet.EVENT:
                 out.append((name, msg))

@@ -15,6 +15,7 @@ Anything malformed raises :class:`~btns_vici.core.errors.ProtocolError` (EPROTO)
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import socket
 from collections.abc import Iterable, Mapping
@@ -268,8 +269,6 @@ class CertStore:
 
 
 def _keyid(spki: bytes) -> str:
-    import hashlib
-
     return ":".join(f"{b:02x}" for b in hashlib.sha1(spki).digest())
 
 

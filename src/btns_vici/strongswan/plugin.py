@@ -25,11 +25,11 @@ from typing import Any
 
 from .. import forksafe
 from ..backend import BackendInfo, Capabilities, SAEvent
+from ..backendkit import find_in, verify_dataplane, watch_thread
 from ..core.constants import AuthMethod
-from ..core.errors import BackendError, DaemonDownError, ProtocolError
-from ..core.records import ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
+from ..core.errors import DaemonDownError, ProtocolError
+from ..core.records import LIBIPSEC, XFRM, ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
 from ..core.selectors import Flow
-from ..dataplane import LIBIPSEC, XFRM, verify
 from ..hookspecs import hookimpl
 from . import parse
 from .enforce import EnforceHooks
@@ -91,14 +91,6 @@ def list_records(session: ViciSession) -> list[IkeSA]:
         kids = sorted(parse.children_of(sec).values(), key=lambda c: int(c.uniqueid))
         out.append(parse.parse_ike(name, sec, local, remote, kids))
     return out
-
-
-def find_in(sas: list[IkeSA], flow: Flow) -> tuple[IkeSA, ChildSA] | None:
-    for ike in sas:
-        child = ike.child_for(flow)
-        if child is not None:
-            return ike, child
-    return None
 
 
 class StrongswanPlugin(EnforceHooks):
@@ -171,10 +163,8 @@ class StrongswanPlugin(EnforceHooks):
     def btns_verify_dataplane(
         self, options: Mapping[str, str], flow: Flow, ike_sa: IkeSA, child_sa: ChildSA, view: SocketView
     ) -> DataplaneProof | NotCarried | None:
-        if ike_sa.backend != NAME:
-            return None
         ctx = self.context(options)
-        return verify(view, ike_sa, child_sa, ctx.dataplane(), ctx.netns)
+        return verify_dataplane(NAME, view, ike_sa, child_sa, ctx.dataplane(), ctx.netns)
 
     @hookimpl
     def btns_watch(self, options: Mapping[str, str], callback: Callable[[SAEvent], None]) -> Callable[[], None]:
@@ -208,27 +198,11 @@ def _to_sa_event(name: str, msg: Mapping[str, Any]) -> SAEvent:
 def watch(path: str, callback: Callable[[SAEvent], None], timeout: float | None = None) -> Callable[[], None]:
     """Deliver SA events from a background thread; a ``reset`` event when charon goes away."""
     stream = EventStream(path) if timeout is None else EventStream(path, timeout=timeout)
-    stop = threading.Event()
 
-    def run() -> None:
-        try:
-            while not stop.is_set():
-                for name, msg in stream.poll(0.2):
-                    callback(to_sa_event(name, msg))
-        except (OSError, BackendError):
-            if not stop.is_set():
-                callback(SAEvent("reset"))
-        finally:
-            stream.close()
+    def poll() -> list[SAEvent]:
+        return [to_sa_event(name, msg) for name, msg in stream.poll(0.2)]
 
-    thread = threading.Thread(target=run, name="btns-strongswan-watch", daemon=True)
-    thread.start()
-
-    def stopper() -> None:
-        stop.set()
-        thread.join(2.0)
-
-    return stopper
+    return watch_thread("btns-strongswan-watch", poll, callback, close=stream.close)
 
 
 plugin = StrongswanPlugin()

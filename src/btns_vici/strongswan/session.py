@@ -181,10 +181,79 @@ def check_length(length: int) -> None:
         )
 
 
+def frame(packet: bytes) -> bytes:
+    """One VICI packet on the wire: its 4-byte big-endian length, then the packet."""
+    return HEADER.pack(len(packet)) + packet
+
+
+class PacketBuffer:
+    """VICI framing without I/O: stream bytes in (:meth:`feed`), whole packets out (:meth:`pop`).
+
+    A packet's length is checked (:func:`check_length`) as soon as its header is in, so
+    nothing of an empty or over-limit packet is ever waited for or kept.
+    """
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def _length(self) -> int | None:
+        if len(self._buf) < HEADER.size:
+            return None
+        length: int = HEADER.unpack_from(self._buf)[0]
+        check_length(length)
+        return length
+
+    def need(self) -> int:
+        """Bytes still missing before :meth:`pop` can return the next packet (0: it can now)."""
+        length = self._length()
+        if length is None:
+            return HEADER.size - len(self._buf)
+        return max(HEADER.size + length - len(self._buf), 0)
+
+    def pop(self) -> bytes | None:
+        """The next whole packet (without its header), or None until it is all in."""
+        length = self._length()
+        if length is None or len(self._buf) < HEADER.size + length:
+            return None
+        raw = bytes(self._buf[HEADER.size : HEADER.size + length])
+        del self._buf[: HEADER.size + length]
+        return raw
+
+
 def recv_packet(sock: socket.socket, deadline: Deadline) -> bytes:
+    """One whole packet from a blocking socket within ``deadline`` (header first, then exactly its length)."""
     (length,) = HEADER.unpack(recv_exact(sock, HEADER.size, deadline))
     check_length(length)
     return recv_exact(sock, length, deadline, started=True)
+
+
+def register(
+    sock: socket.socket, event: str, on: bool, deadline: Deadline, early: list[tuple[str, dict[str, Any]]] | None = None
+) -> None:
+    """(Un)register ``event`` on a command connection and wait for charon's confirmation.
+
+    Events charon sends before the confirmation go to ``early`` ((name, message) pairs);
+    without it they are dropped.
+    """
+    pkt = Packet.register_event(event) if on else Packet.unregister_event(event)
+    send_all(sock, frame(pkt), deadline)
+    while True:
+        kind, name, msg = decode_packet(recv_packet(sock, deadline))
+        if kind == Packet.EVENT:
+            if early is not None:
+                early.append((name, msg))
+            continue
+        if kind != Packet.EVENT_CONFIRM:
+            raise ProtocolError(f"charon refused VICI event registration for {event!r} (packet type {kind})")
+        return
 
 
 def decode_message(payload: Any) -> dict[str, Any]:
@@ -326,8 +395,8 @@ class ViciSession:
             self._sock = connect(self.path, deadline)
         sock = self._sock
         if stream_event:
-            self._register(sock, stream_event, True, deadline)
-        send_all(sock, HEADER.pack(len(packet)) + packet, deadline)
+            register(sock, stream_event, True, deadline)
+        send_all(sock, frame(packet), deadline)
         while True:
             kind, name, msg = decode_packet(recv_packet(sock, deadline))
             if kind == Packet.EVENT:
@@ -340,16 +409,8 @@ class ViciSession:
                 raise ProtocolError(f"unexpected VICI packet type {kind} in a command reply")
             break
         if stream_event:
-            self._register(sock, stream_event, False, deadline)
+            register(sock, stream_event, False, deadline)
         return msg
-
-    @staticmethod
-    def _register(sock: socket.socket, event: str, on: bool, deadline: Deadline) -> None:
-        pkt = Packet.register_event(event) if on else Packet.unregister_event(event)
-        send_all(sock, HEADER.pack(len(pkt)) + pkt, deadline)
-        kind, _, _ = decode_packet(recv_packet(sock, deadline))
-        if kind != Packet.EVENT_CONFIRM:
-            raise ProtocolError(f"charon refused VICI event registration for {event!r} (packet type {kind})")
 
     def call(
         self,

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 
 from .. import forksafe
 from .. import netns as _netns
-from ..core.records import IN, OUT, ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
+from ..core.records import IN, OUT, XFRM, ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
 from ..core.selectors import Flow, IPAddress, normalize_address
 from . import _socket
 from . import _wire as wire
@@ -66,7 +66,6 @@ from ._socket import (
 from ._socket import set_socket_policy as _set_socket_policy
 from ._wire import XfrmDecodeWarning
 
-XFRM = "kernel-xfrm"
 NETLINK_XFRM, NLM_F_REQUEST, NLM_F_DUMP = 6, 0x1, 0x300  # linux/netlink.h
 _SOL_NETLINK, _NETLINK_ADD_MEMBERSHIP = 270, 1
 

@@ -28,10 +28,6 @@ ACTION_NAMES = {0: "allow", 1: "block"}
 XFRM_INF = 0xFFFF_FFFF_FFFF_FFFF
 
 
-def _any_address(family: int) -> IPAddress:
-    return ipaddress.IPv6Address(0) if family == socket.AF_INET6 else ipaddress.IPv4Address(0)
-
-
 @dataclass(frozen=True)
 class Selector:
     """``struct xfrm_selector``: which packets an SA or policy applies to. Ports are host order."""

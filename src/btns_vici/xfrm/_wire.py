@@ -69,7 +69,6 @@ XFRMA_IF_ID = 31
 XFRMA_SA_DIR = 34
 _IGNORED = {0, 8, 9, 10, 11, 12, 13, 14, 15, 17, 19, 22, 23, 24, 25, 26, 27, 28, 29, 30, 32, 33, *range(35, 43)}
 
-XFRM_MSG = {name: num for num, name in EVENT_KINDS.items()}
 XFRM_MSG_GETSA = 18
 XFRM_MSG_GETPOLICY = 21
 

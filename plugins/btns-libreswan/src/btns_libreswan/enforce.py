@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import errno
-import hashlib
 import ipaddress
 import os
 import re
@@ -30,19 +29,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from btns_vici import backendkit as kit
+from btns_vici import guard
 from btns_vici.backend import Enforcement
 from btns_vici.core.constants import Attr, AuthMethod, Setting
 from btns_vici.core.errors import BtnsError, NotSupportedError
-from btns_vici.core.requirements import allowed_methods, choose_proposals, demanded
+from btns_vici.core.records import XFRM
+from btns_vici.core.requirements import allowed_methods, demanded
 from btns_vici.core.selectors import Flow
 from btns_vici.core.tokens import PToken
-from btns_vici.dataplane import XFRM
 
 from . import whack
+from .parse import parse_status
 from .rsakey import KeyFormatError, numbers_from_spki, rfc3110_from_numbers
+from .sas import DEFAULT_NSSDIR, list_sas
 
 #: ESP proposals (libreswan syntax), preferred first, with their (privacy, integrity) levels.
-CANDIDATES: tuple[tuple[str, Setting, Setting], ...] = (
+CANDIDATES: tuple[kit.Proposal, ...] = (
     ("aes_gcm256", Setting.LEVEL_HIGH, Setting.LEVEL_HIGH),
     ("chacha20_poly1305", Setting.LEVEL_HIGH, Setting.LEVEL_HIGH),
     ("aes256-sha2_512", Setting.LEVEL_HIGH, Setting.LEVEL_HIGH),
@@ -51,13 +54,11 @@ CANDIDATES: tuple[tuple[str, Setting, Setting], ...] = (
     ("aes128-sha2_256", Setting.LEVEL_MEDIUM, Setting.LEVEL_MEDIUM),
     ("aes128-sha1", Setting.LEVEL_MEDIUM, Setting.LEVEL_LOW),
 )
-CONN_PREFIX = "btns-"
-RAW_KEY_METHODS = frozenset({AuthMethod.BTNS, AuthMethod.LEAPOFFAITH})
 
 
 def esp_proposals(demand: PToken) -> list[str]:
     """libreswan ``esp=`` proposals meeting the demanded levels (EOPNOTSUPP if none)."""
-    return choose_proposals(demand, CANDIDATES)
+    return kit.esp_proposals(demand, CANDIDATES)
 
 
 def mode(demand: PToken) -> str:
@@ -71,12 +72,7 @@ def mode(demand: PToken) -> str:
 def demand_reqid(demand: PToken) -> int:
     """The fixed reqid (1..16000) of every conn built for this demand (the guard's template reqid)."""
     method, key = auth(demand)
-    h = hashlib.sha256()
-    parts: list[str | bytes] = [method, mode(demand), *esp_proposals(demand), key or b""]
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else part.encode())
-        h.update(b"\0")
-    return 1 + int.from_bytes(h.digest()[:4], "big") % 16000
+    return kit.demand_number(16000, method, mode(demand), *esp_proposals(demand), key or b"")
 
 
 def auth(demand: PToken) -> tuple[str, bytes | None]:
@@ -87,7 +83,7 @@ def auth(demand: PToken) -> tuple[str, bytes | None]:
         raise NotSupportedError("a certificate identity needs a conn the operator configured (X.509)")
     pinned = tok.pub_key_id if tok is not None else None
     if pinned is not None:
-        if not methods & RAW_KEY_METHODS:
+        if not methods & kit.RAW_KEY_METHODS:
             raise NotSupportedError("a pinned key needs BTNS or LEAPOFFAITH to be allowed")
         try:
             numbers_from_spki(pinned)
@@ -110,12 +106,7 @@ def check_supported(demand: PToken) -> None:
 def conn_name(role: str, local: str, remote: str, demand: PToken) -> str:
     """A stable name per (role, endpoints, demand): the same demand reuses its conn."""
     method, key = auth(demand)
-    h = hashlib.sha256()
-    parts: list[str | bytes] = [role, local, remote, method, mode(demand), *esp_proposals(demand), key or b""]
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else part.encode())
-        h.update(b"\0")
-    return f"{CONN_PREFIX}{role}-{h.hexdigest()[:12]}"
+    return kit.demand_name(role, local, remote, method, mode(demand), *esp_proposals(demand), key or b"")
 
 
 def conn_text(
@@ -196,15 +187,11 @@ def load_conn(options: Mapping[str, str], name: str, text: str) -> None:
 
 
 def _nssdir(options: Mapping[str, str]) -> str:
-    from .parse import parse_status
-
-    return options.get("nssdir") or parse_status(whack.run(options, "--status")).nssdir or "/var/lib/ipsec/nss"
+    return options.get("nssdir") or parse_status(whack.run(options, "--status")).nssdir or DEFAULT_NSSDIR
 
 
 def establish(options: Mapping[str, str], flow: Flow, demand: PToken) -> str:
     """Load and initiate a conn to ``flow.remote_addr`` meeting ``demand``; its name once the CHILD SA is up."""
-    from .plugin import list_sas
-
     check_supported(demand)
     local, remote = str(flow.local_addr), str(flow.remote_addr)
     name = conn_name("init", local, remote, demand)
@@ -235,8 +222,6 @@ def serve(options: Mapping[str, str], local_addr: Any, demand: PToken) -> str:
 
 def enforce(sock: Any, demand: PToken) -> Enforcement:
     """Check the demand can be built, then arm the per-socket XFRM guard (ESP required both ways)."""
-    from btns_vici import guard
-
     check_supported(demand)
     reqid = demand_reqid(demand)
     how = guard.apply(sock, XFRM, reqid=reqid)

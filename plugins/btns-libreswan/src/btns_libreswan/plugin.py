@@ -20,84 +20,23 @@ pluto has no event stream, so every answer is read fresh from pluto (~2 ms a wha
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from typing import Any
 
 from btns_vici.backend import BackendInfo, Capabilities, Enforcement, SAEvent
+from btns_vici.backendkit import find_in, verify_dataplane
 from btns_vici.core.constants import AuthMethod
 from btns_vici.core.errors import BackendError
-from btns_vici.core.records import ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
+from btns_vici.core.records import XFRM, ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
 from btns_vici.core.selectors import Flow
 from btns_vici.core.tokens import PToken
-from btns_vici.dataplane import XFRM, verify
 from btns_vici.hookspecs import hookimpl
 
-from . import enforce, ipsecconf, nullpeers, whack
-from .normalize import BACKEND, ike_sas
-from .parse import parse_listpubkeys, parse_showstates, parse_status, parse_trafficstatus
-from .rsakey import KeyFormatError, spki_from_pubkey
+from . import enforce, whack
+from .normalize import BACKEND
+from .parse import parse_status
+from .sas import list_sas
 from .watch import watch
-
-DEFAULT_NSSDIR = "/var/lib/ipsec/nss"
-
-
-def _conf_keys(options: Mapping[str, str], configfile: str | None) -> dict[str, ipsecconf.ConnKeys]:
-    path = options.get("ipsec_conf") or os.environ.get("BTNS_IPSEC_CONF") or configfile
-    if not path or not os.path.exists(path):
-        return {}
-    try:
-        return ipsecconf.load(path)
-    except OSError:
-        return {}
-
-
-_ckaid_cache: dict[tuple[str, str], bytes | None] = {}
-
-
-def _key_by_ckaid(options: Mapping[str, str], ckaid: str, nssdir: str) -> bytes | None:
-    """A key of pluto's NSS database (``leftckaid=``) as SPKI DER; cached, a key never changes."""
-    if (nssdir, ckaid) not in _ckaid_cache:
-        text = whack.showhostkey_pubkey(options, ckaid, nssdir)
-        try:
-            _ckaid_cache[(nssdir, ckaid)] = spki_from_pubkey(text) if text else None
-        except KeyFormatError:
-            _ckaid_cache[(nssdir, ckaid)] = None
-    return _ckaid_cache[(nssdir, ckaid)]
-
-
-def _with_ckaid_keys(
-    options: Mapping[str, str], keys: dict[str, ipsecconf.ConnKeys], nssdir: str
-) -> dict[str, ipsecconf.ConnKeys]:
-    out = {}
-    for name, k in keys.items():
-        if k.left_key is None and k.left_ckaid:
-            k = replace(k, left_key=_key_by_ckaid(options, k.left_ckaid, nssdir))
-        if k.right_key is None and k.right_ckaid:
-            k = replace(k, right_key=_key_by_ckaid(options, k.right_ckaid, nssdir))
-        out[name] = k
-    return out
-
-
-def list_sas(options: Mapping[str, str]) -> list[IkeSA]:
-    """Every IKE SA pluto holds, normalized (four whack calls, no cache)."""
-    status = parse_status(whack.run(options, "--status"))
-    states = parse_showstates(whack.run(options, "--showstates"))
-    traffic = parse_trafficstatus(whack.run(options, "--trafficstatus"))
-    pubkeys = parse_listpubkeys(whack.run(options, "--listpubkeys"))
-    nssdir = options.get("nssdir") or status.nssdir or DEFAULT_NSSDIR
-    keys = _with_ckaid_keys(options, _conf_keys(options, status.configfile), nssdir)
-    return nullpeers.annotate(options, ike_sas(status, states, traffic, keys, pubkeys))
-
-
-def find_in(sas: list[IkeSA], flow: Flow) -> tuple[IkeSA, ChildSA] | None:
-    """The first established IKE SA with an installed IPsec SA covering ``flow``."""
-    for ike in sas:
-        child = ike.child_for(flow)
-        if child is not None:
-            return ike, child
-    return None
 
 
 class LibreswanBackend:
@@ -140,7 +79,7 @@ class LibreswanBackend:
     def btns_verify_dataplane(
         self, options: Mapping[str, str], flow: Flow, ike_sa: IkeSA, child_sa: ChildSA, view: SocketView
     ) -> DataplaneProof | NotCarried | None:
-        return verify(view, ike_sa, child_sa, XFRM, options.get("netns") or None)
+        return verify_dataplane(BACKEND, view, ike_sa, child_sa, XFRM, options.get("netns") or None)
 
     @hookimpl
     def btns_enforce(self, options: Mapping[str, str], sock: Any, ptoken: PToken) -> Enforcement:

@@ -7,11 +7,10 @@ a poll that fails is a ``reset`` (the caller re-reads everything).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping
 
 from btns_vici.backend import SAEvent
-from btns_vici.core.errors import BackendError
+from btns_vici.backendkit import watch_thread
 
 from . import whack
 from .normalize import child_state, ike_state, is_ipsec_state
@@ -50,26 +49,13 @@ def diff_events(before: Snapshot, now: Snapshot) -> list[SAEvent]:
 def watch(options: Mapping[str, str], callback: Callable[[SAEvent], None]) -> Callable[[], None]:
     """Poll ``--showstates`` (pluto has no event stream) and report up/down events."""
     interval = float(options.get("poll_interval", "0.5"))
-    stop = threading.Event()
     before = _snapshot(options)
 
-    def run() -> None:
+    def poll() -> list[SAEvent]:
         nonlocal before
-        while not stop.wait(interval):
-            try:
-                now = _snapshot(options)
-            except BackendError:
-                callback(SAEvent("reset"))
-                continue
-            for event in diff_events(before, now):
-                callback(event)
-            before = now
+        now = _snapshot(options)
+        events = diff_events(before, now)
+        before = now
+        return events
 
-    thread = threading.Thread(target=run, name="btns-libreswan-watch", daemon=True)
-    thread.start()
-
-    def stopper() -> None:
-        stop.set()
-        thread.join(5)
-
-    return stopper
+    return watch_thread("btns-libreswan-watch", poll, callback, interval=interval, resume=True, join_timeout=5)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from btns_vici.core.errors import (
     BackendError,
+    BtnsError,
     CommandFailedError,
     DaemonAccessError,
     DaemonDownError,
@@ -171,8 +172,6 @@ def whack_timeout(options: Mapping[str, str]) -> float:
     except ValueError:
         value = -1.0
     if not value > 0:
-        from btns_vici.core.errors import BtnsError
-
         raise BtnsError(f"whack_timeout must be a positive number of seconds, not {raw!r}")
     return value
 

@@ -12,11 +12,10 @@ import contextlib
 import errno
 import os
 import socket
-import stat
 import threading
 from collections.abc import Mapping
 
-from . import forksafe, guard
+from . import forksafe, guard, lifecycle
 from .backend import Backend
 from .broker.client import BrokerClient
 from .broker.policy import DEFAULT_SOCKET as DEFAULT_BROKER_SOCKET
@@ -47,19 +46,6 @@ _lock = threading.Lock()
 _default: Authority | None = None
 
 
-def _open_socket_keys() -> set[tuple[int, int]]:
-    """(st_dev, st_ino) of every socket this process has open (any descriptor, dups included)."""
-    out = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            st = os.stat(f"/proc/self/fd/{name}")
-        except OSError:
-            continue  # closed meanwhile (or the listing's own descriptor)
-        if stat.S_ISSOCK(st.st_mode):
-            out.add((st.st_dev, st.st_ino))
-    return out
-
-
 class _Registry(dict):
     """pTokens attached to sockets, by socket identity (st_dev, st_ino): live sockets only.
 
@@ -83,7 +69,7 @@ class _Registry(dict):
 
     def sweep(self) -> None:
         with self._sweeping:
-            live = _open_socket_keys()
+            live = lifecycle.open_socket_keys()
             for key in [k for k in list(self) if k not in live]:
                 self.pop(key, None)
             self._limit = max(self.floor, 2 * len(self))
@@ -242,8 +228,10 @@ def prepare_connect(sock: socket.socket, address: tuple, backend: BackendLike = 
         if existing.proof.dataplane == guard.XFRM:
             # The kernel matches a socket policy's reqid exactly: name the SA that will carry us.
             guard.apply(sock, guard.XFRM, reqid=existing.child_sa.reqid)
+        lifecycle.own(be, existing.ike_sa.name, sock)  # an SA of ours: held open while we use it
     else:
         name = be.establish(prospective, demand)
+        lifecycle.own(be, name, sock)  # unloaded when its last socket closes or we exit
         # The operator's SA has its own reqid: the guard must name it. "btns:use" that got an SA is
         # held to it from now on (required, not optional: it is latched like any protected connection).
         if operator_policy(demand) is not None or (is_opportunistic(demand) and name):
@@ -276,7 +264,7 @@ def listen(sock: socket.socket, backlog: int = 128, backend: BackendLike = None)
         if isinstance(be, BrokerClient):
             be.prepare_listen(sock)
         else:
-            be.serve(endpoint(sock.getsockname())[0], demand)
+            lifecycle.own(be, be.serve(endpoint(sock.getsockname())[0], demand), sock)
     sock.listen(backlog)
 
 
@@ -290,13 +278,14 @@ def accept(sock: socket.socket, backend: BackendLike = None, latch_: bool = True
     be = resolve_backend(backend)
     try:
         actual = admit(conn, demand, be)
-    except BtnsError:
-        conn.close()
-        raise
-    if latch_ and actual.protected:
-        from .latch import latch
+        lifecycle.share(sock, conn)  # the listener's connection stays while this one is open
+        if latch_ and actual.protected:
+            from .latch import latch
 
-        latch(conn, be, shutdown=True)
+            latch(conn, be, shutdown=True)
+    except BtnsError:
+        conn.close()  # also when the latch failed (the SA went meanwhile): never leak the connection
+        raise
     return conn, addr
 
 

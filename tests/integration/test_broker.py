@@ -672,3 +672,56 @@ def test_through_the_broker_and_btns_sockets_a_marked_socket_is_clear(tb, broker
     assert listing.returncode == 0, listing.stderr
     (row,) = [d for d in json.loads(listing.stdout) if d["local_port"] == port]
     assert row["status"] == "clear" and "mark=0x42" in row["ptoken"]["informationString"], row
+
+
+def test_what_a_killed_broker_loaded_is_unloaded_at_its_next_start(tb, testbed, tmp_path, monkeypatch):
+    """btnsd records the connections it loads for clients (lifecycle): after kill -9 of btnsd
+    they stay in charon; the next btnsd start finds the dead owner's record and unloads them."""
+    from btns_vici.hostkey import load_or_create
+
+    monkeypatch.setenv("BTNS_STATE_DIR", str(tmp_path / "owned"))  # inherited by btnsd
+    for side in ("a", "b"):
+        (tmp_path / f"peers-{side}").mkdir()
+    key_a, key_b = load_or_create(str(tmp_path / "keys-a")), load_or_create(str(tmp_path / "keys-b"))
+    (tmp_path / "peers-a" / "b.pem").write_bytes(key_b.public_pem)
+    (tmp_path / "peers-b" / "a.pem").write_bytes(key_a.public_pem)
+
+    def ours(peer) -> list[str]:
+        return [n for e in peer.session().list_conns() for n in e if n.startswith(("btns-init-", "btns-resp-"))]
+
+    demand = btns_vici.PToken()
+    demand.privacy_protected = Setting.LEVEL_MEDIUM
+    b = start_broker(testbed, tmp_path)
+    c = b.client()
+    try:
+        with tb.in_netns(tb.b):
+            srv = socket.socket()
+        with tb.in_netns(tb.a):
+            cli = socket.socket()
+        cli.settimeout(20)
+        srv.bind((str(tb.b.v4), 28011))
+        btns_vici.set_socket_ptoken(srv, demand, c)
+        btns_vici.listen(srv, 4, c)
+        btns_vici.set_socket_ptoken(cli, demand, c)
+        btns_vici.connect(cli, (str(tb.b.v4), 28011), c, latch_=False)
+        assert btns_vici.get_socket_ptoken(cli, c).protected
+        before_a, before_b = ours(tb.a), ours(tb.b)
+        assert len(before_a) == 1 and before_a[0].startswith("btns-init-"), before_a
+        assert len(before_b) == 1 and before_b[0].startswith("btns-resp-"), before_b
+        assert [p.name for p in (tmp_path / "owned").glob("*.json")] == [
+            f"{b.proc.pid}-{__import__('btns_vici.lifecycle').lifecycle.start_time(b.proc.pid)}.json"
+        ]
+        b.proc.kill()  # kill -9: btnsd has no chance to unload anything
+        b.proc.wait()
+        assert ours(tb.a) == before_a and ours(tb.b) == before_b
+        b = start_broker(testbed, tmp_path)
+        assert ours(tb.a) == [] and ours(tb.b) == [], b.log.read_text()[-2000:]
+        assert "unloaded stale connections of dead owners" in b.log.read_text()
+        assert not list((tmp_path / "owned").glob("*.json"))
+        cli.close()
+        srv.close()
+    finally:
+        c.close()
+        stop_broker(b)
+        tb.a.close_sessions()
+        tb.b.close_sessions()

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import guard
+from .. import guard, lifecycle
 from ..backend import Backend
 from ..core.derive import ptoken_for, unprotected_ptoken
 from ..core.errors import BtnsError
@@ -362,8 +362,9 @@ class Server:
                 owners.discard(c.ident)
                 if not owners:
                     unused.append((name, be))
-            for name, _ in unused:
+            for name, be in unused:
                 del self.loaded[name]
+                lifecycle.unhold(be, name)
         for name, be in unused:
             self.pool.submit(self._release, be, name)
         if self.metrics.enabled:
@@ -390,6 +391,7 @@ class Server:
                 if mine >= self.config.quota.connections:
                     raise BtnsError(f"uid {c.uid} already has {mine} connections loaded by btnsd (quota)", errno.EDQUOT)
                 entry = self.loaded[name] = (be, set())
+                lifecycle.hold(be, name)  # recorded: released at exit, or by the next start after a crash
             entry[1].add(c.ident)
 
     # ---- operations (one socket each, received) -------------------------------------------------
@@ -702,6 +704,9 @@ def run(
         )
     listener = listen_socket(socket_path or config.socket)
     server = Server(config, listener, metrics)
+    stale = lifecycle.sweep_stale()  # what a killed btnsd (or library process) left loaded
+    if stale:
+        log.info("unloaded stale connections of dead owners: %s", ", ".join(stale))
     if drop and os.geteuid() == 0:
         drop_privileges()
     learners = start_learners(server, leap)  # after the drop: threads inherit the reduced capabilities

@@ -273,3 +273,26 @@ def test_kill_9_leaves_a_record_the_next_start_cleans(tb, owned, tmp_path):
         for c in got:
             if isinstance(c, tuple):
                 c[0].close()
+
+
+def test_a_fresh_index_answers_from_the_skeleton_and_the_candidates_only(tb):
+    """A fresh process lists the IKE_SA skeleton, then only the child configs that could cover
+    the flow; a library-named connection (one child named like it, host to host) needs none."""
+    lib = "btns-init-0123456789ab"
+    tb.load_conn(lib, "psk", 4, children={lib: ([f"{tb.a.v4}/32"], [f"{tb.b.v4}/32"])})
+    tb.initiate(lib, lib)
+    opts = {**tb.a.options, "timeout": "10"}
+    plugin = get_plugin_manager().get_plugin("strongswan")
+    try:
+        be = get_backend("strongswan", opts)
+        found = be.find_sa(Flow(socket.IPPROTO_TCP, tb.a.v4, 40000, tb.b.v4, 9))
+        assert found is not None and found[1].name == lib and found[0].name == lib
+        index = plugin.context(opts).index
+        assert index.lazy_listings == 1  # that one child, by name
+        # another pair of hosts: the library connection is no candidate, nothing is listed
+        before = index.lazy_listings
+        assert be.find_sa(Flow(socket.IPPROTO_TCP, tb.a.v4, 40000, tb.b.v4 + 77, 9)) is None
+        assert index.lazy_listings == before
+    finally:
+        plugin.forget(opts)
+        tb.unload_conn(lib)

@@ -553,3 +553,64 @@ def test_lifecycle_reaps_connections_whose_sockets_closed(tmp_path, monkeypatch)
     owner.unhold(be, "btns-resp-0123456789ab")
     assert owner.owned() == [] and not owner.record_path.exists()
     owner._wake.set()
+
+
+def test_the_fast_selector_compiler_agrees_with_parse_ts():
+    """index.spec_compiled's fast IPv4 path must mean exactly what parse.parse_ts means."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from btns_vici.strongswan import parse
+    from btns_vici.strongswan.index import _compiled, _fast_v4, spec_compiled
+
+    fixed = [
+        "10.231.0.1/32",
+        "10.231.0.1/32[tcp]",
+        "10.231.0.2/32[tcp/20000]",
+        "10.0.0.0/8[udp/5000-6000]",
+        "0.0.0.0/0",
+        "10.0.0.1/32[47]",
+        "192.168.1.7/24[tcp/1-65535]",
+        "10.0.0.1/33",
+        "010.0.0.1/32",
+        "300.0.0.1/32",
+        "10.0.0.1/32[tcp/70000]",
+        "10.0.0.1/32[tcp/9-3]",
+        "fd00::1/128[tcp/80]",
+        "10.0.0.1..10.0.0.9",
+        "10.0.0.1/32[tcp/http]",
+        "\u0661\u0660.0.0.1/32",  # Arabic-Indic digits: not an address
+    ]
+
+    def same(spec: str) -> None:
+        try:
+            want = _compiled((parse.parse_ts(spec),))
+        except Exception as exc:  # the strict parser's verdict is the reference
+            assert _fast_v4(spec) is None, spec
+            with pytest.raises(type(exc)):
+                spec_compiled(spec)
+            return
+        assert spec_compiled(spec) == want, spec
+        fast = _fast_v4(spec)
+        assert fast is None or fast == want, spec
+
+    for spec in fixed:
+        same(spec)
+
+    octet = st.integers(0, 260).map(str)
+    port = st.integers(0, 66000).map(str)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.tuples(octet, octet, octet, octet),
+        st.integers(0, 34),
+        st.sampled_from(["", "tcp", "udp", "6", "17", "0", "300"]),
+        st.one_of(st.just(""), port, st.tuples(port, port).map("-".join)),
+    )
+    def check(octets, bits, proto, ports):
+        spec = ".".join(octets) + f"/{bits}"
+        if proto:
+            spec += f"[{proto}" + (f"/{ports}" if ports else "") + "]"
+        same(spec)
+
+    check()

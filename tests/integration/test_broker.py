@@ -725,3 +725,58 @@ def test_what_a_killed_broker_loaded_is_unloaded_at_its_next_start(tb, testbed, 
         stop_broker(b)
         tb.a.close_sessions()
         tb.b.close_sessions()
+
+
+def test_an_unprivileged_c_program_reads_a_datagram_s_ptoken_through_the_broker(tb, broker, unpriv_python):
+    """ipsec_recvmsg records the receiving socket (IPSEC_CMSG_RECEIVER); ipsec_get_msg_pToken sends
+    btnsd that socket: a datagram that came through the SA is protected, one that came in clear
+    (captured on the link: the marker in the frame) is not."""
+    from .wire import capture, esp_in_udp, seen
+
+    venv = Path(unpriv_python).parent.parent
+    subprocess.run(
+        [unpriv_python, "-m", "btns_vici.cabi.build", "build", "--prefix", str(venv)], check=True, capture_output=True
+    )
+    flags = subprocess.run(
+        ["pkg-config", "--cflags", "--libs", "btns-ipsec"],
+        env={**os.environ, "PKG_CONFIG_PATH": str(venv / "lib" / "pkgconfig")},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    exe = venv / "msg_peer"
+    subprocess.run(["cc", "-std=c99", "-o", str(exe), str(REPO / "tests/cabi/c/msg_peer.c"), *flags], check=True)
+    for p in [venv, *venv.rglob("*")]:
+        os.chmod(p, os.stat(p).st_mode | 0o005 | (0o010 if p.is_dir() else 0))
+    tb.up("brkm", "rawkey", 4)
+
+    def receive(dest: str, port: int, marker: bytes) -> tuple[dict[str, str], list[bytes]]:
+        as_nobody = ["ip", "netns", "exec", tb.b.netns, "runuser", "-u", "nobody", "--"]
+        rcv = subprocess.Popen(
+            [*as_nobody, "env", f"BTNS_BROKER={broker.path}", str(exe), "recv", "0.0.0.0", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert rcv.stdout is not None and rcv.stdout.readline().strip() == "ready: 1"
+            with capture(tb.b.netns, tb.b.link) as frames:
+                with tb.in_netns(tb.a):
+                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                with s:
+                    s.sendto(marker, (dest, port))
+                out, err = rcv.communicate(timeout=30)
+        finally:
+            if rcv.poll() is None:
+                rcv.kill()
+                rcv.wait()
+        assert rcv.returncode == 0, out + err
+        return dict(line.split(": ", 1) for line in out.splitlines() if ": " in line), frames
+
+    got, frames = receive(str(tb.b.v4), 28021, b"via-the-sa-0123")
+    assert got["get_msg_pToken"] == "0" and got["privacyProtected"] == "5", got  # LEVEL_HIGH
+    assert got["policyName"] == "brkm/host", got
+    assert not seen(frames, b"via-the-sa-0123") and esp_in_udp(frames) >= 1  # it crossed encrypted
+    got, frames = receive(str(tb.b.v4_plain), 28022, b"in-the-clear-45")
+    assert seen(frames, b"in-the-clear-45")  # it crossed in clear ...
+    assert got["get_msg_pToken"] == "0" and got["privacyProtected"] == "0", got  # ... and is said so

@@ -8,13 +8,13 @@ takes a client's word for its flow, device, mark or namespace.
 
 from __future__ import annotations
 
-import array
 import errno
 import functools
 import itertools
 import os
 import select
 import socket
+import struct
 import threading
 import time
 import weakref
@@ -29,6 +29,7 @@ from . import protocol
 from .policy import DEFAULT_SOCKET
 
 DEFAULT_TIMEOUT = 5.0
+_FD = struct.Struct("i")
 #: negotiations (prepare_connect: an IKE exchange) get longer
 SLOW_TIMEOUT = 30.0
 
@@ -90,7 +91,11 @@ class BrokerClient:
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             s.close()
             raise DaemonDownError(f"btnsd does not answer at {self.path}: {exc.strerror}", exc.errno) from None
-        s.setblocking(False)
+        # Blocking, with kernel timeouts: the hot exchange is one sendmsg and one recv, no poll.
+        s.settimeout(None)
+        tv = struct.pack("@ll", int(self.timeout), int((self.timeout % 1) * 1e6))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         return s
 
     def request(
@@ -122,20 +127,28 @@ class BrokerClient:
     ) -> dict[str, Any]:
         ident = next(self._ids) & 0x7FFFFFFF
         frame = protocol.request(op, ident, **args)
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())] if fd is not None else []
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(fd))] if fd is not None else []
+        # The socket's kernel timeouts (SO_SNDTIMEO/SO_RCVTIMEO) are this client's default
+        # timeout: within it the exchange is a plain sendmsg and recv. A longer deadline (a
+        # negotiation) or a second packet waits with poll for what is left of the deadline.
+        quick = deadline - time.monotonic() <= self.timeout
         try:
             s.sendmsg([frame], anc)  # a packet this small only waits when the broker is swamped
-        except BlockingIOError:
-            self._wait(s, select.POLLOUT, deadline)
-            s.sendmsg([frame], anc)
+        except BlockingIOError:  # SO_SNDTIMEO expired: the broker has not read for the whole timeout
+            raise DaemonTimeoutError(f"btnsd at {self.path} does not take requests", errno.ETIMEDOUT) from None
         while True:
-            self._wait(s, select.POLLIN, deadline)
-            data = s.recv(protocol.MAX_FRAME + 1)
+            if not quick:
+                self._wait(s, select.POLLIN, deadline)
+            try:
+                data = s.recv(protocol.MAX_FRAME + 1)
+            except BlockingIOError:  # SO_RCVTIMEO expired
+                raise DaemonTimeoutError(f"btnsd at {self.path} did not answer in time", errno.ETIMEDOUT) from None
             if not data:
                 raise _Closed()
             got, body = protocol.split(data, protocol.RESPONSE)
             if got == ident:
                 return _parsed(body)
+            quick = False  # an answer to an earlier request: wait for ours within the deadline only
 
     def _wait(self, s: socket.socket, event: int, deadline: float) -> None:
         left = deadline - time.monotonic()

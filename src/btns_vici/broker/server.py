@@ -46,6 +46,7 @@ from ..plugins import get_backend
 from ..protection import ptoken_of, shortfall
 from ..sockets import endpoint, inspect, is_connected, netns_of, resolve_fd, source_address, view_of
 from . import protocol
+from .answers import AnswerCache
 from .policy import Config
 
 log = logging.getLogger("btnsd")
@@ -162,6 +163,8 @@ class Server:
         self._listings: dict[int, tuple[tuple[int, int] | None, float, list[dict[str, Any]]]] = {}
         #: (id(verdict), flow, facts) -> (verdict, encoded answer); the verdict reference keeps ids unique
         self._answers: dict[tuple[Any, ...], tuple[Any, bytes]] = {}
+        #: protected answers by socket view, valid until an SA or route event (broker/answers.py)
+        self.answers = AnswerCache()
 
     # ---- backends ------------------------------------------------------------------------------
     def backend_for(self, ns: tuple[int, int] | None) -> Backend | None:
@@ -263,7 +266,7 @@ class Server:
                     errno.EMSGSIZE,
                 )
             ident, body = protocol.split(data, protocol.REQUEST)
-            req = protocol.parse_body(body)
+            req = protocol.HOT_REQUEST if body == protocol.HOT_BODY else protocol.parse_body(body)
             op = req.get("op")
             if op not in protocol.OPS:
                 raise BtnsError(f"unknown op {op!r}", errno.EOPNOTSUPP)
@@ -418,7 +421,14 @@ class Server:
         be = self._backend_or_unprotected(view)
         if isinstance(be, PToken):
             return {"ptoken": protocol.ptoken_to_wire(be)}
-        return self._answer(view, be.protect(view))
+        body, stamp = self.answers.get(be, view)  # the same view, no SA or route event since: the same answer
+        if body is not None:
+            return body
+        verdict = be.protect(view)
+        body = self._answer(view, verdict)
+        if isinstance(verdict, Protection):
+            self.answers.put(stamp, body)
+        return body
 
     def _answer(self, view: SocketView, verdict: Protection | NotCarried) -> bytes:
         """The encoded answer for ``view``: the same verdict objects (nothing changed) give the same bytes."""

@@ -74,21 +74,23 @@ def conn_names(n: int, tag: str) -> list[tuple[str, int, int]]:
 
 
 def bring_up_conns(tb: Testbed, n: int, tag: str) -> float:
-    """Load and initiate every connection's children; seconds until the last one is installed."""
+    """Load and initiate every connection's children, one connection after the other (thousands of
+    queued initiates on several IKE_SAs at once stall charon's job queue); seconds in all."""
     a, b = tb.a.v4, tb.b.v4
     ctl = tb.a.ctl
     t = time.monotonic()
-    for name, first, count in conn_names(n, tag):
-        children = {f"c{i}": ([f"{a}/32[tcp]"], [f"{b}/32[tcp/{BASE_PORT + i}]"]) for i in range(first, first + count)}
-        tb.load_conn(name, "psk", 4, children=children)
-        tb.initiate(name, f"c{first}")
-        for i in range(first + 1, first + count):
-            for _ in ctl.initiate({"ike": name, "child": f"c{i}", "timeout": "-1"}):
-                pass
     s = ViciSession(tb.a.vici_path, 30)
     try:
         for name, first, count in conn_names(n, tag):
-            deadline = time.monotonic() + 600
+            children = {
+                f"c{i}": ([f"{a}/32[tcp]"], [f"{b}/32[tcp/{BASE_PORT + i}]"]) for i in range(first, first + count)
+            }
+            tb.load_conn(name, "psk", 4, children=children)
+            tb.initiate(name, f"c{first}")
+            for i in range(first + 1, first + count):
+                for _ in ctl.initiate({"ike": name, "child": f"c{i}", "timeout": "-1"}):
+                    pass
+            deadline = time.monotonic() + 300
             last = f"c{first + count - 1}"
             while not any(
                 c.get("state") == b"INSTALLED"
@@ -98,6 +100,7 @@ def bring_up_conns(tb: Testbed, n: int, tag: str) -> float:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{name}/{last} did not come up")
                 time.sleep(0.2)
+            print(f"#   {name}: {count} children up at {time.monotonic() - t:.1f} s", flush=True)
     finally:
         s.close()
     return time.monotonic() - t
@@ -159,6 +162,7 @@ def main() -> None:
             floor, configs = floor_and_configs(tb, n, tag)
             downs = down_detection(tb, n, tag, min(args.downs, n))
             rows.append((n, fq, ok, naive, nok, floor, configs, statistics.median(downs), max(downs)))
+            print(f"# {n}: {rows[-1]}", flush=True)
             get_plugin_manager().get_plugin("strongswan").forget({**tb.a.options, "timeout": "30"})
             for name, _, _ in conn_names(n, tag):
                 tb.unload_conn(name)

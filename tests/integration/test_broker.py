@@ -780,3 +780,66 @@ def test_an_unprivileged_c_program_reads_a_datagram_s_ptoken_through_the_broker(
     got, frames = receive(str(tb.b.v4_plain), 28022, b"in-the-clear-45")
     assert seen(frames, b"in-the-clear-45")  # it crossed in clear ...
     assert got["get_msg_pToken"] == "0" and got["privacyProtected"] == "0", got  # ... and is said so
+
+
+def test_latching_through_the_broker_is_pushed_not_polled(tb, testbed, tmp_path):
+    """A latched socket's SA goes: btnsd pushes latch-broken (with the socket's key) on the
+    watching connection, the client's latch breaks; metrics count it and the SAs per backend."""
+    import urllib.request
+
+    from btns_vici.backend import SAEvent
+    from btns_vici.latch import LatchBroken, latch, unlatch
+    from btns_vici.sockets import socket_key
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    conf = tmp_path / "btnsd.toml"
+    conf.write_text(
+        f'[[backend]]\nname = "strongswan"\nvici_socket = "{testbed.a.vici_path}"\nnetns = "{testbed.a.netns}"\n'
+    )
+    path = str(tmp_path / "l.sock")
+    metrics_at = f"127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "btns_vici.broker", "--socket", path, "--config", str(conf), "--metrics", metrics_at]
+    )
+    c = BrokerClient(path)
+    notes: list[SAEvent] = []
+    stop_watch = None
+    try:
+        deadline = time.monotonic() + 20
+        while not (os.path.exists(path) and BrokerClient(path, timeout=1).probe()):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        tb.up("brkl", "psk", 4)
+        cli, srv = connected_pair(tb, socket.IPPROTO_TCP, 4, port=28031)
+        stop_watch = c.watch(notes.append)  # what the latch machinery receives, seen directly
+        broken: list[LatchBroken] = []
+        lt = latch(cli, c, on_break=broken.append)
+        assert lt.latched.protected
+        pcli, psrv = connected_pair(tb, socket.IPPROTO_TCP, 4, port=28032, plain=True)
+        with pcli, psrv, pytest.raises(OSError) as e:  # a clear connection cannot be latched: btnsd verifies
+            c.latch(pcli)
+        assert e.value.errno == errno.EACCES
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        t0 = time.monotonic()
+        tb.terminate("brkl")
+        while not broken and time.monotonic() - t0 < 5:
+            time.sleep(0.01)
+        assert broken, "the latch did not break"
+        assert any(n.kind == "latch-broken" and n.raw.get("key") == list(socket_key(cli)) for n in notes), notes
+        print(f"latch broken {1000 * (time.monotonic() - t0):.0f} ms after terminate returned")
+        time.sleep(1.2)  # one sweep of btnsd's loop: the SA gauge
+        after = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        unlatch(cli)
+        cli.close()
+        srv.close()
+    finally:
+        if stop_watch is not None:
+            stop_watch()
+        c.close()
+        proc.terminate()
+        proc.wait(10)
+    assert "btnsd_latch_breaks_total 0.0" in metrics
+    assert "btnsd_latch_breaks_total 1.0" in after
+    assert 'btnsd_sas{backend="strongswan@' in after

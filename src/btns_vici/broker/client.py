@@ -8,6 +8,7 @@ takes a client's word for its flow, device, mark or namespace.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
@@ -110,7 +111,7 @@ class BrokerClient:
                 if self._sock is None:
                     self._sock = self._connect(deadline)
                 try:
-                    return self._exchange(self._sock, op, num, args, deadline)
+                    body = self._exchange(self._sock, op, num, args, deadline)
                 except (BrokenPipeError, ConnectionResetError, _Closed):
                     self._sock.close()
                     self._sock = None
@@ -120,11 +121,14 @@ class BrokerClient:
                     self._sock.close()  # a timeout or a bad frame: never reuse a desynchronised socket
                     self._sock = None
                     raise
-        raise AssertionError("unreachable")  # pragma: no cover
+                else:
+                    break
+            else:  # pragma: no cover
+                raise AssertionError("unreachable")
+        return _parsed(body)  # an answered error (EACCES, ENOTCONN, ...) keeps the connection
 
-    def _exchange(
-        self, s: socket.socket, op: str, fd: int | None, args: dict[str, Any], deadline: float
-    ) -> dict[str, Any]:
+    def _exchange(self, s: socket.socket, op: str, fd: int | None, args: dict[str, Any], deadline: float) -> bytes:
+        """Send one request, return its response's raw payload (parsed by the caller)."""
         ident = next(self._ids) & 0x7FFFFFFF
         frame = protocol.request(op, ident, **args)
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(fd))] if fd is not None else []
@@ -145,9 +149,12 @@ class BrokerClient:
                 raise DaemonTimeoutError(f"btnsd at {self.path} did not answer in time", errno.ETIMEDOUT) from None
             if not data:
                 raise _Closed()
+            if len(data) > 3 and data[3] == protocol.NOTIFY:
+                quick = False  # a notification ahead of the answer (a watching connection): skip it
+                continue
             got, body = protocol.split(data, protocol.RESPONSE)
             if got == ident:
-                return _parsed(body)
+                return body
             quick = False  # an answer to an earlier request: wait for ours within the deadline only
 
     def _wait(self, s: socket.socket, event: int, deadline: float) -> None:
@@ -223,21 +230,63 @@ class BrokerClient:
             if len(out) >= res["total"] or not res["sockets"]:
                 return out
 
+    def latch(self, fd: FileDescriptorLike) -> PToken:
+        """Latch ``fd`` in btnsd (it verifies the protection itself); the latched pToken (EACCES: none)."""
+        return self.request("latch", fd)["token"]
+
+    def unlatch(self, key: tuple[int, int]) -> None:
+        self.request("unlatch", key=[int(key[0]), int(key[1])])
+
     def watch(self, callback: Callable[[Any], None]) -> Callable[[], None]:
-        """Latches of broker clients re-check on a timer (the broker's SA events stay in the broker)."""
+        """btnsd's notifications, pushed on a connection of their own: ``latch-broken`` (with the
+        socket's key) and ``reset`` become SAEvents for the latches' re-check. When the
+        connection drops (btnsd restarted) a ``reset`` is delivered and it reconnects."""
         from ..backend import SAEvent
 
         stop = threading.Event()
+        holder: list[socket.socket | None] = [None]
 
         def run() -> None:
-            while not stop.wait(0.5):
-                callback(SAEvent("reset"))
+            backoff = 0.05
+            while not stop.is_set():
+                try:
+                    s = self._connect(time.monotonic() + self.timeout)
+                except OSError:
+                    if stop.wait(backoff):
+                        return
+                    backoff = min(2.0, backoff * 2)
+                    continue
+                holder[0] = s
+                try:
+                    _parsed(self._exchange(s, "watch", None, {}, time.monotonic() + self.timeout))
+                    backoff = 0.05
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 0, 0))  # wait forever
+                    while not stop.is_set():
+                        data = s.recv(protocol.MAX_FRAME + 1)
+                        if not data:
+                            break
+                        _, body = protocol.split(data, protocol.NOTIFY)
+                        note = protocol.parse_body(body)
+                        kind = "latch-broken" if note.get("event") == "latch-broken" else "reset"
+                        callback(SAEvent(kind, raw=note))
+                except (OSError, _Closed):
+                    pass
+                finally:
+                    holder[0] = None
+                    s.close()
+                if not stop.is_set():
+                    callback(SAEvent("reset"))  # whatever happened meanwhile: re-check everything
+                    stop.wait(backoff)
 
         t = threading.Thread(target=run, name="btns-broker-watch", daemon=True)
         t.start()
 
         def stopper() -> None:
             stop.set()
+            s = holder[0]
+            if s is not None:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
             t.join(2)
 
         return stopper

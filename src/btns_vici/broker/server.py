@@ -47,6 +47,7 @@ from ..protection import ptoken_of, shortfall
 from ..sockets import endpoint, inspect, is_connected, netns_of, resolve_fd, source_address, view_of
 from . import protocol
 from .answers import AnswerCache
+from .latches import Latches
 from .policy import Config
 
 log = logging.getLogger("btnsd")
@@ -111,6 +112,12 @@ class Metrics:
         self.errors = Counter(
             "btnsd_broker_errors_total", "Malformed or refused client input", ["kind"], registry=self.registry
         )
+        self.latch_breaks = Counter(
+            "btnsd_latch_breaks_total", "Latched connections whose protection broke", registry=self.registry
+        )
+        self.sas = Gauge(
+            "btnsd_sas", "Installed CHILD_SAs the backend's index holds", ["backend"], registry=self.registry
+        )
         self.enabled = True
 
     def serve(self, where: str) -> None:
@@ -127,6 +134,23 @@ class Metrics:
     def error(self, kind: str) -> None:
         if self.enabled:
             self.errors.labels(kind).inc()
+
+    def latch_break(self) -> None:
+        if self.enabled:
+            self.latch_breaks.inc()
+
+    def sas_of(self, backends: list[Backend]) -> None:
+        """Set btnsd_sas per backend (label: name@netns) from the indexes (no daemon call)."""
+        if not self.enabled:
+            return
+        from ..plugins import get_plugin_manager
+
+        for be in backends:
+            plugin = get_plugin_manager().get_plugin(be.name)
+            index = getattr(plugin.context(be.options), "index", None) if hasattr(plugin, "context") else None
+            if index is not None:
+                n = sum(len(kids) for kids in index.child_ids().values())
+                self.sas.labels(f"{be.name}@{be.options.get('netns') or 'own netns'}").set(n)
 
 
 class Server:
@@ -165,6 +189,8 @@ class Server:
         self._answers: dict[tuple[Any, ...], tuple[Any, bytes]] = {}
         #: protected answers by socket view, valid until an SA or route event (broker/answers.py)
         self.answers = AnswerCache()
+        #: latched views and watching connections: pushed latch-broken notifications (broker/latches.py)
+        self.latches = Latches(self._notify, self.pool.submit, on_break=self.metrics.latch_break)
 
     # ---- backends ------------------------------------------------------------------------------
     def backend_for(self, ns: tuple[int, int] | None) -> Backend | None:
@@ -202,8 +228,10 @@ class Server:
                     if now - c.last > self.config.idle_timeout and c.inflight == 0 and c.watching is None:
                         log.info("closing idle client %s", c.label())
                         self._drop(c)
+                self.metrics.sas_of(self.backends)
         for c in list(self.clients.values()):
             self._drop(c)
+        self.latches.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _accept(self) -> None:
@@ -355,6 +383,7 @@ class Server:
         c.sock.close()
         self.clients.pop(c.ident, None)
         self._listings.pop(c.ident, None)
+        self.latches.drop(c.ident)
         if c.watching is not None:
             c.watching()
         with self._lock:
@@ -396,6 +425,9 @@ class Server:
                 entry = self.loaded[name] = (be, set())
                 lifecycle.hold(be, name)  # recorded: released at exit, or by the next start after a crash
             entry[1].add(c.ident)
+
+    def _notify(self, c: Client, note: dict[str, Any]) -> None:
+        self._send(c, protocol.notify(note))  # a watcher that does not read is dropped like any client
 
     # ---- operations (one socket each, received) -------------------------------------------------
     def op_hello(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
@@ -447,6 +479,33 @@ class Server:
             self._answers.clear()
         self._answers[key] = (parts, body)
         return body
+
+    def op_watch(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
+        """This connection carries NOTIFY frames from now on (latch-broken, reset)."""
+        if c.watching is None:
+            c.watching = self.latches.watch(c)
+        for be in self.backends:
+            self.latches.arm(be)
+        return {"watching": True}
+
+    def op_latch(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
+        """Latch the received socket: its protection now, as btnsd verifies it (EACCES if none)."""
+        _, view = inspect(fd)
+        if view is None:
+            raise BtnsError("socket is not connected", errno.ENOTCONN)
+        be = self._backend_or_unprotected(view)
+        if isinstance(be, PToken):
+            raise BtnsError(f"cannot latch {view.flow}: {be.information_string}", errno.EACCES)
+        verdict = be.protect(view)
+        if not isinstance(verdict, Protection):
+            raise BtnsError(f"cannot latch {view.flow}: it is not protected ({verdict.reason})", errno.EACCES)
+        tok = self.latches.latch(c.ident, c.pid, be, view, verdict)
+        return {"ptoken": protocol.ptoken_to_wire(tok)}
+
+    def op_unlatch(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
+        dev, ino = req["key"]
+        self.latches.unlatch(c.ident, (int(dev), int(ino)))
+        return {}
 
     def _demand_arg(self, c: Client, req: dict[str, Any]) -> PToken:
         demand = protocol.ptoken_from_wire(req.get("ptoken"), trusted=False)

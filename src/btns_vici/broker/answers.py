@@ -62,13 +62,10 @@ class AnswerCache:
 
         if ctx.dataplane() != LIBIPSEC:
             return None
-        index = ctx.index
-        with index._lock:
-            index.sync()
-            gen = (index.resyncs, index.generation)
+        gen = ctx.index.stamp()
         rt = routing(ctx.netns)
         rt.fresh()
-        return (TAG, view, be.netns_id, gen), rt.memo
+        return (TAG, view, gen), rt.memo  # view.netns was matched against the backend's just before
 
     def get(self, be: Backend, view: SocketView) -> tuple[bytes | None, tuple[Any, dict[Any, Any]] | None]:
         """(cached body or None, the stamp to :meth:`put` a fresh answer under)."""

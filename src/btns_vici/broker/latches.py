@@ -55,6 +55,7 @@ class Latches:
         #: pid -> client ident -> watching client
         self.watchers: dict[int, dict[int, Any]] = {}
         self._stops: dict[int, Callable[[], None]] = {}  # id(backend) -> stop its watch
+        self._lost: set[int] = set()  # backends whose stream ended: re-check everything once re-armed
         self.breaks = 0
 
     # -- registration ---------------------------------------------------------------------------
@@ -106,10 +107,14 @@ class Latches:
         except OSError as exc:
             with self._lock:
                 self._stops.pop(id(be), None)
-            log.warning("cannot watch %s for latches: %s", be.name, exc)
+            log.info("cannot watch %s for latches (retried every second): %s", be.name, exc)
             return
         with self._lock:
             self._stops[id(be)] = stop
+            lost = id(be) in self._lost
+            self._lost.discard(id(be))
+        if lost:  # events may have been missed while the stream was down
+            self._submit(self._recheck_logged, be)
 
     def close(self) -> None:
         with self._lock:
@@ -127,6 +132,7 @@ class Latches:
         if ev.kind == "reset":  # the stream ended: watchers re-check themselves; re-armed on demand
             with self._lock:
                 self._stops.pop(id(be), None)
+                self._lost.add(id(be))
                 everyone = [c for peers in self.watchers.values() for c in peers.values()]
             for c in everyone:
                 self._push(c, {"event": "reset"})

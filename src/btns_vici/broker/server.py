@@ -229,6 +229,9 @@ class Server:
                         log.info("closing idle client %s", c.label())
                         self._drop(c)
                 self.metrics.sas_of(self.backends)
+                if self.latches.count():  # a backend whose event stream ended (charon restarted): watch again
+                    for be in self.backends:
+                        self.latches.arm(be)
         for c in list(self.clients.values()):
             self._drop(c)
         self.latches.close()

@@ -616,6 +616,13 @@ class SAIndex:
                         return ike, child
         return None
 
+    def stamp(self) -> tuple[int, int]:
+        """(resyncs, generation) after applying every event charon has sent so far: an answer
+        computed at one stamp holds while the stamp is unchanged (btnsd's answer cache)."""
+        with self._lock:
+            self.sync()
+            return self.resyncs, self.generation
+
     def child_ids(self) -> dict[str, set[str]]:
         """{IKE_SA uniqueid: CHILD_SA uniqueids} as the index holds them now (no sync)."""
         with self._lock:

@@ -296,3 +296,31 @@ def test_a_fresh_index_answers_from_the_skeleton_and_the_candidates_only(tb):
     finally:
         plugin.forget(opts)
         tb.unload_conn(lib)
+
+
+def test_background_warming_completes_small_ike_sas_without_touching_the_answer_path(tb):
+    """After the first answer the index fetches configurations and lists small IKE_SAs whole
+    (SAIndex.warm, on its own VICI session): later flows need no listing at all."""
+    name = "warm"
+    children = {f"w{i}": ([f"{tb.a.v4}/32[tcp]"], [f"{tb.b.v4}/32[tcp/{31000 + i}]"]) for i in range(3)}
+    tb.load_conn(name, "psk", 4, children=children)
+    for child in children:
+        tb.initiate(name, child)
+    opts = {**tb.a.options, "timeout": "10"}
+    plugin = get_plugin_manager().get_plugin("strongswan")
+    try:
+        be = get_backend("strongswan", opts)
+        assert be.find_sa(Flow(socket.IPPROTO_TCP, tb.a.v4, 40000, tb.b.v4, 31000)) is not None
+        index = plugin.context(opts).index
+        index.warm()  # what the background thread does a second after the first answer
+        assert name in index._conns
+        ours = [ike for ike in index._ikes.values() if ike.name == name]
+        assert ours and all(ike.complete for ike in ours)
+        before = index.lazy_listings
+        for i in (1, 2):  # answered from the warmed index: nothing listed
+            found = be.find_sa(Flow(socket.IPPROTO_TCP, tb.a.v4, 40000, tb.b.v4, 31000 + i))
+            assert found is not None and found[1].name == f"w{i}"
+        assert index.lazy_listings == before
+    finally:
+        plugin.forget(opts)
+        tb.unload_conn(name)

@@ -23,7 +23,8 @@ Scale (charon drops any VICI message over 512 KiB, so one IKE_SA with more than 
   connection between the IKE_SA's two hosts: they need no configuration at all. Other
   connections' configurations come from ``list-conns`` of that one connection (charon
   spends ~0.1 ms per child config building it: the limit of a fresh answer), fetched
-  in the background for every connection with an IKE_SA (:meth:`SAIndex.warm`), on demand
+  in the background for every connection with an IKE_SA (:meth:`SAIndex.warm`, starting
+  :data:`WARM_DELAY` after the first answer), on demand
   when a flow needs one first. So a fresh answer needs the skeleton and the candidates'
   configurations, never the whole index;
 * an event about one CHILD_SA changes that CHILD_SA only (the lookup tables are maintained
@@ -41,6 +42,7 @@ import ipaddress
 import logging
 import re
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +67,9 @@ NO_CHILD = "#btns-vici:no-child#"
 BIG_CONN = 64
 #: Flows whose candidate child configs were already listed (cleared on any new IKE_SA or config).
 MAX_CHECKED = 1 << 16
+#: Seconds after the first answer before the background warming starts: a short-lived process
+#: (one CLI command) exits first and never makes charon build configurations it will not use.
+WARM_DELAY = 1.0
 
 
 @dataclass
@@ -229,7 +234,12 @@ class SAIndex:
     def _start_warmer(self) -> None:
         if self._warmer is not None and self._warmer.is_alive():
             return
-        self._warmer = threading.Thread(target=self.warm, name="btns-index-warm", daemon=True)
+
+        def later() -> None:
+            time.sleep(WARM_DELAY)
+            self.warm()
+
+        self._warmer = threading.Thread(target=later, name="btns-index-warm", daemon=True)
         self._warmer.start()
 
     def warm(self, session: ViciSession | None = None) -> int:

@@ -154,8 +154,7 @@ class Owner:
             return
         path = self.record_path
         if not self.uses:
-            with contextlib.suppress(OSError):
-                path.unlink()
+            _remove_record(path)
             return
         body = {
             "pid": self.pid,
@@ -165,10 +164,16 @@ class Owner:
             "loaded": [lo.to_json() for lo in self.uses],
         }
         try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(body))
-            os.replace(tmp, path)
+            for attempt in (0, 1):
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                try:
+                    tmp.write_text(json.dumps(body))
+                    os.replace(tmp, path)
+                    break
+                except FileNotFoundError:  # another owner removed the empty directory just now
+                    if attempt:
+                        raise
         except OSError as exc:
             self._recording = False
             log.warning("cannot record owned connections in %s (%s): released at exit only", path.parent, exc)
@@ -263,8 +268,7 @@ class Owner:
             self.uses.clear()
         for lo, use in done:
             _release(use.backend, lo)
-        with contextlib.suppress(OSError):
-            self.record_path.unlink()
+        _remove_record(self.record_path)
 
     def _start_reaper(self) -> None:
         if self._reaper is not None and self._reaper.is_alive():
@@ -282,6 +286,16 @@ class Owner:
                 if not self.uses:
                     self._reaper = None
                     return
+
+
+def _remove_record(path: Path) -> None:
+    """Remove a record, and the state directory once it is empty (nothing left behind)."""
+    with contextlib.suppress(OSError):
+        path.unlink()
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()  # fails while other owners' records are there
+        if path.parent.parent.name == "btns-vici":  # the default /run/btns-vici, if we made it and it is empty
+            path.parent.parent.rmdir()
 
 
 def _fd_is(fd: int, key: tuple[int, int]) -> bool:
@@ -379,8 +393,7 @@ def sweep_stale() -> list[str]:
     for path, obj in _records():
         if _record_alive(obj) is not False:
             continue
-        with contextlib.suppress(OSError):
-            path.unlink()  # first: _listed_by_others must not count the dead owner
+        _remove_record(path)  # first: _listed_by_others must not count the dead owner
         for lo in _loaded_of(obj):
             try:
                 be = get_backend(lo.backend, dict(lo.options))

@@ -480,7 +480,9 @@ def test_lifecycle_liveness_and_hostile_records(tmp_path, monkeypatch):
 
     from btns_vici import lifecycle
 
-    monkeypatch.setenv("BTNS_STATE_DIR", str(tmp_path))
+    state = tmp_path / "owned"
+    state.mkdir()
+    monkeypatch.setenv("BTNS_STATE_DIR", str(state))
     me = lifecycle.start_time(os.getpid())
     assert me is not None and lifecycle.alive(os.getpid(), me) and not lifecycle.alive(os.getpid(), me + 1)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -497,14 +499,14 @@ def test_lifecycle_liveness_and_hostile_records(tmp_path, monkeypatch):
         "types.json": {**base, "pid": "1", "start": None, "loaded": [{"backend": 3}, None, "x"]},
     }
     for name, body in records.items():
-        (tmp_path / name).write_text(json.dumps(body))
-    (tmp_path / "broken.json").write_text("{")
+        (state / name).write_text(json.dumps(body))
+    (state / "broken.json").write_text("{")
     assert lifecycle._record_alive(records["me.json"]) is True
     assert lifecycle._record_alive(records["dead.json"]) is False
     assert lifecycle._record_alive(records["otherns.json"]) is None  # cannot judge: left alone
     assert lifecycle._record_alive({**records["me.json"], "boot": "another boot"}) is False
     assert lifecycle.sweep_stale() == []  # nothing released (no such backend), nothing raised
-    left = sorted(p.name for p in tmp_path.iterdir())
+    left = sorted(p.name for p in state.iterdir())
     assert left == ["broken.json", "garbage.json", "me.json", "otherns.json"]
 
 
@@ -523,7 +525,7 @@ def test_lifecycle_reaps_connections_whose_sockets_closed(tmp_path, monkeypatch)
 
     from btns_vici import lifecycle
 
-    monkeypatch.setenv("BTNS_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("BTNS_STATE_DIR", str(tmp_path / "owned"))
     released: list[str] = []
 
     class FakeBackend:  # records what would be unloaded; the real unload is tested on the testbed
@@ -552,6 +554,7 @@ def test_lifecycle_reaps_connections_whose_sockets_closed(tmp_path, monkeypatch)
     assert owner.reap() == ["btns-init-0123456789ab"] and released == ["btns-init-0123456789ab"]
     owner.unhold(be, "btns-resp-0123456789ab")
     assert owner.owned() == [] and not owner.record_path.exists()
+    assert not (tmp_path / "owned").exists()  # the empty state directory went with the last record
     owner._wake.set()
 
 

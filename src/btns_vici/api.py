@@ -277,8 +277,7 @@ def accept(sock: socket.socket, backend: BackendLike = None, latch_: bool = True
         return conn, addr
     be = resolve_backend(backend)
     try:
-        actual = admit(conn, demand, be)
-        lifecycle.share(sock, conn)  # the listener's connection stays while this one is open
+        actual = admit(conn, demand, be)  # adopts the responder connection it came in by (lifecycle)
         if latch_ and actual.protected:
             from .latch import latch
 
@@ -292,8 +291,11 @@ def accept(sock: socket.socket, backend: BackendLike = None, latch_: bool = True
 def admit(conn: socket.socket, demand: PToken, backend: BackendLike = None) -> PToken:
     """For a connection already accepted (by an event loop, say): check it meets ``demand`` (EACCES and
     shut down if not) and attach the demand to it, as :func:`accept` does. Returns its pToken."""
-    actual = _verify_or_abort(conn, demand, resolve_backend(backend))
+    be = resolve_backend(backend)
+    actual = _verify_or_abort(conn, demand, be)
     _attached[socket_key(conn)] = demand.copy()
+    if isinstance(be, Backend):  # the responder connection it came in by stays while it is open
+        lifecycle.adopt(be, conn, actual.policy_name if actual.protected else None)
     return actual
 
 

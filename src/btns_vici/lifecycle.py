@@ -4,6 +4,7 @@
 key) into the daemon. Those are *owned* by the sockets that needed them:
 
 * :func:`own` records that socket ``sock`` uses connection ``name`` of backend ``be``;
+  :func:`adopt` that an admitted connection uses the one its SA belongs to (its policyName);
 * when the last socket using a connection closes (checked by a reaper thread every
   :data:`REAP_INTERVAL` seconds while anything is owned: an ``fstat`` per owned socket) or
   the process exits (``atexit``), the connection is released (``Backend.release``:
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -222,15 +224,19 @@ class Owner:
                 del self.uses[lo]
                 self._write_record()
 
-    def share(self, parent: Any, sock: Any) -> None:
-        """``sock`` (an accepted connection) uses what the listening socket ``parent`` owns."""
+    def adopt(self, be: Any, sock: Any, policy_name: str | None) -> None:
+        """``sock`` (a connection admitted by an event loop, say) uses the connection its SA belongs
+        to, named by its pToken's policyName ("conn/child"), if that connection is one we own."""
         from .sockets import resolve_fd, socket_key
 
-        pkey, key, fd = socket_key(parent), socket_key(sock), resolve_fd(sock)
+        conn = (policy_name or "").partition("/")[0]
+        if not OWNABLE.fullmatch(conn):
+            return
+        lo = Loaded(be.name, tuple(sorted(be.options.items())), conn)
         with self._lock:
-            for use in self.uses.values():
-                if pkey in use.sockets:
-                    use.sockets[key] = fd
+            use = self.uses.get(lo)
+            if use is not None:
+                use.sockets[socket_key(sock)] = resolve_fd(sock)
 
     def owned(self) -> list[Loaded]:
         with self._lock:
@@ -361,7 +367,10 @@ def _release(be: Any, lo: Loaded) -> bool:
     try:
         be.release(lo.name)
     except OSError as exc:
-        log.warning("could not unload %s: %s", lo.name, exc)
+        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):  # the daemon is gone, and with it what it loaded
+            log.info("%s not unloaded: %s", lo.name, exc)
+        else:
+            log.warning("could not unload %s: %s", lo.name, exc)
         return False
     log.info("unloaded %s: its last socket closed", lo.name)
     _unload_keys(be)
@@ -427,9 +436,9 @@ def unhold(be: Any, name: str) -> None:
     _owner.unhold(be, name)
 
 
-def share(parent: Any, sock: Any) -> None:
-    """Module-level :meth:`Owner.share` of this process."""
-    _owner.share(parent, sock)
+def adopt(be: Any, sock: Any, policy_name: str | None) -> None:
+    """Module-level :meth:`Owner.adopt` of this process."""
+    _owner.adopt(be, sock, policy_name)
 
 
 @atexit.register

@@ -224,6 +224,8 @@ def _wait(pred, timeout=5.0):
 def test_connections_are_unloaded_after_exit_and_after_close(tb, owned, mode, tmp_path):
     """A process connects with a demand (charon loads btns-init-...): it is unloaded when the
     process exits with the socket open (atexit) or when it closes the socket (the reaper)."""
+    from btns_vici import lifecycle
+
     port = 25101 if mode == "exit" else 25102
     srv, got = _serve(tb, owned[tb.b.name], port)
     try:
@@ -237,6 +239,11 @@ def test_connections_are_unloaded_after_exit_and_after_close(tb, owned, mode, tm
         assert _btns_conns(tb.a) == [] and _btns_ike_sas(tb.a) == []
         assert not list((tmp_path / "owned").glob(f"{child.pid}-*.json"))  # its record went with it
         assert _library_keys(tb.a, owned[tb.a.name]) == set()  # and the host key it loaded
+        srv.close()  # the listener goes; the connection it accepted still uses the responder connection
+        accepted = [c[0] for c in got if isinstance(c, tuple)]
+        if accepted:
+            time.sleep(2.5 * lifecycle.REAP_INTERVAL)
+            assert _btns_conns(tb.b), "unloaded while an accepted connection still uses it"
     finally:
         srv.close()
         for c in got:

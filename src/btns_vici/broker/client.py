@@ -94,7 +94,8 @@ class BrokerClient:
             raise DaemonDownError(f"btnsd does not answer at {self.path}: {exc.strerror}", exc.errno) from None
         # Blocking, with kernel timeouts: the hot exchange is one sendmsg and one recv, no poll.
         s.settimeout(None)
-        tv = struct.pack("@ll", int(self.timeout), int((self.timeout % 1) * 1e6))
+        limit = max(self.timeout, 0.001)  # a zero timeval would mean "wait forever"
+        tv = struct.pack("@ll", int(limit), int((limit % 1) * 1e6))
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         return s

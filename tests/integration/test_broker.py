@@ -888,3 +888,46 @@ def test_a_cached_protected_answer_never_outlives_the_socket_s_view_or_its_route
         assert seen(frames, b"CACHE-ROUTE-LEAK") and not rerouted.protected, rerouted.information_string
         assert c.get_socket_ptoken(tx).protected
     c.close()
+
+
+def test_a_restarted_broker_is_told_the_latches_again(tb, testbed, tmp_path):
+    """kill -9 of btnsd forgets its latches; the client's watch reconnects, re-latches, and a
+    later SA loss is still pushed (latch-broken), not found by polling."""
+    from btns_vici.backend import SAEvent
+    from btns_vici.latch import LatchBroken, latch, unlatch
+    from btns_vici.sockets import socket_key
+
+    for side in ("a", "b"):
+        (tmp_path / f"peers-{side}").mkdir()
+    b = start_broker(testbed, tmp_path)
+    c = b.client()
+    notes: list[SAEvent] = []
+    stop_watch = None
+    try:
+        tb.up("brkr", "psk", 4)
+        cli, srv = connected_pair(tb, socket.IPPROTO_TCP, 4, port=28051)
+        broken: list[LatchBroken] = []
+        latch(cli, c, on_break=broken.append)
+        stop_watch = c.watch(notes.append)
+        b.proc.kill()
+        b.proc.wait()
+        b = start_broker(testbed, tmp_path)
+        deadline = time.monotonic() + 10
+        while sum(n.kind == "reset" for n in notes) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)  # the watch reconnected and re-latched (backoff 50 ms)
+        assert not broken
+        notes.clear()
+        tb.terminate("brkr")
+        while not broken and time.monotonic() < deadline + 5:
+            time.sleep(0.01)
+        assert broken, "the latch did not break after the restart"
+        assert any(n.kind == "latch-broken" and n.raw.get("key") == list(socket_key(cli)) for n in notes), notes
+        unlatch(cli)
+        cli.close()
+        srv.close()
+    finally:
+        if stop_watch is not None:
+            stop_watch()
+        c.close()
+        stop_broker(b)

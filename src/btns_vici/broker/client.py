@@ -44,6 +44,7 @@ def _reset_after_fork() -> None:
         forksafe.close_quietly(c._sock)
         c._sock = None
         c._lock = threading.Lock()
+        c._latched = {}  # the parent's latches (latch.py forgets them in the child too)
 
 
 class BrokerClient:
@@ -58,6 +59,8 @@ class BrokerClient:
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        #: socket identity -> descriptor of every socket latched through this client
+        self._latched: dict[tuple[int, int], int] = {}
         _clients.add(self)
 
     def __repr__(self) -> str:
@@ -232,11 +235,33 @@ class BrokerClient:
                 return out
 
     def latch(self, fd: FileDescriptorLike) -> PToken:
-        """Latch ``fd`` in btnsd (it verifies the protection itself); the latched pToken (EACCES: none)."""
-        return self.request("latch", fd)["token"]
+        """Latch ``fd`` in btnsd (it verifies the protection itself); the latched pToken (EACCES: none).
+        Remembered, so that a restarted btnsd is told again when the watch reconnects."""
+        tok = self.request("latch", fd)["token"]
+        num = resolve_fd(fd)
+        st = os.fstat(num)
+        with self._lock:
+            self._latched[(st.st_dev, st.st_ino)] = num
+        return tok
 
     def unlatch(self, key: tuple[int, int]) -> None:
+        with self._lock:
+            self._latched.pop((int(key[0]), int(key[1])), None)
         self.request("unlatch", key=[int(key[0]), int(key[1])])
+
+    def _relatch(self) -> None:
+        """After the watch (re)connected: tell btnsd every latch again (a restart forgot them)."""
+        with self._lock:
+            latched = list(self._latched.items())
+        for key, fd in latched:
+            try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != key:
+                    raise OSError(errno.EBADF, "closed")
+                self.request("latch", fd)
+            except OSError:  # closed, or no longer protected: the latch's own re-check decides
+                with self._lock:
+                    self._latched.pop(key, None)
 
     def watch(self, callback: Callable[[Any], None]) -> Callable[[], None]:
         """btnsd's notifications, pushed on a connection of their own: ``latch-broken`` (with the
@@ -261,6 +286,7 @@ class BrokerClient:
                 try:
                     _parsed(self._exchange(s, "watch", None, {}, time.monotonic() + self.timeout))
                     backoff = 0.05
+                    self._relatch()
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 0, 0))  # wait forever
                     while not stop.is_set():
                         data = s.recv(protocol.MAX_FRAME + 1)

@@ -12,8 +12,10 @@ the latching process and forgets the latch. When a backend's event stream ends (
 restarted) every watcher gets ``{"event": "reset"}`` and re-checks everything itself.
 
 The client's latch then re-checks through btnsd with the socket itself (the socket-exact
-answer decides; a notification alone never breaks a latch). Latches are kept per client
-connection, at most :data:`MAX_PER_CLIENT` (the oldest goes first), and dropped with it.
+answer decides; a notification alone never breaks a latch). Latches are kept per process
+(SO_PEERCRED pid), at most :data:`MAX_PER_PROCESS` (the oldest goes first), while the process
+has any connection to btnsd (its watching one is never closed for idleness), so an idle latched
+connection keeps being watched.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from ..core.tokens import PToken
 
 log = logging.getLogger("btnsd")
 
-MAX_PER_CLIENT = 4096
+MAX_PER_PROCESS = 4096
 RECHECK_DELAYS = (0.0, 0.05, 0.25)
 
 
@@ -50,7 +52,7 @@ class Latches:
         self._submit = submit  # run a function in the pool
         self._on_break = on_break
         self._lock = threading.Lock()
-        #: client ident -> socket key -> (pid, backend, view, latched pToken)
+        #: pid -> socket key -> (pid, backend, view, latched pToken)
         self.latched: dict[int, OrderedDict[tuple[int, int], tuple[int, Backend, SocketView, PToken]]] = {}
         #: pid -> client ident -> watching client
         self.watchers: dict[int, dict[int, Any]] = {}
@@ -59,23 +61,23 @@ class Latches:
         self.breaks = 0
 
     # -- registration ---------------------------------------------------------------------------
-    def latch(self, ident: int, pid: int, be: Backend, view: SocketView, verdict: Any) -> PToken:
+    def latch(self, pid: int, be: Backend, view: SocketView, verdict: Any) -> PToken:
         """Record a protected view; its pToken (EACCES-worthy None when it is not protected)."""
         tok = ptoken_for(verdict) if isinstance(verdict, Protection) else None
         if tok is None:
             raise ValueError("not protected")
         self.arm(be)
         with self._lock:
-            mine = self.latched.setdefault(ident, OrderedDict())
+            mine = self.latched.setdefault(pid, OrderedDict())
             mine.pop(view.key, None)
             mine[view.key] = (pid, be, view, tok)
-            while len(mine) > MAX_PER_CLIENT:
+            while len(mine) > MAX_PER_PROCESS:
                 mine.popitem(last=False)
         return tok
 
-    def unlatch(self, ident: int, key: tuple[int, int]) -> None:
+    def unlatch(self, pid: int, key: tuple[int, int]) -> None:
         with self._lock:
-            self.latched.get(ident, {}).pop(key, None)
+            self.latched.get(pid, {}).pop(key, None)
 
     def watch(self, client: Any) -> Callable[[], None]:
         """``client``'s connection carries notifications from now on; the function undoes it."""
@@ -92,9 +94,10 @@ class Latches:
 
         return stop
 
-    def drop(self, ident: int) -> None:
+    def drop(self, pid: int) -> None:
+        """The process has no connection to btnsd left: forget its latches."""
         with self._lock:
-            self.latched.pop(ident, None)
+            self.latched.pop(pid, None)
 
     def arm(self, be: Backend) -> None:
         """Watch ``be``'s SA events (once; again after its stream ended)."""
@@ -150,13 +153,8 @@ class Latches:
             if delay:
                 time.sleep(delay)
             with self._lock:
-                mine = [
-                    (ident, key, entry)
-                    for ident, latches in self.latched.items()
-                    for key, entry in latches.items()
-                    if entry[1] is be
-                ]
-            for ident, key, (pid, _be, view, latched) in mine:
+                mine = [(k, e) for latches in self.latched.values() for k, e in latches.items() if e[1] is be]
+            for key, (pid, _be, view, latched) in mine:
                 try:
                     verdict = be.protect(view)
                 except OSError as exc:
@@ -171,7 +169,7 @@ class Latches:
                 if not reasons:
                     continue
                 with self._lock:
-                    latches = self.latched.get(ident)
+                    latches = self.latched.get(pid)
                     if latches is None or latches.get(key) is None or latches[key][3] is not latched:
                         continue  # unlatched or re-latched meanwhile
                     del latches[key]

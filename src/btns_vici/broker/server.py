@@ -386,9 +386,10 @@ class Server:
         c.sock.close()
         self.clients.pop(c.ident, None)
         self._listings.pop(c.ident, None)
-        self.latches.drop(c.ident)
         if c.watching is not None:
             c.watching()
+        if not any(o.pid == c.pid for o in self.clients.values()):
+            self.latches.drop(c.pid)  # the process's last connection: its latches go with it
         with self._lock:
             for key in [k for k, (owner, _) in self.demands.items() if owner == c.ident]:
                 del self.demands[key]
@@ -502,12 +503,12 @@ class Server:
         verdict = be.protect(view)
         if not isinstance(verdict, Protection):
             raise BtnsError(f"cannot latch {view.flow}: it is not protected ({verdict.reason})", errno.EACCES)
-        tok = self.latches.latch(c.ident, c.pid, be, view, verdict)
+        tok = self.latches.latch(c.pid, be, view, verdict)
         return {"ptoken": protocol.ptoken_to_wire(tok)}
 
     def op_unlatch(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
         dev, ino = req["key"]
-        self.latches.unlatch(c.ident, (int(dev), int(ino)))
+        self.latches.unlatch(c.pid, (int(dev), int(ino)))
         return {}
 
     def _demand_arg(self, c: Client, req: dict[str, Any]) -> PToken:

@@ -249,19 +249,26 @@ class BrokerClient:
             self._latched.pop((int(key[0]), int(key[1])), None)
         self.request("unlatch", key=[int(key[0]), int(key[1])])
 
-    def _relatch(self) -> None:
-        """After the watch (re)connected: tell btnsd every latch again (a restart forgot them)."""
+    def _relatch(self) -> bool:
+        """After the watch (re)connected: tell btnsd every latch again (a restart forgot them).
+        False when btnsd could not be asked for some (try again); closed sockets and ones no
+        longer protected are forgotten (the latch's own re-check decides about those)."""
         with self._lock:
             latched = list(self._latched.items())
+        done = True
         for key, fd in latched:
             try:
                 st = os.fstat(fd)
                 if (st.st_dev, st.st_ino) != key:
                     raise OSError(errno.EBADF, "closed")
                 self.request("latch", fd)
-            except OSError:  # closed, or no longer protected: the latch's own re-check decides
-                with self._lock:
-                    self._latched.pop(key, None)
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.ENOTCONN, errno.EACCES, errno.ENOTSOCK):
+                    with self._lock:
+                        self._latched.pop(key, None)
+                else:
+                    done = False
+        return done
 
     def watch(self, callback: Callable[[Any], None]) -> Callable[[], None]:
         """btnsd's notifications, pushed on a connection of their own: ``latch-broken`` (with the
@@ -280,13 +287,15 @@ class BrokerClient:
                 except OSError:
                     if stop.wait(backoff):
                         return
-                    backoff = min(2.0, backoff * 2)
+                    backoff = min(0.5, backoff * 2)  # a restarted btnsd is re-told the latches within 0.5 s
                     continue
                 holder[0] = s
                 try:
                     _parsed(self._exchange(s, "watch", None, {}, time.monotonic() + self.timeout))
                     backoff = 0.05
-                    self._relatch()
+                    for _ in range(10):  # btnsd may still be starting: its backends, its index
+                        if self._relatch() or stop.wait(0.2):
+                            break
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 0, 0))  # wait forever
                     while not stop.is_set():
                         data = s.recv(protocol.MAX_FRAME + 1)

@@ -57,7 +57,6 @@ class Latches:
         #: pid -> client ident -> watching client
         self.watchers: dict[int, dict[int, Any]] = {}
         self._stops: dict[int, Callable[[], None]] = {}  # id(backend) -> stop its watch
-        self._lost: set[int] = set()  # backends whose stream ended: re-check everything once re-armed
         self.breaks = 0
 
     # -- registration ---------------------------------------------------------------------------
@@ -100,11 +99,15 @@ class Latches:
             self.latched.pop(pid, None)
 
     def arm(self, be: Backend) -> None:
-        """Watch ``be``'s SA events (once; again after its stream ended)."""
+        """Watch ``be``'s SA events (once; again after its stream ended). Connecting to the daemon
+        happens in the pool, never in btnsd's loop (a stopped charon would stall it)."""
         with self._lock:
             if id(be) in self._stops:
                 return
             self._stops[id(be)] = lambda: None  # claimed: a concurrent arm does not watch twice
+        self._submit(self._arm_now, be)
+
+    def _arm_now(self, be: Backend) -> None:
         try:
             stop = be.watch(lambda ev, be=be: self._event(be, ev))
         except OSError as exc:
@@ -114,10 +117,9 @@ class Latches:
             return
         with self._lock:
             self._stops[id(be)] = stop
-            lost = id(be) in self._lost
-            self._lost.discard(id(be))
-        if lost:  # events may have been missed while the stream was down
-            self._submit(self._recheck_logged, be)
+        # Whatever changed before the watch stood (a latch made meanwhile, events missed while
+        # the stream was down) is caught by one re-check now.
+        self._recheck_logged(be)
 
     def close(self) -> None:
         with self._lock:
@@ -135,7 +137,6 @@ class Latches:
         if ev.kind == "reset":  # the stream ended: watchers re-check themselves; re-armed on demand
             with self._lock:
                 self._stops.pop(id(be), None)
-                self._lost.add(id(be))
                 everyone = [c for peers in self.watchers.values() for c in peers.values()]
             for c in everyone:
                 self._push(c, {"event": "reset"})

@@ -53,6 +53,10 @@ from .policy import Config
 log = logging.getLogger("btnsd")
 SO_PEERCRED = 17
 _CRED = struct.Struct("=iII")
+#: The hot request's frame around its id (magic, version 1, kind request | id | length + payload).
+_HOT_HEAD = protocol.HEADER.pack(protocol.MAGIC, protocol.VERSION, protocol.REQUEST, 0, 0)[:4]
+_HOT_TAIL = len(protocol.HOT_BODY).to_bytes(4, "big") + protocol.HOT_BODY
+_TRUNC = socket.MSG_CTRUNC | socket.MSG_TRUNC
 #: ops run in the pool, not the loop: negotiations, and listings that wait on the daemon's command session
 SLOW_OPS = {"set_socket_ptoken", "prepare_connect", "prepare_listen", "sockets"}
 
@@ -281,12 +285,44 @@ class Server:
             return
         c.last = time.monotonic()
         try:
-            self._request(c, data, fds, flags)
+            if len(fds) == 1 and data[:4] == _HOT_HEAD and data[8:] == _HOT_TAIL and not flags & _TRUNC:
+                self._hot(c, int.from_bytes(data[4:8], "big"), fds[0])  # get_socket_ptoken, nothing else
+            else:
+                self._request(c, data, fds, flags)
         except BaseException:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             raise
+
+    def _hot(self, c: Client, ident: int, fd: int) -> None:
+        """The hot request (protocol.HOT_BODY with one descriptor: what _request and _run would do
+        for it, without their generic steps): rate limit, answer, frame, close, send."""
+        t0 = time.perf_counter()
+        answer = "ok"
+        try:
+            self._ratelimit(c)
+        except OSError as exc:  # as _request does
+            self.metrics.error("bad_request")
+            os.close(fd)
+            self._send(c, protocol.error(ident, exc))
+            return
+        try:
+            result = self.op_get_socket_ptoken(c, protocol.HOT_REQUEST, fd)
+            body = result if isinstance(result, bytes) else protocol.ok_body(result)
+            frame = protocol.frame(protocol.RESPONSE, ident, body)
+        except OSError as exc:
+            answer = errno.errorcode.get(exc.errno or 0, "error")
+            frame = protocol.error(ident, exc)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:  # as _run does
+            answer = "EINVAL"
+            frame = protocol.error(ident, BtnsError(f"malformed get_socket_ptoken arguments: {exc}", errno.EINVAL))
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self.metrics.enabled:
+            self.metrics.query("get_socket_ptoken", answer, time.perf_counter() - t0)
+        self._send(c, frame)
 
     def _request(self, c: Client, data: bytes, fds: list[int], flags: int) -> None:
         ident = 0

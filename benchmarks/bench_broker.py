@@ -1,6 +1,7 @@
 """btnsd against in-process answers on the host testbed (root needed); prints, never asserts.
 
     .venv/bin/python benchmarks/bench_broker.py [--sizes 1,1000] [--queries 2000]
+    .venv/bin/python benchmarks/bench_broker.py --sizes 10000   (bring-up alone takes minutes)
 
 Side by side in one run:
 
@@ -10,7 +11,12 @@ Side by side in one run:
                    the point of one index per host), vs a fresh process building its own index
                    (modules imported before the clock starts);
 * queries/s        with 1, 16 and 256 concurrent clients (processes), each on its own socket;
+* btnsd CPU        btnsd's own CPU time (user + system, /proc/PID/stat) per query while 16 clients
+                   ran: what the machine's load cannot inflate, unlike the rates;
 * RSS              btnsd's resident memory per CHILD_SA and per connected client.
+
+CHILD_SAs are per-port children of connections of at most 2,500 each (bench_daemon_edge.py's
+bring-up), the measured socket is the first child's.
 """
 
 from __future__ import annotations
@@ -32,7 +38,14 @@ from btns_vici.plugins import get_backend
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_socket_ptoken import bring_up  # noqa: E402
+from bench_daemon_edge import bring_up_conns, conn_names  # noqa: E402
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int:
@@ -57,7 +70,7 @@ FRESH = """
 import os, socket, sys, time
 fd = int(sys.argv[1])
 from btns_vici.api import get_socket_ptoken  # the interpreter's imports are not the answer's cost
-import btns_vici.broker.client, btns_vici.plugins, btns_vici.strongswan.plugin
+import btns_vici.broker.client, btns_vici.plugins, btns_vici.strongswan.plugin, btns_vici.latch
 t0 = time.perf_counter()
 {setup}
 tok = get_socket_ptoken(fd{arg})
@@ -106,7 +119,7 @@ def main() -> None:
         client = BrokerClient(path)
         rss_empty = rss_kib(brk.pid)
         for n in (int(x) for x in args.sizes.split(",")):
-            bring_up(tb, f"bb{n}", n)
+            print(f"# {n}: up in {bring_up_conns(tb, n, 'bb'):.1f} s", flush=True)
             cli, srv = connected_pair(tb, socket.IPPROTO_TCP, 4, port=20000)
             get_socket_ptoken(cli, be)
             client.get_socket_ptoken(cli)
@@ -119,7 +132,9 @@ def main() -> None:
             own = f"from btns_vici.plugins import get_backend\nbe = get_backend('strongswan', {opts})"
             f_own = statistics.median(fresh(cli.fileno(), own, ", be") for _ in range(3))
             qps = {}
+            cpu = 0.0
             for k in (1, 16, 256):
+                c0 = cpu_seconds(brk.pid)
                 procs = [
                     subprocess.Popen(
                         [sys.executable, "-c", LOAD, str(cli.fileno()), path, str(args.seconds)],
@@ -131,10 +146,14 @@ def main() -> None:
                 ]
                 total = sum(int(p.communicate()[0]) for p in procs)
                 qps[k] = total / args.seconds
-            rows.append((n, p50(inproc), p50(brok), f_broker / 1000, f_own / 1000, qps, rss_kib(brk.pid)))
+                if k == 16:
+                    cpu = (cpu_seconds(brk.pid) - c0) / max(1, total) * 1e6
+            rows.append((n, p50(inproc), p50(brok), f_broker / 1000, f_own / 1000, qps, rss_kib(brk.pid), cpu))
+            print(f"# {n}: {rows[-1]}", flush=True)
             cli.close()
             srv.close()
-            tb.unload_conn(f"bb{n}")
+            for name, _, _ in conn_names(n, "bb"):
+                tb.unload_conn(name)
         extra = [BrokerClient(path) for _ in range(200)]
         for c in extra:
             c.hello()
@@ -146,13 +165,13 @@ def main() -> None:
     print(f"\nload average: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
     print(
         "| CHILD_SAs | in-process p50 µs | broker p50 µs | ratio | fresh client via broker ms | fresh process "
-        "own index ms | q/s 1 client | q/s 16 | q/s 256 | btnsd RSS KiB |"
+        "own index ms | q/s 1 client | q/s 16 | q/s 256 | btnsd CPU µs/query (16 clients) | btnsd RSS KiB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for n, a, b, fb, fo, q, rss in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for n, a, b, fb, fo, q, rss, cpu in rows:
         print(
-            f"| {n} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {fb:.1f} | {fo:.1f} | {q[1]:,.0f} | {q[16]:,.0f} | "
-            f"{q[256]:,.0f} | {rss:,} |"
+            f"| {n:,} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {fb:.1f} | {fo:.1f} | {q[1]:,.0f} | {q[16]:,.0f} | "
+            f"{q[256]:,.0f} | {cpu:.0f} | {rss:,} |"
         )
     print(f"\nbtnsd RSS: {rss_empty:,} KiB at start; {(rss_clients - rows[-1][6]) / 200:.1f} KiB per connected client")
 

@@ -1,12 +1,20 @@
 """First query in a fresh process and down-detection latency, by number of CHILD_SAs (root needed).
 
-    .venv/bin/python benchmarks/bench_daemon_edge.py [--sizes 1,1000,2500] [--downs 20]
+    .venv/bin/python benchmarks/bench_daemon_edge.py [--sizes 1,1000,10000] [--downs 20]
 
-One connection with N children on the host testbed (child i protects TCP to B's port
-20000+i), as in bench_socket_ptoken.py. Then:
+N CHILD_SAs on the host testbed in connections of at most 2,500 per-port children (charon
+refuses a load-conn of about 2,700), each connection its own IKE_SA: child i protects TCP to
+B's port 20000+i. Then:
 
-* ``first query``: a new Python process builds its SA index and answers ``find_sa`` for one
-  flow (time of that call alone, median of 3 processes; the index build is in it);
+* ``first query``: a new Python process answers ``find_sa`` for one flow (the last child's;
+  time of that call alone, median of 3 processes; whatever index it needs is built in it);
+* ``naive``: the same with ``index=list`` (one unfiltered list-sas + list-conns + list-certs,
+  what every query cost before the index; above ~1,950 children per IKE_SA charon drops
+  the message and the flow is NOT FOUND);
+* ``floor``: what any fresh answer needs from charon: the IKE_SA skeleton (list-sas of
+  every IKE_SA without children) and the one CHILD_SA by name (list-sas ike-id + child);
+* ``configs``: list-conns of the connections with an IKE_SA (how a process that does not
+  know which child config could cover the flow finds out: charon's only selector source);
 * ``down detection``: with a warm index, a CHILD_SA is terminated (blocking VICI terminate);
   the time from terminate's return until ``find_sa`` answers None (median / max of ``--downs``).
 
@@ -27,16 +35,20 @@ from pathlib import Path
 from btns_lab.testbed import Testbed
 from btns_vici.core.selectors import Flow
 from btns_vici.plugins import get_backend, get_plugin_manager
+from btns_vici.strongswan.session import ViciSession
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_socket_ptoken import BASE_PORT, bring_up
+from bench_socket_ptoken import BASE_PORT
+
+#: Children per connection (one IKE_SA each): under charon's load-conn limit of about 2,700.
+PER_CONN = 2500
 
 FRESH = """
 import json, socket, sys, time, ipaddress
 from btns_vici.plugins import get_backend
 from btns_vici.core.selectors import Flow
-opts, a, b, port = json.loads(sys.argv[1])
-be = get_backend("strongswan", opts)
+opts, a, b, port, mode = json.loads(sys.argv[1])
+be = get_backend("strongswan", {**opts, "timeout": "30", **({"index": "list"} if mode == "list" else {})})
 flow = Flow(socket.IPPROTO_TCP, ipaddress.ip_address(a), 40000, ipaddress.ip_address(b), port)
 t = time.perf_counter()
 found = be.find_sa(flow)
@@ -44,20 +56,81 @@ print(json.dumps([(time.perf_counter() - t) * 1000, found is not None]))
 """
 
 
-def first_query(tb: Testbed, port: int) -> tuple[float, bool]:
+def first_query(tb: Testbed, port: int, mode: str = "events") -> tuple[float, bool]:
     runs = []
     for _ in range(3):
-        arg = json.dumps([tb.a.options, str(tb.a.v4), str(tb.b.v4), port])
-        out = subprocess.run([sys.executable, "-c", FRESH, arg], capture_output=True, text=True, check=True)
+        arg = json.dumps([tb.a.options, str(tb.a.v4), str(tb.b.v4), port, mode])
+        out = subprocess.run([sys.executable, "-c", FRESH, arg], capture_output=True, text=True)
+        if out.returncode != 0:
+            runs.append([float("nan"), False])
+            continue
         runs.append(json.loads(out.stdout))
     return statistics.median(r[0] for r in runs), all(r[1] for r in runs)
 
 
-def down_detection(tb: Testbed, name: str, n: int, downs: int) -> list[float]:
-    be = get_backend("strongswan", tb.a.options)
+def conn_names(n: int, tag: str) -> list[tuple[str, int, int]]:
+    """(connection name, first child index, children) covering children 0..n-1."""
+    return [(f"{tag}{n}-{k}", first, min(PER_CONN, n - first)) for k, first in enumerate(range(0, n, PER_CONN))]
+
+
+def bring_up_conns(tb: Testbed, n: int, tag: str) -> float:
+    """Load and initiate every connection's children, one connection after the other (thousands of
+    queued initiates on several IKE_SAs at once stall charon's job queue); seconds in all."""
+    a, b = tb.a.v4, tb.b.v4
+    ctl = tb.a.ctl
+    t = time.monotonic()
+    s = ViciSession(tb.a.vici_path, 30)
+    try:
+        for name, first, count in conn_names(n, tag):
+            children = {
+                f"c{i}": ([f"{a}/32[tcp]"], [f"{b}/32[tcp/{BASE_PORT + i}]"]) for i in range(first, first + count)
+            }
+            tb.load_conn(name, "psk", 4, children=children)
+            tb.initiate(name, f"c{first}")
+            for i in range(first + 1, first + count):
+                for _ in ctl.initiate({"ike": name, "child": f"c{i}", "timeout": "-1"}):
+                    pass
+            deadline = time.monotonic() + 300
+            last = f"c{first + count - 1}"
+            while not any(
+                c.get("state") == b"INSTALLED"
+                for e in s.list_sas(ike=name, child=last)
+                for c in e[name].get("child-sas", {}).values()
+            ):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name}/{last} did not come up")
+                time.sleep(0.2)
+            print(f"#   {name}: {count} children up at {time.monotonic() - t:.1f} s", flush=True)
+    finally:
+        s.close()
+    return time.monotonic() - t
+
+
+def floor_and_configs(tb: Testbed, n: int, tag: str) -> tuple[float, float]:
+    """(skeleton + the one child by name, list-conns of every connection) in ms, median of 3."""
+    floors, configs = [], []
+    name, first, count = conn_names(n, tag)[-1]
+    for _ in range(3):
+        s = ViciSession(tb.a.vici_path, 30)
+        t = time.perf_counter()
+        skeleton = s.list_sas(child="#btns-vici:no-child#")
+        uid = next(e[name]["uniqueid"].decode() for e in skeleton if name in e)
+        assert s.list_sas(ike_id=uid, child=f"c{first + count - 1}")
+        floors.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        for cname, _, _ in conn_names(n, tag):
+            s.list_conns(cname)
+        configs.append((time.perf_counter() - t) * 1000)
+        s.close()
+    return statistics.median(floors), statistics.median(configs)
+
+
+def down_detection(tb: Testbed, n: int, tag: str, downs: int) -> list[float]:
+    be = get_backend("strongswan", {**tb.a.options, "timeout": "30"})
     out = []
     step = max(1, n // downs)
     for i in list(range(0, n, step))[:downs]:
+        name = f"{tag}{n}-{i // PER_CONN}"
         flow = Flow(socket.IPPROTO_TCP, tb.a.v4, 40000, tb.b.v4, BASE_PORT + i)
         found = be.find_sa(flow)
         assert found is not None, f"c{i} not up"
@@ -74,24 +147,36 @@ def down_detection(tb: Testbed, name: str, n: int, downs: int) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="1,1000")
+    ap.add_argument("--sizes", default="1,1000,10000")
     ap.add_argument("--downs", type=int, default=20)
     args = ap.parse_args()
     rows = []
     with Testbed() as tb:
         for n in (int(x) for x in args.sizes.split(",")):
-            name = f"edge{n}"
-            setup = bring_up(tb, name, n)
-            fq, ok = first_query(tb, BASE_PORT + n - 1)
-            downs = down_detection(tb, name, n, min(args.downs, n))
-            rows.append((n, setup, fq, ok, statistics.median(downs), max(downs)))
+            tag = "edge"
+            setup = bring_up_conns(tb, n, tag)
             print(f"# {n}: up in {setup:.1f} s", flush=True)
-            get_plugin_manager().get_plugin("strongswan").forget(tb.a.options)
-            tb.unload_conn(name)
-    print("| CHILD_SAs (one IKE_SA) | first query, fresh process (ms) | down detection p50 (ms) | max (ms) |")
-    print("|---|---|---|---|")
-    for n, _setup, fq, ok, p50, mx in rows:
-        print(f"| {n:,} | {fq:.1f}{'' if ok else ' (NOT FOUND)'} | {p50:.2f} | {mx:.2f} |")
+            port = BASE_PORT + n - 1
+            fq, ok = first_query(tb, port)
+            naive, nok = first_query(tb, port, "list")
+            floor, configs = floor_and_configs(tb, n, tag)
+            downs = down_detection(tb, n, tag, min(args.downs, n))
+            rows.append((n, fq, ok, naive, nok, floor, configs, statistics.median(downs), max(downs)))
+            print(f"# {n}: {rows[-1]}", flush=True)
+            get_plugin_manager().get_plugin("strongswan").forget({**tb.a.options, "timeout": "30"})
+            for name, _, _ in conn_names(n, tag):
+                tb.unload_conn(name)
+    print(
+        "| CHILD_SAs (IKE_SAs) | first query, fresh process (ms) | naive: index=list (ms) | floor: skeleton + "
+        "that child (ms) | list-conns of every connection (ms) | down detection p50 (ms) | max (ms) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for n, fq, ok, naive, nok, floor, configs, p50, mx in rows:
+        ikes = len(conn_names(n, "x"))
+        print(
+            f"| {n:,} ({ikes}) | {fq:.1f}{'' if ok else ' (NOT FOUND)'} | {naive:.1f}{'' if nok else ' (NOT FOUND)'} "
+            f"| {floor:.1f} | {configs:.1f} | {p50:.2f} | {mx:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import socket
-import stat
 import threading
 from typing import Any
 
-from . import guard
+from . import guard, lifecycle
 from .authority import Authority, BackendLike
 from .authority import resolve_backend as resolve_backend  # the public path: btns_vici.api
 from .authority import set_default_backend as set_default_backend
@@ -42,19 +40,6 @@ from .sockets import (
 )
 
 
-def _open_socket_keys() -> set[tuple[int, int]]:
-    """(st_dev, st_ino) of every socket this process has open (any descriptor, dups included)."""
-    out = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            st = os.stat(f"/proc/self/fd/{name}")
-        except OSError:
-            continue  # closed meanwhile (or the listing's own descriptor)
-        if stat.S_ISSOCK(st.st_mode):
-            out.add((st.st_dev, st.st_ino))
-    return out
-
-
 class _Registry(dict[tuple[int, int], PToken]):
     """pTokens attached to sockets, by socket identity (st_dev, st_ino): live sockets only.
 
@@ -78,7 +63,7 @@ class _Registry(dict[tuple[int, int], PToken]):
 
     def sweep(self) -> None:
         with self._sweeping:
-            live = _open_socket_keys()
+            live = lifecycle.open_socket_keys()
             for key in [k for k in list(self) if k not in live]:
                 self.pop(key, None)
             self._limit = max(self.floor, 2 * len(self))
@@ -189,8 +174,10 @@ def prepare_connect(sock: socket.socket, address: tuple[Any, ...], backend: Back
         if existing.proof.dataplane == guard.XFRM:
             # The kernel matches a socket policy's reqid exactly: name the SA that will carry us.
             guard.apply(sock, guard.XFRM, reqid=existing.child_sa.reqid)
+        lifecycle.own(be, existing.ike_sa.name, sock)  # an SA of ours: held open while we use it
     else:
         name = be.establish(prospective, demand)
+        lifecycle.own(be, name, sock)  # unloaded when its last socket closes or we exit
         # The operator's SA has its own reqid: the guard must name it. "btns:use" that got an SA is
         # held to it from now on (required, not optional: it is latched like any protected connection).
         if operator_policy(demand) is not None or (is_opportunistic(demand) and name):
@@ -221,7 +208,7 @@ def listen(sock: socket.socket, backlog: int = 128, backend: BackendLike = None)
         if isinstance(be, BrokerClient):
             be.prepare_listen(sock)
         else:
-            be.serve(endpoint(sock.getsockname())[0], demand)
+            lifecycle.own(be, be.serve(endpoint(sock.getsockname())[0], demand), sock)
     sock.listen(backlog)
 
 
@@ -236,20 +223,23 @@ def accept(
         return conn, addr
     be = resolve_backend(backend)
     try:
-        actual = admit(conn, demand, be)
+        actual = admit(conn, demand, be)  # adopts the responder connection it came in by (lifecycle)
+        if latch_ and actual.protected:
+            latch(conn, be, shutdown=True)
     except BtnsError:
-        conn.close()
+        conn.close()  # also when the latch failed (the SA went meanwhile): never leak the connection
         raise
-    if latch_ and actual.protected:
-        latch(conn, be, shutdown=True)
     return conn, addr
 
 
 def admit(conn: socket.socket, demand: PToken, backend: BackendLike = None) -> PToken:
     """For a connection already accepted (by an event loop, say): check it meets ``demand`` (EACCES and
     shut down if not) and attach the demand to it, as :func:`accept` does. Returns its pToken."""
-    actual = _verify_or_abort(conn, demand, resolve_backend(backend))
+    be = resolve_backend(backend)
+    actual = _verify_or_abort(conn, demand, be)
     _attached[socket_key(conn)] = demand.copy()
+    if isinstance(be, Backend):  # the responder connection it came in by stays while it is open
+        lifecycle.adopt(be, conn, actual.policy_name if actual.protected else None)
     return actual
 
 

@@ -146,7 +146,7 @@ def _stop_socket(fd: int, key: tuple[int, int]) -> str:
 
 def _ptoken_now(sock: FileDescriptorLike, backend: Authority) -> PToken:
     if isinstance(backend, BrokerClient):
-        return backend.get_socket_ptoken(sock)
+        return backend.latch(sock)  # btnsd records it too and pushes latch-broken (broker/latches.py)
     return ptoken_of(view_of(sock), backend)
 
 
@@ -238,3 +238,6 @@ def unlatch(sock: FileDescriptorLike) -> None:
         if watcher is not None:
             with watcher.lock:
                 watcher.latches.pop(key, None)
+    if isinstance(lt.backend, BrokerClient):
+        with contextlib.suppress(OSError):
+            lt.backend.unlatch(key)

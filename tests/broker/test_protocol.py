@@ -91,3 +91,24 @@ def test_a_client_cannot_write_what_only_the_library_may() -> None:
     with pytest.raises(BtnsError) as e:
         protocol.ptoken_from_wire(wire, trusted=False)
     assert e.value.errno == errno.EPERM
+
+
+def test_the_hot_request_is_the_json_it_stands_for() -> None:
+    """Both ends skip JSON for get_socket_ptoken: its fixed bytes must be exactly what the general
+    encoder makes, so a client in another language that encodes it normally is understood."""
+    assert protocol.body_of({"op": "get_socket_ptoken"}) == protocol.HOT_BODY
+    ident, payload = protocol.decode(protocol.request("get_socket_ptoken", 5), protocol.REQUEST)
+    assert (ident, payload) == (5, protocol.HOT_REQUEST)
+    assert protocol.request("get_socket_ptoken", 5) == protocol.encode(protocol.REQUEST, 5, protocol.HOT_REQUEST)
+    # with arguments it is an ordinary request
+    _, payload = protocol.decode(protocol.request("get_socket_ptoken", 6, x=1), protocol.REQUEST)
+    assert payload == {"op": "get_socket_ptoken", "x": 1}
+
+
+def test_a_notification_is_its_own_kind() -> None:
+    note = protocol.notify({"event": "latch-broken", "key": [1, 2], "reasons": ["gone"]})
+    ident, payload = protocol.decode(note, protocol.NOTIFY)
+    assert ident == 0 and payload["event"] == "latch-broken"
+    with pytest.raises(protocol.FrameError):
+        protocol.decode(note, protocol.RESPONSE)  # never mistaken for an answer
+    assert protocol.OPS["latch"] is True and protocol.OPS["watch"] is False and protocol.OPS["unlatch"] is False

@@ -672,3 +672,262 @@ def test_through_the_broker_and_btns_sockets_a_marked_socket_is_clear(tb, broker
     assert listing.returncode == 0, listing.stderr
     (row,) = [d for d in json.loads(listing.stdout) if d["local_port"] == port]
     assert row["status"] == "clear" and "mark=0x42" in row["ptoken"]["informationString"], row
+
+
+def test_what_a_killed_broker_loaded_is_unloaded_at_its_next_start(tb, testbed, tmp_path, monkeypatch):
+    """btnsd records the connections it loads for clients (lifecycle): after kill -9 of btnsd
+    they stay in charon; the next btnsd start finds the dead owner's record and unloads them."""
+    from btns_vici.hostkey import load_or_create
+
+    monkeypatch.setenv("BTNS_STATE_DIR", str(tmp_path / "owned"))  # inherited by btnsd
+    for side in ("a", "b"):
+        (tmp_path / f"peers-{side}").mkdir()
+    key_a, key_b = load_or_create(str(tmp_path / "keys-a")), load_or_create(str(tmp_path / "keys-b"))
+    (tmp_path / "peers-a" / "b.pem").write_bytes(key_b.public_pem)
+    (tmp_path / "peers-b" / "a.pem").write_bytes(key_a.public_pem)
+
+    def ours(peer) -> list[str]:
+        return [n for e in peer.session().list_conns() for n in e if n.startswith(("btns-init-", "btns-resp-"))]
+
+    demand = btns_vici.PToken()
+    demand.privacy_protected = Setting.LEVEL_MEDIUM
+    old_a, old_b = set(ours(tb.a)), set(ours(tb.b))  # other brokers' (the module's): not ours to judge
+    b = start_broker(testbed, tmp_path)
+    c = b.client()
+    try:
+        with tb.in_netns(tb.b):
+            srv = socket.socket()
+        with tb.in_netns(tb.a):
+            cli = socket.socket()
+        cli.settimeout(20)
+        srv.bind((str(tb.b.v4), 28011))
+        btns_vici.set_socket_ptoken(srv, demand, c)
+        btns_vici.listen(srv, 4, c)
+        btns_vici.set_socket_ptoken(cli, demand, c)
+        btns_vici.connect(cli, (str(tb.b.v4), 28011), c, latch_=False)
+        assert btns_vici.get_socket_ptoken(cli, c).protected
+        before_a = [n for n in ours(tb.a) if n not in old_a]
+        before_b = [n for n in ours(tb.b) if n not in old_b]
+        assert len(before_a) == 1 and before_a[0].startswith("btns-init-"), before_a
+        assert len(before_b) == 1 and before_b[0].startswith("btns-resp-"), before_b
+        assert [p.name for p in (tmp_path / "owned").glob("*.json")] == [
+            f"{b.proc.pid}-{__import__('btns_vici.lifecycle').lifecycle.start_time(b.proc.pid)}.json"
+        ]
+        b.proc.kill()  # kill -9: btnsd has no chance to unload anything
+        b.proc.wait()
+        assert set(before_a) <= set(ours(tb.a)) and set(before_b) <= set(ours(tb.b))
+        b = start_broker(testbed, tmp_path)
+        left = (set(ours(tb.a)) | set(ours(tb.b))) & set(before_a + before_b)
+        assert not left, b.log.read_text()[-2000:]
+        assert "unloaded stale connections of dead owners" in b.log.read_text()
+        assert not list((tmp_path / "owned").glob("*.json"))
+        cli.close()
+        srv.close()
+    finally:
+        c.close()
+        stop_broker(b)
+        tb.a.close_sessions()
+        tb.b.close_sessions()
+
+
+def test_an_unprivileged_c_program_reads_a_datagram_s_ptoken_through_the_broker(tb, broker, unpriv_python):
+    """ipsec_recvmsg records the receiving socket (IPSEC_CMSG_RECEIVER); ipsec_get_msg_pToken sends
+    btnsd that socket: a datagram that came through the SA is protected, one that came in clear
+    (captured on the link: the marker in the frame) is not."""
+    from .wire import capture, esp_in_udp, seen
+
+    venv = Path(unpriv_python).parent.parent
+    subprocess.run(
+        [unpriv_python, "-m", "btns_vici.cabi.build", "build", "--prefix", str(venv)], check=True, capture_output=True
+    )
+    flags = subprocess.run(
+        ["pkg-config", "--cflags", "--libs", "btns-ipsec"],
+        env={**os.environ, "PKG_CONFIG_PATH": str(venv / "lib" / "pkgconfig")},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    exe = venv / "msg_peer"
+    subprocess.run(["cc", "-std=c99", "-o", str(exe), str(REPO / "tests/cabi/c/msg_peer.c"), *flags], check=True)
+    for p in [venv, *venv.rglob("*")]:
+        os.chmod(p, os.stat(p).st_mode | 0o005 | (0o010 if p.is_dir() else 0))
+    tb.up("brkm", "rawkey", 4)
+
+    def receive(dest: str, port: int, marker: bytes) -> tuple[dict[str, str], list[bytes]]:
+        as_nobody = ["ip", "netns", "exec", tb.b.netns, "runuser", "-u", "nobody", "--"]
+        rcv = subprocess.Popen(
+            [*as_nobody, "env", f"BTNS_BROKER={broker.path}", str(exe), "recv", "0.0.0.0", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert rcv.stdout is not None and rcv.stdout.readline().strip() == "ready: 1"
+            with capture(tb.b.netns, tb.b.link) as frames:
+                with tb.in_netns(tb.a):
+                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                with s:
+                    s.sendto(marker, (dest, port))
+                out, err = rcv.communicate(timeout=30)
+        finally:
+            if rcv.poll() is None:
+                rcv.kill()
+                rcv.wait()
+        assert rcv.returncode == 0, out + err
+        return dict(line.split(": ", 1) for line in out.splitlines() if ": " in line), frames
+
+    got, frames = receive(str(tb.b.v4), 28021, b"via-the-sa-0123")
+    assert got["get_msg_pToken"] == "0" and got["privacyProtected"] == "5", got  # LEVEL_HIGH
+    assert got["policyName"] == "brkm/host", got
+    assert not seen(frames, b"via-the-sa-0123") and esp_in_udp(frames) >= 1  # it crossed encrypted
+    got, frames = receive(str(tb.b.v4_plain), 28022, b"in-the-clear-45")
+    assert seen(frames, b"in-the-clear-45")  # it crossed in clear ...
+    assert got["get_msg_pToken"] == "0" and got["privacyProtected"] == "0", got  # ... and is said so
+
+
+def test_latching_through_the_broker_is_pushed_not_polled(tb, testbed, tmp_path):
+    """A latched socket's SA goes: btnsd pushes latch-broken (with the socket's key) on the
+    watching connection, the client's latch breaks; metrics count it and the SAs per backend."""
+    import urllib.request
+
+    from btns_vici.backend import SAEvent
+    from btns_vici.latch import LatchBroken, latch, unlatch
+    from btns_vici.sockets import socket_key
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    conf = tmp_path / "btnsd.toml"
+    conf.write_text(
+        f'[[backend]]\nname = "strongswan"\nvici_socket = "{testbed.a.vici_path}"\nnetns = "{testbed.a.netns}"\n'
+    )
+    path = str(tmp_path / "l.sock")
+    metrics_at = f"127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "btns_vici.broker", "--socket", path, "--config", str(conf), "--metrics", metrics_at]
+    )
+    c = BrokerClient(path)
+    notes: list[SAEvent] = []
+    stop_watch = None
+    try:
+        deadline = time.monotonic() + 20
+        while not (os.path.exists(path) and BrokerClient(path, timeout=1).probe()):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        tb.up("brkl", "psk", 4)
+        cli, srv = connected_pair(tb, socket.IPPROTO_TCP, 4, port=28031)
+        stop_watch = c.watch(notes.append)  # what the latch machinery receives, seen directly
+        broken: list[LatchBroken] = []
+        lt = latch(cli, c, on_break=broken.append)
+        assert lt.latched.protected
+        pcli, psrv = connected_pair(tb, socket.IPPROTO_TCP, 4, port=28032, plain=True)
+        with pcli, psrv, pytest.raises(OSError) as e:  # a clear connection cannot be latched: btnsd verifies
+            c.latch(pcli)
+        assert e.value.errno == errno.EACCES
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        t0 = time.monotonic()
+        tb.terminate("brkl")
+        while not broken and time.monotonic() - t0 < 5:
+            time.sleep(0.01)
+        assert broken, "the latch did not break"
+        assert any(n.kind == "latch-broken" and n.raw.get("key") == list(socket_key(cli)) for n in notes), notes
+        print(f"latch broken {1000 * (time.monotonic() - t0):.0f} ms after terminate returned")
+        time.sleep(1.2)  # one sweep of btnsd's loop: the SA gauge
+        after = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        unlatch(cli)
+        cli.close()
+        srv.close()
+    finally:
+        if stop_watch is not None:
+            stop_watch()
+        c.close()
+        proc.terminate()
+        proc.wait(10)
+    assert "btnsd_latch_breaks_total 0.0" in metrics
+    assert "btnsd_latch_breaks_total 1.0" in after
+    assert 'btnsd_sas{backend="strongswan@' in after
+
+
+def test_a_cached_protected_answer_never_outlives_the_socket_s_view_or_its_route(tb, broker):
+    """btnsd caches protected answers per socket view (broker/answers.py). Hostile: after a cached
+    protected answer the same socket gets charon's bypass mark, or the route to the peer moves off
+    ipsec0: its bytes leave in clear (captured) and the very next answer says so."""
+    from .wire import capture, seen
+
+    tb.up("brkc2", "rawkey", 4)
+    c = broker.client()
+    with tb.in_netns(tb.b):
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with tb.in_netns(tb.a):
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with rx, tx:
+        rx.bind((str(tb.b.v4), 28041))
+        tx.connect((str(tb.b.v4), 28041))
+        first, again = c.get_socket_ptoken(tx), c.get_socket_ptoken(tx)  # the second one is the cached bytes
+        assert first.protected and again.protected and first == again
+        with capture(tb.b.netns, tb.b.link) as frames:
+            tx.send(b"CACHE-SA-PROTECTED")
+        assert not seen(frames, b"CACHE-SA-PROTECTED")
+        # 1. the socket's own view changes: charon's bypass mark (table 220 is skipped)
+        tx.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x42)
+        with capture(tb.b.netns, tb.b.link) as frames:
+            tx.send(b"CACHE-MARKED-LEAK")
+        marked = c.get_socket_ptoken(tx)
+        assert seen(frames, b"CACHE-MARKED-LEAK") and not marked.protected, marked.information_string
+        tx.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0)
+        assert c.get_socket_ptoken(tx).protected
+        # 2. routing changes under an unchanged socket: a more specific rule sends B's address elsewhere
+        rule = ["ip", "rule", "add", "to", f"{tb.b.v4}/32", "lookup", "main", "priority", "90"]
+        tb.a.exec(*rule)
+        try:
+            with capture(tb.b.netns, tb.b.link) as frames:
+                tx.send(b"CACHE-ROUTE-LEAK")
+            rerouted = c.get_socket_ptoken(tx)
+        finally:
+            tb.a.exec("ip", "rule", "del", "to", f"{tb.b.v4}/32", "lookup", "main", "priority", "90")
+        assert seen(frames, b"CACHE-ROUTE-LEAK") and not rerouted.protected, rerouted.information_string
+        assert c.get_socket_ptoken(tx).protected
+    c.close()
+
+
+def test_a_restarted_broker_is_told_the_latches_again(tb, testbed, tmp_path):
+    """kill -9 of btnsd forgets its latches; the client's watch reconnects, re-latches, and a
+    later SA loss is still pushed (latch-broken), not found by polling."""
+    from btns_vici.backend import SAEvent
+    from btns_vici.latch import LatchBroken, latch, unlatch
+    from btns_vici.sockets import socket_key
+
+    for side in ("a", "b"):
+        (tmp_path / f"peers-{side}").mkdir()
+    b = start_broker(testbed, tmp_path)
+    c = b.client()
+    notes: list[SAEvent] = []
+    stop_watch = None
+    try:
+        tb.up("brkr", "psk", 4)
+        cli, srv = connected_pair(tb, socket.IPPROTO_TCP, 4, port=28051)
+        broken: list[LatchBroken] = []
+        latch(cli, c, on_break=broken.append)
+        stop_watch = c.watch(notes.append)
+        b.proc.kill()
+        b.proc.wait()
+        b = start_broker(testbed, tmp_path)
+        deadline = time.monotonic() + 10
+        while sum(n.kind == "reset" for n in notes) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(1.5)  # the watch reconnects (its backoff is at most 0.5 s) and re-latches
+        assert not broken
+        notes.clear()
+        tb.terminate("brkr")
+        while not broken and time.monotonic() < deadline + 5:
+            time.sleep(0.01)
+        assert broken, "the latch did not break after the restart: " + b.log.read_text()[-3000:]
+        assert any(n.kind == "latch-broken" and n.raw.get("key") == list(socket_key(cli)) for n in notes), notes
+        unlatch(cli)
+        cli.close()
+        srv.close()
+    finally:
+        if stop_watch is not None:
+            stop_watch()
+        c.close()
+        stop_broker(b)

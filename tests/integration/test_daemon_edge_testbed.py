@@ -5,6 +5,7 @@ limit is 512 KiB, about 1,950 CHILD_SAs) is answered correctly from a fresh inde
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -102,6 +103,231 @@ def test_one_ike_sa_over_charons_message_limit_from_a_fresh_index(tb):
             pass
         assert be.find_sa(flow) is None
         assert be.find_sa(Flow(socket.IPPROTO_TCP, tb.a.v4, 40000, tb.b.v4, BASE_PORT)) is not None
+    finally:
+        plugin.forget(opts)
+        tb.unload_conn(name)
+
+
+# -- lifecycle (issue 13 item 5): what api.connect/listen load is unloaded after use ---------------
+
+_CHILD = r"""
+import json, os, signal, socket, sys, time
+import btns_vici
+from btns_vici import AuthMethod, IToken, PToken, Setting, netns
+from btns_vici.api import connect
+from btns_vici.plugins import get_backend
+
+cfg = json.loads(sys.argv[1])
+demand = PToken()
+demand.privacy_protected = Setting.LEVEL_MEDIUM
+demand.integrity_protected = Setting.ENABLE
+t = IToken()
+t.set_auth_method(AuthMethod.BTNS, Setting.ENABLE)
+demand.itoken = t
+be = get_backend("strongswan", cfg["options"])
+with netns.entered(cfg["netns"]):
+    s = socket.socket()
+s.settimeout(10)
+btns_vici.set_socket_ptoken(s, demand, be)
+connect(s, (cfg["host"], cfg["port"]), be, latch_=False)
+print("connected", flush=True)
+if cfg["mode"] == "close":
+    s.close()
+    time.sleep(3 * 1.0)
+    print("slept", flush=True)
+elif cfg["mode"] == "kill":
+    time.sleep(60)
+"""
+
+
+def _btns_conns(peer) -> list[str]:
+    return [n for c in peer.ctl.list_conns() for n in c if n.startswith(("btns-init-", "btns-resp-"))]
+
+
+def _btns_ike_sas(peer) -> list[str]:
+    return [n for e in peer.ctl.list_sas() for n in e if n.startswith("btns-")]
+
+
+def _library_keys(peer, opts) -> set[str]:
+    """Which of the library's keys (of the key directory in ``opts``) charon holds now."""
+    from btns_vici.strongswan.keys import library_key_ids
+
+    loaded = {k.decode() for k in peer.ctl.get_keys().get("keys", [])}
+    return loaded & library_key_ids(opts)
+
+
+@pytest.fixture
+def owned(tb, tmp_path, monkeypatch):
+    """Keys for both peers (each trusting the other), a private lifecycle state directory."""
+    from btns_vici.hostkey import load_or_create
+
+    monkeypatch.setenv("BTNS_STATE_DIR", str(tmp_path / "owned"))
+    sides = {}
+    for p in (tb.a, tb.b):
+        (tmp_path / f"{p.name}-peers").mkdir()
+        sides[p.name] = {
+            **p.options,
+            "key_dir": str(tmp_path / f"{p.name}-keys"),
+            "peer_keys": str(tmp_path / f"{p.name}-peers"),
+        }
+    for p, other in ((tb.a, tb.b), (tb.b, tb.a)):
+        pem = load_or_create(sides[other.name]["key_dir"]).public_pem
+        (tmp_path / f"{p.name}-peers" / "peer.pem").write_bytes(pem)
+    yield sides
+    for p in tb.peers:  # whatever a failing test left
+        for name in _btns_conns(p):
+            with contextlib.suppress(Exception):
+                for _ in p.ctl.terminate({"ike": name, "timeout": "3000", "force": "yes"}):
+                    pass
+            p.ctl.unload_conn({"name": name})
+
+
+def _serve(tb, opts, port):
+    """B listens with a BTNS demand (the parent's responder connection), accepting in the background."""
+    from btns_vici import AuthMethod, IToken, PToken, Setting, netns
+
+    from .acceptor import serve_with
+
+    demand = PToken()
+    demand.privacy_protected = Setting.LEVEL_MEDIUM
+    demand.integrity_protected = Setting.ENABLE
+    t = IToken()
+    t.set_auth_method(AuthMethod.BTNS, Setting.ENABLE)
+    demand.itoken = t
+    with netns.entered(tb.b.netns):
+        srv = socket.socket()
+    be = get_backend("strongswan", opts)
+    return srv, serve_with(srv, demand, be, (str(tb.b.v4), port))
+
+
+def _run_child(tb, opts, port, mode):
+    import json
+    import subprocess
+    import sys
+
+    cfg = {"options": opts, "netns": tb.a.netns, "host": str(tb.b.v4), "port": port, "mode": mode}
+    return subprocess.Popen(
+        [sys.executable, "-c", _CHILD, json.dumps(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait(pred, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+@pytest.mark.parametrize("mode", ["exit", "close"])
+def test_connections_are_unloaded_after_exit_and_after_close(tb, owned, mode, tmp_path):
+    """A process connects with a demand (charon loads btns-init-...): it is unloaded when the
+    process exits with the socket open (atexit) or when it closes the socket (the reaper)."""
+    from btns_vici import lifecycle
+
+    port = 25101 if mode == "exit" else 25102
+    srv, got = _serve(tb, owned[tb.b.name], port)
+    try:
+        child = _run_child(tb, owned[tb.a.name], port, mode)
+        line = child.stdout.readline()
+        assert line.strip() == "connected", child.stderr.read()
+        if mode == "close":
+            assert _wait(lambda: not _btns_conns(tb.a), 4.0), _btns_conns(tb.a)  # while the process still runs
+        _out, err = child.communicate(timeout=30)
+        assert child.returncode == 0, err
+        assert _btns_conns(tb.a) == [] and _btns_ike_sas(tb.a) == []
+        assert not list((tmp_path / "owned").glob(f"{child.pid}-*.json"))  # its record went with it
+        assert _library_keys(tb.a, owned[tb.a.name]) == set()  # and the host key it loaded
+        srv.close()  # the listener goes; the connection it accepted still uses the responder connection
+        accepted = [c[0] for c in got if isinstance(c, tuple)]
+        if accepted:
+            time.sleep(2.5 * lifecycle.REAP_INTERVAL)
+            assert _btns_conns(tb.b), "unloaded while an accepted connection still uses it"
+    finally:
+        srv.close()
+        for c in got:
+            if isinstance(c, tuple):
+                c[0].close()
+    # The server's responder connection (owned by this process) goes when its sockets closed.
+    assert _wait(lambda: not _btns_conns(tb.b), 4.0), _btns_conns(tb.b)
+
+
+def test_kill_9_leaves_a_record_the_next_start_cleans(tb, owned, tmp_path):
+    from btns_vici import lifecycle
+
+    srv, got = _serve(tb, owned[tb.b.name], 25103)
+    try:
+        child = _run_child(tb, owned[tb.a.name], 25103, "kill")
+        assert child.stdout.readline().strip() == "connected", child.stderr.read()
+        names = _btns_conns(tb.a)
+        assert len(names) == 1 and names[0].startswith("btns-init-")
+        records = list((tmp_path / "owned").glob(f"{child.pid}-*.json"))
+        assert [r.name for r in records] == [f"{child.pid}-{lifecycle.start_time(child.pid)}.json"]
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+        assert _btns_conns(tb.a) == names  # nobody unloaded it: the process had no chance
+        assert _btns_ike_sas(tb.a)
+        assert len(_library_keys(tb.a, owned[tb.a.name])) == 1
+        # the next start (the first own() of a process, or btnsd's start) sweeps stale owners
+        assert lifecycle.sweep_stale() == names
+        assert _btns_conns(tb.a) == [] and _btns_ike_sas(tb.a) == []
+        assert _library_keys(tb.a, owned[tb.a.name]) == set()
+        assert not list((tmp_path / "owned").glob(f"{child.pid}-*.json"))
+        assert lifecycle.sweep_stale() == []  # idempotent
+    finally:
+        srv.close()
+        for c in got:
+            if isinstance(c, tuple):
+                c[0].close()
+
+
+def test_a_fresh_index_answers_from_the_skeleton_and_the_candidates_only(tb):
+    """A fresh process lists the IKE_SA skeleton, then only the child configs that could cover
+    the flow; a library-named connection (one child named like it, host to host) needs none."""
+    lib = "btns-init-0123456789ab"
+    tb.load_conn(lib, "psk", 4, children={lib: ([f"{tb.a.v4}/32"], [f"{tb.b.v4}/32"])})
+    tb.initiate(lib, lib)
+    opts = {**tb.a.options, "timeout": "10"}
+    plugin = get_plugin_manager().get_plugin("strongswan")
+    try:
+        be = get_backend("strongswan", opts)
+        found = be.find_sa(Flow(socket.IPPROTO_TCP, tb.a.v4, 40000, tb.b.v4, 9))
+        assert found is not None and found[1].name == lib and found[0].name == lib
+        index = plugin.context(opts).index
+        assert lib not in index._cfg_sel  # its candidates came from its name, not its configuration
+        assert 1 <= index.lazy_listings <= 3  # that one child by name (+ IKE_SAs other tests left mid-task)
+        # another pair of hosts: the library connection is no candidate, its child is not listed again
+        assert be.find_sa(Flow(socket.IPPROTO_TCP, tb.a.v4, 40000, tb.b.v4 + 77, 9)) is None
+        assert lib not in index._cfg_sel
+    finally:
+        plugin.forget(opts)
+        tb.unload_conn(lib)
+
+
+def test_background_warming_completes_small_ike_sas_without_touching_the_answer_path(tb):
+    """After the first answer the index fetches configurations and lists small IKE_SAs whole
+    (SAIndex.warm, on its own VICI session): later flows need no listing at all."""
+    name = "warm"
+    children = {f"w{i}": ([f"{tb.a.v4}/32[tcp]"], [f"{tb.b.v4}/32[tcp/{31000 + i}]"]) for i in range(3)}
+    tb.load_conn(name, "psk", 4, children=children)
+    for child in children:
+        tb.initiate(name, child)
+    opts = {**tb.a.options, "timeout": "10"}
+    plugin = get_plugin_manager().get_plugin("strongswan")
+    try:
+        be = get_backend("strongswan", opts)
+        assert be.find_sa(Flow(socket.IPPROTO_TCP, tb.a.v4, 40000, tb.b.v4, 31000)) is not None
+        index = plugin.context(opts).index
+        index.warm()  # what the background thread does a second after the first answer
+        assert name in index._conns
+        ours = [ike for ike in index._ikes.values() if ike.name == name]
+        assert ours and all(ike.complete for ike in ours)
+        before = index.lazy_listings
+        for i in (1, 2):  # answered from the warmed index: nothing listed
+            found = be.find_sa(Flow(socket.IPPROTO_TCP, tb.a.v4, 40000, tb.b.v4, 31000 + i))
+            assert found is not None and found[1].name == f"w{i}"
+        assert index.lazy_listings == before
     finally:
         plugin.forget(opts)
         tb.unload_conn(name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import errno
 import ipaddress
+import json
 import os
 import shutil
 import socket
@@ -452,3 +453,167 @@ def test_event_stream_refuses_oversized_event(sock_path):
                     stream.poll(0.1)
         finally:
             stream.close()
+
+
+# -- lifecycle (item 5): owner records, liveness, stale sweep, charon's key ids ----------------
+
+
+def test_charon_key_id_is_the_sha1_of_the_subject_public_key():
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from btns_vici.strongswan.keys import key_id
+
+    pub = ed25519.Ed25519PrivateKey.generate().public_key()
+    der = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert key_id(der) == hashlib.sha1(raw).hexdigest()
+    for bad in (b"", b"\x30", b"\x02\x01\x00", der[:-1], b"\x30\x03\x30\x01\x00"):
+        with pytest.raises(ValueError):
+            key_id(bad)
+
+
+def test_lifecycle_liveness_and_hostile_records(tmp_path, monkeypatch):
+    import sys
+
+    from btns_vici import lifecycle
+
+    state = tmp_path / "owned"
+    state.mkdir()
+    monkeypatch.setenv("BTNS_STATE_DIR", str(state))
+    me = lifecycle.start_time(os.getpid())
+    assert me is not None and lifecycle.alive(os.getpid(), me) and not lifecycle.alive(os.getpid(), me + 1)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert lifecycle.start_time(dead.pid) is None
+    boot = lifecycle._boot_id()
+    pidns = lifecycle._pidns()
+    base = {"boot": boot, "pidns": pidns}
+    records = {
+        "dead.json": {**base, "pid": dead.pid, "start": 1, "loaded": [{"backend": "no-such", "name": "btns-init-x"}]},
+        "me.json": {**base, "pid": os.getpid(), "start": me, "loaded": []},
+        "otherns.json": {**base, "pidns": pidns + 1, "pid": dead.pid, "start": 1, "loaded": []},
+        "garbage.json": "not an object",
+        "types.json": {**base, "pid": "1", "start": None, "loaded": [{"backend": 3}, None, "x"]},
+    }
+    for name, body in records.items():
+        (state / name).write_text(json.dumps(body))
+    (state / "broken.json").write_text("{")
+    assert lifecycle._record_alive(records["me.json"]) is True
+    assert lifecycle._record_alive(records["dead.json"]) is False
+    assert lifecycle._record_alive(records["otherns.json"]) is None  # cannot judge: left alone
+    assert lifecycle._record_alive({**records["me.json"], "boot": "another boot"}) is False
+    assert lifecycle.sweep_stale() == []  # nothing released (no such backend), nothing raised
+    left = sorted(p.name for p in state.iterdir())
+    assert left == ["broken.json", "garbage.json", "me.json", "otherns.json"]
+
+
+def test_lifecycle_owns_only_the_library_s_connection_names():
+    from btns_vici import lifecycle
+
+    ok = lifecycle.OWNABLE.fullmatch
+    assert ok("btns-init-0123456789ab") and ok("btns-resp-abcdefabcdef")
+    for name in ("", "btns-leap-0123456789ab", "office/child", "btns-init-0123", "btns-init-0123456789ab/x"):
+        assert not ok(name)
+
+
+def test_lifecycle_reaps_connections_whose_sockets_closed(tmp_path, monkeypatch):
+    """The reaper releases a connection once every socket using it is closed (dups count)."""
+    import socket
+
+    from btns_vici import lifecycle
+
+    monkeypatch.setenv("BTNS_STATE_DIR", str(tmp_path / "owned"))
+    released: list[str] = []
+
+    class FakeBackend:  # records what would be unloaded; the real unload is tested on the testbed
+        name = "fake"
+        options: dict[str, str] = {}
+
+        def release(self, name: str) -> bool:
+            released.append(name)
+            return True
+
+    owner = lifecycle.Owner()
+    owner._swept = True
+    a, b = socket.socket(), socket.socket()
+    be = FakeBackend()
+    owner.own(be, "btns-init-0123456789ab", a)
+    owner.own(be, "btns-init-0123456789ab", b)
+    owner.hold(be, "btns-resp-0123456789ab")
+    record = json.loads(owner.record_path.read_text())
+    assert sorted(x["name"] for x in record["loaded"]) == ["btns-init-0123456789ab", "btns-resp-0123456789ab"]
+    a.close()
+    assert owner.reap() == [] and released == []
+    dup = b.dup()
+    b.close()
+    assert owner.reap() == []  # the dup still holds the socket
+    dup.close()
+    assert owner.reap() == ["btns-init-0123456789ab"] and released == ["btns-init-0123456789ab"]
+    owner.unhold(be, "btns-resp-0123456789ab")
+    assert owner.owned() == [] and not owner.record_path.exists()
+    assert not (tmp_path / "owned").exists()  # the empty state directory went with the last record
+    owner._wake.set()
+
+
+def test_the_fast_selector_compiler_agrees_with_parse_ts():
+    """index.spec_compiled's fast IPv4 path must mean exactly what parse.parse_ts means."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from btns_vici.strongswan import parse
+    from btns_vici.strongswan.index import _compiled, _fast_v4, spec_compiled
+
+    fixed = [
+        "10.231.0.1/32",
+        "10.231.0.1/32[tcp]",
+        "10.231.0.2/32[tcp/20000]",
+        "10.0.0.0/8[udp/5000-6000]",
+        "0.0.0.0/0",
+        "10.0.0.1/32[47]",
+        "192.168.1.7/24[tcp/1-65535]",
+        "10.0.0.1/33",
+        "010.0.0.1/32",
+        "300.0.0.1/32",
+        "10.0.0.1/32[tcp/70000]",
+        "10.0.0.1/32[tcp/9-3]",
+        "fd00::1/128[tcp/80]",
+        "10.0.0.1..10.0.0.9",
+        "10.0.0.1/32[tcp/http]",
+        "\u0661\u0660.0.0.1/32",  # Arabic-Indic digits: not an address
+    ]
+
+    def same(spec: str) -> None:
+        try:
+            want = _compiled((parse.parse_ts(spec),))
+        except Exception as exc:  # the strict parser's verdict is the reference
+            assert _fast_v4(spec) is None, spec
+            with pytest.raises(type(exc)):
+                spec_compiled(spec)
+            return
+        assert spec_compiled(spec) == want, spec
+        fast = _fast_v4(spec)
+        assert fast is None or fast == want, spec
+
+    for spec in fixed:
+        same(spec)
+
+    octet = st.integers(0, 260).map(str)
+    port = st.integers(0, 66000).map(str)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.tuples(octet, octet, octet, octet),
+        st.integers(0, 34),
+        st.sampled_from(["", "tcp", "udp", "6", "17", "0", "300"]),
+        st.one_of(st.just(""), port, st.tuples(port, port).map("-".join)),
+    )
+    def check(octets, bits, proto, ports):
+        spec = ".".join(octets) + f"/{bits}"
+        if proto:
+            spec += f"[{proto}" + (f"/{ports}" if ports else "") + "]"
+        same(spec)
+
+    check()

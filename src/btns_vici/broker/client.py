@@ -8,13 +8,14 @@ takes a client's word for its flow, device, mark or namespace.
 
 from __future__ import annotations
 
-import array
+import contextlib
 import errno
 import functools
 import itertools
 import os
 import select
 import socket
+import struct
 import threading
 import time
 import weakref
@@ -29,6 +30,7 @@ from . import protocol
 from .policy import DEFAULT_SOCKET
 
 DEFAULT_TIMEOUT = 5.0
+_FD = struct.Struct("i")
 #: negotiations (prepare_connect: an IKE exchange) get longer
 SLOW_TIMEOUT = 30.0
 
@@ -42,6 +44,7 @@ def _reset_after_fork() -> None:
         forksafe.close_quietly(c._sock)
         c._sock = None
         c._lock = threading.Lock()
+        c._latched = {}  # the parent's latches (latch.py forgets them in the child too)
 
 
 class BrokerClient:
@@ -56,6 +59,8 @@ class BrokerClient:
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        #: socket identity -> descriptor of every socket latched through this client
+        self._latched: dict[tuple[int, int], int] = {}
         _clients.add(self)
 
     def __repr__(self) -> str:
@@ -90,7 +95,12 @@ class BrokerClient:
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             s.close()
             raise DaemonDownError(f"btnsd does not answer at {self.path}: {exc.strerror}", exc.errno) from None
-        s.setblocking(False)
+        # Blocking, with kernel timeouts: the hot exchange is one sendmsg and one recv, no poll.
+        s.settimeout(None)
+        limit = max(self.timeout, 0.001)  # a zero timeval would mean "wait forever"
+        tv = struct.pack("@ll", int(limit), int((limit % 1) * 1e6))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         return s
 
     def request(
@@ -105,7 +115,7 @@ class BrokerClient:
                 if self._sock is None:
                     self._sock = self._connect(deadline)
                 try:
-                    return self._exchange(self._sock, op, num, args, deadline)
+                    body = self._exchange(self._sock, op, num, args, deadline)
                 except (BrokenPipeError, ConnectionResetError, _Closed):
                     self._sock.close()
                     self._sock = None
@@ -115,27 +125,41 @@ class BrokerClient:
                     self._sock.close()  # a timeout or a bad frame: never reuse a desynchronised socket
                     self._sock = None
                     raise
-        raise AssertionError("unreachable")  # pragma: no cover
+                else:
+                    break
+            else:  # pragma: no cover
+                raise AssertionError("unreachable")
+        return _parsed(body)  # an answered error (EACCES, ENOTCONN, ...) keeps the connection
 
-    def _exchange(
-        self, s: socket.socket, op: str, fd: int | None, args: dict[str, Any], deadline: float
-    ) -> dict[str, Any]:
+    def _exchange(self, s: socket.socket, op: str, fd: int | None, args: dict[str, Any], deadline: float) -> bytes:
+        """Send one request, return its response's raw payload (parsed by the caller)."""
         ident = next(self._ids) & 0x7FFFFFFF
         frame = protocol.request(op, ident, **args)
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())] if fd is not None else []
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(fd))] if fd is not None else []
+        # The socket's kernel timeouts (SO_SNDTIMEO/SO_RCVTIMEO) are this client's default
+        # timeout: within it the exchange is a plain sendmsg and recv. A longer deadline (a
+        # negotiation) or a second packet waits with poll for what is left of the deadline.
+        quick = deadline - time.monotonic() <= self.timeout
         try:
             s.sendmsg([frame], anc)  # a packet this small only waits when the broker is swamped
-        except BlockingIOError:
-            self._wait(s, select.POLLOUT, deadline)
-            s.sendmsg([frame], anc)
+        except BlockingIOError:  # SO_SNDTIMEO expired: the broker has not read for the whole timeout
+            raise DaemonTimeoutError(f"btnsd at {self.path} does not take requests", errno.ETIMEDOUT) from None
         while True:
-            self._wait(s, select.POLLIN, deadline)
-            data = s.recv(protocol.MAX_FRAME + 1)
+            if not quick:
+                self._wait(s, select.POLLIN, deadline)
+            try:
+                data = s.recv(protocol.MAX_FRAME + 1)
+            except BlockingIOError:  # SO_RCVTIMEO expired
+                raise DaemonTimeoutError(f"btnsd at {self.path} did not answer in time", errno.ETIMEDOUT) from None
             if not data:
                 raise _Closed()
+            if len(data) > 3 and data[3] == protocol.NOTIFY:
+                quick = False  # a notification ahead of the answer (a watching connection): skip it
+                continue
             got, body = protocol.split(data, protocol.RESPONSE)
             if got == ident:
-                return _parsed(body)
+                return body
+            quick = False  # an answer to an earlier request: wait for ours within the deadline only
 
     def _wait(self, s: socket.socket, event: int, deadline: float) -> None:
         left = deadline - time.monotonic()
@@ -210,21 +234,95 @@ class BrokerClient:
             if len(out) >= res["total"] or not res["sockets"]:
                 return out
 
+    def latch(self, fd: FileDescriptorLike) -> PToken:
+        """Latch ``fd`` in btnsd (it verifies the protection itself); the latched pToken (EACCES: none).
+        Remembered, so that a restarted btnsd is told again when the watch reconnects."""
+        tok: PToken = self.request("latch", fd)["token"]
+        num = resolve_fd(fd)
+        st = os.fstat(num)
+        with self._lock:
+            self._latched[(st.st_dev, st.st_ino)] = num
+        return tok
+
+    def unlatch(self, key: tuple[int, int]) -> None:
+        with self._lock:
+            self._latched.pop((int(key[0]), int(key[1])), None)
+        self.request("unlatch", key=[int(key[0]), int(key[1])])
+
+    def _relatch(self) -> bool:
+        """After the watch (re)connected: tell btnsd every latch again (a restart forgot them).
+        False when btnsd could not be asked for some (try again); closed sockets and ones no
+        longer protected are forgotten (the latch's own re-check decides about those)."""
+        with self._lock:
+            latched = list(self._latched.items())
+        done = True
+        for key, fd in latched:
+            try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != key:
+                    raise OSError(errno.EBADF, "closed")
+                self.request("latch", fd)
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.ENOTCONN, errno.EACCES, errno.ENOTSOCK):
+                    with self._lock:
+                        self._latched.pop(key, None)
+                else:
+                    done = False
+        return done
+
     def watch(self, callback: Callable[[Any], None]) -> Callable[[], None]:
-        """Latches of broker clients re-check on a timer (the broker's SA events stay in the broker)."""
+        """btnsd's notifications, pushed on a connection of their own: ``latch-broken`` (with the
+        socket's key) and ``reset`` become SAEvents for the latches' re-check. When the
+        connection drops (btnsd restarted) a ``reset`` is delivered and it reconnects."""
         from ..backend import SAEvent
 
         stop = threading.Event()
+        holder: list[socket.socket | None] = [None]
 
         def run() -> None:
-            while not stop.wait(0.5):
-                callback(SAEvent("reset"))
+            backoff = 0.05
+            while not stop.is_set():
+                try:
+                    s = self._connect(time.monotonic() + self.timeout)
+                except OSError:
+                    if stop.wait(backoff):
+                        return
+                    backoff = min(0.5, backoff * 2)  # a restarted btnsd is re-told the latches within 0.5 s
+                    continue
+                holder[0] = s
+                try:
+                    _parsed(self._exchange(s, "watch", None, {}, time.monotonic() + self.timeout))
+                    backoff = 0.05
+                    for _ in range(10):  # btnsd may still be starting: its backends, its index
+                        if self._relatch() or stop.wait(0.2):
+                            break
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 0, 0))  # wait forever
+                    while not stop.is_set():
+                        data = s.recv(protocol.MAX_FRAME + 1)
+                        if not data:
+                            break
+                        _, body = protocol.split(data, protocol.NOTIFY)
+                        note = protocol.parse_body(body)
+                        kind = "latch-broken" if note.get("event") == "latch-broken" else "reset"
+                        callback(SAEvent(kind, raw=note))
+                except (OSError, _Closed):
+                    pass
+                finally:
+                    holder[0] = None
+                    s.close()
+                if not stop.is_set():
+                    callback(SAEvent("reset"))  # whatever happened meanwhile: re-check everything
+                    stop.wait(backoff)
 
         t = threading.Thread(target=run, name="btns-broker-watch", daemon=True)
         t.start()
 
         def stopper() -> None:
             stop.set()
+            s = holder[0]
+            if s is not None:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
             t.join(2)
 
         return stopper

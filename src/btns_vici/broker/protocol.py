@@ -3,7 +3,7 @@
 Transport: a unix SOCK_SEQPACKET socket, one request or one response per packet. A packet
 is one frame::
 
-    magic "BT" (2 bytes) | version (1 byte, 1) | kind (1 byte: 1 request, 2 response)
+    magic "BT" (2 bytes) | version (1 byte, 1) | kind (1 byte: 1 request, 2 response, 3 notification)
     | id (4 bytes, big-endian: a response carries its request's) | length (4 bytes, big-endian,
     = the rest of the packet) | payload (UTF-8 JSON object)
 
@@ -37,7 +37,7 @@ from ..core.tokens import PToken, decode_attr, encode_attr
 
 MAGIC = b"BT"
 VERSION = 1
-REQUEST, RESPONSE = 1, 2
+REQUEST, RESPONSE, NOTIFY = 1, 2, 3
 HEADER = struct.Struct("!2sBBII")
 MAX_FRAME = 64 * 1024
 MAX_DEPTH = 8
@@ -54,7 +54,16 @@ OPS = {
     "prepare_listen": True,
     "verify": True,
     "sockets": True,
+    "latch": True,
+    "unlatch": False,
+    "watch": False,
 }
+
+
+#: The hot request, get_socket_ptoken with no arguments, as its exact payload bytes: both ends
+#: skip JSON for it (the client sends these bytes, the broker compares instead of parsing).
+HOT_BODY = b'{"op":"get_socket_ptoken"}'
+HOT_REQUEST: dict[str, Any] = {"op": "get_socket_ptoken"}
 
 
 class FrameError(BtnsError):
@@ -126,7 +135,14 @@ def parse_body(body: bytes) -> dict[str, Any]:
 
 
 def request(op: str, ident: int, **args: Any) -> bytes:
+    if op == "get_socket_ptoken" and not args:
+        return frame(REQUEST, ident, HOT_BODY)  # the same bytes body_of would make, without JSON
     return encode(REQUEST, ident, {"op": op, **args})
+
+
+def notify(payload: Mapping[str, Any]) -> bytes:
+    """A notification frame (kind 3, id 0) on a connection that asked to ``watch``."""
+    return encode(NOTIFY, 0, payload)
 
 
 def ok_body(result: Mapping[str, Any]) -> bytes:

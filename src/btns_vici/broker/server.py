@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import guard
+from .. import guard, lifecycle
 from ..backend import Backend
 from ..core.derive import ptoken_for, unprotected_ptoken
 from ..core.errors import BtnsError, RequirementNotMetError
@@ -46,11 +46,17 @@ from ..plugins import get_backend
 from ..protection import CONNECTION_REFUSAL, DATAGRAM_REFUSAL, ptoken_of, require, shortfall
 from ..sockets import endpoint, inspect, is_connected, netns_of, resolve_fd, source_address, view_of
 from . import protocol
+from .answers import AnswerCache
+from .latches import Latches
 from .policy import Config
 
 log = logging.getLogger("btnsd")
 SO_PEERCRED = 17
 _CRED = struct.Struct("=iII")
+#: The hot request's frame around its id (magic, version 1, kind request | id | length + payload).
+_HOT_HEAD = protocol.HEADER.pack(protocol.MAGIC, protocol.VERSION, protocol.REQUEST, 0, 0)[:4]
+_HOT_TAIL = len(protocol.HOT_BODY).to_bytes(4, "big") + protocol.HOT_BODY
+_TRUNC = socket.MSG_CTRUNC | socket.MSG_TRUNC
 #: ops run in the pool, not the loop: negotiations, and listings that wait on the daemon's command session
 SLOW_OPS = {"set_socket_ptoken", "prepare_connect", "prepare_listen", "sockets"}
 
@@ -110,6 +116,12 @@ class Metrics:
         self.errors = Counter(
             "btnsd_broker_errors_total", "Malformed or refused client input", ["kind"], registry=self.registry
         )
+        self.latch_breaks = Counter(
+            "btnsd_latch_breaks_total", "Latched connections whose protection broke", registry=self.registry
+        )
+        self.sas = Gauge(
+            "btnsd_sas", "Installed CHILD_SAs the backend's index holds", ["backend"], registry=self.registry
+        )
         self.enabled = True
 
     def serve(self, where: str) -> None:
@@ -126,6 +138,27 @@ class Metrics:
     def error(self, kind: str) -> None:
         if self.enabled:
             self.errors.labels(kind).inc()
+
+    def latch_break(self) -> None:
+        if self.enabled:
+            self.latch_breaks.inc()
+
+    def sas_of(self, backends: list[Backend]) -> None:
+        """Set btnsd_sas per backend (label: name@netns) from the indexes (no daemon call)."""
+        if not self.enabled:
+            return
+        from ..plugins import get_plugin_manager
+
+        for be in backends:
+            plugin = get_plugin_manager().get_plugin(be.name)
+            index = (
+                getattr(plugin.context(be.options), "index", None)
+                if plugin is not None and hasattr(plugin, "context")
+                else None
+            )
+            if index is not None:
+                n = sum(len(kids) for kids in index.child_ids().values())
+                self.sas.labels(f"{be.name}@{be.options.get('netns') or 'own netns'}").set(n)
 
 
 class Server:
@@ -162,6 +195,10 @@ class Server:
         self._listings: dict[int, tuple[tuple[int, int] | None, float, list[dict[str, Any]]]] = {}
         #: (id(verdict), flow, facts) -> (verdict, encoded answer); the verdict reference keeps ids unique
         self._answers: dict[tuple[Any, ...], tuple[Any, bytes]] = {}
+        #: protected answers by socket view, valid until an SA or route event (broker/answers.py)
+        self.answers = AnswerCache()
+        #: latched views and watching connections: pushed latch-broken notifications (broker/latches.py)
+        self.latches = Latches(self._notify, self.pool.submit, on_break=self.metrics.latch_break)
 
     # ---- backends ------------------------------------------------------------------------------
     def backend_for(self, ns: tuple[int, int] | None) -> Backend | None:
@@ -199,8 +236,13 @@ class Server:
                     if now - c.last > self.config.idle_timeout and c.inflight == 0 and c.watching is None:
                         log.info("closing idle client %s", c.label())
                         self._drop(c)
+                self.metrics.sas_of(self.backends)
+                if self.latches.count():  # a backend whose event stream ended (charon restarted): watch again
+                    for be in self.backends:
+                        self.latches.arm(be)
         for c in list(self.clients.values()):
             self._drop(c)
+        self.latches.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _accept(self) -> None:
@@ -247,12 +289,44 @@ class Server:
             return
         c.last = time.monotonic()
         try:
-            self._request(c, data, fds, flags)
+            if len(fds) == 1 and data[:4] == _HOT_HEAD and data[8:] == _HOT_TAIL and not flags & _TRUNC:
+                self._hot(c, int.from_bytes(data[4:8], "big"), fds[0])  # get_socket_ptoken, nothing else
+            else:
+                self._request(c, data, fds, flags)
         except BaseException:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             raise
+
+    def _hot(self, c: Client, ident: int, fd: int) -> None:
+        """The hot request (protocol.HOT_BODY with one descriptor: what _request and _run would do
+        for it, without their generic steps): rate limit, answer, frame, close, send."""
+        t0 = time.perf_counter()
+        answer = "ok"
+        try:
+            self._ratelimit(c)
+        except OSError as exc:  # as _request does
+            self.metrics.error("bad_request")
+            os.close(fd)
+            self._send(c, protocol.error(ident, exc))
+            return
+        try:
+            result = self.op_get_socket_ptoken(c, protocol.HOT_REQUEST, fd)
+            body = result if isinstance(result, bytes) else protocol.ok_body(result)
+            frame = protocol.frame(protocol.RESPONSE, ident, body)
+        except OSError as exc:
+            answer = errno.errorcode.get(exc.errno or 0, "error")
+            frame = protocol.error(ident, exc)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:  # as _run does
+            answer = "EINVAL"
+            frame = protocol.error(ident, BtnsError(f"malformed get_socket_ptoken arguments: {exc}", errno.EINVAL))
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self.metrics.enabled:
+            self.metrics.query("get_socket_ptoken", answer, time.perf_counter() - t0)
+        self._send(c, frame)
 
     def _request(self, c: Client, data: bytes, fds: list[int], flags: int) -> None:
         ident = 0
@@ -263,7 +337,7 @@ class Server:
                     errno.EMSGSIZE,
                 )
             ident, body = protocol.split(data, protocol.REQUEST)
-            req = protocol.parse_body(body)
+            req = protocol.HOT_REQUEST if body == protocol.HOT_BODY else protocol.parse_body(body)
             op = req.get("op")
             if op not in protocol.OPS:
                 raise BtnsError(f"unknown op {op!r}", errno.EOPNOTSUPP)
@@ -354,6 +428,8 @@ class Server:
         self._listings.pop(c.ident, None)
         if c.watching is not None:
             c.watching()
+        if not any(o.pid == c.pid for o in self.clients.values()):
+            self.latches.drop(c.pid)  # the process's last connection: its latches go with it
         with self._lock:
             for key in [k for k, (owner, _) in self.demands.items() if owner == c.ident]:
                 del self.demands[key]
@@ -362,8 +438,9 @@ class Server:
                 owners.discard(c.ident)
                 if not owners:
                     unused.append((name, be))
-            for name, _ in unused:
+            for name, be in unused:
                 del self.loaded[name]
+                lifecycle.unhold(be, name)
         for name, be in unused:
             self.pool.submit(self._release, be, name)
         if self.metrics.enabled:
@@ -390,7 +467,11 @@ class Server:
                 if mine >= self.config.quota.connections:
                     raise BtnsError(f"uid {c.uid} already has {mine} connections loaded by btnsd (quota)", errno.EDQUOT)
                 entry = self.loaded[name] = (be, set())
+                lifecycle.hold(be, name)  # recorded: released at exit, or by the next start after a crash
             entry[1].add(c.ident)
+
+    def _notify(self, c: Client, note: dict[str, Any]) -> None:
+        self._send(c, protocol.notify(note))  # a watcher that does not read is dropped like any client
 
     # ---- operations (one socket each, received) -------------------------------------------------
     def op_hello(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
@@ -416,7 +497,14 @@ class Server:
         be = self._backend_or_unprotected(view)
         if isinstance(be, PToken):
             return {"ptoken": protocol.ptoken_to_wire(be)}
-        return self._answer(view, be.protect(view))
+        body, stamp = self.answers.get(be, view)  # the same view, no SA or route event since: the same answer
+        if body is not None:
+            return body
+        verdict = be.protect(view)
+        body = self._answer(view, verdict)
+        if isinstance(verdict, Protection):
+            self.answers.put(stamp, body)
+        return body
 
     def _answer(self, view: SocketView, verdict: Protection | NotCarried) -> bytes:
         """The encoded answer for ``view``: the same verdict objects (nothing changed) give the same bytes."""
@@ -435,6 +523,33 @@ class Server:
             self._answers.clear()
         self._answers[key] = (parts, body)
         return body
+
+    def op_watch(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
+        """This connection carries NOTIFY frames from now on (latch-broken, reset)."""
+        if c.watching is None:
+            c.watching = self.latches.watch(c)
+        for be in self.backends:
+            self.latches.arm(be)
+        return {"watching": True}
+
+    def op_latch(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
+        """Latch the received socket: its protection now, as btnsd verifies it (EACCES if none)."""
+        _, view = inspect(fd)
+        if view is None:
+            raise BtnsError("socket is not connected", errno.ENOTCONN)
+        be = self._backend_or_unprotected(view)
+        if isinstance(be, PToken):
+            raise BtnsError(f"cannot latch {view.flow}: {be.information_string}", errno.EACCES)
+        verdict = be.protect(view)
+        if not isinstance(verdict, Protection):
+            raise BtnsError(f"cannot latch {view.flow}: it is not protected ({verdict.reason})", errno.EACCES)
+        tok = self.latches.latch(c.pid, be, view, verdict)
+        return {"ptoken": protocol.ptoken_to_wire(tok)}
+
+    def op_unlatch(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
+        dev, ino = req["key"]
+        self.latches.unlatch(c.pid, (int(dev), int(ino)))
+        return {}
 
     def _demand_arg(self, c: Client, req: dict[str, Any]) -> PToken:
         demand = protocol.ptoken_from_wire(req.get("ptoken"), trusted=False)
@@ -701,6 +816,9 @@ def run(
         )
     listener = listen_socket(socket_path or config.socket)
     server = Server(config, listener, metrics)
+    stale = lifecycle.sweep_stale()  # what a killed btnsd (or library process) left loaded
+    if stale:
+        log.info("unloaded stale connections of dead owners: %s", ", ".join(stale))
     if drop and os.geteuid() == 0:
         drop_privileges()
     learners = start_learners(server, leap)  # after the drop: threads inherit the reduced capabilities

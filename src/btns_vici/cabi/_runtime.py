@@ -236,6 +236,9 @@ def install(ffi: FFI) -> None:
         ifindex: int,
         ns_dev: int,
         ns_ino: int,
+        rcv_fd: int,
+        rcv_dev: int,
+        rcv_ino: int,
     ) -> None:
         configure_backend()
         msg = MsgHdr(
@@ -244,6 +247,8 @@ def install(ffi: FFI) -> None:
             proto=proto,
             ifindex=ifindex if ifindex >= 0 else None,
             netns=(ns_dev, ns_ino) if ns_ino else None,
+            # ipsec_recvmsg's IPSEC_CMSG_RECEIVER: checked against the descriptor before btnsd is sent it
+            _receiver=(rcv_fd, (rcv_dev, rcv_ino)) if rcv_fd >= 0 and rcv_ino else None,
         )
         capi.ipsec_get_msg_pToken(msg, _ptoken(handle))
 

@@ -55,7 +55,8 @@ extern "Python" void _btns_py_dup(uintptr_t, uintptr_t *, int *);
 extern "Python" void _btns_py_import(const void *, uint32_t, uintptr_t *, int *);
 extern "Python" void _btns_py_export(uintptr_t, uint32_t *, void *, int *);
 extern "Python" void _btns_py_fill_flow(uintptr_t, int, int, const unsigned char *, int, int,
-                                         const unsigned char *, int, int, uint64_t, uint64_t, int *);
+                                         const unsigned char *, int, int, uint64_t, uint64_t, int, uint64_t,
+                                         uint64_t, int *);
 extern "Python" void _btns_py_check_send(int, uintptr_t, int, int, const unsigned char *, int, int, int, uint32_t,
                                           int, int *);
 """

@@ -114,8 +114,11 @@ int ipsec_get_socket_pToken(int fd, ipsec_pToken_t pToken);
  * IP_PKTINFO or IPV6_PKTINFO control message, the local port an
  * IPSEC_CMSG_LOCALPORT control message if present (ipsec_recvmsg adds one),
  * else 0, the receiving socket's network namespace an IPSEC_CMSG_NETNS control
- * message (ipsec_recvmsg adds one). Without the arrival device and namespace
- * the datagram cannot be proven protected: the pToken says unprotected.
+ * message (ipsec_recvmsg adds one), the receiving socket itself an
+ * IPSEC_CMSG_RECEIVER control message (ipsec_recvmsg adds one: btnsd answers
+ * only for a socket it receives, so through btnsd a datagram without it, or whose
+ * socket was closed since, is unprotected with that reason). Without the arrival
+ * device and namespace the datagram cannot be proven protected: the pToken says unprotected.
  * Missing or malformed: -1, EINVAL. */
 int ipsec_set_msg_pToken(struct msghdr *msg, const ipsec_pToken_t pToken);
 int ipsec_get_msg_pToken(const struct msghdr *msg, ipsec_pToken_t pToken);
@@ -139,9 +142,13 @@ int ipsec_dup_pToken(const ipsec_pToken_t p, ipsec_pToken_t *p_dup);
 #define IPSEC_CMSG_PTOKEN 0x4254 /* data: uint64_t pToken handle */
 #define IPSEC_CMSG_LOCALPORT 2 /* data: uint16_t local port, host byte order */
 #define IPSEC_CMSG_NETNS 3     /* data: uint64_t st_dev, st_ino of the receiving socket's network namespace */
+#define IPSEC_CMSG_RECEIVER 4  /* data: uint64_t fd, st_dev, st_ino of the receiving socket itself */
 /* Control-buffer space ipsec_set_msg_pToken needs (include <sys/socket.h>). */
 #define IPSEC_MSG_PTOKEN_SPACE CMSG_SPACE(sizeof(uint64_t))
 #define IPSEC_MSG_LOCALPORT_SPACE CMSG_SPACE(sizeof(uint16_t))
+/* Control-buffer space ipsec_recvmsg appends after the kernel's: local port, namespace, receiver. */
+#define IPSEC_MSG_RECV_SPACE                                                                               \
+    (CMSG_SPACE(sizeof(uint16_t)) + CMSG_SPACE(2 * sizeof(uint64_t)) + CMSG_SPACE(3 * sizeof(uint64_t)))
 
 /* EXTENSION: an iToken object from serialized bytes, e.g. the value of a
  * pToken's IPSEC_API_ATTR_iToken / IPSEC_API_ATTR_remote_iToken attribute.
@@ -160,8 +167,9 @@ int ipsec_export_iToken(const ipsec_iToken_t t, uint32_t *len, void *buf);
 ssize_t ipsec_sendmsg(int fd, const struct msghdr *msg, int flags);
 
 /* EXTENSION: recvmsg(2) that records what ipsec_get_msg_pToken needs: it turns
- * on IP_PKTINFO / IPV6_RECVPKTINFO and appends the IPSEC_CMSG_LOCALPORT and
- * IPSEC_CMSG_NETNS control messages when msg_control has room for them. The
+ * on IP_PKTINFO / IPV6_RECVPKTINFO and appends the IPSEC_CMSG_LOCALPORT,
+ * IPSEC_CMSG_NETNS and IPSEC_CMSG_RECEIVER control messages when msg_control has
+ * room for them (IPSEC_MSG_RECV_SPACE bytes beyond the kernel's). The
  * kernel records the arrival device only for datagrams queued after
  * IP_PKTINFO / IPV6_RECVPKTINFO was turned on: set it yourself right after
  * bind(2), or the first datagrams' pTokens say unprotected. */

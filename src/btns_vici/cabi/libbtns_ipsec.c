@@ -55,7 +55,7 @@ static void _btns_py_import(const void *buf, uint32_t len, uintptr_t *out, int *
 static void _btns_py_export(uintptr_t handle, uint32_t *len, void *buf, int *err);
 static void _btns_py_fill_flow(uintptr_t handle, int proto, int lfamily, const unsigned char *laddr, int lport,
                                int rfamily, const unsigned char *raddr, int rport, int ifindex, uint64_t ns_dev,
-                               uint64_t ns_ino, int *err);
+                               uint64_t ns_ino, int rcv_fd, uint64_t rcv_dev, uint64_t rcv_ino, int *err);
 static void _btns_py_check_send(int fd, uintptr_t handle, int has_dest, int family, const unsigned char *addr,
                                 int port, int oif, int has_mark, uint32_t mark, int dontroute, int *err);
 
@@ -384,6 +384,7 @@ int ipsec_get_msg_pToken(const struct msghdr *msg, ipsec_pToken_t pToken)
     int err = BTNS_ERR_NOCORE;
     int rfamily = 0, rport = 0, lfamily = 0, lport = 0, r, ifindex = -1;
     uint64_t ns[2] = {0, 0};
+    uint64_t receiver[3] = {UINT64_MAX, 0, 0};
     unsigned char raddr[16], laddr[16];
     const unsigned char *base;
     size_t off = 0;
@@ -418,13 +419,17 @@ int ipsec_get_msg_pToken(const struct msghdr *msg, ipsec_pToken_t pToken)
             lport = p16;
         } else if (hdr.cmsg_level == SOL_BTNS && hdr.cmsg_type == IPSEC_CMSG_NETNS && dlen >= sizeof ns) {
             memcpy(ns, data, sizeof ns);
+        } else if (hdr.cmsg_level == SOL_BTNS && hdr.cmsg_type == IPSEC_CMSG_RECEIVER && dlen >= sizeof receiver) {
+            memcpy(receiver, data, sizeof receiver);
         }
         off = btns_cmsg_end(off, &hdr, msg->msg_controllen);
     }
     if (r < 0 || lfamily == 0)
         return btns_fail(EINVAL);
+    /* The receiving socket (only for btnsd, which answers for a socket it receives): -1 when unknown. */
     BTNS_CALL(_btns_py_fill_flow((uintptr_t)pToken, IPPROTO_UDP, lfamily, laddr, lport, rfamily, raddr, rport,
-                                 ifindex, ns[0], ns[1], &err));
+                                 ifindex, ns[0], ns[1], receiver[0] > INT32_MAX ? -1 : (int)receiver[0],
+                                 receiver[1], receiver[2], &err));
     return 0;
 }
 
@@ -636,6 +641,25 @@ ssize_t ipsec_recvmsg(int fd, struct msghdr *msg, int flags)
             }
             if (nsfd >= 0)
                 close(nsfd);
+        }
+        off = msg->msg_controllen;
+        if (cap - off >= CMSG_SPACE(3 * sizeof(uint64_t))) {
+            uint64_t rcv[3];
+            struct stat st;
+
+            if (fstat(fd, &st) == 0) { /* the receiving socket, for btnsd: fd and identity */
+                rcv[0] = (uint64_t)fd;
+                rcv[1] = (uint64_t)st.st_dev;
+                rcv[2] = (uint64_t)st.st_ino;
+                memset(&hdr, 0, sizeof hdr);
+                hdr.cmsg_len = CMSG_LEN(sizeof rcv);
+                hdr.cmsg_level = SOL_BTNS;
+                hdr.cmsg_type = IPSEC_CMSG_RECEIVER;
+                memset(base + off, 0, CMSG_SPACE(sizeof rcv));
+                memcpy(base + off, &hdr, sizeof hdr);
+                memcpy(base + off + CMSG_LEN(0), rcv, sizeof rcv);
+                msg->msg_controllen = off + CMSG_SPACE(sizeof rcv);
+            }
         }
     }
     return n;

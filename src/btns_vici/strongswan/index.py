@@ -13,13 +13,20 @@ the last event processed):
 Scale (charon drops any VICI message over 512 KiB, so one IKE_SA with more than about
 1,950 CHILD_SAs never appears in an unfiltered list-sas):
 
-* the snapshot is an unfiltered list-sas (every IKE_SA that fits, with its CHILD_SAs) plus
-  a list-sas filtered to a child name no configuration has (``{"child": NO_CHILD}``): every
-  IKE_SA without its CHILD_SAs, a few hundred bytes each. An IKE_SA only the second one
-  shows is *partial*: its CHILD_SAs are listed lazily, per flow, by CHILD_SA config name
-  (``{"ike-id": N, "child": NAME}``) for the child configs of its connection (list-conns)
+* the snapshot is one list-sas filtered to a child name no configuration has
+  (``{"child": NO_CHILD}``): every IKE_SA without its CHILD_SAs, a few hundred bytes each.
+  Every IKE_SA starts *partial*: its CHILD_SAs are listed lazily, per flow, by CHILD_SA
+  config name (``{"ike-id": N, "child": NAME}``) for the child configs of its connection
   whose configured selectors could cover the flow (negotiated selectors are always within
-  the configured ones; ``dynamic`` counts as any address);
+  the configured ones; ``dynamic`` counts as any address). The library's own connections
+  (``btns-init-``/``btns-resp-``, :func:`.enforce.conn_config`) have one child named like the
+  connection between the IKE_SA's two hosts: they need no configuration at all. Other
+  connections' configurations come from ``list-conns`` of that one connection (charon
+  spends ~0.1 ms per child config building it: the limit of a fresh answer), fetched
+  in the background for every connection with an IKE_SA (:meth:`SAIndex.warm`, starting
+  :data:`WARM_DELAY` after the first answer), on demand
+  when a flow needs one first. So a fresh answer needs the skeleton and the candidates'
+  configurations, never the whole index;
 * an event about one CHILD_SA changes that CHILD_SA only (the lookup tables are maintained
   incrementally); a negative answer for an IKE_SA with tasks in flight re-lists only the
   child configs that could cover the flow, never the whole IKE_SA.
@@ -31,7 +38,11 @@ cached per connection and refreshed whenever an IKE_SA of that connection comes 
 from __future__ import annotations
 
 import bisect
+import ipaddress
+import logging
+import re
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +54,12 @@ from . import parse
 from .events import EventStream
 from .session import ViciSession
 
+log = logging.getLogger(__name__)
+
 Key = tuple[Any, int, int]
+#: The connections the library loads (enforce.conn_name): one child, named like the connection,
+#: protecting the two hosts of its IKE_SA (local_ts = local host, remote_ts = remote host or dynamic).
+LIBRARY_CONN = re.compile(r"btns-(init|resp)-[0-9a-f]{12}")
 #: A CHILD_SA name no configuration has: list-sas filtered by it lists every IKE_SA with no CHILD_SAs.
 NO_CHILD = "#btns-vici:no-child#"
 #: Connections with more child configs than this are listed lazily, per flow (their IKE_SAs may exceed
@@ -51,6 +67,9 @@ NO_CHILD = "#btns-vici:no-child#"
 BIG_CONN = 64
 #: Flows whose candidate child configs were already listed (cleared on any new IKE_SA or config).
 MAX_CHECKED = 1 << 16
+#: Seconds after the first answer before the background warming starts: a short-lived process
+#: (one CLI command) exits first and never makes charon build configurations it will not use.
+WARM_DELAY = 1.0
 
 
 @dataclass
@@ -136,7 +155,12 @@ class SAIndex:
     """The installed CHILD_SAs of one charon, kept current by its events."""
 
     def __init__(
-        self, path: str, session: ViciSession | None = None, strict: bool = False, timeout: float | None = None
+        self,
+        path: str,
+        session: ViciSession | None = None,
+        strict: bool = False,
+        timeout: float | None = None,
+        background: bool = False,
     ) -> None:
         self.path = path
         self.session = session or ViciSession(path)
@@ -153,6 +177,10 @@ class SAIndex:
         self.generation = 0  # bumped on every applied change; callers may cache on it
         self.resyncs = 0
         self.lazy_listings = 0  # list-sas by child config (partial IKE_SAs, tasks in flight)
+        self.background = background
+        self._conn_epoch = 0  # bumped whenever a cached configuration is forgotten
+        self._warmer: threading.Thread | None = None
+        self._warm_due = False
 
     # -- life cycle ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -186,15 +214,10 @@ class SAIndex:
             raise
         self.resyncs += 1
         self._stream = stream
+        self._warm_due = self.background  # after the next answer: never competing with it in charon
 
     def _snapshot(self) -> None:
-        """Every IKE_SA without CHILD_SAs, every connection, then the CHILD_SAs of the small ones.
-
-        An IKE_SA of a connection with more than :data:`BIG_CONN` child configs may not fit in
-        one VICI message: it stays partial (its CHILD_SAs are listed per flow, see :meth:`_fill`).
-        Any other one is listed whole: by one unfiltered list-sas when no big connection has an
-        IKE_SA (charon would build and drop the big ones' messages), else per connection.
-        """
+        """Every IKE_SA without its CHILD_SAs (one small message each); CHILD_SAs come per flow."""
 
         def skeleton(entry: dict[str, Any]) -> None:
             name, sec = parse.single_section(entry, "list-sas entry")
@@ -205,29 +228,70 @@ class SAIndex:
             else:
                 ike.complete = False
 
-        def conn(entry: dict[str, Any]) -> None:
-            for name, sec in entry.items():
-                if not isinstance(sec, Mapping):
-                    raise ProtocolError(f"list-conns entry {name!r} is not a section")
-                self._conns[name] = sec
-
-        def full(entry: dict[str, Any]) -> None:
-            name, sec = parse.single_section(entry, "list-sas entry")
-            ike = self._upsert(name, sec)
-            self._set_children(ike, parse.children_of(sec))
-            ike.complete = True
-
         self.session.stream("list-sas", "list-sa", {"child": NO_CHILD}, skeleton)
-        if not any(not ike.complete for ike in self._ikes.values()):
+
+    # -- background warming (configurations, small IKE_SAs) ------------------------------------
+    def _start_warmer(self) -> None:
+        if self._warmer is not None and self._warmer.is_alive():
             return
-        self.session.stream("list-conns", "list-conn", None, conn)
-        names = {ike.name for ike in self._ikes.values()}
-        big = {n for n in names if n in self._conns and _child_count(self._conns[n]) > BIG_CONN}
-        if not big:
-            self.session.stream("list-sas", "list-sa", None, full)
-            return
-        for name in sorted(names - big):
-            self.session.stream("list-sas", "list-sa", {"ike": name}, full)
+
+        def later() -> None:
+            time.sleep(WARM_DELAY)
+            self.warm()
+
+        self._warmer = threading.Thread(target=later, name="btns-index-warm", daemon=True)
+        self._warmer.start()
+
+    def warm(self, session: ViciSession | None = None) -> int:
+        """Fetch, outside the index lock, the configuration of every connection with an IKE_SA
+        (a later flow then needs no list-conns), and list the IKE_SAs of small connections
+        whole; the number of configurations fetched. Results are applied only when nothing
+        changed meanwhile (no configuration forgotten, no event applied to that IKE_SA)."""
+        own = session is None
+        bg = session or ViciSession(self.path, self.session.timeout, self.session.list_timeout)
+        fetched = 0
+        try:
+            with self._lock:
+                names = sorted({ike.name for ike in self._ikes.values() if not ike.complete} - set(self._conns))
+            for name in names:
+                if LIBRARY_CONN.fullmatch(name):
+                    continue
+                with self._lock:
+                    epoch = self._conn_epoch
+                conns = bg.list_conns(name)
+                conn = next((c[name] for c in conns if name in c), None)
+                if conn is not None and not isinstance(conn, Mapping):
+                    raise ProtocolError(f"list-conns entry {name!r} is not a section")
+                with self._lock:
+                    if epoch == self._conn_epoch and name not in self._conns:
+                        self._conns[name] = conn
+                        fetched += 1
+            with self._lock:
+                small = [
+                    uid
+                    for uid, ike in self._ikes.items()
+                    if not ike.complete and (c := self._conns.get(ike.name)) is not None and _child_count(c) <= BIG_CONN
+                ]
+            for uid in small:
+                with self._lock:
+                    gen = self.generation
+                entries = bg.list_sas(ike_id=uid)
+                with self._lock:
+                    ike = self._ikes.get(uid)
+                    if gen != self.generation or ike is None or ike.complete or not entries:
+                        continue  # something changed meanwhile: the per-flow path stays exact
+                    got, sec = parse.single_section(entries[0], "list-sas entry")
+                    if parse.uniqueid(sec) != uid:
+                        continue
+                    ike = self._upsert(got, sec)
+                    self._set_children(ike, parse.children_of(sec))
+                    ike.complete = True
+        except (OSError, BackendError) as exc:
+            log.info("background warming of the SA index stopped: %s", exc)
+        finally:
+            if own:
+                bg.close()
+        return fetched
 
     def sync(self, barrier: bool = False) -> None:
         """Apply every event charon has sent so far; reconnect and re-list after a restart.
@@ -345,6 +409,7 @@ class SAIndex:
 
     # -- lazy listing by child config ----------------------------------------------------------
     def _forget_conn(self, name: str) -> None:
+        self._conn_epoch += 1
         self._conns.pop(name, None)
         self._cfg_sel.pop(name, None)
         self._checked.clear()
@@ -378,10 +443,21 @@ class SAIndex:
 
     def _candidates(self, ike: _Ike, flow: Flow) -> set[str] | None:
         """Child config names of ``ike``'s connection that could cover ``flow`` (None: no config)."""
+        la, ra = normalize_address(flow.local_addr), normalize_address(flow.remote_addr)
+        if LIBRARY_CONN.fullmatch(ike.name):  # one child, host to host: no configuration needed
+            sec = ike.section
+            hosts = (parse.text(sec.get("local-host", b""), "host"), parse.text(sec.get("remote-host", b""), "host"))
+            try:
+                same = (
+                    normalize_address(ipaddress.ip_address(hosts[0])) == la
+                    and normalize_address(ipaddress.ip_address(hosts[1])) == ra
+                )
+            except ValueError:
+                same = False
+            return {ike.name} if same else set()
         configs = self._child_configs(ike.name)
         if configs is None:
             return None
-        la, ra = normalize_address(flow.local_addr), normalize_address(flow.remote_addr)
         lkey, rkey = (la.version, int(la)), (ra.version, int(ra))
         return {
             cname
@@ -502,6 +578,9 @@ class SAIndex:
                 found = self._find(flow)
             if found is None and self._refresh_pending(flow):
                 found = self._find(flow)
+            if self._warm_due:
+                self._warm_due = False
+                self._start_warmer()
             return found
 
     def _refresh_pending(self, flow: Flow) -> bool:
@@ -546,6 +625,13 @@ class SAIndex:
                     if ike.is_established:
                         return ike, child
         return None
+
+    def stamp(self) -> tuple[int, int]:
+        """(resyncs, generation) after applying every event charon has sent so far: an answer
+        computed at one stamp holds while the stamp is unchanged (btnsd's answer cache)."""
+        with self._lock:
+            self.sync()
+            return self.resyncs, self.generation
 
     def child_ids(self) -> dict[str, set[str]]:
         """{IKE_SA uniqueid: CHILD_SA uniqueids} as the index holds them now (no sync)."""
@@ -593,10 +679,65 @@ def _cfg_compiled(cfg: Mapping[str, Any], key: str) -> Compiled:
         addr, bracket, rest = spec.partition("[")
         if addr.strip() == "dynamic":
             for any_addr in ("0.0.0.0/0", "::/0"):
-                out.extend(_compiled((parse.parse_ts(any_addr + bracket + rest),)))
+                out.extend(spec_compiled(any_addr + bracket + rest))
         else:
-            out.extend(_compiled((parse.parse_ts(spec),)))
+            out.extend(spec_compiled(spec))
     return tuple(out)
+
+
+#: ``a.b.c.d/n`` with an optional ``[tcp|udp|N]`` or ``[proto/port]`` / ``[proto/lo-hi]``: the
+#: forms charon prints for per-port children (thousands per connection), compiled without
+#: ipaddress objects; anything else goes through parse.parse_ts.
+_TS_V4 = re.compile(
+    r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})/(\d{1,2})(?:\[(tcp|udp|\d{1,3})(?:/(\d{1,5})(?:-(\d{1,5}))?)?\])?",
+    re.ASCII,
+)
+_PROTO_NUMBERS = {"tcp": 6, "udp": 17}
+_spec_cache: dict[str, Compiled] = {}
+
+
+def _fast_v4(spec: str) -> Compiled | None:
+    m = _TS_V4.fullmatch(spec)
+    if m is None:
+        return None
+    octets = m.group(1, 2, 3, 4)
+    if any(len(o) > 1 and o[0] == "0" for o in octets):
+        return None  # leading zeros: let the strict parser refuse them
+    value = 0
+    for o in octets:
+        n = int(o)
+        if n > 255:
+            return None
+        value = value << 8 | n
+    bits = int(m[5])
+    if bits > 32:
+        return None
+    host = (1 << (32 - bits)) - 1
+    first, last = value & ~host & 0xFFFFFFFF, value | host
+    pname, lo_s, hi_s = m[6], m[7], m[8]
+    proto = PROTO_ANY if pname is None else _PROTO_NUMBERS.get(pname, None)
+    if proto is None:
+        proto = int(pname)
+        if proto > 255:
+            return None
+    lo, hi = 0, 65535
+    if lo_s is not None:
+        lo = int(lo_s)
+        hi = int(hi_s) if hi_s is not None else lo
+        if hi > 65535 or lo > hi:
+            return None
+    return ((4, first, last, proto, lo, hi),)
+
+
+def spec_compiled(spec: str) -> Compiled:
+    """One configured selector string compiled (cached: a connection's children repeat them)."""
+    hit = _spec_cache.get(spec)
+    if hit is None:
+        hit = _fast_v4(spec.strip()) or _compiled((parse.parse_ts(spec),))
+        if len(_spec_cache) >= MAX_CHECKED:
+            _spec_cache.clear()
+        _spec_cache[spec] = hit
+    return hit
 
 
 def _breadth(child: ChildSA) -> int:

@@ -54,6 +54,7 @@ class Context:
             ViciSession(self.path, self.timeout, self.list_timeout),
             strict=options.get("consistency") == "strict",
             timeout=self.timeout,
+            background=True,  # configurations fetched after the first answer, off its path
         )
         self._dataplane: str | None = None
         self._lock = threading.Lock()

@@ -46,18 +46,26 @@ static int do_recv(const char *addr, const char *port)
         unsigned char bytes[512];
     } ctl;
     struct timeval tv = {10, 0};
-    char data[64], name[256];
+    char data[64], name[256], info[4096];
     struct iovec iov = {data, sizeof data};
     struct msghdr msg;
     ipsec_pToken_t p;
     uint16_t v = 0;
-    uint32_t vlen = sizeof v, nlen = sizeof name;
+    uint32_t vlen = sizeof v, nlen = sizeof name, ilen = sizeof info;
     ssize_t n;
+    int one = 1;
     int fd = socket(me.ss_family, SOCK_DGRAM, 0);
 
     if (fd < 0 || bind(fd, (struct sockaddr *)&me, len) != 0 ||
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0) {
         perror("socket");
+        return 1;
+    }
+    /* Before announcing readiness: the kernel records the arrival device only for datagrams
+     * queued after IP_PKTINFO / IPV6_RECVPKTINFO is on (ipsec_recvmsg turns it on too, late). */
+    if (me.ss_family == AF_INET ? setsockopt(fd, IPPROTO_IP, IP_PKTINFO, &one, sizeof one)
+                                : setsockopt(fd, IPPROTO_IPV6, IPV6_RECVPKTINFO, &one, sizeof one)) {
+        perror("pktinfo");
         return 1;
     }
     printf("ready: 1\n");
@@ -84,6 +92,8 @@ static int do_recv(const char *addr, const char *port)
     printf("privacyProtected: %u\n", (unsigned)v);
     if (ipsec_get_token_attr(p, IPSEC_API_ATTR_policyName, &nlen, name) == 0)
         printf("policyName: %s\n", name);
+    if (ipsec_get_token_attr(p, IPSEC_API_ATTR_informationString, &ilen, info) == 0)
+        printf("informationString: %s\n", info);
     ipsec_free_pToken(p);
     close(fd);
     return 0;

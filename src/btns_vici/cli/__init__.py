@@ -1,17 +1,17 @@
 """The ``btns`` command: sockets, SAs, events and tokens from the shell (the ``ss`` of IPsec).
 
 Console script ``btns = btns_vici.cli:main``; also ``python -m btns_vici.cli``.
+
+Start-up is what an operator waits for, so this module imports nothing but :mod:`sys`:
+the hot commands (``sockets``, ``sas``) are read by :mod:`.fastargs` (a few µs, no argparse),
+anything else (``--help``, ``--version``, the other commands, any word it does not know) by
+the full parser of :mod:`.parser`, which also makes the man page and the completions.
 """
 
 from __future__ import annotations
 
 import sys
-import traceback
-from collections.abc import Callable, Sequence
-from importlib import import_module
-
-from . import exits
-from .parser import build
+from collections.abc import Sequence
 
 #: command -> module with ``run(args) -> int`` (imported on use: `btns sas` loads no sock_diag)
 _COMMANDS = {
@@ -22,26 +22,46 @@ _COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``btns`` command; returns the exit code (see ``btns --help``)."""
-    args = build().parse_args(argv)
-    run: Callable = import_module(_COMMANDS[args.command]).run
+    from importlib import import_module
+
+    from .fastargs import parse_fast
+
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = parse_fast(words)
+    if args is None:
+        from .parser import build
+
+        args = build().parse_args(words)
+    run = import_module(_COMMANDS[args.command]).run
     try:
         return run(args)
     except KeyboardInterrupt:
+        from . import exits
+
         return exits.INTERRUPTED
     except Exception as exc:  # every failure becomes one line on stderr and a documented exit code
-        if isinstance(exc, exits.CliError):
-            message = exc.message
-        elif isinstance(exc, OSError):
-            message = exc.strerror or str(exc)
-        else:  # a bug: keep the traceback, but never exit 1 (which means "not protected")
-            traceback.print_exc()
-            message = f"internal error: {exc!r}"
-        code = exits.code_for(exc)
-        if code == exits.BACKEND:  # not answering because we may not ask? That is exit 4.
-            from .permission import diagnose
+        return _failed(args, exc)
 
-            denied = diagnose(args)
-            if denied is not None:
-                message, code = denied, exits.PERMISSION
-        print(f"btns {args.command}: {message}", file=sys.stderr)
-        return code
+
+def _failed(args: object, exc: Exception) -> int:
+    """One line on stderr for ``exc`` and its exit code (see ``exits``)."""
+    from . import exits
+
+    if isinstance(exc, exits.CliError):
+        message = exc.message
+    elif isinstance(exc, OSError):
+        message = exc.strerror or str(exc)
+    else:  # a bug: keep the traceback, but never exit 1 (which means "not protected")
+        import traceback
+
+        traceback.print_exc()
+        message = f"internal error: {exc!r}"
+    code = exits.code_for(exc)
+    if code == exits.BACKEND:  # not answering because we may not ask? That is exit 4.
+        from .permission import diagnose
+
+        denied = diagnose(args)  # type: ignore[arg-type]
+        if denied is not None:
+            message, code = denied, exits.PERMISSION
+    print(f"btns {args.command}: {message}", file=sys.stderr)  # type: ignore[attr-defined]
+    return code

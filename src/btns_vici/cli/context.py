@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
+import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-from ..backend import Backend
-from ..plugins import get_backend
-from . import exits, tbstate
+from . import exits
+
+if TYPE_CHECKING:
+    from ..backend import Backend
+    from ..core.records import IkeSA
+
+#: The built-in backend :func:`list_sas` reads without the plugin manager when it is named.
+BUILTIN = "strongswan"
 
 
-def backend_options(args: argparse.Namespace, netns_name: str | None = None) -> dict[str, str]:
+def backend_options(args: Any, netns_name: str | None = None) -> dict[str, str]:
     """``--vici-socket`` and ``--netns`` (or ``netns_name``) as backend options.
 
     A namespace of the testbed recorded by ``btns testbed up`` brings its charon's VICI
@@ -23,6 +29,8 @@ def backend_options(args: argparse.Namespace, netns_name: str | None = None) -> 
     if args.vici_socket:
         opts["vici_socket"] = args.vici_socket
     elif ns:
+        from . import tbstate
+
         state = tbstate.load(tbstate.state_path())
         peer = state.peer_in(ns) if state else None
         if peer is not None:
@@ -30,16 +38,53 @@ def backend_options(args: argparse.Namespace, netns_name: str | None = None) -> 
     return opts
 
 
-def open_backend(args: argparse.Namespace, netns_name: str | None = None) -> Backend:
+def backend_name(args: Any) -> str | None:
+    """``--backend``, else ``$BTNS_BACKEND``, else None (the default selection probes them all)."""
+    return args.backend or os.environ.get("BTNS_BACKEND") or None
+
+
+def open_backend(args: Any, netns_name: str | None = None) -> Backend:
     """``--backend`` (else $BTNS_BACKEND, else the first whose daemon answers) with the options.
 
     Raises CliError(BACKEND) when its daemon does not answer.
     """
+    from ..plugins import get_backend
+
     opts = backend_options(args, netns_name)
     backend = get_backend(args.backend, opts)
     if not backend.probe():
         raise exits.CliError(exits.BACKEND, f"backend {backend.name!r} does not answer ({options_text(opts)})")
     return backend
+
+
+def list_sas(args: Any, **filters: str | None) -> tuple[list[IkeSA], Backend | None]:
+    """The SAs of the backend the options select, and that backend when it had to be opened.
+
+    When the built-in strongSwan backend is named (``--backend strongswan`` or
+    ``$BTNS_BACKEND``), the listing is what its ``btns_list_sas`` hook answers
+    (:func:`btns_vici.strongswan.listing.list_records`, the same probe first) without
+    loading the plugin manager, the entry points and every other backend: (sas, None).
+    Otherwise (sas, the opened backend). ``filters`` (``ike``, ``ike_id``, ``child``,
+    ``child_id``) narrow the built-in listing in charon; the caller still selects exactly.
+    """
+    if backend_name(args) != BUILTIN:
+        backend = open_backend(args)
+        return backend.list_sas(), backend
+    from ..core.errors import DaemonDownError
+    from ..strongswan.listing import list_records, socket_path
+    from ..strongswan.session import ViciSession, timeouts
+
+    opts = backend_options(args)
+    timeout, list_timeout, probe_timeout = timeouts(opts)
+    session = ViciSession(socket_path(opts), timeout, list_timeout)
+    try:
+        try:
+            session.request("version", timeout=probe_timeout)
+        except DaemonDownError:
+            raise exits.CliError(exits.BACKEND, f"backend {BUILTIN!r} does not answer ({options_text(opts)})") from None
+        return list_records(session, **filters), None
+    finally:
+        session.close()
 
 
 def options_text(opts: Mapping[str, str]) -> str:

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..backend import Backend
-from ..core.constants import Setting
-from ..core.derive import ptoken_for, unprotected_ptoken
-from ..core.records import ChildSA, IkeSA, NotCarried, Protection, SocketView
-from ..core.selectors import Flow
-from ..core.tokens import IToken, PToken
-from .sockdiag import SocketEntry
+from ..core.records import NotCarried, SocketView
+
+if TYPE_CHECKING:  # the table of `btns sas` needs none of these (start-up: README "Benchmarks")
+    from ..backend import Backend
+    from ..core.constants import Setting
+    from ..core.records import ChildSA, IkeSA, Protection
+    from ..core.selectors import Flow
+    from ..core.tokens import IToken, PToken
+    from .sockdiag import SocketEntry
 
 PROTO_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
 
 
 def verify_view(view: SocketView, backend: Backend) -> tuple[Protection | None, PToken]:
     """The verified protection of the socket ``view`` and its pToken (as protection.ptoken_of, keeping the SA)."""
+    from ..core.derive import ptoken_for, unprotected_ptoken
+
     verdict = backend.protect(view)
     if isinstance(verdict, NotCarried):
         return None, unprotected_ptoken(view.flow, f"{verdict.reason} [socket {view.facts()}]")

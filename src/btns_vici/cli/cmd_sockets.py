@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from ..core.records import NotCarried
 from . import exits
 from .context import backend_name, list_sas, open_backend
-from .describe import PROTO_NAMES, entry_view, flow_dict, protection_cells, protection_dict, ptoken_dict
+from .describe import PROTO_NAMES, entry_view, protection_cells, protection_dict, ptoken_dict
 from .output import table
 from .sockdiag import SocketEntry, list_sockets, socket_holders
 from .ssfilter import LISTENING, FilterError, Selection, parse
@@ -22,7 +22,7 @@ from .ssfilter import LISTENING, FilterError, Selection, parse
 if TYPE_CHECKING:
     from ..backend import Backend
     from ..core.records import IkeSA, Protection, SocketView
-    from ..core.selectors import Flow
+    from ..core.selectors import Flow, IPAddress
 
 
 HEADERS = ("PROTO", "STATE", "LOCAL", "PEER", "PROCESS", "PROTECTION", "SPI-IN/OUT", "MODE", "ALG", "PEER-ID", "AUTH")
@@ -67,6 +67,24 @@ class Snapshot:
         self.name = name or (backend.name if backend is not None else "?")
         self._reach = _Reach(self.sas)
         self._clear_template: dict[str, Any] | None = None
+        self._text: dict[int, tuple[Any, str]] = {}  # id(address) -> (it, str(it)): sockets share addresses
+
+    def text(self, addr: Any) -> str:
+        """``str(addr)``, once per address object (ipaddress formats in pure Python)."""
+        known = self._text.get(id(addr))
+        if known is not None and known[0] is addr:
+            return known[1]
+        text = str(addr)
+        self._text[id(addr)] = (addr, text)
+        return text
+
+    def flow_text(self, entry: SocketEntry) -> str:
+        """``str(entry.flow)`` (core.selectors.Flow.__str__) from the cached address texts."""
+        name = PROTO_NAMES.get(entry.proto) or str(entry.proto)
+        la, ra = self.text(entry.local_addr), self.text(entry.remote_addr)
+        if entry.family == socket.AF_INET6:
+            return f"{name} [{la}]:{entry.local_port} -> [{ra}]:{entry.remote_port}"
+        return f"{name} {la}:{entry.local_port} -> {ra}:{entry.remote_port}"
 
     @property
     def backend(self) -> Backend:
@@ -82,10 +100,12 @@ class Snapshot:
 
     def covered(self, flow: Flow) -> bool:
         """Some installed CHILD_SA of the listing covers ``flow``."""
-        return self._reach.may_cover(flow) and any(ike.child_for(flow) is not None for ike in self.sas)
+        return self._reach.may_cover(flow.remote_addr) and any(ike.child_for(flow) is not None for ike in self.sas)
 
     def verdict(self, entry: SocketEntry, owners: list[tuple[int, str, int]]) -> tuple[Protection | None, str | None]:
         """(protection, None), or (None, why not) for a covered flow, or (None, None) when nothing covers it."""
+        if not entry.connected or not self._reach.may_cover(entry.remote_addr):
+            return None, None
         flow = entry.flow
         if flow is None or not self.covered(flow):
             return None, None
@@ -100,8 +120,11 @@ class Snapshot:
     def protection(self, entry: SocketEntry, owners: list[tuple[int, str, int]]) -> Protection | None:
         return self.verdict(entry, owners)[0]
 
-    def ptoken(self, flow: Flow, protection: Protection | None, reason: str | None = None) -> dict[str, Any]:
-        """ptoken_dict of the flow's pToken; for a clear flow from a template (see clear_ptoken_dict)."""
+    def ptoken(
+        self, flow: Flow, protection: Protection | None, reason: str | None = None, where: str | None = None
+    ) -> dict[str, Any]:
+        """ptoken_dict of the flow's pToken; for a clear flow from a template (see clear_ptoken_dict;
+        ``where``: ``str(flow)`` when the caller has it)."""
         from ..core.derive import ptoken_for, unprotected_ptoken
 
         if protection is not None:
@@ -110,7 +133,7 @@ class Snapshot:
             return ptoken_dict(unprotected_ptoken(flow, reason))
         if self._clear_template is None:
             self._clear_template = ptoken_dict(unprotected_ptoken(None, clear_reason(self.name)))
-        return clear_ptoken_dict(self._clear_template, flow)
+        return clear_ptoken_dict(self._clear_template, flow, where)
 
 
 class _Reach:
@@ -137,12 +160,17 @@ class _Reach:
                     merged.append([lo, hi])
             self._starts[version] = [lo for lo, _ in merged]
             self._ends[version] = [hi for _, hi in merged]
+        self._seen: dict[int, tuple[IPAddress, bool]] = {}  # id(address) -> (it, answer): sockets share them
 
-    def may_cover(self, flow: Flow) -> bool:
-        addr = flow.remote_addr
-        starts = self._starts[addr.version]
-        i = bisect.bisect_right(starts, int(addr)) - 1
-        return i >= 0 and int(addr) <= self._ends[addr.version][i]
+    def may_cover(self, addr: IPAddress) -> bool:
+        seen = self._seen.get(id(addr))
+        if seen is not None and seen[0] is addr:
+            return seen[1]
+        value = int(addr)
+        i = bisect.bisect_right(self._starts[addr.version], value) - 1
+        answer = i >= 0 and value <= self._ends[addr.version][i]
+        self._seen[id(addr)] = (addr, answer)
+        return answer
 
 
 def exact_view(entry: SocketEntry, owners: list[tuple[int, str, int]]) -> SocketView | None:
@@ -173,10 +201,11 @@ def clear_reason(backend: Backend | str) -> str:
     return f"no CHILD_SA verified in both {name} and the data plane covers it"
 
 
-def clear_ptoken_dict(template: dict[str, Any], flow: Flow) -> dict[str, Any]:
+def clear_ptoken_dict(template: dict[str, Any], flow: Flow, where: str | None = None) -> dict[str, Any]:
     """``ptoken_dict(unprotected_ptoken(flow, reason))`` from the flow-less one: only the two strings
-    naming the flow differ (tests/unit/test_cli_sockets_fast.py holds them equal)."""
-    where = str(flow)
+    naming the flow differ (tests/unit/test_cli_sockets_fast.py holds them equal). ``where``: ``str(flow)``."""
+    if where is None:
+        where = str(flow)
     d = dict(template)
     d["auditString"] = template["auditString"].replace("flow=this socket", f"flow={where}", 1)
     d["informationString"] = template["informationString"].replace("this socket", where, 1)
@@ -190,20 +219,31 @@ def describe(
     and (``with_token``) pToken."""
     flow = entry.flow
     protection, reason = snapshot.verdict(entry, owners)
-    token = snapshot.ptoken(flow, protection, reason) if flow is not None and with_token else None
+    local, remote, proto = snapshot.text(entry.local_addr), snapshot.text(entry.remote_addr), PROTO_NAMES[entry.proto]
+    token = None
+    if flow is not None and with_token:
+        token = snapshot.ptoken(flow, protection, reason, snapshot.flow_text(entry))
     return protection, {
-        "proto": PROTO_NAMES[entry.proto],
+        "proto": proto,
         "family": 4 if entry.family == socket.AF_INET else 6,
         "state": entry.state,
-        "local_addr": str(entry.local_addr),
+        "local_addr": local,
         "local_port": entry.local_port,
-        "remote_addr": str(entry.remote_addr),
+        "remote_addr": remote,
         "remote_port": entry.remote_port,
         "inode": entry.inode,
         "uid": entry.uid,
         "processes": [{"pid": pid, "comm": comm, "fd": fd} for pid, comm, fd in owners],
         "status": status_of(entry, protection is not None),
-        "flow": flow_dict(flow) if flow is not None else None,
+        "flow": None
+        if flow is None  # flow_dict(flow), from the texts above
+        else {
+            "proto": proto,
+            "local_addr": local,
+            "local_port": entry.local_port,
+            "remote_addr": remote,
+            "remote_port": entry.remote_port,
+        },
         "protection": protection_dict(protection) if protection is not None else None,
         "ptoken": token,
     }
@@ -236,20 +276,21 @@ class _Rows:
     def __init__(self, snapshot: Snapshot, holders: dict[int, list[tuple[int, str, int]]]) -> None:
         self.snapshot = snapshot
         self.holders = holders
-        self._addr: dict[Any, str] = {}
+        self._addr: dict[int, tuple[Any, str]] = {}  # id(address) -> (it, text): ipaddress hashes slowly
 
     def host(self, addr: Any) -> str:
-        text = self._addr.get(addr)
-        if text is None:
-            text = self._addr[addr] = f"[{addr}]" if addr.version == 6 else str(addr)
+        known = self._addr.get(id(addr))
+        if known is not None and known[0] is addr:
+            return known[1]
+        text = f"[{addr}]" if addr.version == 6 else str(addr)
+        self._addr[id(addr)] = (addr, text)
         return text
 
     def __call__(self, e: SocketEntry) -> list[Any]:
         held = self.holders.get(e.inode)
         procs = "users:(" + ",".join(f'("{c}",pid={p},fd={fd})' for p, c, fd in held) + ")" if held else ""
         local = f"{self.host(e.local_addr)}:{e.local_port}"
-        flow = e.flow
-        if flow is None:
+        if not e.connected:
             return [PROTO_NAMES[e.proto], e.state, local, "*", procs, status_of(e, False)]
         return [
             PROTO_NAMES[e.proto],

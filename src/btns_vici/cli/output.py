@@ -43,14 +43,26 @@ def emit_json(obj: Any, out: TextIO | None = None, *, line: bool = False) -> Non
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], out: TextIO | None = None) -> None:
-    """An aligned table; the last column is not padded. ``None`` cells print as ``-``."""
+    """An aligned table; the last cell of a row is not padded (but counts for its column's width).
+    ``None`` and empty cells print as ``-``.
+
+    Rows may be shorter than the header (``btns sockets``: a listening socket has no protection
+    cells). Assembled once and written in one piece (10,000 rows: a few ms, not 10,000 writes).
+    """
     out = out or sys.stdout
-    cells = [[("-" if c is None or c == "" else str(c)) for c in row] for row in rows]
+    cells = [[c if c.__class__ is str and c else "-" if c is None or c == "" else str(c) for c in row] for row in rows]
     widths = [len(h) for h in headers]
-    for row in cells:
-        for i, c in enumerate(row):
-            widths[i] = max(widths[i], len(c))
+    for i in range(len(widths)):
+        column = [len(row[i]) for row in cells if len(row) > i]
+        if column:
+            widths[i] = max(widths[i], max(column))
+    formats: dict[int, str] = {}
+    lines = []
     for row in [list(headers), *cells]:
-        padded = [c.ljust(widths[i]) for i, c in enumerate(row[:-1])] + [row[-1]]
-        out.write("  ".join(padded).rstrip() + "\n")
+        n = len(row)
+        fmt = formats.get(n)
+        if fmt is None:
+            fmt = formats[n] = "".join(f"{{:<{w}}}  " for w in widths[: n - 1]) + "{}"
+        lines.append(fmt.format(*row).rstrip())
+    out.write("\n".join(lines) + "\n")
     out.flush()

@@ -9,12 +9,11 @@ as ``ss`` does.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
-import struct
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from .. import netns
 from ..core.selectors import Flow, IPAddress
@@ -71,9 +70,9 @@ class SocketEntry:
     @property
     def connected(self) -> bool:
         """Has a peer, hence a flow (LISTEN and unconnected UDP sockets have none)."""
-        return self.state != "LISTEN" and self.remote_port != 0 and not self.remote_addr.is_unspecified
+        return self.state != "LISTEN" and self.remote_port != 0 and int(self.remote_addr) != 0  # not :: / 0.0.0.0
 
-    @property
+    @cached_property  # (a listing asks each connected socket several times; frozen fields never change)
     def flow(self) -> Flow | None:
         if not self.connected:
             return None
@@ -101,51 +100,29 @@ def list_sockets(
         raise PermissionError(1, f"entering network namespace {netns_name!r} needs CAP_SYS_ADMIN (root)") from None
     mask = state_mask(states)
     out: list[SocketEntry] = []
+    names = STATES
     with diag:
         seq = 0
-        for _, proto in PROTOCOLS:
+        for _, proto in PROTOCOLS:  # (protocol, family) in ascending order: each dump sorted, then joined
             if protocols is not None and proto not in protocols:
                 continue
             for family in FAMILIES:
                 if families is not None and family not in families:
                     continue
                 seq += 1
-                for msg in _inetdiag.dump(diag, family, proto, mask, seq=seq):
-                    out.append(_entry(msg, proto, family))
-    return sorted(
-        out,
-        key=lambda e: (
-            e.proto,
-            e.family,
-            e.local_addr.packed,
-            e.local_port,
-            e.remote_addr.packed,
-            e.remote_port,
-            e.inode,
-        ),
-    )
+                rows = _inetdiag.rows(diag, family, proto, mask, seq=seq)
+                rows.sort(key=_row_order)
+                out += [
+                    SocketEntry(proto, family, names.get(st) or str(st), src, sp, dst, dp, inode, uid, ifindex, mark)
+                    for st, sp, dp, src, dst, ifindex, uid, inode, mark in rows
+                ]
+    return out
 
 
-def _entry(msg: dict, proto: int, family: int) -> SocketEntry:
-    return SocketEntry(
-        proto=proto,
-        family=family,
-        state=STATES.get(msg["idiag_state"], str(msg["idiag_state"])),
-        local_addr=msg["src_addr"] if "src_addr" in msg else ipaddress.ip_address(msg["idiag_src"]),
-        local_port=msg["idiag_sport"],
-        remote_addr=msg["dst_addr"] if "dst_addr" in msg else ipaddress.ip_address(msg["idiag_dst"]),
-        remote_port=msg["idiag_dport"],
-        inode=msg["idiag_inode"],
-        uid=msg["idiag_uid"],
-        bound_ifindex=msg["idiag_if"],
-        mark=_mark(msg),
-    )
-
-
-def _mark(msg: dict) -> int | None:
-    """INET_DIAG_MARK (shown only to CAP_NET_ADMIN holders), None if absent."""
-    raw = _inetdiag.attributes(msg).get(INET_DIAG_MARK, b"")
-    return struct.unpack("=I", raw[:4])[0] if len(raw) >= 4 else None
+def _row_order(r: tuple) -> tuple:
+    """As ``ss`` sorts: local address, port, peer address, port, inode (same family: the integer
+    value orders as the packed bytes do)."""
+    return (int(r[3]), r[1], int(r[4]), r[2], r[7])
 
 
 def socket_holders() -> dict[int, list[tuple[int, str, int]]]:

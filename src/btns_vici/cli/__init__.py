@@ -27,6 +27,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .fastargs import parse_fast
 
     words = list(sys.argv[1:] if argv is None else argv)
+    if words in (["--version"], ["-V"]):  # what argparse's version action prints, without argparse
+        from .._version import __version__
+
+        print(f"btns {__version__}")
+        return 0
     args = parse_fast(words)
     if args is None:
         from .parser import build

@@ -19,7 +19,7 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..backend import Enforcement
 from ..core.constants import Attr, AuthMethod, Setting
@@ -35,7 +35,9 @@ from ..core.requirements import (
 from ..core.tokens import PToken
 from ..guard import LIBIPSEC, XFRM
 from ..hookspecs import hookimpl
-from ..hostkey import HostIdentity
+
+if TYPE_CHECKING:  # hostkey imports cryptography: loaded when a key is, not with the plugin
+    from ..hostkey import HostIdentity
 
 #: ESP proposals the library offers, in preference order, with their (privacy, integrity) levels.
 #: Non-GCM first: kernel-libipsec has no AES-GCM unless charon loads the gcm plugin.
@@ -118,7 +120,7 @@ def local_identity(demand: PToken, options: Mapping[str, str]) -> HostIdentity:
     Every ``*.key`` (PKCS#8 PEM, owner-only) in the key directory is one of our identities; a
     remote_iToken pinning a pubKeyID selects the key whose public half it is (ENOKEY if none).
     """
-    from ..hostkey import _check_private, key_dir, load_or_create
+    from ..hostkey import HostIdentity, _check_private, key_dir, load_or_create
 
     default = load_or_create(options.get("key_dir"))
     tok = demand.remote_itoken

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ..core.records import NotCarried
+from ..core.selectors import normalize_address
 from . import exits
 from .context import backend_name, list_sas, open_backend
 from .describe import PROTO_NAMES, entry_view, protection_cells, protection_dict, ptoken_dict
@@ -166,9 +167,10 @@ class _Reach:
         seen = self._seen.get(id(addr))
         if seen is not None and seen[0] is addr:
             return seen[1]
-        value = int(addr)
-        i = bisect.bisect_right(self._starts[addr.version], value) - 1
-        answer = i >= 0 and value <= self._ends[addr.version][i]
+        seen_as = normalize_address(addr)  # ::ffff:a.b.c.d is matched as a.b.c.d (core.selectors.flow_covered)
+        value = int(seen_as)
+        i = bisect.bisect_right(self._starts[seen_as.version], value) - 1
+        answer = i >= 0 and value <= self._ends[seen_as.version][i]
         self._seen[id(addr)] = (addr, answer)
         return answer
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
-import json
 import os
 import socket
 import sys
@@ -307,6 +306,8 @@ class _Rows:
 def emit_array(items: list[dict[str, Any]], out: TextIO | None = None) -> None:
     """A JSON array with one socket per line: the dicts are plain JSON values already, so the C
     encoder does the work (an indented dump goes through json's pure-Python encoder: 4x slower)."""
+    import json  # (on use: a table needs no JSON)
+
     out = out or sys.stdout
     if not items:
         out.write("[]\n")

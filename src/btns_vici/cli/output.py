@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import ipaddress
-import json
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
@@ -36,6 +35,8 @@ def jsonable(obj: Any) -> Any:
 
 def emit_json(obj: Any, out: TextIO | None = None, *, line: bool = False) -> None:
     """One JSON document (indented), or one JSON line (``line``), flushed."""
+    import json  # (on use: a table needs no JSON)
+
     out = out or sys.stdout
     text = json.dumps(jsonable(obj), separators=(",", ":")) if line else json.dumps(jsonable(obj), indent=2)
     out.write(text + "\n")

@@ -2,7 +2,8 @@
 
 Console script ``btns = btns_vici.cli:main``; also ``python -m btns_vici.cli``.
 
-Start-up is what an operator waits for, so this module imports nothing but :mod:`sys`:
+Start-up is what an operator waits for, so this module imports nothing but :mod:`sys` (and
+:mod:`gc`, built in):
 the hot commands (``sockets``, ``sas``) are read by :mod:`.fastargs` (a few µs, no argparse),
 anything else (``--help``, ``--version``, the other commands, any word it does not know) by
 the full parser of :mod:`.parser`, which also makes the man page and the completions.
@@ -10,6 +11,7 @@ the full parser of :mod:`.parser`, which also makes the man page and the complet
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Sequence
 
@@ -18,6 +20,8 @@ _COMMANDS = {
     name: f"{__name__}.cmd_{name}"
     for name in ("sockets", "sas", "watch", "token", "testbed", "demo", "man", "completion", "daemon", "peers")
 }
+#: one-shot listings that run without the cyclic garbage collector (see main)
+_LISTINGS = frozenset({"sockets", "sas"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,6 +42,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         args = build().parse_args(words)
     run = import_module(_COMMANDS[args.command]).run
+    # A listing allocates an object or ten per socket and per SA and frees them all by reference
+    # counting; the cyclic collector would walk them again and again (a third of a 10,000-socket
+    # `btns sockets`). Off for the one-shot listings only, and back on afterwards (main() may run
+    # inside a longer-lived process, e.g. the tests).
+    collecting = args.command in _LISTINGS and gc.isenabled()
+    if collecting:
+        gc.disable()
     try:
         return run(args)
     except KeyboardInterrupt:
@@ -46,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exits.INTERRUPTED
     except Exception as exc:  # every failure becomes one line on stderr and a documented exit code
         return _failed(args, exc)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _failed(args: object, exc: Exception) -> int:

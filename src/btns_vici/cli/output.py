@@ -53,10 +53,12 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], out: TextIO | N
     out = out or sys.stdout
     cells = [[c if c.__class__ is str and c else "-" if c is None or c == "" else str(c) for c in row] for row in rows]
     widths = [len(h) for h in headers]
-    for i in range(len(widths)):
-        column = [len(row[i]) for row in cells if len(row) > i]
-        if column:
-            widths[i] = max(widths[i], max(column))
+    by_length: dict[int, list[list[str]]] = {}
+    for row in cells:
+        by_length.setdefault(len(row), []).append(row)
+    for group in by_length.values():  # rows of one length: their columns by zip, measured in C
+        for i, column in enumerate(zip(*group, strict=True)):
+            widths[i] = max(widths[i], max(map(len, column)))
     formats: dict[int, str] = {}
     lines = []
     for row in [list(headers), *cells]:

@@ -139,20 +139,26 @@ def socket_holders() -> dict[int, list[tuple[int, str, int]]]:
         base = f"/proc/{name}/fd/"
         try:
             fds = os.listdir(base)
-            with open(f"/proc/{name}/comm") as f:
-                comm = f.read().strip()
         except OSError:
             continue
         pid = int(name)
+        comm = None
         for fd in fds:
             try:
                 target = readlink(base + fd)
             except OSError:
                 continue
             if target.startswith("socket:["):
+                if comm is None:  # read once, for processes that hold a socket
+                    try:
+                        with open(f"/proc/{name}/comm") as f:
+                            comm = f.read().strip()
+                    except OSError:
+                        break  # gone meanwhile: skipped, as ss does
                 holders.setdefault(int(target[8:-1]), []).append((pid, comm, int(fd)))
     for held in holders.values():
-        held.sort(key=lambda h: (h[0], h[2]))
+        if len(held) > 1:
+            held.sort(key=lambda h: (h[0], h[2]))
     return holders
 
 

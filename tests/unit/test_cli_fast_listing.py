@@ -5,7 +5,8 @@
 * _inetdiag.rows (one struct unpack, the mark found inline) reports what _inetdiag.dump does;
 * Snapshot.flow_text is str(Flow), and the reach prefilter answers "maybe" for every remote
   address some installed CHILD_SA's remote selector spans (and only for those);
-* strongswan.parse's selector caches give the selectors an uncached parse gives.
+* strongswan.parse's selector caches give the selectors an uncached parse gives;
+* the JSON lines of `btns --json sockets` (the clear pToken spliced) are emit_array's.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from btns_vici.cli import _inetdiag
-from btns_vici.cli.cmd_sockets import Snapshot, _Reach
+from btns_vici.cli.cmd_sockets import Snapshot, _Lines, _Reach, describe, emit_array, emit_lines
 from btns_vici.cli.output import table
-from btns_vici.cli.sockdiag import SocketEntry
+from btns_vici.cli.sockdiag import SocketEntry, list_sockets, socket_holders
 from btns_vici.core.constants import AuthMethod
 from btns_vici.core.records import ChildSA, Identity, IkeSA
 from btns_vici.core.selectors import TrafficSelector
@@ -192,3 +193,31 @@ def test_cached_selectors_are_the_uncached_ones(addr, rest):
     parse._TS_CACHE.clear()
     parse._RANGE_CACHE.clear()
     assert parse.parse_ts(spec) == first
+
+
+def test_json_lines_are_emit_arrays_lines():
+    """`btns --json sockets` lines (cmd_sockets._Lines) against emit_array(describe(...)): this host's
+    sockets, listening, unconnected and connected (clear: the snapshot has no SAs)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    cli = socket.create_connection(srv.getsockname())
+    acc, _ = srv.accept()
+    srv6 = socket.socket(socket.AF_INET6)
+    srv6.bind(("::1", 0))
+    srv6.listen(1)
+    cli6 = socket.create_connection(srv6.getsockname()[:2])
+    acc6, _ = srv6.accept()
+    try:
+        entries = list_sockets(None)
+        holders = socket_holders()
+        snap = Snapshot(None, [], name="strongswan")
+        want = io.StringIO()
+        emit_array([describe(e, snap, holders.get(e.inode, []))[1] for e in entries], want)
+        got = io.StringIO()
+        emit_lines(list(map(_Lines(Snapshot(None, [], name="strongswan"), holders), entries)), got)
+        assert got.getvalue() == want.getvalue()
+        assert sum(e.flow is not None for e in entries) >= 4
+    finally:
+        for s in (srv, cli, acc, srv6, cli6, acc6):
+            s.close()

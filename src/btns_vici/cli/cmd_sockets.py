@@ -131,9 +131,15 @@ class Snapshot:
             return ptoken_dict(ptoken_for(protection))
         if reason is not None:
             return ptoken_dict(unprotected_ptoken(flow, reason))
+        return clear_ptoken_dict(self.clear_template(), flow, where)
+
+    def clear_template(self) -> dict[str, Any]:
+        """ptoken_dict of the flow-less clear pToken (see clear_ptoken_dict), made once."""
         if self._clear_template is None:
+            from ..core.derive import unprotected_ptoken
+
             self._clear_template = ptoken_dict(unprotected_ptoken(None, clear_reason(self.name)))
-        return clear_ptoken_dict(self._clear_template, flow, where)
+        return self._clear_template
 
 
 class _Reach:
@@ -202,7 +208,7 @@ def clear_reason(backend: Backend | str) -> str:
     return f"no CHILD_SA verified in both {name} and the data plane covers it"
 
 
-def clear_ptoken_dict(template: dict[str, Any], flow: Flow, where: str | None = None) -> dict[str, Any]:
+def clear_ptoken_dict(template: dict[str, Any], flow: Flow | None, where: str | None = None) -> dict[str, Any]:
     """``ptoken_dict(unprotected_ptoken(flow, reason))`` from the flow-less one: only the two strings
     naming the flow differ (tests/unit/test_cli_sockets_fast.py holds them equal). ``where``: ``str(flow)``."""
     if where is None:
@@ -218,36 +224,49 @@ def describe(
 ) -> tuple[Protection | None, dict]:
     """One socket: sock_diag facts, its processes, and for a connected one its verified protection
     and (``with_token``) pToken."""
+    protection, reason, d = facts(entry, snapshot, owners)
+    flow = entry.flow
+    if flow is not None and with_token:
+        d["ptoken"] = snapshot.ptoken(flow, protection, reason, snapshot.flow_text(entry))
+    return protection, d
+
+
+def facts(
+    entry: SocketEntry, snapshot: Snapshot, owners: list[tuple[int, str, int]]
+) -> tuple[Protection | None, str | None, dict]:
+    """(protection, why a covered flow is not protected, :func:`describe`'s dict with ``ptoken`` None,
+    its last key)."""
     flow = entry.flow
     protection, reason = snapshot.verdict(entry, owners)
     local, remote, proto = snapshot.text(entry.local_addr), snapshot.text(entry.remote_addr), PROTO_NAMES[entry.proto]
-    token = None
-    if flow is not None and with_token:
-        token = snapshot.ptoken(flow, protection, reason, snapshot.flow_text(entry))
-    return protection, {
-        "proto": proto,
-        "family": 4 if entry.family == socket.AF_INET else 6,
-        "state": entry.state,
-        "local_addr": local,
-        "local_port": entry.local_port,
-        "remote_addr": remote,
-        "remote_port": entry.remote_port,
-        "inode": entry.inode,
-        "uid": entry.uid,
-        "processes": [{"pid": pid, "comm": comm, "fd": fd} for pid, comm, fd in owners],
-        "status": status_of(entry, protection is not None),
-        "flow": None
-        if flow is None  # flow_dict(flow), from the texts above
-        else {
+    return (
+        protection,
+        reason,
+        {
             "proto": proto,
+            "family": 4 if entry.family == socket.AF_INET else 6,
+            "state": entry.state,
             "local_addr": local,
             "local_port": entry.local_port,
             "remote_addr": remote,
             "remote_port": entry.remote_port,
+            "inode": entry.inode,
+            "uid": entry.uid,
+            "processes": [{"pid": pid, "comm": comm, "fd": fd} for pid, comm, fd in owners],
+            "status": status_of(entry, protection is not None),
+            "flow": None
+            if flow is None  # flow_dict(flow), from the texts above
+            else {
+                "proto": proto,
+                "local_addr": local,
+                "local_port": entry.local_port,
+                "remote_addr": remote,
+                "remote_port": entry.remote_port,
+            },
+            "protection": protection_dict(protection) if protection is not None else None,
+            "ptoken": None,
         },
-        "protection": protection_dict(protection) if protection is not None else None,
-        "ptoken": token,
-    }
+    )
 
 
 def users(processes: list[dict[str, Any]]) -> str:
@@ -306,15 +325,60 @@ class _Rows:
 def emit_array(items: list[dict[str, Any]], out: TextIO | None = None) -> None:
     """A JSON array with one socket per line: the dicts are plain JSON values already, so the C
     encoder does the work (an indented dump goes through json's pure-Python encoder: 4x slower)."""
+    emit_lines(list(map(_encoder(), items)), out)
+
+
+def emit_lines(lines: list[str], out: TextIO | None = None) -> None:
+    """:func:`emit_array` of items already encoded, one per line."""
+    out = out or sys.stdout
+    out.write("[\n  " + ",\n  ".join(lines) + "\n]\n" if lines else "[]\n")
+    out.flush()
+
+
+def _encoder() -> Callable[[Any], str]:
     import json  # (on use: a table needs no JSON)
 
-    out = out or sys.stdout
-    if not items:
-        out.write("[]\n")
-    else:
-        dumps = json.JSONEncoder(separators=(", ", ": ")).encode
-        out.write("[\n  " + ",\n  ".join(map(dumps, items)) + "\n]\n")
-    out.flush()
+    return json.JSONEncoder(separators=(", ", ": ")).encode
+
+
+class _Lines:
+    """The lines of ``emit_array([describe(e, ...)[1] for e in entries])``, each socket encoded once.
+
+    The pToken of a flow nothing covers (nearly every socket of a big listing) is the clear
+    template's JSON text with the flow's text spliced in where clear_ptoken_dict puts it (JSON
+    escapes character by character: the escaped flow text is what encoding the whole string gives),
+    not a dict copied and encoded again per socket. tests/unit/test_cli_fast_listing.py holds the
+    lines equal to emit_array's.
+    """
+
+    MARK = "\x00btns-flow\x00"  # (no pToken text holds a NUL)
+
+    def __init__(self, snapshot: Snapshot, holders: dict[int, list[tuple[int, str, int]]]) -> None:
+        self.snapshot = snapshot
+        self.holders = holders
+        self.encode = _encoder()
+        self._pieces: list[str] | None = None
+
+    def clear_token(self, where: str) -> str:
+        """``encode(snapshot.ptoken(flow, None))`` for a flow whose text is ``where``."""
+        if self._pieces is None:
+            marked = clear_ptoken_dict(self.snapshot.clear_template(), None, self.MARK)  # type: ignore[arg-type]
+            self._pieces = self.encode(marked).split(self.encode(self.MARK)[1:-1])
+        return self.encode(where)[1:-1].join(self._pieces)
+
+    def __call__(self, e: SocketEntry) -> str:
+        snap = self.snapshot
+        protection, reason, d = facts(e, snap, self.holders.get(e.inode, []))
+        text = self.encode(d)
+        flow = e.flow
+        if flow is None:
+            return text
+        where = snap.flow_text(e)
+        if protection is None and reason is None:
+            token = self.clear_token(where)
+        else:
+            token = self.encode(snap.ptoken(flow, protection, reason, where))
+        return text[: -len("null}")] + token + "}"  # the dict ends with "ptoken": null
 
 
 def selection(args: Any) -> tuple[Selection, set[int] | None, set[int] | None]:
@@ -420,7 +484,7 @@ def run(args: Any) -> int:
     snapshot = _snapshot(args)
     holders = socket_holders()
     if args.json:
-        emit_array([describe(e, snapshot, holders.get(e.inode, []))[1] for e in entries])
+        emit_lines(list(map(_Lines(snapshot, holders), entries)))
     else:
         table(HEADERS, list(map(_Rows(snapshot, holders), entries)))
     return exits.OK

@@ -33,6 +33,17 @@ HEADERS = (
 def rows(sas: list[IkeSA]) -> list[list[Any]]:
     """One row per CHILD_SA; an IKE_SA without children gets one row of its own."""
     out = []
+    texts: dict[int, tuple[Any, str]] = {}  # id(selector) -> (it, str(it)): children share selectors
+
+    def ts_text(selectors: tuple[Any, ...]) -> str:
+        parts = []
+        for ts in selectors:
+            known = texts.get(id(ts))
+            if known is None or known[0] is not ts:
+                known = texts[id(ts)] = (ts, str(ts))
+            parts.append(known[1])
+        return ",".join(parts)
+
     for ike in sas:
         head = [
             f"{ike.name}#{ike.uniqueid}",
@@ -53,8 +64,8 @@ def rows(sas: list[IkeSA]) -> list[list[Any]]:
                     f"{c.protocol}/{c.mode}".lower(),
                     spis(c),
                     alg_text(c),
-                    ",".join(map(str, c.local_ts)),
-                    ",".join(map(str, c.remote_ts)),
+                    ts_text(c.local_ts),
+                    ts_text(c.remote_ts),
                 ]
             )
     return out

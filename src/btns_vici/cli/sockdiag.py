@@ -15,7 +15,6 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
-from .. import netns
 from ..core.selectors import Flow, IPAddress
 from . import _inetdiag
 
@@ -91,13 +90,10 @@ def list_sockets(
     ``protocols`` (IPPROTO_TCP/UDP), ``families`` (AF_INET/AF_INET6) and ``states`` (names of
     :data:`STATES`) narrow the dump in the kernel; None selects all.
     """
-    if netns_name and not os.path.exists(netns.netns_path(netns_name)):
-        raise FileNotFoundError(2, f"no network namespace {netns_name!r} (see `ip netns list`)")
-    try:
-        with netns.entered(netns_name):
-            diag = _inetdiag.open_socket()
-    except PermissionError:
-        raise PermissionError(1, f"entering network namespace {netns_name!r} needs CAP_SYS_ADMIN (root)") from None
+    if not netns_name:  # ours: no setns (and no ctypes to import for it)
+        diag = _inetdiag.open_socket()
+    else:
+        diag = _in_netns(netns_name)
     mask = state_mask(states)
     out: list[SocketEntry] = []
     names = STATES
@@ -117,6 +113,19 @@ def list_sockets(
                     for st, sp, dp, src, dst, ifindex, uid, inode, mark in rows
                 ]
     return out
+
+
+def _in_netns(name: str) -> socket.socket:
+    """A sock_diag socket opened inside network namespace ``name`` (it keeps that namespace)."""
+    from .. import netns
+
+    if not os.path.exists(netns.netns_path(name)):
+        raise FileNotFoundError(2, f"no network namespace {name!r} (see `ip netns list`)")
+    try:
+        with netns.entered(name):
+            return _inetdiag.open_socket()
+    except PermissionError:
+        raise PermissionError(1, f"entering network namespace {name!r} needs CAP_SYS_ADMIN (root)") from None
 
 
 def _row_order(r: tuple) -> tuple:

@@ -135,3 +135,15 @@ def test_fast_answer_is_argparse_answer(argv):
     fast = parse_fast(argv)
     if fast is not None:
         assert vars(fast) == full(argv), argv
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version_without_argparse_prints_what_argparse_prints(flag, capsys):
+    from btns_vici.cli import main
+
+    assert main([flag]) == 0
+    fast = capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        PARSER.parse_args([flag])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == fast == f"btns {__import__('btns_vici').__version__}\n"

@@ -11,9 +11,20 @@ from typing import Any, TextIO
 
 from ..core.selectors import TrafficSelector
 
+#: a record class -> its field names (dataclasses.fields is slow: a listing of 1,000 CHILD_SAs asks
+#: for the same few classes 1,000 times)
+_FIELDS: dict[type, tuple[str, ...]] = {}
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
 
 def jsonable(obj: Any) -> Any:
     """Plain JSON values from records: dataclasses, enums (by name), addresses, bytes (hex)."""
+    cls = obj.__class__
+    if cls in _PLAIN:  # (exactly these: an IntEnum is an int but prints by name)
+        return obj
+    names = _FIELDS.get(cls)
+    if names is not None:
+        return {n: jsonable(getattr(obj, n)) for n in names}
     if obj is None or isinstance(obj, bool | str):
         return obj
     if isinstance(obj, enum.Enum):
@@ -25,7 +36,8 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, ipaddress.IPv4Address | ipaddress.IPv6Address | TrafficSelector):
         return str(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(obj))
+        return {n: jsonable(getattr(obj, n)) for n in names}
     if isinstance(obj, Mapping):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, Sequence | set | frozenset):

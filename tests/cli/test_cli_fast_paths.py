@@ -1,11 +1,19 @@
-"""The built-in backend named (`--backend strongswan`) takes the short path (cli/context.list_sas:
-strongswan/listing.py straight, no plugin manager; list-sas filters sent to charon; the full
-backend opened only for covered flows). It must answer what the default selection (the plugin
-manager, every backend probed, Backend.list_sas and Backend.protect) answers, on the testbed."""
+"""The short path of `btns sas` / `btns sockets` (cli/context.list_sas: strongswan/listing.py
+straight, no plugin manager; list-sas filters sent to charon; the full backend opened only for
+covered flows), taken when the built-in backend is named and when none is and charon answers,
+must answer what the library's full path answers (plugins.get_backend: Backend.list_sas through
+the hook, Backend.protect), on the testbed."""
 
 from __future__ import annotations
 
 import socket
+from types import SimpleNamespace
+
+from btns_vici.cli.cmd_sas import select
+from btns_vici.cli.cmd_sockets import Snapshot, describe
+from btns_vici.cli.output import jsonable
+from btns_vici.cli.sockdiag import list_sockets, socket_holders
+from btns_vici.plugins import get_backend
 
 from .conftest import btns, btns_json, peer_args
 
@@ -21,34 +29,47 @@ def _stable(sas: list[dict]) -> list[dict]:
     return out
 
 
-def test_sas_short_path_answers_what_the_plugin_manager_answers(tb, conn):
-    default = btns_json("sas", *peer_args(tb.a))
-    named = btns_json("--backend", "strongswan", "sas", *peer_args(tb.a))
-    assert any(sa["name"] == conn for sa in named)
-    assert _stable(named) == _stable(default)
-    for flags in (["--ike", conn], ["--child", "host"], ["--ike", conn, "--child", "nosuchchild"], ["--ike-id", "x"]):
-        assert _stable(btns_json("--backend", "strongswan", "sas", *flags, *peer_args(tb.a))) == _stable(
-            btns_json("sas", *flags, *peer_args(tb.a))
-        ), flags
+def _library(peer) -> object:
+    return get_backend("strongswan", {"netns": peer.netns, "vici_socket": peer.vici_path})
 
 
-def test_sockets_short_path_answers_what_the_plugin_manager_answers(tb, conn, pair_factory):
+def test_sas_short_path_answers_what_the_library_answers(tb, conn):
+    full = _library(tb.a).list_sas()
+    want = _stable(jsonable(full))
+    assert any(sa["name"] == conn for sa in want)
+    assert _stable(btns_json("sas", *peer_args(tb.a))) == want
+    assert _stable(btns_json("--backend", "strongswan", "sas", *peer_args(tb.a))) == want
+    for flags, sel in (
+        (["--ike", conn], {"ike": conn}),
+        (["--child", "host"], {"child": "host"}),
+        (["--ike", conn, "--child", "nosuchchild"], {"ike": conn, "child": "nosuchchild"}),
+        (["--ike-id", "x"], {"ike_id": "x"}),
+    ):
+        args = SimpleNamespace(**{"ike": None, "ike_id": None, "child": None, "child_id": None, **sel})
+        assert _stable(btns_json("sas", *flags, *peer_args(tb.a))) == _stable(jsonable(select(full, args))), flags
+
+
+def test_sockets_short_path_answers_what_the_library_answers(tb, conn, pair_factory):
     protected, _ = pair_factory(socket.IPPROTO_TCP, 4)
     port = protected.getsockname()[1]
-    default = btns_json("sockets", "--connected", *peer_args(tb.a))
-    named = btns_json("--backend", "strongswan", "sockets", "--connected", *peer_args(tb.a))
+    snap, holders = Snapshot(_library(tb.a)), socket_holders()
+    full = [describe(e, snap, holders.get(e.inode, []))[1] for e in list_sockets(tb.a.netns) if e.connected]
 
     def by_flow(entries: list[dict]) -> dict:
         return {(e["proto"], e["local_addr"], e["local_port"], e["remote_addr"], e["remote_port"]): e for e in entries}
 
-    mine = next(e for e in named if e["proto"] == "tcp" and e["local_port"] == port)
-    assert mine["status"] == "protected" and mine["protection"]["sa"] == f"{conn}/host"
-    assert mine["ptoken"]["protected"] is True
-    d, n = by_flow(default), by_flow(named)
-    for key in d.keys() & n.keys():  # sockets present in both listings (some may come and go)
-        assert (n[key]["status"], n[key]["protection"]) == (d[key]["status"], d[key]["protection"]), key
-        assert n[key]["ptoken"] == d[key]["ptoken"], key
-    table = btns("--backend", "strongswan", "sockets", *peer_args(tb.a))
+    want = by_flow(full)
+    for named in ([], ["--backend", "strongswan"]):
+        got = btns_json(*named, "sockets", "--connected", *peer_args(tb.a))
+        mine = next(e for e in got if e["proto"] == "tcp" and e["local_port"] == port)
+        assert mine["status"] == "protected" and mine["protection"]["sa"] == f"{conn}/host"
+        assert mine["ptoken"]["protected"] is True
+        have = by_flow(got)
+        assert (mine["proto"], mine["local_addr"], port, mine["remote_addr"], mine["remote_port"]) in want
+        for key in want.keys() & have.keys():  # sockets present in both listings (some come and go)
+            assert (have[key]["status"], have[key]["protection"]) == (want[key]["status"], want[key]["protection"])
+            assert have[key]["ptoken"] == want[key]["ptoken"], key
+    table = btns("sockets", *peer_args(tb.a))
     assert table.returncode == 0, table.stderr
     row = next(line for line in table.stdout.splitlines() if f":{port} " in line and line.startswith("tcp"))
     assert f"{conn}/host" in row and "BTNS" in row

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from ..core.records import NotCarried
 from ..core.selectors import normalize_address
 from . import exits
-from .context import backend_name, list_sas, open_backend
+from .context import BUILTIN, list_sas, open_backend
 from .describe import PROTO_NAMES, entry_view, protection_cells, protection_dict, ptoken_dict
 from .output import table
 from .sockdiag import SocketEntry, list_sockets, socket_holders
@@ -468,7 +468,7 @@ def _snapshot(args: Any) -> Snapshot:
     sas, backend = list_sas(args)
     if backend is not None:
         return Snapshot(backend, sas)
-    return Snapshot(None, sas, lambda: open_backend(args), backend_name(args))
+    return Snapshot(None, sas, lambda: open_backend(args), BUILTIN)  # (list_sas listed the built-in)
 
 
 def run(args: Any) -> int:

@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/bench_cli.py [--sockets 10,10000] [--sas 1,1000] [--runs 7] [--btns PATH]
                                              [--before PATH]   # e.g. an older checkout's btns, same runs
 
-On the host testbed (two namespaces, one charon each, btns_vici.testbed):
+On the host testbed (two namespaces, one charon each, btns_vici.testbed); every btns command
+names the backend (``--backend strongswan``) except the rows "(no --backend)", the default
+selection an operator gets when typing just ``btns sas``:
 
 * sockets: N sockets in namespace A (N/2 TCP connections over A's loopback, all clear) plus one
   protected TCP connection A->B; both tools run under ``nsenter --net=/run/netns/A``, btns with
@@ -115,9 +117,13 @@ def main() -> None:
     rows: list[tuple[str, str, float | None, tuple[float, float] | None, float]] = []
 
     def both(prefix: list[str], rest: list[str]) -> tuple[tuple[float, float] | None, float | None]:
-        """((btns wall, cpu), before wall) for `btns GLOBALS REST` run under ``prefix``."""
-        mine = timed([*prefix, args.btns, *globals_, *rest], args.runs)
-        old = wall([*prefix, args.before, *globals_, *rest], args.runs) if args.before else None
+        """((btns wall, cpu), before wall) for `btns GLOBALS REST` run under ``prefix``; a REST that
+        starts with "default" runs without --backend (the default selection, what an operator types)."""
+        chosen = globals_
+        if rest[:1] == ["default"]:
+            chosen, rest = globals_[2:], rest[1:]
+        mine = timed([*prefix, args.btns, *chosen, *rest], args.runs)
+        old = wall([*prefix, args.before, *chosen, *rest], args.runs) if args.before else None
         return mine, old
 
     python = str(Path(args.btns).with_name("python"))
@@ -139,6 +145,7 @@ def main() -> None:
             ss = wall([*ns, "ss", "-tanp"], args.runs)
             for what, rest in (
                 ("btns sockets", ["sockets"]),
+                ("btns sockets (no --backend)", ["default", "sockets"]),
                 ("btns sockets --json", ["--json", "sockets"]),
                 ("btns sockets -t state established", ["sockets", "-t", "state", "established"]),
             ):
@@ -155,6 +162,7 @@ def main() -> None:
             swanctl = wall(["swanctl", "--list-sas", "--uri", f"unix://{tb.a.vici_path}"], args.runs)
             for what, rest in (
                 ("btns sas", ["sas"]),
+                ("btns sas (no --backend)", ["default", "sas"]),
                 ("btns sas --json", ["--json", "sas"]),
                 ("btns sas --ike NAME", ["sas", "--ike", name]),
             ):

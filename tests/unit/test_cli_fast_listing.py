@@ -19,8 +19,9 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from btns_vici.cli import _inetdiag
-from btns_vici.cli.cmd_sockets import Snapshot, _Lines, _Reach, describe, emit_array, emit_lines
+from btns_vici.cli import _inetdiag, sockdiag
+from btns_vici.cli.cmd_sockets import HEADERS, Snapshot, _Lines, _Reach, _Rows, describe, emit_array, emit_lines
+from btns_vici.cli.cmd_sockets import row as straight_row
 from btns_vici.cli.output import table
 from btns_vici.cli.sockdiag import SocketEntry, list_sockets, socket_holders
 from btns_vici.core.constants import AuthMethod
@@ -220,4 +221,29 @@ def test_json_lines_are_emit_arrays_lines():
         assert sum(e.flow is not None for e in entries) >= 4
     finally:
         for s in (srv, cli, acc, srv6, cli6, acc6):
+            s.close()
+
+
+def test_fast_entries_and_table_rows_are_the_straightforward_ones():
+    """sockdiag._entry is SocketEntry(*values); the `btns sockets` table from _Rows (cells_ready)
+    prints what the table of row(*describe(...)) prints."""
+    a = ipaddress.ip_address("10.0.0.1")
+    values = (socket.IPPROTO_TCP, socket.AF_INET, "ESTAB", a, 1, a, 2, 3, 0, 0, None)
+    fast, plain = sockdiag._entry(values), SocketEntry(*values)
+    assert fast == plain and hash(fast) == hash(plain) and fast.flow == plain.flow
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    cli = socket.create_connection(srv.getsockname())
+    acc, _ = srv.accept()
+    try:
+        entries = list_sockets(None)
+        holders = socket_holders()
+        snap = Snapshot(None, [], name="strongswan")
+        want, got = io.StringIO(), io.StringIO()
+        table(HEADERS, [straight_row(e, *describe(e, snap, holders.get(e.inode, []))) for e in entries], want)
+        table(HEADERS, list(map(_Rows(snap, holders), entries)), got, cells_ready=True)
+        assert got.getvalue() == want.getvalue()
+    finally:
+        for s in (srv, cli, acc):
             s.close()

@@ -306,20 +306,20 @@ class _Rows:
         self._addr[id(addr)] = (addr, text)
         return text
 
-    def __call__(self, e: SocketEntry) -> list[Any]:
+    def __call__(self, e: SocketEntry) -> list[str]:
+        """The row's cells, each a non-empty str ("-" for none: ``table(..., cells_ready=True)``)."""
         held = self.holders.get(e.inode)
-        procs = "users:(" + ",".join(f'("{c}",pid={p},fd={fd})' for p, c, fd in held) + ")" if held else ""
+        procs = "users:(" + ",".join(f'("{c}",pid={p},fd={fd})' for p, c, fd in held) + ")" if held else "-"
         local = f"{self.host(e.local_addr)}:{e.local_port}"
         if not e.connected:
             return [PROTO_NAMES[e.proto], e.state, local, "*", procs, status_of(e, False)]
-        return [
-            PROTO_NAMES[e.proto],
-            e.state,
-            local,
-            f"{self.host(e.remote_addr)}:{e.remote_port}",
-            procs,
-            *protection_cells(self.snapshot.protection(e, held or [])),
-        ]
+        protection = self.snapshot.protection(e, held or [])
+        cells = _CLEAR if protection is None else [c or "-" for c in protection_cells(protection)]
+        return [PROTO_NAMES[e.proto], e.state, local, f"{self.host(e.remote_addr)}:{e.remote_port}", procs, *cells]
+
+
+#: protection_cells(None) as the table prints it
+_CLEAR = ("clear", "-", "-", "-", "-", "-")
 
 
 def emit_array(items: list[dict[str, Any]], out: TextIO | None = None) -> None:
@@ -486,5 +486,5 @@ def run(args: Any) -> int:
     if args.json:
         emit_lines(list(map(_Lines(snapshot, holders), entries)))
     else:
-        table(HEADERS, list(map(_Rows(snapshot, holders), entries)))
+        table(HEADERS, list(map(_Rows(snapshot, holders), entries)), cells_ready=True)
     return exits.OK

@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/bench_cli.py [--sockets 10,10000] [--sas 1,1000] [--runs 7] [--btns PATH]
                                              [--before PATH]   # e.g. an older checkout's btns, same runs
 
-On the host testbed (two namespaces, one charon each, btns_lab.testbed):
+On the host testbed (two namespaces, one charon each, btns_lab.testbed); every btns command
+names the backend (``--backend strongswan``) except the rows "(no --backend)", the default
+selection an operator gets when typing just ``btns sas``:
 
 * sockets: N sockets in namespace A (N/2 TCP connections over A's loopback, all clear) plus one
   protected TCP connection A->B; both tools run under ``nsenter --net=/run/netns/A``, btns with
@@ -12,7 +14,12 @@ On the host testbed (two namespaces, one charon each, btns_lab.testbed):
   and swanctl both ask A's charon.
 
 Each command runs --runs times; the table shows the median wall time of whole processes
-(start-up included: that is what an operator waits for) and btns/reference.
+(start-up included: that is what an operator waits for), their median CPU time (user+sys: less
+disturbed than wall time on a loaded machine), btns/reference and the target (3x ss, 2x swanctl).
+The floor is printed first: the interpreter's start (``python -I -c pass``) and ``import vici``
+(every strongSwan command imports it), beside the references' own start. Python writes its
+bytecode caches as an installed wheel has them (PYTHONDONTWRITEBYTECODE is dropped for the runs;
+the untimed warm-up run of each command writes them).
 """
 
 from __future__ import annotations
@@ -34,21 +41,36 @@ from bench_socket_ptoken import BASE_PORT, bring_up
 
 from btns_lab.testbed import Testbed
 
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
-def wall(cmd: list[str], runs: int) -> float | None:
-    """Median wall time (ms) of running ``cmd`` to completion, output discarded; None when this btns
-    does not know the options (exit 2: an older version, for before/after tables)."""
-    samples = []
-    warm = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-    if warm.returncode == 2:
+
+def timed(cmd: list[str], runs: int, any_exit: bool = False) -> tuple[float, float] | None:
+    """Median (wall ms, CPU ms) of running ``cmd`` to completion, output discarded; None when this
+    btns does not know the options (exit 2: an older version, for before/after tables).
+    ``any_exit``: the exit code does not matter (start-up floors such as ``swanctl --version``)."""
+    walls, cpus = [], []
+    warm = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False, env=ENV)
+    if warm.returncode == 2 and not any_exit:
         return None
     for _ in range(runs):
         t = time.perf_counter()
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
-        samples.append((time.perf_counter() - t) * 1000)
-        if proc.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.decode()[-500:]}")
-    return statistics.median(samples)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+        err = proc.stderr.read() if proc.stderr else b""
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        walls.append((time.perf_counter() - t) * 1000)
+        cpus.append((usage.ru_utime + usage.ru_stime) * 1000)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.stderr:
+            proc.stderr.close()
+        if proc.returncode != 0 and not any_exit:
+            raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {err.decode()[-500:]}")
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def wall(cmd: list[str], runs: int) -> float | None:
+    """Median wall time (ms) of ``cmd`` (see :func:`timed`)."""
+    got = timed(cmd, runs)
+    return None if got is None else got[0]
 
 
 def loopback_sockets(tb: Testbed, n: int) -> list[socket.socket]:
@@ -92,13 +114,26 @@ def main() -> None:
     for tool in ("ss", "swanctl", "nsenter"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is needed")
-    rows: list[tuple[str, str, float | None, float | None, float]] = []
+    rows: list[tuple[str, str, float | None, tuple[float, float] | None, float]] = []
 
-    def both(prefix: list[str], rest: list[str]) -> tuple[float | None, float | None]:
-        """(btns, before) for `btns GLOBALS REST` run under ``prefix``."""
-        mine = wall([*prefix, args.btns, *globals_, *rest], args.runs)
-        old = wall([*prefix, args.before, *globals_, *rest], args.runs) if args.before else None
+    def both(prefix: list[str], rest: list[str]) -> tuple[tuple[float, float] | None, float | None]:
+        """((btns wall, cpu), before wall) for `btns GLOBALS REST` run under ``prefix``; a REST that
+        starts with "default" runs without --backend (the default selection, what an operator types)."""
+        chosen = globals_
+        if rest[:1] == ["default"]:
+            chosen, rest = globals_[2:], rest[1:]
+        mine = timed([*prefix, args.btns, *chosen, *rest], args.runs)
+        old = wall([*prefix, args.before, *chosen, *rest], args.runs) if args.before else None
         return mine, old
+
+    python = str(Path(args.btns).with_name("python"))
+    floor = [
+        ("`python -I -c pass` (the interpreter starts)", timed([python, "-I", "-c", "pass"], args.runs)),
+        ("`python -c 'import vici'` (start + strongSwan's client)", timed([python, "-c", "import vici"], args.runs)),
+        ("`btns --version` (start + the entry module)", timed([args.btns, "--version"], args.runs)),
+        ("`ss -V` (ss starts)", timed(["ss", "-V"], args.runs, any_exit=True)),
+        ("`swanctl --version` (swanctl starts)", timed(["swanctl", "--version"], args.runs, any_exit=True)),
+    ]
 
     with Testbed(loglevel=-1) as tb:
         ns = ["nsenter", f"--net=/run/netns/{tb.a.netns}"]
@@ -110,10 +145,12 @@ def main() -> None:
             ss = wall([*ns, "ss", "-tanp"], args.runs)
             for what, rest in (
                 ("btns sockets", ["sockets"]),
+                ("btns sockets (no --backend)", ["default", "sockets"]),
                 ("btns sockets --json", ["--json", "sockets"]),
                 ("btns sockets -t state established", ["sockets", "-t", "state", "established"]),
             ):
-                rows.append((f"sockets, {n:,}", what, *both(ns, rest), ss))
+                mine, old = both(ns, rest)
+                rows.append((f"sockets, {n:,}", what, old, mine, ss))
             for s in sockets:
                 s.close()
         for s in held:
@@ -125,25 +162,37 @@ def main() -> None:
             swanctl = wall(["swanctl", "--list-sas", "--uri", f"unix://{tb.a.vici_path}"], args.runs)
             for what, rest in (
                 ("btns sas", ["sas"]),
+                ("btns sas (no --backend)", ["default", "sas"]),
                 ("btns sas --json", ["--json", "sas"]),
                 ("btns sas --ike NAME", ["sas", "--ike", name]),
             ):
-                rows.append((f"sas, {n:,} CHILD_SAs", what, *both([], rest), swanctl))
+                mine, old = both([], rest)
+                rows.append((f"sas, {n:,} CHILD_SAs", what, old, mine, swanctl))
             tb.unload_conn(name)
     print(f"median of {args.runs} runs, whole processes, ms; load average {os.getloadavg()[0]:.1f}")
     print()
-    before = "| before ms " if args.before else ""
-    print(f"| scenario | btns command {before}| btns ms | reference | reference ms | btns/reference |")
-    print("|---|---" + ("|---" if args.before else "") + "|---|---|---|---|")
 
     def ms(x: float | None) -> str:
         return "n/a" if x is None else f"{x:,.0f}"
 
-    for scenario, what, mine, old, ref in rows:
-        reference = "ss -tanp" if scenario.startswith("sockets") else "swanctl --list-sas"
-        ratio = "-" if mine is None else f"{mine / ref:.1f}x"
+    print("| floor | wall ms | CPU ms |")
+    print("|---|---|---|")
+    for what, got in floor:
+        print(f"| {what} | {ms(got[0] if got else None)} | {ms(got[1] if got else None)} |")
+    print()
+    before = "| before ms " if args.before else ""
+    head = "| btns ms | btns CPU ms | reference | reference ms | btns/reference | target |"
+    print(f"| scenario | btns command {before}{head}")
+    print("|---|---" + ("|---" if args.before else "") + "|---|---|---|---|---|---|")
+    for scenario, what, old, mine, ref in rows:
+        sockets = scenario.startswith("sockets")
+        reference = "ss -tanp" if sockets else "swanctl --list-sas"
+        limit = 3 if sockets else 2
+        ratio = "-" if mine is None else f"{mine[0] / ref:.1f}x"
         col = f"| {ms(old)} " if args.before else ""
-        print(f"| {scenario} | `{what}` {col}| {ms(mine)} | `{reference}` | {ms(ref)} | {ratio} |")
+        w, c = mine if mine is not None else (None, None)
+        cells = f"| {ms(w)} | {ms(c)} | `{reference}` | {ms(ref)} | {ratio} | {limit}x = {ms(limit * ref)} |"
+        print(f"| {scenario} | `{what}` {col}{cells}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import ipaddress
 import os
 import socket
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 _ADDRS: dict[bytes, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
@@ -59,6 +60,7 @@ _REQ = struct.Struct("=BBBxI48x")
 _MSG = struct.Struct("=BBBB2s2s16s16sI8sIIIII")
 _PORT = struct.Struct("!H")
 _RTA = struct.Struct("=HH")
+_U32 = struct.Struct("=I")
 
 
 class DiagError(OSError):
@@ -97,66 +99,112 @@ def open_socket() -> socket.socket:
     return sock
 
 
+def _replies(
+    sock: socket.socket, family: int, protocol: int, states: int, seq: int
+) -> Iterator[tuple[bytearray, int, int]]:
+    """Send the dump request; (buffer, body offset, end offset) of every SOCK_DIAG_BY_FAMILY reply."""
+    sock.send(request(family, protocol, states, seq=seq))
+    unpack_hdr = _NLMSGHDR.unpack_from
+    hdr = _NLMSGHDR.size
+    buf = bytearray(1 << 18)
+    while True:
+        n = sock.recv_into(buf)
+        pos = 0
+        while pos + hdr <= n:
+            length, kind, _flags, _seq, _pid = unpack_hdr(buf, pos)
+            if length < hdr or pos + length > n:
+                raise DiagError(0, "malformed sock_diag reply")
+            if kind == NLMSG_DONE:
+                return
+            if kind == NLMSG_ERROR:
+                (err,) = struct.unpack_from("=i", buf, pos + hdr)
+                if err == 0:
+                    return
+                raise DiagError(-err, f"sock_diag: {os.strerror(-err)}")
+            if kind == SOCK_DIAG_BY_FAMILY:
+                if length < hdr + _MSG.size:
+                    raise DiagError(0, "truncated sock_diag reply")
+                yield buf, pos + hdr, pos + length
+            pos += (length + 3) & ~3
+
+
 def dump(
     sock: socket.socket, family: int, protocol: int, states: int = ALL_STATES, seq: int = 1
 ) -> list[dict[str, Any]]:
     """Every socket of ``family``/``protocol`` in ``states`` (a bit mask of TCP states)."""
-    sock.send(request(family, protocol, states, seq=seq))
     out: list[dict[str, Any]] = []
     addr_len = 4 if family == socket.AF_INET else 16
     ntop = socket.inet_ntop
     unpack_msg = _MSG.unpack_from
-    unpack_hdr = _NLMSGHDR.unpack_from
-    buf = bytearray(1 << 18)
-    view = memoryview(buf)
-    while True:
-        n = sock.recv_into(buf)
-        pos = 0
-        while pos + _NLMSGHDR.size <= n:
-            length, kind, _flags, _seq, _pid = unpack_hdr(buf, pos)
-            if length < _NLMSGHDR.size:
-                raise DiagError(0, "malformed sock_diag reply")
-            if kind == NLMSG_DONE:
-                return out
-            if kind == NLMSG_ERROR:
-                (err,) = struct.unpack_from("=i", buf, pos + _NLMSGHDR.size)
-                if err == 0:
-                    return out
-                raise DiagError(-err, f"sock_diag: {os.strerror(-err)}")
-            if kind == SOCK_DIAG_BY_FAMILY:
-                body = pos + _NLMSGHDR.size
-                (
-                    fam,
-                    state,
-                    _timer,
-                    _retrans,
-                    sport,
-                    dport,
-                    src,
-                    dst,
-                    ifindex,
-                    _cookie,
-                    _expires,
-                    _rq,
-                    _wq,
-                    uid,
-                    inode,
-                ) = unpack_msg(buf, body)
-                src, dst = src[:addr_len], dst[:addr_len]
-                out.append(
-                    {
-                        "idiag_family": fam,
-                        "idiag_state": state,
-                        "idiag_sport": _PORT.unpack(sport)[0],
-                        "idiag_dport": _PORT.unpack(dport)[0],
-                        "idiag_src": ntop(fam, src),
-                        "idiag_dst": ntop(fam, dst),
-                        "src_addr": _addr(src),
-                        "dst_addr": _addr(dst),
-                        "idiag_if": ifindex,
-                        "idiag_uid": uid,
-                        "idiag_inode": inode,
-                        "attrs_raw": bytes(view[body + _MSG.size : pos + length]),
-                    }
-                )
-            pos += (length + 3) & ~3
+    for buf, body, end in _replies(sock, family, protocol, states, seq):
+        (
+            fam,
+            state,
+            _timer,
+            _retrans,
+            sport,
+            dport,
+            src,
+            dst,
+            ifindex,
+            _cookie,
+            _expires,
+            _rq,
+            _wq,
+            uid,
+            inode,
+        ) = unpack_msg(buf, body)
+        src, dst = src[:addr_len], dst[:addr_len]
+        out.append(
+            {
+                "idiag_family": fam,
+                "idiag_state": state,
+                "idiag_sport": _PORT.unpack(sport)[0],
+                "idiag_dport": _PORT.unpack(dport)[0],
+                "idiag_src": ntop(fam, src),
+                "idiag_dst": ntop(fam, dst),
+                "src_addr": _addr(src),
+                "dst_addr": _addr(dst),
+                "idiag_if": ifindex,
+                "idiag_uid": uid,
+                "idiag_inode": inode,
+                "attrs_raw": bytes(buf[body + _MSG.size : end]),
+            }
+        )
+    return out
+
+
+# state, sport, dport (big-endian), src, dst, if, uid, inode: what a listing needs, in one unpack
+_ROW = struct.Struct("=xB2x2s2s16s16sI8x12xII")
+_ROW_PORTS = struct.Struct("!HH")
+
+
+def rows(
+    sock: socket.socket, family: int, protocol: int, states: int = ALL_STATES, seq: int = 1
+) -> list[tuple[int, int, int, Any, Any, int, int, int, int | None]]:
+    """:func:`dump` as tuples, for listings of many sockets: (idiag_state, sport, dport, src_addr,
+    dst_addr, idiag_if, idiag_uid, idiag_inode, mark), ``mark`` the INET_DIAG_MARK attribute (None when
+    the kernel did not send it: only CAP_NET_ADMIN holders see marks). Nothing else is decoded."""
+    out: list[tuple[Any, ...]] = []
+    addr_len = 4 if family == socket.AF_INET else 16
+    unpack_row = _ROW.unpack_from
+    unpack_ports = _ROW_PORTS.unpack
+    unpack_rta = _RTA.unpack_from
+    unpack_u32 = _U32.unpack_from
+    first_attr = _MSG.size
+    append = out.append
+    for buf, body, end in _replies(sock, family, protocol, states, seq):
+        state, sport, dport, src, dst, ifindex, uid, inode = unpack_row(buf, body)
+        sp, dp = unpack_ports(sport + dport)
+        mark = None
+        pos = body + first_attr
+        while pos + 4 <= end:
+            alen, atype = unpack_rta(buf, pos)
+            if alen < 4:
+                break
+            if atype & 0x3FFF == INET_DIAG_MARK and alen >= 8:
+                (mark,) = unpack_u32(buf, pos + 4)
+                break
+            pos += (alen + 3) & ~3
+        append((state, sp, dp, _addr(src[:addr_len]), _addr(dst[:addr_len]), ifindex, uid, inode, mark))
+    return out

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..core.records import IkeSA
 from . import exits
-from .context import open_backend
+from .context import list_sas
 from .describe import alg_text, spis
 from .output import emit_json, table
+
+if TYPE_CHECKING:
+    from ..core.records import IkeSA
 
 HEADERS = (
     "IKE_SA",
@@ -32,6 +33,17 @@ HEADERS = (
 def rows(sas: list[IkeSA]) -> list[list[Any]]:
     """One row per CHILD_SA; an IKE_SA without children gets one row of its own."""
     out = []
+    texts: dict[int, tuple[Any, str]] = {}  # id(selector) -> (it, str(it)): children share selectors
+
+    def ts_text(selectors: tuple[Any, ...]) -> str:
+        parts = []
+        for ts in selectors:
+            known = texts.get(id(ts))
+            if known is None or known[0] is not ts:
+                known = texts[id(ts)] = (ts, str(ts))
+            parts.append(known[1])
+        return ",".join(parts)
+
     for ike in sas:
         head = [
             f"{ike.name}#{ike.uniqueid}",
@@ -52,14 +64,14 @@ def rows(sas: list[IkeSA]) -> list[list[Any]]:
                     f"{c.protocol}/{c.mode}".lower(),
                     spis(c),
                     alg_text(c),
-                    ",".join(map(str, c.local_ts)),
-                    ",".join(map(str, c.remote_ts)),
+                    ts_text(c.local_ts),
+                    ts_text(c.remote_ts),
                 ]
             )
     return out
 
 
-def select(sas: list[IkeSA], args: argparse.Namespace) -> list[IkeSA]:
+def select(sas: list[IkeSA], args: Any) -> list[IkeSA]:
     """--ike/--ike-id/--child/--child-id, as swanctl --list-sas and VICI's list-sas filters select."""
     ike, ike_id = getattr(args, "ike", None), getattr(args, "ike_id", None)
     child, child_id = getattr(args, "child", None), getattr(args, "child_id", None)
@@ -80,8 +92,9 @@ def select(sas: list[IkeSA], args: argparse.Namespace) -> list[IkeSA]:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    sas = select(open_backend(args).list_sas(), args)
+def run(args: Any) -> int:
+    filters = {k: getattr(args, k, None) for k in ("ike", "ike_id", "child", "child_id")}
+    sas = select(list_sas(args, **filters)[0], args)
     if args.json:
         emit_json(sas)
     else:

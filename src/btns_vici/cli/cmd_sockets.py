@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
-import argparse
+import bisect
 import ipaddress
-import json
 import os
 import socket
 import sys
-from typing import Any, TextIO
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO
 
-from ..backend import Backend
-from ..core.derive import ptoken_for, unprotected_ptoken
-from ..core.records import NotCarried, Protection, SocketView
-from ..core.selectors import Flow
-from ..sockets import view_of
+from ..core.records import NotCarried
+from ..core.selectors import normalize_address
 from . import exits
-from .context import open_backend
-from .describe import PROTO_NAMES, entry_view, flow_dict, protection_cells, protection_dict, ptoken_dict
+from .context import BUILTIN, list_sas, open_backend
+from .describe import PROTO_NAMES, entry_view, protection_cells, protection_dict, ptoken_dict
 from .output import table
-from .pidfd import borrow_fd
 from .sockdiag import SocketEntry, list_sockets, socket_holders
 from .ssfilter import LISTENING, FilterError, Selection, parse
+
+if TYPE_CHECKING:
+    from ..backend import Backend
+    from ..core.records import IkeSA, Protection, SocketView
+    from ..core.selectors import Flow, IPAddress
+
 
 HEADERS = ("PROTO", "STATE", "LOCAL", "PEER", "PROCESS", "PROTECTION", "SPI-IN/OUT", "MODE", "ALG", "PEER-ID", "AUTH")
 
@@ -40,23 +42,72 @@ def endpoint(addr: Any, port: int) -> str:
 class Snapshot:
     """The protection of many sockets from one SA listing (what a listing of 10,000 sockets needs).
 
-    ``backend.list_sas()`` is asked once; a flow no installed CHILD_SA of that listing covers is
-    clear without asking the backend again (as ``ss`` shows one instant, so does this; an SA
-    that appears meanwhile shows on the next run). A covered flow gets the socket-exact proof
+    The SAs are listed once; a flow no installed CHILD_SA of that listing covers is clear
+    without asking the backend again (as ``ss`` shows one instant, so does this; an SA that
+    appears meanwhile shows on the next run). A covered flow gets the socket-exact proof
     (``backend.protect``) for THAT socket: read through a process holding it (pidfd_getfd: the
     socket itself, every routing key) when we may, else as sock_diag shows it (device, mark, uid).
+
+    ``Snapshot(backend)`` lists through ``backend``; ``Snapshot(None, sas, opener, name)`` takes
+    a listing made without it (:func:`.context.list_sas`) and opens the backend only when a
+    flow is covered: a host where nothing is protected never loads the plugin machinery.
     """
 
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
-        self.sas = [ike for ike in backend.list_sas() if ike.is_established]
-        self.netns_id = backend.netns_id
+    def __init__(
+        self,
+        backend: Backend | None,
+        sas: list[IkeSA] | None = None,
+        opener: Callable[[], Backend] | None = None,
+        name: str | None = None,
+    ) -> None:
+        self._backend = backend
+        self._opener = opener
+        listed = backend.list_sas() if sas is None and backend is not None else (sas or [])
+        self.sas = [ike for ike in listed if ike.is_established]
+        self.name = name or (backend.name if backend is not None else "?")
+        self._reach = _Reach(self.sas)
         self._clear_template: dict[str, Any] | None = None
+        self._text: dict[int, tuple[Any, str]] = {}  # id(address) -> (it, str(it)): sockets share addresses
+
+    def text(self, addr: Any) -> str:
+        """``str(addr)``, once per address object (ipaddress formats in pure Python)."""
+        known = self._text.get(id(addr))
+        if known is not None and known[0] is addr:
+            return known[1]
+        text = str(addr)
+        self._text[id(addr)] = (addr, text)
+        return text
+
+    def flow_text(self, entry: SocketEntry) -> str:
+        """``str(entry.flow)`` (core.selectors.Flow.__str__) from the cached address texts."""
+        name = PROTO_NAMES.get(entry.proto) or str(entry.proto)
+        la, ra = self.text(entry.local_addr), self.text(entry.remote_addr)
+        if entry.family == socket.AF_INET6:
+            return f"{name} [{la}]:{entry.local_port} -> [{ra}]:{entry.remote_port}"
+        return f"{name} {la}:{entry.local_port} -> {ra}:{entry.remote_port}"
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            if self._opener is None:
+                raise RuntimeError("Snapshot without a backend")
+            self._backend = self._opener()
+        return self._backend
+
+    @property
+    def netns_id(self) -> tuple[int, int] | None:
+        return self.backend.netns_id
+
+    def covered(self, flow: Flow) -> bool:
+        """Some installed CHILD_SA of the listing covers ``flow``."""
+        return self._reach.may_cover(flow.remote_addr) and any(ike.child_for(flow) is not None for ike in self.sas)
 
     def verdict(self, entry: SocketEntry, owners: list[tuple[int, str, int]]) -> tuple[Protection | None, str | None]:
         """(protection, None), or (None, why not) for a covered flow, or (None, None) when nothing covers it."""
+        if not entry.connected or not self._reach.may_cover(entry.remote_addr):
+            return None, None
         flow = entry.flow
-        if flow is None or not any(ike.child_for(flow) is not None for ike in self.sas):
+        if flow is None or not self.covered(flow):
             return None, None
         view = exact_view(entry, owners) or entry_view(entry, self.netns_id)
         if view is None:
@@ -69,19 +120,70 @@ class Snapshot:
     def protection(self, entry: SocketEntry, owners: list[tuple[int, str, int]]) -> Protection | None:
         return self.verdict(entry, owners)[0]
 
-    def ptoken(self, flow: Flow, protection: Protection | None, reason: str | None = None) -> dict[str, Any]:
-        """ptoken_dict of the flow's pToken; for a clear flow from a template (see clear_ptoken_dict)."""
+    def ptoken(
+        self, flow: Flow, protection: Protection | None, reason: str | None = None, where: str | None = None
+    ) -> dict[str, Any]:
+        """ptoken_dict of the flow's pToken; for a clear flow from a template (see clear_ptoken_dict;
+        ``where``: ``str(flow)`` when the caller has it)."""
+        from ..core.derive import ptoken_for, unprotected_ptoken
+
         if protection is not None:
             return ptoken_dict(ptoken_for(protection))
         if reason is not None:
             return ptoken_dict(unprotected_ptoken(flow, reason))
+        return clear_ptoken_dict(self.clear_template(), flow, where)
+
+    def clear_template(self) -> dict[str, Any]:
+        """ptoken_dict of the flow-less clear pToken (see clear_ptoken_dict), made once."""
         if self._clear_template is None:
-            self._clear_template = ptoken_dict(unprotected_ptoken(None, clear_reason(self.backend)))
-        return clear_ptoken_dict(self._clear_template, flow)
+            from ..core.derive import unprotected_ptoken
+
+            self._clear_template = ptoken_dict(unprotected_ptoken(None, clear_reason(self.name)))
+        return self._clear_template
+
+
+class _Reach:
+    """The remote addresses the installed CHILD_SAs' remote traffic selectors span, merged and
+    sorted: a flow whose peer lies outside is covered by none of them (found by bisection, so
+    10,000 sockets beside 1,000 SAs are not 10 million selector checks). A superset: inside,
+    ``IkeSA.child_for`` decides."""
+
+    def __init__(self, sas: list[IkeSA]) -> None:
+        spans: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        for ike in sas:
+            for child in ike.children:
+                if child.installed:
+                    for ts in child.remote_ts:
+                        spans[ts.version].append((int(ts.start), int(ts.end)))
+        self._starts: dict[int, list[int]] = {}
+        self._ends: dict[int, list[int]] = {}
+        for version, ranges in spans.items():
+            merged: list[list[int]] = []
+            for lo, hi in sorted(ranges):
+                if merged and lo <= merged[-1][1] + 1:
+                    merged[-1][1] = max(merged[-1][1], hi)
+                else:
+                    merged.append([lo, hi])
+            self._starts[version] = [lo for lo, _ in merged]
+            self._ends[version] = [hi for _, hi in merged]
+        self._seen: dict[int, tuple[IPAddress, bool]] = {}  # id(address) -> (it, answer): sockets share them
+
+    def may_cover(self, addr: IPAddress) -> bool:
+        seen = self._seen.get(id(addr))
+        if seen is not None and seen[0] is addr:
+            return seen[1]
+        seen_as = normalize_address(addr)  # ::ffff:a.b.c.d is matched as a.b.c.d (core.selectors.flow_covered)
+        value = int(seen_as)
+        i = bisect.bisect_right(self._starts[seen_as.version], value) - 1
+        answer = i >= 0 and value <= self._ends[seen_as.version][i]
+        self._seen[id(addr)] = (addr, answer)
+        return answer
 
 
 def exact_view(entry: SocketEntry, owners: list[tuple[int, str, int]]) -> SocketView | None:
     """The socket read through one of its holders' descriptors (pidfd_getfd), None if none may be taken."""
+    from .pidfd import borrow_fd
+
     for pid, _comm, fd in owners:
         try:
             num = borrow_fd(pid, fd)
@@ -90,6 +192,8 @@ def exact_view(entry: SocketEntry, owners: list[tuple[int, str, int]]) -> Socket
         try:
             if os.fstat(num).st_ino != entry.inode:
                 continue  # the descriptor was reused meanwhile
+            from ..sockets import view_of
+
             return view_of(num)
         except OSError:
             continue
@@ -98,15 +202,17 @@ def exact_view(entry: SocketEntry, owners: list[tuple[int, str, int]]) -> Socket
     return None
 
 
-def clear_reason(backend: Backend) -> str:
-    """The reason protection.verify_flow gives for a flow nothing protects."""
-    return f"no CHILD_SA verified in both {backend.name} and the data plane covers it"
+def clear_reason(backend: Backend | str) -> str:
+    """The reason protection.verify_flow gives for a flow nothing protects (``backend``: it or its name)."""
+    name = backend if isinstance(backend, str) else backend.name
+    return f"no CHILD_SA verified in both {name} and the data plane covers it"
 
 
-def clear_ptoken_dict(template: dict[str, Any], flow: Flow) -> dict[str, Any]:
+def clear_ptoken_dict(template: dict[str, Any], flow: Flow | None, where: str | None = None) -> dict[str, Any]:
     """``ptoken_dict(unprotected_ptoken(flow, reason))`` from the flow-less one: only the two strings
-    naming the flow differ (tests/unit/test_cli_sockets_fast.py holds them equal)."""
-    where = str(flow)
+    naming the flow differ (tests/unit/test_cli_sockets_fast.py holds them equal). ``where``: ``str(flow)``."""
+    if where is None:
+        where = str(flow)
     d = dict(template)
     d["auditString"] = template["auditString"].replace("flow=this socket", f"flow={where}", 1)
     d["informationString"] = template["informationString"].replace("this socket", where, 1)
@@ -118,25 +224,49 @@ def describe(
 ) -> tuple[Protection | None, dict[str, Any]]:
     """One socket: sock_diag facts, its processes, and for a connected one its verified protection
     and (``with_token``) pToken."""
+    protection, reason, d = facts(entry, snapshot, owners)
+    flow = entry.flow
+    if flow is not None and with_token:
+        d["ptoken"] = snapshot.ptoken(flow, protection, reason, snapshot.flow_text(entry))
+    return protection, d
+
+
+def facts(
+    entry: SocketEntry, snapshot: Snapshot, owners: list[tuple[int, str, int]]
+) -> tuple[Protection | None, str | None, dict[str, Any]]:
+    """(protection, why a covered flow is not protected, :func:`describe`'s dict with ``ptoken`` None,
+    its last key)."""
     flow = entry.flow
     protection, reason = snapshot.verdict(entry, owners)
-    token = snapshot.ptoken(flow, protection, reason) if flow is not None and with_token else None
-    return protection, {
-        "proto": PROTO_NAMES[entry.proto],
-        "family": 4 if entry.family == socket.AF_INET else 6,
-        "state": entry.state,
-        "local_addr": str(entry.local_addr),
-        "local_port": entry.local_port,
-        "remote_addr": str(entry.remote_addr),
-        "remote_port": entry.remote_port,
-        "inode": entry.inode,
-        "uid": entry.uid,
-        "processes": [{"pid": pid, "comm": comm, "fd": fd} for pid, comm, fd in owners],
-        "status": status_of(entry, protection is not None),
-        "flow": flow_dict(flow) if flow is not None else None,
-        "protection": protection_dict(protection) if protection is not None else None,
-        "ptoken": token,
-    }
+    local, remote, proto = snapshot.text(entry.local_addr), snapshot.text(entry.remote_addr), PROTO_NAMES[entry.proto]
+    return (
+        protection,
+        reason,
+        {
+            "proto": proto,
+            "family": 4 if entry.family == socket.AF_INET else 6,
+            "state": entry.state,
+            "local_addr": local,
+            "local_port": entry.local_port,
+            "remote_addr": remote,
+            "remote_port": entry.remote_port,
+            "inode": entry.inode,
+            "uid": entry.uid,
+            "processes": [{"pid": pid, "comm": comm, "fd": fd} for pid, comm, fd in owners],
+            "status": status_of(entry, protection is not None),
+            "flow": None
+            if flow is None  # flow_dict(flow), from the texts above
+            else {
+                "proto": proto,
+                "local_addr": local,
+                "local_port": entry.local_port,
+                "remote_addr": remote,
+                "remote_port": entry.remote_port,
+            },
+            "protection": protection_dict(protection) if protection is not None else None,
+            "ptoken": None,
+        },
+    )
 
 
 def users(processes: list[dict[str, Any]]) -> str:
@@ -166,44 +296,92 @@ class _Rows:
     def __init__(self, snapshot: Snapshot, holders: dict[int, list[tuple[int, str, int]]]) -> None:
         self.snapshot = snapshot
         self.holders = holders
-        self._addr: dict[Any, str] = {}
+        self._addr: dict[int, tuple[Any, str]] = {}  # id(address) -> (it, text): ipaddress hashes slowly
 
     def host(self, addr: Any) -> str:
-        text = self._addr.get(addr)
-        if text is None:
-            text = self._addr[addr] = f"[{addr}]" if addr.version == 6 else str(addr)
+        known = self._addr.get(id(addr))
+        if known is not None and known[0] is addr:
+            return known[1]
+        text = f"[{addr}]" if addr.version == 6 else str(addr)
+        self._addr[id(addr)] = (addr, text)
         return text
 
-    def __call__(self, e: SocketEntry) -> list[Any]:
+    def __call__(self, e: SocketEntry) -> list[str]:
+        """The row's cells, each a non-empty str ("-" for none: ``table(..., cells_ready=True)``)."""
         held = self.holders.get(e.inode)
-        procs = "users:(" + ",".join(f'("{c}",pid={p},fd={fd})' for p, c, fd in held) + ")" if held else ""
+        procs = "users:(" + ",".join(f'("{c}",pid={p},fd={fd})' for p, c, fd in held) + ")" if held else "-"
         local = f"{self.host(e.local_addr)}:{e.local_port}"
-        flow = e.flow
-        if flow is None:
+        if not e.connected:
             return [PROTO_NAMES[e.proto], e.state, local, "*", procs, status_of(e, False)]
-        return [
-            PROTO_NAMES[e.proto],
-            e.state,
-            local,
-            f"{self.host(e.remote_addr)}:{e.remote_port}",
-            procs,
-            *protection_cells(self.snapshot.protection(e, held or [])),
-        ]
+        protection = self.snapshot.protection(e, held or [])
+        cells = _CLEAR if protection is None else [c or "-" for c in protection_cells(protection)]
+        return [PROTO_NAMES[e.proto], e.state, local, f"{self.host(e.remote_addr)}:{e.remote_port}", procs, *cells]
+
+
+#: protection_cells(None) as the table prints it
+_CLEAR = ("clear", "-", "-", "-", "-", "-")
 
 
 def emit_array(items: list[dict[str, Any]], out: TextIO | None = None) -> None:
     """A JSON array with one socket per line: the dicts are plain JSON values already, so the C
     encoder does the work (an indented dump goes through json's pure-Python encoder: 4x slower)."""
+    emit_lines(list(map(_encoder(), items)), out)
+
+
+def emit_lines(lines: list[str], out: TextIO | None = None) -> None:
+    """:func:`emit_array` of items already encoded, one per line."""
     out = out or sys.stdout
-    if not items:
-        out.write("[]\n")
-    else:
-        dumps = json.JSONEncoder(separators=(", ", ": ")).encode
-        out.write("[\n  " + ",\n  ".join(map(dumps, items)) + "\n]\n")
+    out.write("[\n  " + ",\n  ".join(lines) + "\n]\n" if lines else "[]\n")
     out.flush()
 
 
-def selection(args: argparse.Namespace) -> tuple[Selection, set[int] | None, set[int] | None]:
+def _encoder() -> Callable[[Any], str]:
+    import json  # (on use: a table needs no JSON)
+
+    return json.JSONEncoder(separators=(", ", ": ")).encode
+
+
+class _Lines:
+    """The lines of ``emit_array([describe(e, ...)[1] for e in entries])``, each socket encoded once.
+
+    The pToken of a flow nothing covers (nearly every socket of a big listing) is the clear
+    template's JSON text with the flow's text spliced in where clear_ptoken_dict puts it (JSON
+    escapes character by character: the escaped flow text is what encoding the whole string gives),
+    not a dict copied and encoded again per socket. tests/unit/test_cli_fast_listing.py holds the
+    lines equal to emit_array's.
+    """
+
+    MARK = "\x00btns-flow\x00"  # (no pToken text holds a NUL)
+
+    def __init__(self, snapshot: Snapshot, holders: dict[int, list[tuple[int, str, int]]]) -> None:
+        self.snapshot = snapshot
+        self.holders = holders
+        self.encode = _encoder()
+        self._pieces: list[str] | None = None
+
+    def clear_token(self, where: str) -> str:
+        """``encode(snapshot.ptoken(flow, None))`` for a flow whose text is ``where``."""
+        if self._pieces is None:
+            marked = clear_ptoken_dict(self.snapshot.clear_template(), None, self.MARK)
+            self._pieces = self.encode(marked).split(self.encode(self.MARK)[1:-1])
+        return self.encode(where)[1:-1].join(self._pieces)
+
+    def __call__(self, e: SocketEntry) -> str:
+        snap = self.snapshot
+        protection, reason, d = facts(e, snap, self.holders.get(e.inode, []))
+        text = self.encode(d)
+        flow = e.flow
+        if flow is None:
+            return text
+        where = snap.flow_text(e)
+        if protection is None and reason is None:
+            token = self.clear_token(where)
+        else:
+            token = self.encode(snap.ptoken(flow, protection, reason, where))
+        return text[: -len("null}")] + token + "}"  # the dict ends with "ptoken": null
+
+
+def selection(args: Any) -> tuple[Selection, set[int] | None, set[int] | None]:
     """The ss-style options and FILTER words -> (selection, protocols, families); CliError(USAGE) if bad."""
     try:
         sel = parse(getattr(args, "filter", None) or [], LISTENING if getattr(args, "listening", False) else None)
@@ -218,7 +396,7 @@ def selection(args: argparse.Namespace) -> tuple[Selection, set[int] | None, set
     return sel, protocols, families
 
 
-def _broker(args: argparse.Namespace) -> Any:
+def _broker(args: Any) -> Any:
     """btnsd, for a caller without root that names no backend of its own (README "btnsd"), else None."""
     if os.geteuid() == 0 or args.backend or args.vici_socket or args.netns:
         return None
@@ -258,7 +436,7 @@ def _cells_of(d: dict[str, Any]) -> list[Any]:
     ]
 
 
-def run_via_broker(args: argparse.Namespace, broker: Any) -> int:
+def run_via_broker(args: Any, broker: Any) -> int:
     """The listing btnsd makes for us (it reads every socket as root would, the processes only ours)."""
     sel, protocols, families = selection(args)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as here:  # names our namespace to btnsd
@@ -285,7 +463,15 @@ def run_via_broker(args: argparse.Namespace, broker: Any) -> int:
     return exits.OK
 
 
-def run(args: argparse.Namespace) -> int:
+def _snapshot(args: Any) -> Snapshot:
+    """The SA listing of the selected backend; the backend itself opened only when needed."""
+    sas, backend = list_sas(args)
+    if backend is not None:
+        return Snapshot(backend, sas)
+    return Snapshot(None, sas, lambda: open_backend(args), BUILTIN)  # (list_sas listed the built-in)
+
+
+def run(args: Any) -> int:
     broker = _broker(args)
     if broker is not None:
         return run_via_broker(args, broker)
@@ -295,10 +481,10 @@ def run(args: argparse.Namespace) -> int:
         entries = [e for e in entries if sel.predicate(e)]
     if args.connected:
         entries = [e for e in entries if e.connected]
-    snapshot = Snapshot(open_backend(args))
+    snapshot = _snapshot(args)
     holders = socket_holders()
     if args.json:
-        emit_array([describe(e, snapshot, holders.get(e.inode, []))[1] for e in entries])
+        emit_lines(list(map(_Lines(snapshot, holders), entries)))
     else:
-        table(HEADERS, list(map(_Rows(snapshot, holders), entries)))
+        table(HEADERS, list(map(_Rows(snapshot, holders), entries)), cells_ready=True)
     return exits.OK

@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..core.constants import Setting
-from ..core.records import ChildSA, IkeSA, Protection, SocketView
-from ..core.selectors import Flow
-from ..core.tokens import IToken, PToken
-from ..protection import verify
-from .sockdiag import SocketEntry
+from ..core.records import SocketView
+
+if TYPE_CHECKING:  # the table of `btns sas` needs none of these (start-up: README "Benchmarks")
+    from ..backend import Backend
+    from ..core.constants import Setting
+    from ..core.records import ChildSA, IkeSA, Protection
+    from ..core.selectors import Flow
+    from ..core.tokens import IToken, PToken
+    from .sockdiag import SocketEntry
 
 PROTO_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
 
-#: The verified protection of a socket view and its pToken: :func:`btns_vici.protection.verify`.
-verify_view = verify
+
+def verify_view(view: SocketView, backend: Backend) -> tuple[Protection | None, PToken]:
+    """:func:`btns_vici.protection.verify` (the one place), imported on first use (start-up)."""
+    from ..protection import verify
+
+    return verify(view, backend)
+
+
+def verify_flow(flow: Flow, backend: Backend) -> tuple[Protection | None, PToken]:
+    """:func:`btns_vici.protection.verify_flow`, imported on first use (start-up)."""
+    from ..protection import verify_flow as verify_bare_flow
+
+    return verify_bare_flow(flow, backend)
 
 
 def entry_view(entry: SocketEntry, netns_id: tuple[int, int] | None) -> SocketView | None:

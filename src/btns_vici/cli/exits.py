@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import textwrap
 
 from ..core.errors import BackendError
 
@@ -65,6 +64,8 @@ def code_for(exc: BaseException) -> int:
 
 def epilog() -> str:
     """The exit-code table for ``--help``."""
+    import textwrap
+
     lines = [
         textwrap.fill(what, 88, initial_indent=f"  {code:>3}  ", subsequent_indent=" " * 7) for code, what in EXIT_CODES
     ]

@@ -18,7 +18,7 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import guard, knownpeers, leap
 from ..backend import Enforcement
@@ -33,7 +33,6 @@ from ..core.requirements import (
 )
 from ..core.tokens import PToken
 from ..hookspecs import hookimpl
-from ..hostkey import KEY_NAME, HostIdentity, _check_private, key_dir, load_or_create
 from .conns import (
     XFRM_REQID,
     check_supported,
@@ -43,6 +42,9 @@ from .conns import (
     pinned_key,
 )
 
+if TYPE_CHECKING:  # hostkey imports cryptography: loaded when a key is, not with the plugin
+    from ..hostkey import HostIdentity
+
 
 def local_identity(demand: PToken, options: Mapping[str, str]) -> HostIdentity:
     """Which of our keys to authenticate with: the one the demanded remote_iToken names, else host.key.
@@ -50,6 +52,8 @@ def local_identity(demand: PToken, options: Mapping[str, str]) -> HostIdentity:
     Every ``*.key`` (PKCS#8 PEM, owner-only) in the key directory is one of our identities; a
     remote_iToken pinning a pubKeyID selects the key whose public half it is (ENOKEY if none).
     """
+    from ..hostkey import HostIdentity, _check_private, key_dir, load_or_create
+
     default = load_or_create(options.get("key_dir"))
     tok = demand.remote_itoken
     wanted = tok.pub_key_id if tok is not None else None
@@ -95,6 +99,8 @@ def peer_keys(
     if not keys and leap.enabled(options):
         # A listener with leap of faith and no configured keys: the learner loads one responder
         # connection per peer it learns; this one only our own key could satisfy (a placeholder).
+        from ..hostkey import load_or_create
+
         knownpeers.register(options.get("key_dir"))
         return [load_or_create(options.get("key_dir")).public_der]
     if not keys:
@@ -174,6 +180,8 @@ def _initiate(session: Any, ike: str, child: str, timeout_ms: int, failure: str)
 
 def _alt(host: HostIdentity, options: Mapping[str, str]) -> bytes:
     """Our key's DER when it is not the default host key (part of the connection's name), else b""."""
+    from ..hostkey import KEY_NAME
+
     return b"" if host.path.name == KEY_NAME else host.public_der
 
 

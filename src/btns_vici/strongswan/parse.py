@@ -52,7 +52,7 @@ def uniqueid(d: Section, what: str = "uniqueid") -> str:
 
 
 def _get(d: Section, key: str, default: str | None = None) -> str | None:
-    if not isinstance(d, Mapping):
+    if d.__class__ is not dict and not isinstance(d, Mapping):  # (the decoder's dicts skip the ABC check)
         raise ProtocolError(f"VICI section expected, got {type(d).__name__}")
     v = d.get(key)
     return default if v is None else text(v, key)
@@ -105,12 +105,45 @@ def _port(name: str, proto: str) -> int:
         raise ProtocolError(f"unknown port {name!r} in traffic selector") from exc
 
 
+#: spec -> TrafficSelector and address part -> (start, end): a listing of 1,000 CHILD_SAs repeats
+#: the same few selectors and addresses (TrafficSelector is frozen: sharing one is safe).
+_TS_CACHE: dict[str, TrafficSelector] = {}
+_RANGE_CACHE: dict[str, tuple[Any, Any]] = {}
+_CACHE_MAX = 4096
+
+
 def parse_ts(spec: str) -> TrafficSelector:
     """A strongSwan traffic selector string -> TrafficSelector.
 
     Forms: ``10.0.0.1/32``, ``10.0.0.1/32[tcp/20000]``, ``10.0.0.0/24[udp/5000-6000]``,
     ``fd00::1/128[tcp]``, ``10.0.0.1..10.0.0.9``, ``[47]``, ``[tcp/http]``, ``[icmp/8]``.
     """
+    ts = _TS_CACHE.get(spec)
+    if ts is None:
+        ts = _parse_ts(spec)
+        if len(_TS_CACHE) >= _CACHE_MAX:
+            _TS_CACHE.clear()
+        _TS_CACHE[spec] = ts
+    return ts
+
+
+def _range(addr: str) -> tuple[Any, Any]:
+    """The first and last address of ``a.b.c.d/len`` or ``a..b`` (ValueError when bad)."""
+    span = _RANGE_CACHE.get(addr)
+    if span is None:
+        if ".." in addr:
+            a, b = addr.split("..", 1)
+            span = (ipaddress.ip_address(a), ipaddress.ip_address(b))
+        else:
+            net = ipaddress.ip_network(addr, strict=False)
+            span = (net.network_address, net.broadcast_address)
+        if len(_RANGE_CACHE) >= _CACHE_MAX:
+            _RANGE_CACHE.clear()
+        _RANGE_CACHE[addr] = span
+    return span
+
+
+def _parse_ts(spec: str) -> TrafficSelector:
     addr, _, rest = spec.strip().partition("[")
     proto, port_lo, port_hi = PROTO_ANY, 0, 65535
     if rest:
@@ -125,12 +158,7 @@ def parse_ts(spec: str) -> TrafficSelector:
         elif ports == "OPAQUE":
             port_lo, port_hi = 65535, 0  # RFC 4301 OPAQUE: matches no port; keep it impossible
     try:
-        if ".." in addr:
-            a, b = addr.split("..", 1)
-            start, end = ipaddress.ip_address(a), ipaddress.ip_address(b)
-        else:
-            net = ipaddress.ip_network(addr, strict=False)
-            start, end = net.network_address, net.broadcast_address
+        start, end = _range(addr)
         if port_lo > port_hi:  # OPAQUE
             return TrafficSelector(start, end, proto, 0, 0)
         return TrafficSelector(start, end, proto, port_lo, port_hi)

@@ -17,7 +17,6 @@ Options (all optional):
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -35,7 +34,8 @@ from . import parse
 from .enforce import EnforceHooks
 from .events import EventStream
 from .index import SAIndex
-from .session import DEFAULT_SOCKET, ViciSession, timeouts
+from .listing import list_records, socket_path
+from .session import ViciSession, timeouts
 
 NAME = "strongswan"
 
@@ -44,7 +44,7 @@ class Context:
     """Sessions and index for one set of options (one charon)."""
 
     def __init__(self, options: Mapping[str, str]) -> None:
-        self.path = options.get("vici_socket") or os.environ.get("BTNS_VICI_SOCKET") or DEFAULT_SOCKET
+        self.path = socket_path(options)
         self.netns = options.get("netns") or None
         self.mode = options.get("index", "events")
         self.timeout, self.list_timeout, self.probe_timeout = timeouts(options)
@@ -73,25 +73,6 @@ class Context:
     def close(self) -> None:
         self.index.close()
         self.session.close()
-
-
-def list_records(session: ViciSession) -> list[IkeSA]:
-    sas = session.list_sas()
-    conns: dict[str, Any] = {}
-    for c in session.list_conns():
-        conns.update(c)
-    store = parse.CertStore.from_vici(session.list_certs())
-    out = []
-    for entry in sas:
-        name, sec = parse.single_section(entry, "list-sas entry")
-        conn = conns.get(name)
-        lauth = parse.conn_auth(conn, "local") if conn else None
-        rauth = parse.conn_auth(conn, "remote") if conn else None
-        local = parse.identity(parse.text(sec.get("local-id", b"")), lauth, store)
-        remote = parse.identity(parse.text(sec.get("remote-id", b"")), rauth, store)
-        kids = sorted(parse.children_of(sec).values(), key=lambda c: int(c.uniqueid))
-        out.append(parse.parse_ike(name, sec, local, remote, kids))
-    return out
 
 
 class StrongswanPlugin(EnforceHooks):

@@ -268,8 +268,11 @@ def decode_message(payload: Any) -> dict[str, Any]:
         raise ProtocolError(f"VICI message of {len(data)} bytes, over charon's limit of {MAX_PACKET}")
     root: dict[str, Any] = {}
     stack = [root]
+    top = root  # stack[-1]
     pos, end, count = 0, len(data), 0
-    mv = memoryview(data)
+    section_start, section_end, key_value = Message.SECTION_START, Message.SECTION_END, Message.KEY_VALUE
+    list_start, list_item, list_end = Message.LIST_START, Message.LIST_ITEM, Message.LIST_END
+    names: dict[bytes, str] = {}  # element names repeat (every CHILD_SA has the same keys): checked once
 
     def fail(what: str) -> ProtocolError:
         return ProtocolError(f"malformed VICI message: {what} at byte {pos} of {end}")
@@ -280,37 +283,41 @@ def decode_message(payload: Any) -> dict[str, Any]:
         count += 1
         if count > MAX_ELEMENTS:
             raise fail(f"more than {MAX_ELEMENTS} elements")
-        if kind == Message.SECTION_END:
+        if kind == section_end:
             if len(stack) == 1:
                 raise fail("unbalanced section end")
             stack.pop()
+            top = stack[-1]
             continue
-        if kind not in (Message.SECTION_START, Message.KEY_VALUE, Message.LIST_START):
+        if kind != key_value and kind != section_start and kind != list_start:
             raise fail(f"bad element type {kind}")
         if pos >= end:
             raise fail("truncated name")
         n = data[pos]
         if pos + 1 + n > end:
             raise fail("truncated name")
-        raw = bytes(mv[pos + 1 : pos + 1 + n])
+        raw = data[pos + 1 : pos + 1 + n]
         pos += 1 + n
-        if not raw.isascii():
-            raise fail("element name is not ASCII")
-        key = raw.decode("ascii")
-        if kind == Message.SECTION_START:
-            if len(stack) > MAX_DEPTH:
-                raise fail(f"sections nested deeper than {MAX_DEPTH}")
-            sec: dict[str, Any] = {}
-            stack[-1][key] = sec
-            stack.append(sec)
-        elif kind == Message.KEY_VALUE:
+        key = names.get(raw)
+        if key is None:
+            if not raw.isascii():
+                raise fail("element name is not ASCII")
+            key = names[raw] = raw.decode("ascii")
+        if kind == key_value:
             if pos + 2 > end:
                 raise fail("truncated value length")
             vlen = (data[pos] << 8) | data[pos + 1]
             if pos + 2 + vlen > end:
                 raise fail("truncated value")
-            stack[-1][key] = bytes(mv[pos + 2 : pos + 2 + vlen])
+            top[key] = data[pos + 2 : pos + 2 + vlen]
             pos += 2 + vlen
+        elif kind == section_start:
+            if len(stack) > MAX_DEPTH:
+                raise fail(f"sections nested deeper than {MAX_DEPTH}")
+            sec: dict[str, Any] = {}
+            top[key] = sec
+            stack.append(sec)
+            top = sec
         else:
             items: list[bytes] = []
             while True:
@@ -318,9 +325,9 @@ def decode_message(payload: Any) -> dict[str, Any]:
                     raise fail("unterminated list")
                 marker = data[pos]
                 pos += 1
-                if marker == Message.LIST_END:
+                if marker == list_end:
                     break
-                if marker != Message.LIST_ITEM:
+                if marker != list_item:
                     raise fail(f"bad list element {marker}")
                 count += 1
                 if count > MAX_ELEMENTS:
@@ -330,9 +337,9 @@ def decode_message(payload: Any) -> dict[str, Any]:
                 vlen = (data[pos] << 8) | data[pos + 1]
                 if pos + 2 + vlen > end:
                     raise fail("truncated list item")
-                items.append(bytes(mv[pos + 2 : pos + 2 + vlen]))
+                items.append(data[pos + 2 : pos + 2 + vlen])
                 pos += 2 + vlen
-            stack[-1][key] = items
+            top[key] = items
     if len(stack) != 1:
         raise ProtocolError("malformed VICI message: unterminated section")
     return root

@@ -135,7 +135,7 @@ def dump(
                     src,
                     dst,
                     ifindex,
-                    _cookie,
+                    cookie,
                     _expires,
                     _rq,
                     _wq,
@@ -154,6 +154,8 @@ def dump(
                         "src_addr": _addr(src),
                         "dst_addr": _addr(dst),
                         "idiag_if": ifindex,
+                        "idiag_cookie": int.from_bytes(cookie[:4], "little")
+                        | int.from_bytes(cookie[4:], "little") << 32,
                         "idiag_uid": uid,
                         "idiag_inode": inode,
                         "attrs_raw": bytes(view[body + _MSG.size : pos + length]),

@@ -432,8 +432,39 @@ class EnforceHooks:
         reqid = XFRM_REQID
         if op is not None and dataplane == XFRM:
             reqid = operator_reqid(ctx.session, op) or XFRM_REQID
+        if dataplane == XFRM and options.get("acquire", "yes") != "no":
+            # A plain connect(2) negotiates through the kernel's ACQUIRE (btns_vici.acquire).
+            return Enforcement(
+                connection="(negotiated on the kernel's ACQUIRE)",
+                dataplane_guard=self._trap(options, sock, ptoken, reqid),
+            )
         how = guard.apply(sock, dataplane, reqid=reqid if dataplane == XFRM else 0)
         return Enforcement(connection="(established on connect/listen)", dataplane_guard=how)
+
+    def _trap(self, options: Mapping[str, str], sock: Any, ptoken: PToken, reqid: int) -> str:
+        from .. import acquire
+        from ..backend import Backend
+        from ..plugins import get_plugin_manager
+
+        def negotiate(flow: Any, demand: PToken) -> str:
+            ctx = self.context(options)
+            return establish(
+                ctx.session, XFRM, options, flow.local_addr, flow.remote_addr, demand, acquire.NEGOTIATION_MS
+            )
+
+        def backend() -> Backend:
+            return Backend(get_plugin_manager(), "strongswan", options)
+
+        how = acquire.arm(sock, ptoken, reqid, options, backend, negotiate)
+        # A socket already bound to an address (a server, before its plain listen(2)): peers may
+        # negotiate with us from now on (the wrapper's listen() does the same).
+        from ..sockets import borrowed_socket, endpoint
+
+        with borrowed_socket(sock) as s:
+            addr, port = endpoint(s.getsockname())
+        if port and not addr.is_unspecified and not is_opportunistic(ptoken):
+            serve(self.context(options).session, XFRM, options, addr, ptoken)
+        return how
 
     @hookimpl
     def btns_establish(self, options: Mapping[str, str], flow: Any, ptoken: PToken) -> str:

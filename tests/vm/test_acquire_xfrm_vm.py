@@ -1,0 +1,237 @@
+"""A PLAIN connect(2) after ipsec_set_socket_pToken on kernel XFRM (issue 16, items 1, 2, 6; VM tier).
+
+No wrapper: the program calls set_socket_pToken and then the system call. The kernel's ACQUIRE
+for the socket's trap policy is answered by the library (btns_vici.acquire, in-process: root),
+which has charon negotiate a transport-mode SA meeting the pToken for exactly that destination;
+the blocking connect waits (larval packets queued, xfrm_larval_drop = 0) and completes over ESP.
+The connection is verified and latched by the responder; a terminate destroys it (ECONNABORTED).
+A peer that cannot meet the demand: the connect fails closed, no TCP segment on the wire. The
+same from a C program compiled against the installed header.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import btns_vici
+from btns_vici import acquire, xfrm
+
+from ..integration.xfrm_support import ip
+from . import test_enforce_xfrm_vm as _enforce
+from .netpair import B, sniffer
+from .test_enforce_xfrm_vm import ESP, TCP, exchange, transport_demand
+
+hosts, pair, sides = _enforce.hosts, _enforce.pair, _enforce.sides
+
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("ipsec_kernel")]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def responders(sides) -> Iterator[tuple]:
+    """The sides; afterwards every responder stopped (traps removed, sysctl restored)."""
+    before = [_larval_drop(s.host_ns.netns) for s in sides]
+    yield sides
+    acquire.stop_all()
+    assert [_larval_drop(s.host_ns.netns) for s in sides] == before  # sysctls restored
+
+
+def _plain_server(side, demand=None):
+    """A listener on B: pToken set after bind (so peers may negotiate), then PLAIN listen/accept."""
+    srv = side.socket()
+    srv.bind((str(B), 0))
+    if demand is not None:
+        btns_vici.set_socket_ptoken(srv, demand, side.backend)
+    srv.listen(8)
+    got: list = []
+
+    def run() -> None:
+        try:
+            got.append(srv.accept()[0])
+        except OSError as exc:
+            got.append(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    return srv, got
+
+
+def _wait(pred, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _larval_drop(ns: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, "cat", acquire.LARVAL_DROP], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def _terminate_all(charon) -> None:
+    ses = charon.session()
+    for name in [n for entry in ses.list_conns() for n in entry]:
+        for _ in ses.terminate({"ike": name, "timeout": "5000", "force": "yes"}):
+            pass
+
+
+def test_plain_connect_negotiates_on_acquire_then_latch_destroys(responders) -> None:
+    a, b = responders
+    srv, got = _plain_server(b, transport_demand())
+    cli = a.socket()
+    conn = None
+    try:
+        btns_vici.set_socket_ptoken(cli, transport_demand(), a.backend)
+        entry = acquire.trapped(cli)
+        assert entry is not None and entry.mark & acquire.MARK_BIT
+        traps = [p for p in xfrm.dump_policies(a.host_ns.netns) if p.mark is not None and p.mark.value == entry.mark]
+        assert len(traps) == 1 and traps[0].direction == "out" and traps[0].templates
+        assert [s for s in xfrm.dump_states(a.host_ns.netns) if s.spi] == []  # nothing negotiated yet
+        with sniffer(b.host_ns.netns) as frames:
+            t0 = time.monotonic()
+            cli.connect((str(B), srv.getsockname()[1]))  # the plain system call
+            took = time.monotonic() - t0
+            assert _wait(lambda: bool(got), 20)
+            conn = got[0]
+            assert not isinstance(conn, Exception), conn
+            marker = b"plain-connect-over-acquire " * 200
+            assert exchange(cli, conn, marker) == marker
+        print(f"plain connect over an ACQUIRE-driven negotiation took {took * 1000:.1f} ms")
+        assert any(len(f) > 20 and f[9] == ESP for f in frames)
+        assert not any(len(f) > 20 and f[9] == TCP for f in frames), "TCP in clear on the wire"
+        assert not any(b"plain-connect-over-acquire" in f for f in frames)
+        tok = btns_vici.get_socket_ptoken(cli, a.backend)
+        assert tok.protected and tok.tunnel_mode == btns_vici.Setting.DISABLE, tok.information_string
+        assert f"mark=0x{entry.mark:x}" in tok.information_string, tok.information_string
+        # The responders verified and latched both ends (item 2), with no wrapper involved.
+        assert _wait(lambda: bool(acquire.trapped(cli).verified), 10), "client end not verified"
+        assert _wait(lambda: bool(acquire.trapped(conn).verified), 10), "server end not verified"
+        assert _larval_drop(a.host_ns.netns) == "0"  # queued, not dropped, while negotiating
+        # Break the latch: charon terminates the SA; the responder destroys the kernel socket.
+        _terminate_all(a.host_ns.charon)
+        cli.settimeout(10)
+        with pytest.raises(OSError) as exc:
+            cli.recv(1)
+        assert exc.value.errno == errno.ECONNABORTED, exc.value
+    finally:
+        cli.close()
+        if isinstance(conn, socket.socket):
+            conn.close()
+        srv.close()
+    # Nothing left behind: the trap goes with the socket.
+    assert _wait(
+        lambda: (
+            not [p for p in xfrm.dump_policies(a.host_ns.netns) if p.mark is not None and p.mark.value == entry.mark]
+        ),
+        5,
+    )
+
+
+def test_plain_connect_fails_closed_when_the_peer_cannot(responders) -> None:
+    a, b = responders
+    (b.peer_dir / "peer.pem").unlink()  # b's charon will not accept a's key: no SA is possible
+    srv, got = _plain_server(b)  # a plain listener without any pToken
+    cli = a.socket(timeout=30)
+    try:
+        btns_vici.set_socket_ptoken(cli, transport_demand(), a.backend)
+        with sniffer(b.host_ns.netns) as frames:
+            t0 = time.monotonic()
+            with pytest.raises(OSError) as exc:
+                cli.connect((str(B), srv.getsockname()[1]))
+            took = time.monotonic() - t0
+            time.sleep(0.5)
+        assert exc.value.errno == errno.ECONNABORTED, exc.value
+        assert took < 25
+        assert not got, "the listener accepted a connection"
+        assert not any(len(f) > 20 and f[9] in (TCP, ESP) for f in frames), "a segment reached B"
+    finally:
+        cli.close()
+        srv.close()
+
+
+def _compile(tmp: Path) -> Path:
+    cc = shutil.which("cc")
+    assert cc, "the C test needs cc"
+    prefix = Path(sys.prefix)
+    flags = subprocess.run(
+        ["pkg-config", "--cflags", "--libs", "btns-ipsec"],
+        env={**os.environ, "PKG_CONFIG_PATH": str(prefix / "lib" / "pkgconfig")},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    exe = tmp / "plain_connect"
+    src = ROOT / "tests" / "cabi" / "c" / "plain_connect.c"
+    proc = subprocess.run(
+        [cc, "-std=c99", "-Wall", "-Wextra", "-Werror", str(src), *flags, "-o", str(exe)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return exe
+
+
+def test_c_program_plain_connect_and_latch(responders, tmp_path: Path) -> None:
+    a, b = responders
+    exe = _compile(tmp_path)
+    srv, got = _plain_server(b, transport_demand())
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "BTNS_BACKEND": "strongswan",
+        "BTNS_VICI_SOCKET": str(a.host_ns.charon.vici_path),
+        "BTNS_KEY_DIR": str(a.key_dir),
+        "BTNS_PEER_KEYS": str(a.peer_dir),
+    }
+    cmd = ["ip", "netns", "exec", a.host_ns.netns, str(exe), str(B), str(srv.getsockname()[1])]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    conn = None
+    lines: list[str] = []
+    try:
+        with sniffer(b.host_ns.netns) as frames:
+            assert _wait(lambda: bool(got), 30), "B accepted nothing"
+            conn = got[0]
+            assert not isinstance(conn, Exception), conn
+            conn.settimeout(10)
+            data = conn.recv(4096)
+            assert data == b"plain-connect-from-c-marker"
+            conn.sendall(b"echo")
+            for line in proc.stdout:  # type: ignore[union-attr]
+                lines.append(line.strip())
+                if line.strip() == "ready":
+                    break
+        assert "ready" in lines, (lines, proc.stderr.read() if proc.poll() is not None else "")  # type: ignore[union-attr]
+        assert int(next(x for x in lines if x.startswith("privacy ")).split()[1]) >= 4  # LEVEL_MEDIUM
+        assert any(len(f) > 20 and f[9] == ESP for f in frames)
+        assert not any(len(f) > 20 and f[9] == TCP for f in frames), "TCP in clear on the wire"
+        assert not any(b"plain-connect-from-c-marker" in f for f in frames)
+        tok = btns_vici.get_socket_ptoken(conn, b.backend)
+        assert tok.protected, tok.information_string
+        # The C program's own responder (in its process) latched it: a terminate destroys it.
+        time.sleep(0.5)
+        _terminate_all(a.host_ns.charon)
+        out, err = proc.communicate(timeout=20)
+        lines += out.splitlines()
+        assert proc.returncode == 0 and any("ECONNABORTED" in x for x in lines), (lines, err[-3000:])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if isinstance(conn, socket.socket):
+            conn.close()
+        srv.close()
+    ip("xfrm", "policy", netns=a.host_ns.netns)

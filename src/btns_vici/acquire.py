@@ -161,6 +161,7 @@ class Responder:
 
             self._diag = _inetdiag.open_socket()
         self._nl_lock = threading.Lock()
+        self._diag_lock = threading.Lock()
         self._monitor = XfrmMonitor(("acquire", "expire", "sa"), f"/proc/self/fd/{ns_fd}")
         self._stop_events: Callable[[], None] | None = None
         with contextlib.suppress(Exception):
@@ -210,9 +211,13 @@ class Responder:
                 _xfrm_request(self._nl, trap_message(XFRM_MSG_NEWPOLICY, sock.family, mark, reqid))
         else:  # set again on the same socket: the new reqid
             self.kick(entry)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        # reqid 0 inbound: any ESP transport SA whose selector is this flow (an operator SA too).
-        xfrm.set_socket_policy(sock, "in", ["esp"], level="required", reqid=0)
+        try:  # the trap is in place before the mark: a marked socket is never without it
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, struct.pack("=I", mark))
+            # reqid 0 inbound: any ESP transport SA whose selector is this flow (an operator SA too).
+            xfrm.set_socket_policy(sock, "in", ["esp"], level="required", reqid=0)
+        except BaseException:
+            self._disarm(entry)
+            raise
         return mark
 
     def kick(self, entry: Trapped) -> None:
@@ -296,15 +301,20 @@ class Responder:
         from .cli import _inetdiag
 
         out: dict[int, list[dict[str, Any]]] = {}
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
-                for msg in _inetdiag.dump(self._diag, family, proto):
-                    raw = _inetdiag.attributes(msg).get(_inetdiag.INET_DIAG_MARK, b"")
-                    if len(raw) >= 4:
-                        mark = struct.unpack("=I", raw[:4])[0]
-                        if mark & MARK_BIT:
-                            msg["proto"], msg["mark"] = proto, mark
-                            out.setdefault(mark, []).append(msg)
+        with self._diag_lock:  # one dump at a time on the socket (the sweep and a negotiation's failure)
+            msgs = [
+                (proto, msg)
+                for family in (socket.AF_INET, socket.AF_INET6)
+                for proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP)
+                for msg in _inetdiag.dump(self._diag, family, proto)
+            ]
+        for proto, msg in msgs:
+            raw = _inetdiag.attributes(msg).get(_inetdiag.INET_DIAG_MARK, b"")
+            if len(raw) >= 4:
+                mark = struct.unpack("=I", raw[:4])[0]
+                if mark & MARK_BIT:
+                    msg["proto"], msg["mark"] = proto, mark
+                    out.setdefault(mark, []).append(msg)
         return out
 
     def sweep(self) -> None:
@@ -321,6 +331,10 @@ class Responder:
             for msg in msgs:
                 cookie = msg["idiag_cookie"]
                 if cookie in entry.done:
+                    continue
+                if entry.failed and msg["idiag_state"] == 2:  # SYN-SENT after a failed negotiation
+                    entry.done.add(cookie)
+                    self._destroy(entry, f"negotiation failed: {entry.failed}", msg)
                     continue
                 if entry.proto == socket.IPPROTO_TCP and msg["idiag_state"] not in CONNECTED_TCP_STATES:
                     continue
@@ -374,6 +388,8 @@ class Responder:
         from . import sockdestroy
 
         msgs = [msg] if msg is not None else self._dump().get(entry.mark, [])
+        if not msgs:
+            log.info("no socket with mark 0x%08x left to destroy (%s)", entry.mark, why)
         for m in msgs:
             sid = sockdestroy.SocketId(
                 m["idiag_family"],

@@ -27,6 +27,7 @@ the kernel), destroys those whose latch broke, and removes the trap of every soc
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import fcntl
 import ipaddress
@@ -41,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import forksafe
 from . import netns as _netns
 from .core.errors import BtnsError
 from .core.records import SocketView
@@ -55,10 +57,14 @@ log = logging.getLogger(__name__)
 MARK_BIT = 0x8000_0000
 #: The trap policies' priority: ahead of every policy the IKE daemon or an operator installs.
 TRAP_PRIORITY = 0
+#: The backstop's priority (see :func:`backstop_message`): right behind the traps.
+BACKSTOP_PRIORITY = 1
 #: How often the responder looks at its sockets (verification, latches, removal of traps).
 SWEEP_SECONDS = 0.05
 #: The longest a negotiation the kernel asked for may take (the backend's initiate timeout).
 NEGOTIATION_MS = 10000
+#: How often an armed socket sock_diag does not list yet is looked for among its owner's descriptors.
+OWNER_CHECK_SECONDS = 1.0
 #: How long a new connection may look unprotected to the backend before it is judged (its SA index is
 #: fed by events and can lag the kernel by a moment; the kernel holds the socket to ESP meanwhile).
 VERIFY_GRACE = 2.0
@@ -105,6 +111,20 @@ def trap_message(kind: int, family: int, mark: int, reqid: int) -> bytes:
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, 1, 0) + body
 
 
+def backstop_message(kind: int, family: int) -> bytes:
+    """XFRM_MSG_NEW/DELPOLICY for the backstop: every packet of a socket with :data:`MARK_BIT` in
+    its mark that no trap (priority 0) selects is dropped (action block, priority 1): a marked
+    socket whose trap is gone (its responder killed, say) fails closed instead of sending clear."""
+    from .xfrm import _wire as wire
+
+    mark_attr = _attr(XFRMA_MARK, struct.pack("=II", MARK_BIT, MARK_BIT))
+    if kind == XFRM_MSG_DELPOLICY:
+        body = wire.USERPOLICY_ID.pack(wire.encode_selector(family), 0, 1) + mark_attr
+    else:
+        body = wire.encode_userpolicy_info(family, 1, priority=BACKSTOP_PRIORITY, action=1) + mark_attr
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, 1, 0) + body
+
+
 def _xfrm_request(nl: socket.socket, msg: bytes) -> None:
     nl.send(msg)
     reply = nl.recv(65536)
@@ -134,6 +154,10 @@ class Trapped:
     broken: dict[int, str] = field(default_factory=dict)  # cookie -> why its latch broke
     done: set[int] = field(default_factory=set)  # cookies destroyed: not looked at again
     first_seen: dict[int, float] = field(default_factory=dict)  # cookie -> when first seen connected
+    inode: int = 0  # the socket's inode (what /proc/PID/fd links name)
+    owner: int = 0  # the process that holds it (ours; btnsd: the client's)
+    seen: bool = False  # sock_diag has listed it (once connected or listening)
+    checked: float = 0.0  # when its owner's descriptors were last looked at
 
 
 class Responder:
@@ -157,6 +181,11 @@ class Responder:
             self._nl.bind((0, 0))
             self._nl.settimeout(2.0)
             self._set_larval_drop()
+            for family in (socket.AF_INET, socket.AF_INET6):
+                try:
+                    _xfrm_request(self._nl, backstop_message(XFRM_MSG_NEWPOLICY, family))
+                except FileExistsError:
+                    pass  # another responder (or an earlier one, killed) put it there: it stays
             from .cli import _inetdiag
 
             self._diag = _inetdiag.open_socket()
@@ -203,6 +232,8 @@ class Responder:
         mark = mark_for(cookie)
         proto = socket.IPPROTO_TCP if sock.type == socket.SOCK_STREAM else socket.IPPROTO_UDP
         entry = Trapped(mark, cookie, sock.family, proto, demand.copy(), reqid)
+        entry.inode, entry.owner = os.fstat(sock.fileno()).st_ino, _owner.get() or os.getpid()
+        entry.checked = time.monotonic()
         with self.lock:
             fresh = mark not in self.sockets
             self.sockets[mark] = entry
@@ -326,8 +357,13 @@ class Responder:
         for entry in entries:
             msgs = live.get(entry.mark)
             if not msgs:
-                self._disarm(entry)  # the socket (and every socket accepted from it) is gone
+                # sock_diag lists a TCP socket only once it is connecting, connected or listening. One
+                # it listed is gone now (with every socket accepted from it); one it never listed is
+                # gone when no descriptor of its owner names it any more.
+                if entry.seen or self._gone(entry):
+                    self._disarm(entry)
                 continue
+            entry.seen = True
             for msg in msgs:
                 cookie = msg["idiag_cookie"]
                 if cookie in entry.done:
@@ -345,6 +381,13 @@ class Responder:
             for cookie in [c for c in entry.verified if c not in alive]:
                 entry.verified.pop(cookie, None)
             entry.done &= alive
+
+    def _gone(self, entry: Trapped) -> bool:
+        now = time.monotonic()
+        if now - entry.checked < OWNER_CHECK_SECONDS:
+            return False
+        entry.checked = now
+        return not _holds(entry.owner, entry.inode)
 
     def _view(self, msg: dict[str, Any]) -> SocketView:
         st = os.fstat(self.ns_fd)
@@ -406,6 +449,20 @@ class Responder:
             except OSError as exc:
                 log.warning("SOCK_DESTROY of %s failed (%s) after: %s", sid, exc.strerror, why)
 
+    def _remove_backstop(self) -> None:
+        """Remove the backstop unless a trap of another responder still needs it."""
+        from . import xfrm
+
+        try:
+            pols = xfrm.dump_policies(f"/proc/self/fd/{self.ns_fd}")
+        except OSError:
+            return
+        if any(p.mark is not None and p.mark.value & MARK_BIT and p.mark.mask == 0xFFFF_FFFF for p in pols):
+            return
+        for family in (socket.AF_INET, socket.AF_INET6):
+            with self._nl_lock, contextlib.suppress(OSError):
+                _xfrm_request(self._nl, backstop_message(XFRM_MSG_DELPOLICY, family))
+
     def status(self, mark: int) -> Trapped | None:
         with self.lock:
             return self.sockets.get(mark)
@@ -422,6 +479,7 @@ class Responder:
             entries = list(self.sockets.values())
         for entry in entries:
             self._disarm(entry)
+        self._remove_backstop()
         if self._larval_before not in (None, "0"):
             with self._entered(), contextlib.suppress(OSError), open(LARVAL_DROP, "w") as f:
                 f.write(self._larval_before or "1")
@@ -429,6 +487,36 @@ class Responder:
         self._nl.close()
         self._diag.close()
         os.close(self.ns_fd)
+
+
+def _holds(pid: int, inode: int) -> bool:
+    """Whether process ``pid`` still has a descriptor of the socket ``inode`` (True when unsure)."""
+    want = f"socket:[{inode}]"
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return False  # the process is gone
+    except OSError:
+        return True
+    for name in names:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{name}") == want:
+                return True
+    return False
+
+
+#: Who holds the sockets armed in this context: btnsd sets the client's pid (SO_PEERCRED).
+_owner: contextvars.ContextVar[int | None] = contextvars.ContextVar("btns_acquire_owner", default=None)
+
+
+@contextlib.contextmanager
+def owned_by(pid: int):  # type: ignore[no-untyped-def]
+    """Sockets armed in the block belong to process ``pid`` (btnsd arms its clients' sockets)."""
+    token = _owner.set(pid)
+    try:
+        yield
+    finally:
+        _owner.reset(token)
 
 
 _sockfs: list[int] = []
@@ -447,6 +535,32 @@ _responders: dict[tuple[tuple[int, int], tuple[tuple[str, str], ...]], Responder
 _lock = threading.Lock()
 
 
+_exit_hooks: list[object] = []
+
+
+def _stop_at_exit() -> None:
+    """Stop the responders when the process ends normally (traps removed, the sysctl restored).
+
+    A Python program: ``atexit``. A C program using libbtns-ipsec (the interpreter is embedded
+    and never finalized, so Python's atexit never runs): a C ``atexit`` handler too, which takes
+    the GIL through ctypes. A process killed outright leaves ``xfrm_larval_drop`` at 0 (README
+    "Enforcement": packets waiting for an SA are queued, never sent in clear).
+    """
+    if _exit_hooks:
+        return
+    import atexit
+
+    atexit.register(stop_all)
+    _exit_hooks.append(stop_all)
+    if os.path.basename(os.readlink("/proc/self/exe")).startswith("python"):
+        return
+    import ctypes
+
+    hook = ctypes.CFUNCTYPE(None)(stop_all)
+    _exit_hooks.append(hook)  # kept alive: the C library calls it at exit(3)
+    ctypes.CDLL(None).atexit(hook)
+
+
 def responder_for(sock: socket.socket, options: Any, backend_factory: Callable[[], Any], establish: Any) -> Responder:
     ns_fd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
     st = os.fstat(ns_fd)
@@ -455,6 +569,7 @@ def responder_for(sock: socket.socket, options: Any, backend_factory: Callable[[
         r = _responders.get(key)
         if r is None:
             r = _responders[key] = Responder(ns_fd, backend_factory(), establish)
+            _stop_at_exit()
             return r
     os.close(ns_fd)
     return r
@@ -492,6 +607,14 @@ def trapped(fd: Any) -> Trapped | None:
         if entry is not None:
             return entry
     return None
+
+
+@forksafe.in_child
+def _reset_after_fork() -> None:
+    """A forked child answers nothing: the parent's responders keep serving the inherited sockets."""
+    global _lock
+    _responders.clear()
+    _lock = threading.Lock()
 
 
 def stop_all() -> None:

@@ -76,6 +76,16 @@ def _wait(pred, timeout: float = 10.0) -> bool:
     return False
 
 
+def _state(side) -> str:
+    """What the kernel and the responder hold (printed when a test fails)."""
+    ns = side.host_ns.netns
+    entries = [vars(e) for r in list(acquire._responders.values()) for e in r.sockets.values()]
+    return (
+        f"states:\n{ip('xfrm', 'state', netns=ns)}\npolicies:\n{ip('xfrm', 'policy', netns=ns)}\n"
+        f"larval_drop {_larval_drop(ns)}\nresponder entries: {entries}\ncharon:\n{side.host_ns.charon.log_tail(30)}"
+    )
+
+
 def _larval_drop(ns: str) -> str:
     return subprocess.run(
         ["ip", "netns", "exec", ns, "cat", acquire.LARVAL_DROP], capture_output=True, text=True, check=True
@@ -154,7 +164,7 @@ def test_plain_connect_fails_closed_when_the_peer_cannot(responders) -> None:
                 cli.connect((str(B), srv.getsockname()[1]))
             took = time.monotonic() - t0
             time.sleep(0.5)
-        assert exc.value.errno == errno.ECONNABORTED, exc.value
+        assert exc.value.errno == errno.ECONNABORTED, (exc.value, _state(a))
         assert took < 25
         assert not got, "the listener accepted a connection"
         assert not any(len(f) > 20 and f[9] in (TCP, ESP) for f in frames), "a segment reached B"

@@ -461,7 +461,10 @@ class Server:
         be = self.backend_for(ns)
         if be is None:
             raise BtnsError("btnsd has no backend for this socket's network namespace", errno.EOPNOTSUPP)
-        how = be.enforce(fd, demand)
+        from .. import acquire
+
+        with acquire.owned_by(c.pid):  # kernel XFRM: the trap's socket lives in the client
+            how = be.enforce(fd, demand)
         key = inspect(fd)[0]
         with self._lock:
             self.demands[key] = (c.ident, demand.copy())

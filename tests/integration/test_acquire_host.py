@@ -1,0 +1,168 @@
+"""The ACQUIRE responder's fail-closed paths on this host's kernel (issue 16, item 1; root).
+
+This kernel has XFRM but no ESP, so no SA can ever be installed here: what can be shown on the
+host is everything around the negotiation. Two network namespaces joined by a veth pair, a real
+charon (kernel-netlink) in A and one in B that has no connection for A (it refuses the IKE_SA):
+
+* set_socket_ptoken arms the trap (the socket's mark, an SPD out policy on exactly that mark,
+  a socket in policy), and a plain connect(2) makes the kernel ACQUIRE: the responder has
+  charon try, the negotiation fails, the socket is destroyed: connect fails ECONNABORTED and
+  no TCP segment reaches B (AF_PACKET capture on B's veth);
+* a socket armed long before it connects keeps its trap (sock_diag does not list an unconnected
+  socket; the responder looks for its descriptor instead);
+* a marked socket whose trap is gone (its responder killed, say) hits the backstop: still no
+  segment in clear;
+* closing the socket removes its trap; stopping the responder removes the backstop and restores
+  ``net.core.xfrm_larval_drop``.
+
+The success path (an SA, ESP on the wire) is in tests/vm/test_acquire_xfrm_vm.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import btns_vici
+from btns_vici import AuthMethod, IToken, PToken, Setting, acquire, xfrm
+from btns_vici.hostkey import load_or_create
+from btns_vici.plugins import get_backend
+
+from ..vm.charon import PLUGINS, charon
+from ..vm.netpair import B, sniffer, two_hosts
+from .xfrm_support import ip, socket_in
+
+pytestmark = pytest.mark.skipif(
+    subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0", reason="needs root"
+)
+
+TCP = 6
+
+
+def demand() -> PToken:
+    p = PToken()
+    p.privacy_protected = Setting.LEVEL_MEDIUM
+    p.tunnel_mode = Setting.DISABLE
+    t = IToken()
+    t.set_auth_method(AuthMethod.BTNS, Setting.ENABLE)
+    p.itoken = t
+    return p
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    work = tmp_path_factory.mktemp("acquire-host")
+    with (
+        two_hosts() as (na, nb),
+        charon(na, work / "a", PLUGINS + " pkcs8") as ca,
+        charon(nb, work / "b", PLUGINS) as cb,
+    ):
+        kb = load_or_create(work / "b-keys")
+        (work / "a-peers").mkdir()
+        (work / "a-peers" / "b.pem").write_bytes(kb.public_pem)
+        options = {
+            "vici_socket": str(ca.vici_path),
+            "netns": na,
+            "key_dir": str(work / "a-keys"),
+            "peer_keys": str(work / "a-peers"),
+        }
+        yield {"a": na, "b": nb, "backend": get_backend("strongswan", options), "charon_b": cb}
+        acquire.stop_all()
+
+
+def _larval(ns: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, "cat", acquire.LARVAL_DROP], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def _ours(ns: str) -> list[xfrm.XfrmPolicy]:
+    return [p for p in xfrm.dump_policies(ns) if p.mark is not None and p.mark.value & acquire.MARK_BIT]
+
+
+def _server(ns: str) -> socket.socket:
+    srv = socket_in(ns, socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind((str(B), 0))
+    srv.listen()
+    srv.settimeout(0.5)
+    return srv
+
+
+def test_plain_connect_fails_closed_after_a_failed_negotiation(lab: dict) -> None:
+    before = _larval(lab["a"])
+    srv = _server(lab["b"])
+    cli = socket_in(lab["a"], socket.AF_INET, socket.SOCK_STREAM)
+    cli.settimeout(20)
+    try:
+        btns_vici.set_socket_ptoken(cli, demand(), lab["backend"])
+        entry = acquire.trapped(cli)
+        assert entry is not None
+        mark = cli.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) & 0xFFFFFFFF
+        assert mark == entry.mark == acquire.mark_for(acquire.cookie_of(cli))
+        traps = [p for p in _ours(lab["a"]) if p.mark.mask == 0xFFFFFFFF]
+        assert [(p.direction, p.priority, p.mark.value) for p in traps] == [("out", 0, mark)]
+        assert [(t.proto, t.reqid, t.optional) for t in traps[0].templates] == [(xfrm.IPPROTO_ESP, 0x62746E73, False)]
+        assert _larval(lab["a"]) == "0"
+        time.sleep(1.5)  # armed long before connecting: the trap must still be there
+        assert [p.mark.value for p in _ours(lab["a"]) if p.mark.mask == 0xFFFFFFFF] == [mark]
+        with sniffer(lab["b"]) as frames:
+            t0 = time.monotonic()
+            with pytest.raises(OSError) as exc:
+                cli.connect((str(B), srv.getsockname()[1]))  # plain: the kernel ACQUIREs
+            took = time.monotonic() - t0
+        assert exc.value.errno == errno.ECONNABORTED, exc.value
+        assert took < 15
+        assert not any(len(f) > 20 and f[9] == TCP for f in frames), "a TCP segment reached B"
+        with pytest.raises(TimeoutError):
+            srv.accept()
+        assert entry.failed  # why the negotiation failed, as the responder saw it
+    finally:
+        cli.close()
+        srv.close()
+    deadline = time.monotonic() + 3
+    while [p for p in _ours(lab["a"]) if p.mark.mask == 0xFFFFFFFF] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in _ours(lab["a"]) if p.mark.mask == 0xFFFFFFFF], "the trap outlived its socket"
+    acquire.stop_all()
+    assert _ours(lab["a"]) == []  # the backstop too
+    assert _larval(lab["a"]) == before
+
+
+def test_backstop_holds_a_marked_socket_whose_trap_is_gone(lab: dict) -> None:
+    srv = _server(lab["b"])
+    cli = socket_in(lab["a"], socket.AF_INET, socket.SOCK_STREAM)
+    cli.settimeout(3)
+    try:
+        btns_vici.set_socket_ptoken(cli, demand(), lab["backend"])
+        mark = acquire.trapped(cli).mark
+        # The trap vanishes behind the responder's back (as when its process was killed).
+        ip(
+            "xfrm",
+            "policy",
+            "delete",
+            "dir",
+            "out",
+            "src",
+            "0.0.0.0/0",
+            "dst",
+            "0.0.0.0/0",
+            "mark",
+            hex(mark),
+            "mask",
+            "0xffffffff",
+            netns=lab["a"],
+        )
+        with sniffer(lab["b"]) as frames:
+            with pytest.raises(OSError) as exc:
+                cli.connect((str(B), srv.getsockname()[1]))
+        assert exc.value.errno in (errno.EPERM, errno.ETIMEDOUT, errno.ECONNABORTED), exc.value
+        assert not any(len(f) > 20 and f[9] == TCP for f in frames), "a TCP segment reached B in clear"
+    finally:
+        cli.close()
+        srv.close()
+        acquire.stop_all()

@@ -556,9 +556,15 @@ def _stop_at_exit() -> None:
         return
     import ctypes
 
-    hook = ctypes.CFUNCTYPE(None)(stop_all)
+    def at_exit(_arg: object) -> None:
+        stop_all()
+
+    hook = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(at_exit)
     _exit_hooks.append(hook)  # kept alive: the C library calls it at exit(3)
-    ctypes.CDLL(None).atexit(hook)
+    try:  # glibc exports __cxa_atexit (atexit itself is linked statically into programs)
+        ctypes.CDLL(None).__cxa_atexit(hook, None, None)
+    except (AttributeError, OSError) as exc:
+        log.warning("cannot register a C exit handler (%s): a C program leaves its traps to the sweep", exc)
 
 
 def responder_for(sock: socket.socket, options: Any, backend_factory: Callable[[], Any], establish: Any) -> Responder:

@@ -166,3 +166,40 @@ def test_backstop_holds_a_marked_socket_whose_trap_is_gone(lab: dict) -> None:
         cli.close()
         srv.close()
         acquire.stop_all()
+
+
+def test_c_program_plain_connect_fails_closed(lab: dict, tmp_path) -> None:
+    """The C program (ipsec_set_socket_pToken, then connect(2)) against B, which refuses: the
+    connect fails ECONNABORTED, nothing reaches B, and at exit(3) the program's responder
+    removed its traps and the backstop and restored the sysctl."""
+    from ..vm.test_acquire_xfrm_vm import compile_plain_connect
+
+    exe = compile_plain_connect(tmp_path)
+    acquire.stop_all()
+    before = _larval(lab["a"])
+    srv = _server(lab["b"])
+    opts = lab["backend"].options
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "BTNS_BACKEND": "strongswan",
+        "BTNS_VICI_SOCKET": opts["vici_socket"],
+        "BTNS_KEY_DIR": opts["key_dir"],
+        "BTNS_PEER_KEYS": opts["peer_keys"],
+    }
+    try:
+        with sniffer(lab["b"]) as frames:
+            proc = subprocess.run(
+                ["ip", "netns", "exec", lab["a"], str(exe), str(B), str(srv.getsockname()[1])],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        assert proc.returncode == 1 and "connect errno 103 ECONNABORTED" in proc.stdout, (proc.stdout, proc.stderr)
+        assert not any(len(f) > 20 and f[9] == TCP for f in frames), "a TCP segment reached B"
+        with pytest.raises(TimeoutError):
+            srv.accept()
+    finally:
+        srv.close()
+    assert _ours(lab["a"]) == []
+    assert _larval(lab["a"]) == before

@@ -173,7 +173,8 @@ def test_plain_connect_fails_closed_when_the_peer_cannot(responders) -> None:
         srv.close()
 
 
-def _compile(tmp: Path) -> Path:
+def compile_plain_connect(tmp: Path) -> Path:
+    """tests/cabi/c/plain_connect.c built against the installed header and library (pkg-config)."""
     cc = shutil.which("cc")
     assert cc, "the C test needs cc"
     prefix = Path(sys.prefix)
@@ -198,7 +199,7 @@ def _compile(tmp: Path) -> Path:
 
 def test_c_program_plain_connect_and_latch(responders, tmp_path: Path) -> None:
     a, b = responders
-    exe = _compile(tmp_path)
+    exe = compile_plain_connect(tmp_path)
     srv, got = _plain_server(b, transport_demand())
     env = {
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",

@@ -226,8 +226,6 @@ class Responder:
 
     def arm(self, sock: socket.socket, demand: PToken, reqid: int) -> int:
         """Mark ``sock``, add its trap policy and register its demand; the mark."""
-        from . import xfrm
-
         cookie = cookie_of(sock)
         mark = mark_for(cookie)
         proto = socket.IPPROTO_TCP if sock.type == socket.SOCK_STREAM else socket.IPPROTO_UDP
@@ -244,12 +242,48 @@ class Responder:
             self.kick(entry)
         try:  # the trap is in place before the mark: a marked socket is never without it
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, struct.pack("=I", mark))
-            # reqid 0 inbound: any ESP transport SA whose selector is this flow (an operator SA too).
-            xfrm.set_socket_policy(sock, "in", ["esp"], level="required", reqid=0)
+            self._set_in_policy(sock)
         except BaseException:
             self._disarm(entry)
             raise
         return mark
+
+    def _set_in_policy(self, sock: socket.socket) -> None:
+        """The socket's in policy (ESP required, reqid 0: any transport SA whose selector is this
+        flow, an operator's too), its SPD index learnt as :func:`btns_vici.xfrm.set_socket_policy`
+        does, from the socket policies before and after, but reading only the index of each entry
+        (the full decode costs ~50 us per policy, and every trapped socket adds two)."""
+        import dataclasses
+
+        from .xfrm import _socket
+
+        before = self._socket_in_indexes()
+        policy = _socket.set_socket_policy(sock, "in", ["esp"], level="required", reqid=0)
+        new = self._socket_in_indexes() - before
+        if len(new) == 1:  # unambiguous: nobody else added one meanwhile
+            _socket.record(sock, dataclasses.replace(policy, index=new.pop()))
+
+    def _socket_in_indexes(self) -> set[int]:
+        """SPD indexes of the namespace's per-socket in policies (one dump, headers only)."""
+        from .xfrm import _wire as wire
+
+        out: set[int] = set()
+        dir_at = _NLMSGHDR.size + wire.SELECTOR.size + wire.LIFETIME_CFG.size + wire.LIFETIME_CUR.size + 8
+        with self._nl_lock:
+            self._nl.send(_NLMSGHDR.pack(_NLMSGHDR.size, wire.XFRM_MSG_GETPOLICY, NLM_F_REQUEST | 0x300, 2, 0))
+            while True:
+                data = self._nl.recv(1 << 20)
+                for raw in wire.split_messages(data):
+                    _length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(raw)
+                    if mtype == 3:  # NLMSG_DONE
+                        return out
+                    if mtype == 2:  # NLMSG_ERROR
+                        (code,) = struct.unpack_from("=i", raw, _NLMSGHDR.size)
+                        if code:
+                            raise OSError(-code, f"XFRM policy dump: {os.strerror(-code)}")
+                        return out
+                    if len(raw) > dir_at and raw[dir_at] == 3:  # XFRM_POLICY_MAX + XFRM_POLICY_IN
+                        out.add(struct.unpack_from("=I", raw, dir_at - 4)[0])
 
     def kick(self, entry: Trapped) -> None:
         """Re-insert the trap policy: the kernel re-sends what it queued on it (now through the SA)."""

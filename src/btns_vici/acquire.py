@@ -148,7 +148,7 @@ class Trapped:
     demand: PToken
     reqid: int
     negotiated: dict[str, str] = field(default_factory=dict)  # remote address -> connection name
-    failed: str = ""
+    failed: dict[str, str] = field(default_factory=dict)  # remote address -> why no SA could be had
     #: by socket cookie (a listener's accepted sockets share its mark): the latched pToken
     verified: dict[int, PToken] = field(default_factory=dict)
     broken: dict[int, str] = field(default_factory=dict)  # cookie -> why its latch broke
@@ -304,7 +304,10 @@ class Responder:
             for item in self._monitor.poll(SWEEP_SECONDS):
                 kind = getattr(item, "kind", "")
                 if kind == "acquire":
-                    self._on_acquire(item.acquire)  # type: ignore[attr-defined]
+                    try:
+                        self._on_acquire(item.acquire)  # type: ignore[attr-defined]
+                    except Exception:
+                        log.exception("ACQUIRE not answered")  # the socket waits, then times out: closed
                 elif kind in ("del-sa", "expire", "flush-sa"):
                     self._wake.set()
             now = time.monotonic()
@@ -320,12 +323,11 @@ class Responder:
         mark = acq.policy.mark.value if acq.policy.mark is not None else 0
         with self.lock:
             entry = self.sockets.get(mark)
-        if entry is None or entry.failed:
+        if entry is None:
             return  # not one of our traps (the IKE daemon answers its own)
         remote = str(acq.sel.daddr if not acq.sel.daddr.is_unspecified else acq.daddr)
-        if remote in entry.negotiated:
-            self.kick(entry)
-            return
+        if remote in entry.failed and entry.proto == socket.IPPROTO_TCP:
+            return  # the socket is being destroyed
         key = (mark, remote)
         with self.lock:
             if key in self._inflight:
@@ -349,8 +351,8 @@ class Responder:
         except Exception as exc:
             why = getattr(exc, "strerror", None) or str(exc)
             log.warning("no SA meeting the pToken for %s: %s; the socket is destroyed", flow, why)
-            entry.failed = why
-            self._destroy(entry, f"negotiation failed: {why}")
+            entry.failed[str(flow.remote_addr)] = why
+            self._destroy(entry, f"negotiation failed: {why}", remote=str(flow.remote_addr))
         else:
             entry.negotiated[str(flow.remote_addr)] = name
             log.info("ACQUIRE for mark 0x%08x answered: %s (%s)", entry.mark, flow, name or "existing SA")
@@ -366,12 +368,13 @@ class Responder:
         from .cli import _inetdiag
 
         out: dict[int, list[dict[str, Any]]] = {}
+        marked = _inetdiag.mark_filter(MARK_BIT, MARK_BIT)  # the kernel keeps only trap-marked sockets
         with self._diag_lock:  # one dump at a time on the socket (the sweep and a negotiation's failure)
             msgs = [
                 (proto, msg)
                 for family in (socket.AF_INET, socket.AF_INET6)
                 for proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP)
-                for msg in _inetdiag.dump(self._diag, family, proto)
+                for msg in _inetdiag.dump(self._diag, family, proto, bytecode=marked)
             ]
         for proto, msg in msgs:
             raw = _inetdiag.attributes(msg).get(_inetdiag.INET_DIAG_MARK, b"")
@@ -402,9 +405,10 @@ class Responder:
                 cookie = msg["idiag_cookie"]
                 if cookie in entry.done:
                     continue
-                if entry.failed and msg["idiag_state"] == 2:  # SYN-SENT after a failed negotiation
+                why = entry.failed.get(str(msg["dst_addr"]))
+                if why and msg["idiag_state"] == 2:  # SYN-SENT after a failed negotiation
                     entry.done.add(cookie)
-                    self._destroy(entry, f"negotiation failed: {entry.failed}", msg)
+                    self._destroy(entry, f"negotiation failed: {why}", msg)
                     continue
                 if entry.proto == socket.IPPROTO_TCP and msg["idiag_state"] not in CONNECTED_TCP_STATES:
                     continue
@@ -461,10 +465,19 @@ class Responder:
             entry.broken[cookie] = "; ".join(reasons)
             self._destroy(entry, "latch broken: " + entry.broken[cookie], msg)
 
-    def _destroy(self, entry: Trapped, why: str, msg: dict[str, Any] | None = None) -> None:
+    def _destroy(self, entry: Trapped, why: str, msg: dict[str, Any] | None = None, remote: str = "") -> None:
+        """SOCK_DESTROY the socket ``msg`` describes, else every socket of the entry's mark that is
+        connecting or connected to ``remote`` (never its listener)."""
         from . import sockdestroy
 
-        msgs = [msg] if msg is not None else self._dump().get(entry.mark, [])
+        if msg is not None:
+            msgs = [msg]
+        else:
+            msgs = [
+                m
+                for m in self._dump().get(entry.mark, [])
+                if m["idiag_dport"] and (not remote or str(m["dst_addr"]) == remote)
+            ]
         if not msgs:
             log.info("no socket with mark 0x%08x left to destroy (%s)", entry.mark, why)
         for m in msgs:

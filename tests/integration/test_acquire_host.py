@@ -21,10 +21,13 @@ The success path (an SA, ESP on the wire) is in tests/vm/test_acquire_xfrm_vm.py
 from __future__ import annotations
 
 import errno
+import json
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -202,4 +205,98 @@ def test_c_program_plain_connect_fails_closed(lab: dict, tmp_path) -> None:
     finally:
         srv.close()
     assert _ours(lab["a"]) == []
+    assert _larval(lab["a"]) == before
+
+
+UNPRIV_CONNECT = """
+import errno, json, os, socket
+import btns_vici
+from btns_vici import AuthMethod, IToken, PToken, Setting
+p = PToken()
+p.privacy_protected = Setting.LEVEL_MEDIUM
+p.tunnel_mode = Setting.DISABLE
+t = IToken()
+t.set_auth_method(AuthMethod.BTNS, Setting.ENABLE)
+p.itoken = t
+s = socket.socket()
+s.settimeout(20)
+btns_vici.set_socket_ptoken(s, p)  # through btnsd: this process has no privilege at all
+mark = s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) & 0xFFFFFFFF
+try:
+    s.connect((os.environ["PEER"], int(os.environ["PORT"])))  # the plain system call
+    print(json.dumps({"connected": True, "mark": mark}))
+except OSError as exc:
+    print(json.dumps({"errno": exc.errno, "mark": mark}))
+"""
+
+
+def test_btnsd_answers_the_acquire_of_an_unprivileged_plain_connect(lab: dict) -> None:
+    """An unprivileged program (nobody, BTNS_BROKER): set_socket_pToken through btnsd, then a
+    plain connect. btnsd armed the trap for the client's socket and answers its ACQUIRE; B
+    refuses, so the connect fails ECONNABORTED and nothing reaches B. When the client is gone
+    its trap goes; when btnsd stops, the backstop goes and the sysctl is restored."""
+    import sys
+    import textwrap
+
+    from .test_broker import _unpriv_venv, shared_dir
+
+    acquire.stop_all()
+    before = _larval(lab["a"])
+    opts = lab["backend"].options
+    srv = _server(lab["b"])
+    with shared_dir("btns-acq-brk-") as work:
+        conf = work / "btnsd.toml"
+        conf.write_text(
+            textwrap.dedent(f"""
+            [broker]
+            idle_timeout = 30
+            [[backend]]
+            name = "strongswan"
+            vici_socket = "{opts["vici_socket"]}"
+            netns = "{lab["a"]}"
+            key_dir = "{opts["key_dir"]}"
+            peer_keys = "{opts["peer_keys"]}"
+            [[allow]]
+            users = ["*"]
+            methods = ["BTNS"]
+            peers = ["0.0.0.0/0"]
+            """)
+        )
+        path, log = str(work / "btnsd.sock"), work / "btnsd.log"
+        python = _unpriv_venv(work)
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "btns_vici.broker", "--socket", path, "--config", str(conf), "-v"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            deadline = time.monotonic() + 20
+            while not Path(path).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            env = [f"PEER={B}", f"PORT={srv.getsockname()[1]}", f"BTNS_BROKER={path}"]
+            cmd = ["ip", "netns", "exec", lab["a"], "runuser", "-u", "nobody", "--", "env", *env, python, "-c"]
+            with sniffer(lab["b"]) as frames:
+                res = subprocess.run([*cmd, UNPRIV_CONNECT], capture_output=True, text=True, timeout=60)
+            lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+            assert lines, (res.stdout, res.stderr, log.read_text())
+
+            result = json.loads(lines[-1])
+            assert result["errno"] == errno.ECONNABORTED, (result, log.read_text()[-3000:])
+            assert result["mark"] & acquire.MARK_BIT  # btnsd marked the client's socket
+            assert not any(len(f) > 20 and f[9] == TCP for f in frames), "a TCP segment reached B"
+            assert "negotiation failed" in log.read_text()
+            deadline = time.monotonic() + 5
+            while [p for p in _ours(lab["a"]) if p.mark.mask == 0xFFFFFFFF] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not [p for p in _ours(lab["a"]) if p.mark.mask == 0xFFFFFFFF], "the client's trap outlived it"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            srv.close()
+    assert _ours(lab["a"]) == []  # btnsd stopped: the backstop is gone
     assert _larval(lab["a"]) == before

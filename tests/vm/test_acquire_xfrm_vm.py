@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -246,3 +247,98 @@ def test_c_program_plain_connect_and_latch(responders, tmp_path: Path) -> None:
             conn.close()
         srv.close()
     ip("xfrm", "policy", netns=a.host_ns.netns)
+
+
+UNPRIV_CLIENT = """
+import json, os, socket
+import btns_vici
+from btns_vici import AuthMethod, IToken, PToken, Setting
+p = PToken()
+p.privacy_protected = Setting.LEVEL_MEDIUM
+p.integrity_protected = Setting.ENABLE
+p.tunnel_mode = Setting.DISABLE
+t = IToken()
+t.set_auth_method(AuthMethod.BTNS, Setting.ENABLE)
+t.set_auth_method(AuthMethod.LEAPOFFAITH, Setting.ENABLE)
+p.itoken = t
+s = socket.socket()
+s.settimeout(30)
+btns_vici.set_socket_ptoken(s, p)  # through btnsd: this process has no privilege at all
+s.connect((os.environ["PEER"], int(os.environ["PORT"])))  # the plain system call
+s.sendall(b"unprivileged-plain-connect-marker")
+echo = s.recv(100)
+tok = btns_vici.get_socket_ptoken(s)
+print(json.dumps({"echo": echo.decode(), "protected": tok.protected, "privacy": int(tok.privacy_protected)}))
+"""
+
+
+def test_btnsd_serves_an_unprivileged_plain_connect(responders) -> None:
+    """nobody's program: set_socket_pToken through btnsd (BTNS_BROKER), then a plain connect:
+    btnsd answers the kernel's ACQUIRE for the client's socket and the connection runs over ESP."""
+    import json
+    import tempfile
+    import textwrap
+
+    from ..integration.test_broker import _unpriv_venv
+
+    a, b = responders
+    srv, got = _plain_server(b, transport_demand())
+    work = Path(tempfile.mkdtemp(prefix="btns-acq-brk-", dir="/tmp"))
+    os.chmod(work, 0o755)
+    conf = work / "btnsd.toml"
+    conf.write_text(
+        textwrap.dedent(f"""
+        [broker]
+        idle_timeout = 30
+        [[backend]]
+        name = "strongswan"
+        vici_socket = "{a.host_ns.charon.vici_path}"
+        netns = "{a.host_ns.netns}"
+        key_dir = "{a.key_dir}"
+        peer_keys = "{a.peer_dir}"
+        [[allow]]
+        users = ["*"]
+        methods = ["BTNS", "LEAPOFFAITH"]
+        peers = ["0.0.0.0/0"]
+        """)
+    )
+    path, log = str(work / "btnsd.sock"), work / "btnsd.log"
+    python = _unpriv_venv(work)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "btns_vici.broker", "--socket", path, "--config", str(conf), "-v"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    conn = None
+    try:
+        assert _wait(lambda: os.path.exists(path), 30), log.read_text()
+        env = [f"PEER={B}", f"PORT={srv.getsockname()[1]}", f"BTNS_BROKER={path}"]
+        cmd = ["ip", "netns", "exec", a.host_ns.netns, "runuser", "-u", "nobody", "--", "env", *env, python, "-c"]
+        client = subprocess.Popen([*cmd, UNPRIV_CLIENT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with sniffer(b.host_ns.netns) as frames:
+            assert _wait(lambda: bool(got), 40), (log.read_text()[-3000:], client.poll())
+            conn = got[0]
+            assert not isinstance(conn, Exception), conn
+            conn.settimeout(20)
+            assert conn.recv(100) == b"unprivileged-plain-connect-marker"
+            conn.sendall(b"echo")
+            out, err = client.communicate(timeout=40)
+        result = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+        assert result == {"echo": "echo", "protected": True, "privacy": result["privacy"]}, (out, err)
+        assert result["privacy"] >= int(btns_vici.Setting.LEVEL_MEDIUM)
+        assert any(len(f) > 20 and f[9] == ESP for f in frames)
+        assert not any(len(f) > 20 and f[9] == TCP for f in frames), "TCP in clear on the wire"
+        assert not any(b"unprivileged-plain-connect-marker" in f for f in frames)
+        assert "ACQUIRE for mark" in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if isinstance(conn, socket.socket):
+            conn.close()
+        srv.close()
+        shutil.rmtree(work, ignore_errors=True)

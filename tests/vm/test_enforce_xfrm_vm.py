@@ -429,7 +429,15 @@ def test_guard_fails_closed_when_no_sa_is_possible(sides: tuple[Side, Side]) -> 
         # No SA exists (the kernel's ACQUIRE may have left a larval entry, SPI 0, without keys).
         assert [s for s in xfrm.dump_states(a.host_ns.netns) if s.proto == xfrm.IPPROTO_ESP and s.spi] == []
         assert len(guard_policies(a.host_ns.netns)) == 2  # both sockets still guarded (in each)
-        assert len(trap_policies(a.host_ns.netns)) == 2  # and out: a trap each
+        # Out: the socket that never connected keeps its trap; the destroyed one lost it (sock_diag no
+        # longer lists it) and only the backstop (block, any trap mark) stands behind a reconnect.
+        marks = {s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) & 0xFFFFFFFF for s in (guarded, raw)}
+        assert {p.mark.value for p in trap_policies(a.host_ns.netns)} < marks
+        assert [
+            p.action
+            for p in xfrm.dump_policies(a.host_ns.netns)
+            if p.mark is not None and (p.mark.value, p.mark.mask) == (0x80000000, 0x80000000) and p.direction == "out"
+        ] == [1, 1]  # the backstop (IPv4 and IPv6): block
 
         # Control: the same connect without the guard does reach the listener, in clear.
         srv.settimeout(10)

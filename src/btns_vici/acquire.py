@@ -191,6 +191,8 @@ class Responder:
             self._diag = _inetdiag.open_socket()
         self._nl_lock = threading.Lock()
         self._diag_lock = threading.Lock()
+        self._in_lock = threading.Lock()
+        self._known_in: set[int] | None = None  # socket in policy indexes at our last dump
         self._monitor = XfrmMonitor(("acquire", "expire", "sa"), f"/proc/self/fd/{ns_fd}")
         self._stop_events: Callable[[], None] | None = None
         with contextlib.suppress(Exception):
@@ -257,10 +259,13 @@ class Responder:
 
         from .xfrm import _socket
 
-        before = self._socket_in_indexes()
-        policy = _socket.set_socket_policy(sock, "in", ["esp"], level="required", reqid=0)
-        new = self._socket_in_indexes() - before
-        if len(new) == 1:  # unambiguous: nobody else added one meanwhile
+        with self._in_lock:
+            before = self._known_in if self._known_in is not None else self._socket_in_indexes()
+            policy = _socket.set_socket_policy(sock, "in", ["esp"], level="required", reqid=0)
+            after = self._socket_in_indexes()
+            self._known_in = after  # the next socket's "before": one dump per socket, not two
+        new = after - before
+        if len(new) == 1:  # unambiguous: nobody else added one since (else the index stays unknown)
             _socket.record(sock, dataclasses.replace(policy, index=new.pop()))
 
     def _socket_in_indexes(self) -> set[int]:

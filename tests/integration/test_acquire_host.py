@@ -40,9 +40,7 @@ from ..vm.charon import PLUGINS, charon
 from ..vm.netpair import B, sniffer, two_hosts
 from .xfrm_support import ip, socket_in
 
-pytestmark = pytest.mark.skipif(
-    subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0", reason="needs root"
-)
+pytestmark = pytest.mark.testbed  # root; without it the fixtures error (never a skip)
 
 TCP = 6
 

@@ -158,6 +158,7 @@ class Trapped:
     owner: int = 0  # the process that holds it (ours; btnsd: the client's)
     seen: bool = False  # sock_diag has listed it (once connected or listening)
     checked: float = 0.0  # when its owner's descriptors were last looked at
+    policy: Owner | None = None  # btnsd: the client's admission and ownership hooks
 
 
 class Responder:
@@ -232,7 +233,9 @@ class Responder:
         mark = mark_for(cookie)
         proto = socket.IPPROTO_TCP if sock.type == socket.SOCK_STREAM else socket.IPPROTO_UDP
         entry = Trapped(mark, cookie, sock.family, proto, demand.copy(), reqid)
-        entry.inode, entry.owner = os.fstat(sock.fileno()).st_ino, _owner.get() or os.getpid()
+        owner = _owner.get()
+        entry.inode, entry.owner = os.fstat(sock.fileno()).st_ino, owner.pid if owner else os.getpid()
+        entry.policy = owner
         entry.checked = time.monotonic()
         with self.lock:
             fresh = mark not in self.sockets
@@ -347,12 +350,16 @@ class Responder:
         from .core.requirements import satisfies
 
         try:
+            if entry.policy is not None and entry.policy.admit is not None:
+                entry.policy.admit(flow)  # btnsd: the client may negotiate with this peer (EACCES, EDQUOT)
             existing = self.backend.find_protection(flow)
             if existing is not None and satisfies(entry.demand, ptoken_for(existing)):
                 # An SA that meets the demand is up (an operator's, with its own reqid): the trap names it.
                 entry.reqid, name = existing.child_sa.reqid, existing.ike_sa.name
             else:
                 name = self.establish(flow, entry.demand)
+                if name and entry.policy is not None and entry.policy.own is not None:
+                    entry.policy.own(name)
         except Exception as exc:
             why = getattr(exc, "strerror", None) or str(exc)
             log.warning("no SA meeting the pToken for %s: %s; the socket is destroyed", flow, why)
@@ -557,14 +564,27 @@ def _holds(pid: int, inode: int) -> bool:
     return False
 
 
-#: Who holds the sockets armed in this context: btnsd sets the client's pid (SO_PEERCRED).
-_owner: contextvars.ContextVar[int | None] = contextvars.ContextVar("btns_acquire_owner", default=None)
+@dataclass(frozen=True)
+class Owner:
+    """Who holds the sockets armed in a context, and what may be negotiated for them.
+
+    btnsd arms its clients' sockets: ``pid`` is the client's (SO_PEERCRED); ``admit(flow)`` raises
+    (EACCES by policy, EDQUOT) before a negotiation for ``flow`` starts; ``own(name)`` records the
+    connection the negotiation loaded as the client's (its quota; unloaded when the client leaves).
+    """
+
+    pid: int
+    admit: Callable[[Flow], None] | None = None
+    own: Callable[[str], None] | None = None
+
+
+_owner: contextvars.ContextVar[Owner | None] = contextvars.ContextVar("btns_acquire_owner", default=None)
 
 
 @contextlib.contextmanager
-def owned_by(pid: int):  # type: ignore[no-untyped-def]
-    """Sockets armed in the block belong to process ``pid`` (btnsd arms its clients' sockets)."""
-    token = _owner.set(pid)
+def owned_by(owner: Owner):  # type: ignore[no-untyped-def]
+    """Sockets armed in the block belong to ``owner`` (btnsd: the client)."""
+    token = _owner.set(owner)
     try:
         yield
     finally:

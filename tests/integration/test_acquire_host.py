@@ -228,11 +228,13 @@ except OSError as exc:
 """
 
 
-def test_btnsd_answers_the_acquire_of_an_unprivileged_plain_connect(lab: dict) -> None:
+@pytest.mark.parametrize("peers", ["0.0.0.0/0", "192.0.2.0/24"], ids=["allowed", "peer-not-allowed"])
+def test_btnsd_answers_the_acquire_of_an_unprivileged_plain_connect(lab: dict, peers: str) -> None:
     """An unprivileged program (nobody, BTNS_BROKER): set_socket_pToken through btnsd, then a
     plain connect. btnsd armed the trap for the client's socket and answers its ACQUIRE; B
-    refuses, so the connect fails ECONNABORTED and nothing reaches B. When the client is gone
-    its trap goes; when btnsd stops, the backstop goes and the sysctl is restored."""
+    refuses, so the connect fails ECONNABORTED and nothing reaches B. With a policy that does not
+    let the client negotiate with B's network, btnsd does not even try (no IKE packet to B). When
+    the client is gone its trap goes; when btnsd stops, the backstop goes and the sysctl is restored."""
     import sys
     import textwrap
 
@@ -257,7 +259,7 @@ def test_btnsd_answers_the_acquire_of_an_unprivileged_plain_connect(lab: dict) -
             [[allow]]
             users = ["*"]
             methods = ["BTNS"]
-            peers = ["0.0.0.0/0"]
+            peers = ["{peers}"]
             """)
         )
         path, log = str(work / "btnsd.sock"), work / "btnsd.log"
@@ -284,6 +286,11 @@ def test_btnsd_answers_the_acquire_of_an_unprivileged_plain_connect(lab: dict) -
             assert result["mark"] & acquire.MARK_BIT  # btnsd marked the client's socket
             assert not any(len(f) > 20 and f[9] == TCP for f in frames), "a TCP segment reached B"
             assert "negotiation failed" in log.read_text()
+            ike = [f for f in frames if len(f) > 28 and f[9] == 17 and f[22:24] in (b"\x01\xf4", b"\x11\x94")]
+            if peers == "0.0.0.0/0":
+                assert ike, "btnsd did not negotiate"
+            else:
+                assert not ike, "btnsd negotiated with a peer its policy does not allow"
             deadline = time.monotonic() + 5
             while [p for p in _ours(lab["a"]) if p.mark.mask == 0xFFFFFFFF] and time.monotonic() < deadline:
                 time.sleep(0.05)

@@ -49,9 +49,9 @@ def responders(sides) -> Iterator[tuple]:
     assert [_larval_drop(s.host_ns.netns) for s in sides] == before  # sysctls restored
 
 
-def _plain_server(side, demand=None):
+def _plain_server(side, demand=None, timeout: float = 20.0):
     """A listener on B: pToken set after bind (so peers may negotiate), then PLAIN listen/accept."""
-    srv = side.socket()
+    srv = side.socket(timeout)
     srv.bind((str(B), 0))
     if demand is not None:
         btns_vici.set_socket_ptoken(srv, demand, side.backend)
@@ -282,7 +282,6 @@ def test_btnsd_serves_an_unprivileged_plain_connect(responders) -> None:
     from ..integration.test_broker import _unpriv_venv
 
     a, b = responders
-    srv, got = _plain_server(b, transport_demand())
     work = Path(tempfile.mkdtemp(prefix="btns-acq-brk-", dir="/tmp"))
     os.chmod(work, 0o755)
     conf = work / "btnsd.toml"
@@ -310,20 +309,21 @@ def test_btnsd_serves_an_unprivileged_plain_connect(responders) -> None:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    conn = None
+    conn = srv = None
     try:
         assert _wait(lambda: os.path.exists(path), 30), log.read_text()
+        srv, got = _plain_server(b, transport_demand(), timeout=90)  # TCG: the client starts slowly
         env = [f"PEER={B}", f"PORT={srv.getsockname()[1]}", f"BTNS_BROKER={path}"]
         cmd = ["ip", "netns", "exec", a.host_ns.netns, "runuser", "-u", "nobody", "--", "env", *env, python, "-c"]
         client = subprocess.Popen([*cmd, UNPRIV_CLIENT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         with sniffer(b.host_ns.netns) as frames:
-            assert _wait(lambda: bool(got), 40), (log.read_text()[-3000:], client.poll())
+            assert _wait(lambda: bool(got), 90), (log.read_text()[-3000:], client.poll())
             conn = got[0]
             assert not isinstance(conn, Exception), conn
             conn.settimeout(20)
             assert conn.recv(100) == b"unprivileged-plain-connect-marker"
             conn.sendall(b"echo")
-            out, err = client.communicate(timeout=40)
+            out, err = client.communicate(timeout=60)
         result = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
         assert result == {"echo": "echo", "protected": True, "privacy": result["privacy"]}, (out, err)
         assert result["privacy"] >= int(btns_vici.Setting.LEVEL_MEDIUM)
@@ -340,5 +340,6 @@ def test_btnsd_serves_an_unprivileged_plain_connect(responders) -> None:
             proc.wait()
         if isinstance(conn, socket.socket):
             conn.close()
-        srv.close()
+        if srv is not None:
+            srv.close()
         shutil.rmtree(work, ignore_errors=True)

@@ -305,3 +305,38 @@ def test_btnsd_answers_the_acquire_of_an_unprivileged_plain_connect(lab: dict, p
             srv.close()
     assert _ours(lab["a"]) == []  # btnsd stopped: the backstop is gone
     assert _larval(lab["a"]) == before
+
+
+def test_udp_datagrams_of_a_trapped_socket_never_leave_in_clear(lab: dict) -> None:
+    """UDP: sendto() of a trapped socket is ACQUIREd like a TCP connect; B refuses the
+    negotiation; no datagram for the destination port reaches B (it waits on the trap, then is
+    dropped), while IKE does."""
+    acquire.stop_all()
+    sink = socket_in(lab["b"], socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind((str(B), 0))
+    sink.settimeout(0.5)
+    port = sink.getsockname()[1]
+    s = socket_in(lab["a"], socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        btns_vici.set_socket_ptoken(s, demand(), lab["backend"])
+        entry = acquire.trapped(s)
+        assert entry is not None and entry.proto == socket.IPPROTO_UDP
+        with sniffer(lab["b"]) as frames:
+            for _ in range(3):
+                s.sendto(b"udp-trap-marker", (str(B), port))
+            deadline = time.monotonic() + 15
+            while str(B) not in entry.failed and time.monotonic() < deadline:
+                time.sleep(0.05)
+            s.sendto(b"udp-trap-marker", (str(B), port))  # after the failure: still not in clear
+            time.sleep(0.3)
+        assert str(B) in entry.failed, "the responder did not try"
+        udp = [f for f in frames if len(f) > 28 and f[9] == 17]
+        assert udp, "no IKE at all"
+        assert not [f for f in udp if int.from_bytes(f[22:24], "big") == port], "a datagram reached B in clear"
+        assert not any(b"udp-trap-marker" in f for f in frames)
+        with pytest.raises(TimeoutError):
+            sink.recv(100)
+    finally:
+        s.close()
+        sink.close()
+        acquire.stop_all()

@@ -63,6 +63,8 @@ BACKSTOP_PRIORITY = 1
 SWEEP_SECONDS = 0.05
 #: The longest a negotiation the kernel asked for may take (the backend's initiate timeout).
 NEGOTIATION_MS = 10000
+#: How often latched connections are re-checked without an SA event (events re-check at once).
+LATCH_SECONDS = 1.0
 #: How often an armed socket sock_diag does not list yet is looked for among its owner's descriptors.
 OWNER_CHECK_SECONDS = 1.0
 #: How long a new connection may look unprotected to the backend before it is judged (its SA index is
@@ -307,7 +309,7 @@ class Responder:
     # -- the thread -----------------------------------------------------------------------------
 
     def _run(self) -> None:
-        next_sweep = 0.0
+        next_sweep = next_latch = 0.0
         while not self._stop.is_set():
             for item in self._monitor.poll(SWEEP_SECONDS):
                 kind = getattr(item, "kind", "")
@@ -320,10 +322,13 @@ class Responder:
                     self._wake.set()
             now = time.monotonic()
             if now >= next_sweep or self._wake.is_set():
+                latches = self._wake.is_set() or now >= next_latch
                 self._wake.clear()
                 next_sweep = now + SWEEP_SECONDS
+                if latches:
+                    next_latch = now + LATCH_SECONDS
                 try:
-                    self.sweep()
+                    self.sweep(latches)
                 except Exception:
                     log.exception("acquire responder sweep failed")
 
@@ -397,7 +402,10 @@ class Responder:
                     out.setdefault(mark, []).append(msg)
         return out
 
-    def sweep(self) -> None:
+    def sweep(self, latches: bool = True) -> None:
+        """Look at the namespace's trapped sockets: traps of gone ones removed, new connections
+        verified, and with ``latches`` the verified ones re-checked (on SA events, and every
+        :data:`LATCH_SECONDS`: not on every sweep, each check costs a data-plane proof)."""
         with self.lock:
             entries = list(self.sockets.values())
         if not entries:
@@ -424,7 +432,7 @@ class Responder:
                     continue
                 if entry.proto == socket.IPPROTO_TCP and msg["idiag_state"] not in CONNECTED_TCP_STATES:
                     continue
-                if msg["idiag_dport"] == 0:
+                if msg["idiag_dport"] == 0 or (not latches and cookie in entry.verified):
                     continue
                 self._check(entry, msg)
             alive = {m["idiag_cookie"] for m in msgs}

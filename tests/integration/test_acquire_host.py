@@ -340,3 +340,17 @@ def test_udp_datagrams_of_a_trapped_socket_never_leave_in_clear(lab: dict) -> No
         s.close()
         sink.close()
         acquire.stop_all()
+
+
+def test_a_socket_with_its_own_mark_is_refused_before_anything_is_armed(lab: dict) -> None:
+    s = socket_in(lab["a"], socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x42)
+        before = [p for p in _ours(lab["a"]) if p.mark.mask == 0xFFFFFFFF]
+        with pytest.raises(OSError) as exc:
+            btns_vici.set_socket_ptoken(s, demand(), lab["backend"])
+        assert exc.value.errno == errno.EBUSY
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0x42  # untouched
+        assert [p for p in _ours(lab["a"]) if p.mark.mask == 0xFFFFFFFF] == before
+    finally:
+        s.close()

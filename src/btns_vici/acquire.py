@@ -461,11 +461,14 @@ class Responder:
 
     def _check(self, entry: Trapped, msg: dict[str, Any]) -> None:
         """Verify a new connection against the demand, or re-check its latch; destroy it on a shortfall."""
+        from .latch import latch_of
         from .protection import ptoken_of
 
         view = self._view(msg)
-        actual = ptoken_of(view, self.backend)
         cookie = msg["idiag_cookie"]
+        if view.key is not None and latch_of(view.key) is not None:
+            return  # btns_vici.connect/accept of this process verified and latched it (with its callback)
+        actual = ptoken_of(view, self.backend)
         latched = entry.verified.get(cookie)
         if latched is None:
             problems = unmet(entry.demand, actual)

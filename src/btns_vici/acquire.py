@@ -63,6 +63,9 @@ BACKSTOP_PRIORITY = 1
 SWEEP_SECONDS = 0.05
 #: The longest a negotiation the kernel asked for may take (the backend's initiate timeout).
 NEGOTIATION_MS = 10000
+#: How often the sweep runs when no client socket waits for verification (listeners' accepted
+#: connections are verified within this; the kernel holds them to ESP meanwhile).
+IDLE_SWEEP_SECONDS = 1.0
 #: How often latched connections are re-checked without an SA event (events re-check at once).
 LATCH_SECONDS = 1.0
 #: How often an armed socket sock_diag does not list yet is looked for among its owner's descriptors.
@@ -161,6 +164,7 @@ class Trapped:
     seen: bool = False  # sock_diag has listed it (once connected or listening)
     checked: float = 0.0  # when its owner's descriptors were last looked at
     policy: Owner | None = None  # btnsd: the client's admission and ownership hooks
+    listening: bool = False  # a listener (its accepted connections share the mark)
 
 
 class Responder:
@@ -176,6 +180,7 @@ class Responder:
         self._inflight: set[tuple[int, str]] = set()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._pending = False  # a client socket's connection is still to be verified: sweep fast
         self._larval_before: str | None = None
         from .xfrm._monitor import XfrmMonitor
 
@@ -253,6 +258,7 @@ class Responder:
         except BaseException:
             self._disarm(entry)
             raise
+        self._pending = True
         return mark
 
     def _set_in_policy(self, sock: socket.socket) -> None:
@@ -324,7 +330,9 @@ class Responder:
             if now >= next_sweep or self._wake.is_set():
                 latches = self._wake.is_set() or now >= next_latch
                 self._wake.clear()
-                next_sweep = now + SWEEP_SECONDS
+                # Fast while a client socket waits for its connection to be verified; a listener's
+                # accepted connections (and latches without events) are looked at every second.
+                next_sweep = now + (SWEEP_SECONDS if self._pending else IDLE_SWEEP_SECONDS)
                 if latches:
                     next_latch = now + LATCH_SECONDS
                 try:
@@ -421,6 +429,7 @@ class Responder:
                     self._disarm(entry)
                 continue
             entry.seen = True
+            entry.listening = any(m["idiag_state"] == 10 for m in msgs)  # TCP_LISTEN
             for msg in msgs:
                 cookie = msg["idiag_cookie"]
                 if cookie in entry.done:
@@ -439,6 +448,10 @@ class Responder:
             for cookie in [c for c in entry.verified if c not in alive]:
                 entry.verified.pop(cookie, None)
             entry.done &= alive
+        with self.lock:
+            self._pending = any(
+                not e.listening and not e.verified and not e.done and not e.failed for e in self.sockets.values()
+            )
 
     def _gone(self, entry: Trapped) -> bool:
         now = time.monotonic()

@@ -71,3 +71,24 @@ def test_sock_diag_mark_filter_bytecode() -> None:
     req = _inetdiag.request(socket.AF_INET, socket.IPPROTO_TCP, bytecode=code)
     assert len(req) == struct.unpack_from("=I", req)[0] == 16 + 56 + 4 + len(code)
     assert struct.unpack_from("=HH", req, 16 + 56) == (4 + len(code), _inetdiag.INET_DIAG_REQ_BYTECODE)
+
+
+def test_a_wildcard_listeners_responder_connection_takes_any_of_our_addresses(tmp_path) -> None:
+    """set_socket_pToken on a socket bound to 0.0.0.0 (then a plain listen) loads a responder
+    connection for any local address: local_addrs %any, local_ts dynamic."""
+    from btns_vici import AuthMethod, IToken, PToken, Setting
+    from btns_vici.dataplane import XFRM
+    from btns_vici.hostkey import load_or_create
+    from btns_vici.strongswan.enforce import conn_config
+
+    p = PToken()
+    p.privacy_protected = Setting.LEVEL_MEDIUM
+    p.tunnel_mode = Setting.DISABLE
+    t = IToken()
+    t.set_auth_method(AuthMethod.BTNS, Setting.ENABLE)
+    p.itoken = t
+    host = load_or_create(tmp_path / "keys")
+    (conn,) = conn_config("r", None, None, host, [host.public_der], p, XFRM).values()
+    assert conn["local_addrs"] == ["%any"] and conn["remote_addrs"] == ["%any"]
+    child = conn["children"]["r"]
+    assert (child["local_ts"], child["remote_ts"], child["mode"]) == (["dynamic"], ["dynamic"], "transport")

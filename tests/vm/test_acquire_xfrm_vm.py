@@ -49,10 +49,10 @@ def responders(sides) -> Iterator[tuple]:
     assert [_larval_drop(s.host_ns.netns) for s in sides] == before  # sysctls restored
 
 
-def _plain_server(side, demand=None, timeout: float = 20.0):
+def _plain_server(side, demand=None, timeout: float = 20.0, address: str = str(B)):
     """A listener on B: pToken set after bind (so peers may negotiate), then PLAIN listen/accept."""
     srv = side.socket(timeout)
-    srv.bind((str(B), 0))
+    srv.bind((address, 0))
     if demand is not None:
         btns_vici.set_socket_ptoken(srv, demand, side.backend)
     srv.listen(8)
@@ -201,7 +201,7 @@ def compile_plain_connect(tmp: Path) -> Path:
 def test_c_program_plain_connect_and_latch(responders, tmp_path: Path) -> None:
     a, b = responders
     exe = compile_plain_connect(tmp_path)
-    srv, got = _plain_server(b, transport_demand())
+    srv, got = _plain_server(b, transport_demand(), address="0.0.0.0")  # a wildcard-bound listener
     env = {
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
         "BTNS_BACKEND": "strongswan",

@@ -222,7 +222,7 @@ def conn_name(
 
 def conn_config(
     name: str,
-    local_addr: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    local_addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
     remote_addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
     host: HostIdentity,
     keys: list[bytes],
@@ -231,7 +231,7 @@ def conn_config(
 ) -> dict[str, Any]:
     """The VICI load-conn message: initiator when ``remote_addr`` is given, else responder for any peer."""
     child: dict[str, Any] = {
-        "local_ts": [_host_ts(local_addr)],
+        "local_ts": [_host_ts(local_addr)] if local_addr is not None else ["dynamic"],
         "remote_ts": [_host_ts(remote_addr)] if remote_addr is not None else ["dynamic"],
         "mode": child_mode(demand, dataplane),
         "esp_proposals": esp_proposals(demand),
@@ -245,7 +245,7 @@ def conn_config(
     return {
         name: {
             "version": "2",
-            "local_addrs": [str(local_addr)],
+            "local_addrs": [str(local_addr) if local_addr is not None else "%any"],
             "remote_addrs": [str(remote_addr) if remote_addr is not None else "%any"],
             "proposals": ["default"],
             "unique": "never",
@@ -365,12 +365,15 @@ def serve(
     session: Any,
     dataplane: str,
     options: Mapping[str, str],
-    local_addr: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    local_addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
     demand: PToken,
 ) -> str:
-    """Load a responder connection for ``local_addr`` accepting peers that meet ``demand``; its name."""
+    """Load a responder connection for ``local_addr`` (None: any of ours, a wildcard-bound
+    listener) accepting peers that meet ``demand``; its name."""
 
     check_supported(demand, dataplane)
+    if local_addr is not None and local_addr.is_unspecified:
+        local_addr = None  # bound to 0.0.0.0 / ::: any of our addresses
     if is_no_demand(demand) or operator_policy(demand) is not None:
         return ""  # nothing to load: the system default, or the operator's own connection answers
     if is_opportunistic(demand):
@@ -383,7 +386,7 @@ def serve(
         raise NotSupportedError("the library builds raw-key responder connections only")
     host = local_identity(demand, options)
     keys = peer_keys(demand, options)
-    name = conn_name("resp", str(local_addr), "%any", demand, keys, dataplane, _alt(host, options))
+    name = conn_name("resp", str(local_addr or "%any"), "%any", demand, keys, dataplane, _alt(host, options))
     _load_host_key(session, host)
     session.request("load-conn", conn_config(name, local_addr, None, host, keys, demand, dataplane))
     return name
@@ -462,7 +465,7 @@ class EnforceHooks:
 
         with borrowed_socket(sock) as s:
             addr, port = endpoint(s.getsockname())
-        if port and not addr.is_unspecified and not is_opportunistic(ptoken):
+        if port and not is_opportunistic(ptoken):
             serve(self.context(options).session, XFRM, options, addr, ptoken)
         return how
 

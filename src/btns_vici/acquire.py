@@ -46,7 +46,7 @@ from . import forksafe
 from . import netns as _netns
 from .core.errors import BtnsError
 from .core.records import SocketView
-from .core.requirements import unmet
+from .core.requirements import operator_policy, unmet
 from .core.selectors import Flow
 from .core.tokens import PToken
 from .sockets import SIOCGSKNS, borrowed_socket, check_inet
@@ -373,6 +373,8 @@ class Responder:
                 name = self.establish(flow, entry.demand)
                 if name and entry.policy is not None and entry.policy.own is not None:
                     entry.policy.own(name)
+                if operator_policy(entry.demand) is not None:
+                    entry.reqid = self._reqid_of(flow, entry.reqid)  # the operator's SA: its own reqid
         except Exception as exc:
             why = getattr(exc, "strerror", None) or str(exc)
             log.warning("no SA meeting the pToken for %s: %s; the socket is destroyed", flow, why)
@@ -385,6 +387,17 @@ class Responder:
         finally:
             with self.lock:
                 self._inflight.discard(key)
+
+    def _reqid_of(self, flow: Flow, default: int) -> int:
+        """The reqid of the SA now covering ``flow`` (the backend's index may lag the initiate a little)."""
+        deadline = time.monotonic() + 1.0
+        while True:
+            found = self.backend.find_protection(flow)
+            if found is not None:
+                return int(found.child_sa.reqid) or default
+            if time.monotonic() > deadline:
+                return default
+            time.sleep(0.02)
 
     # -- sockets: verification, latches, removal ------------------------------------------------
 

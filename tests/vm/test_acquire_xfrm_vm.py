@@ -30,6 +30,7 @@ from btns_vici import acquire, xfrm
 
 from ..integration.xfrm_support import ip
 from . import test_enforce_xfrm_vm as _enforce
+from .charon import child_sas, load_psk_conn
 from .netpair import B, sniffer
 from .test_enforce_xfrm_vm import ESP, TCP, exchange, transport_demand
 
@@ -343,3 +344,44 @@ def test_btnsd_serves_an_unprivileged_plain_connect(responders) -> None:
         if srv is not None:
             srv.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_plain_connect_brings_up_the_demanded_operator_connection(responders) -> None:
+    """policyName names an operator connection (PSK, dynamic reqid, not up): the plain connect's
+    ACQUIRE initiates it, the trap is rewritten to the reqid charon gave its SA, and the SYN
+    leaves through it."""
+    from btns_vici import AuthMethod
+    from btns_vici.strongswan.enforce import XFRM_REQID
+
+    from .netpair import A
+
+    a, b = responders
+    load_psk_conn(a.host_ns.charon, "op", str(A), str(B), reqid=0)  # 0: charon picks one
+    load_psk_conn(b.host_ns.charon, "op", str(B), str(A), reqid=0)
+    srv, got = _plain_server(b)
+    cli = a.socket()
+    conn = None
+    demand = btns_vici.PToken()
+    demand.policy_name = "op/host"
+    try:
+        btns_vici.set_socket_ptoken(cli, demand, a.backend)
+        entry = acquire.trapped(cli)
+        assert entry is not None
+        with sniffer(b.host_ns.netns) as frames:
+            cli.connect((str(B), srv.getsockname()[1]))  # plain
+            assert _wait(lambda: bool(got), 20)
+            conn = got[0]
+            assert not isinstance(conn, Exception), conn
+            assert exchange(cli, conn, b"operator-conn-marker") == b"operator-conn-marker"
+        (child,) = [c for c in child_sas(a.host_ns.charon) if c["state"] == "INSTALLED"]
+        assert child["name"] == "host" and int(child["reqid"]) == entry.reqid != XFRM_REQID
+        tok = btns_vici.get_socket_ptoken(cli, a.backend)
+        assert tok.protected and tok.itoken.authentication_method is AuthMethod.PRESHAREDKEY, tok.information_string
+        assert any(len(f) > 20 and f[9] == ESP for f in frames)
+        assert not any(len(f) > 20 and f[9] == TCP for f in frames), "TCP in clear on the wire"
+        assert not any(b"operator-conn-marker" in f for f in frames)
+    finally:
+        cli.close()
+        if isinstance(conn, socket.socket):
+            conn.close()
+        srv.close()

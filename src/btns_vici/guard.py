@@ -8,7 +8,12 @@
   around it.
 * ``kernel-xfrm``: per-socket policies (IP_XFRM_POLICY / IPV6_XFRM_POLICY) in
   both directions requiring ESP: without an SA the kernel refuses to send
-  (EAGAIN on connect) instead of sending in clear.
+  (EAGAIN on connect) instead of sending in clear. That is the guard of a socket
+  whose SA is known (an operator's, re-armed with its reqid) and of backends
+  without a responder; ``set_socket_pToken`` on strongSwan arms a *trap* instead
+  (:mod:`btns_vici.acquire`: the socket's mark, an SPD out policy on it, and the in
+  policy), so that a plain ``connect(2)`` waits for an SA negotiated on the
+  kernel's ACQUIRE rather than failing.
 
 ``optional=True`` ("use IPsec if the peer can, else clear", policyName ``btns:use``): on
 kernel XFRM the socket policies' templates are ``level use`` (the kernel uses an SA when

@@ -337,3 +337,42 @@ def test_channel_binding_is_equal_at_both_ends_and_differs_for_other_endpoints(t
         unlatch(s)
         s.close()
         srv.close()
+
+
+# ---- a plain connect(2) on kernel-libipsec (issue 16 item 1: what this data plane allows) -------
+
+
+def test_plain_connect_without_sa_fails_closed_on_kernel_libipsec(tb, sides) -> None:
+    """kernel-libipsec raises no ACQUIRE the library can see: a plain connect after
+    set_socket_ptoken, with no SA for the flow, is never sent (the SYN dies in ipsec0's
+    userspace ESP) and times out; with the SA up (negotiated first), the same plain connect works."""
+    from .wire import capture
+
+    a, b = sides
+    srv, got = serve(b, btns_demand(), 28417)
+    s = a.socket()
+    s.settimeout(3)
+    try:
+        btns_vici.set_socket_ptoken(s, btns_demand(), a.backend)
+        assert bound_device(s) == "ipsec0"
+        with capture(tb.b.netns, tb.b.link) as frames:
+            with pytest.raises(OSError) as exc:
+                s.connect((str(tb.b.v4), 28417))  # plain: nothing answers for it on this data plane
+        assert isinstance(exc.value, TimeoutError) or exc.value.errno in (errno.ETIMEDOUT, errno.EHOSTUNREACH)
+        tcp_in_clear = [f for f in frames if len(f) > 34 and f[12:14] == b"\x08\x00" and f[23] == socket.IPPROTO_TCP]
+        assert tcp_in_clear == [], "a TCP segment reached B in clear"
+        assert not got
+        # The SA negotiated beforehand: the same plain connect of a guarded socket goes through.
+        from btns_vici.core.selectors import Flow
+
+        a.backend.establish(Flow(socket.IPPROTO_TCP, tb.a.v4, 0, tb.b.v4, 28417), btns_demand())
+        s2 = a.socket()
+        with s2:
+            btns_vici.set_socket_ptoken(s2, btns_demand(), a.backend)
+            s2.connect((str(tb.b.v4), 28417))
+            conn, _ = wait_accept(got)
+            conn.close()
+            assert btns_vici.get_socket_ptoken(s2, a.backend).protected
+    finally:
+        s.close()
+        srv.close()

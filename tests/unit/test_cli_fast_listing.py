@@ -19,7 +19,8 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from btns_vici.cli import _inetdiag, sockdiag
+from btns_vici import inetdiag as _inetdiag
+from btns_vici.cli import sockdiag
 from btns_vici.cli.cmd_sockets import HEADERS, Snapshot, _Lines, _Reach, _Rows, describe, emit_array, emit_lines
 from btns_vici.cli.cmd_sockets import row as straight_row
 from btns_vici.cli.output import table

@@ -1,6 +1,6 @@
 """The fast paths of `btns sockets` give what the straightforward ones give.
 
-* the stdlib sock_diag dump (cli._inetdiag) reports the same sockets and fields as pyroute2's;
+* the stdlib sock_diag dump (btns_vici.inetdiag) reports the same sockets and fields as pyroute2's;
 * the clear-flow pToken dict made from a template equals ptoken_dict(unprotected_ptoken(flow));
 * the JSON array with one socket per line parses to the same value as json.dumps(indent=2).
 """
@@ -15,7 +15,7 @@ import socket
 from hypothesis import given
 from hypothesis import strategies as st
 
-from btns_vici.cli import _inetdiag
+from btns_vici import inetdiag as _inetdiag
 from btns_vici.cli.cmd_sockets import clear_ptoken_dict, clear_reason, emit_array
 from btns_vici.cli.describe import ptoken_dict
 from btns_vici.cli.sockdiag import list_sockets, state_mask

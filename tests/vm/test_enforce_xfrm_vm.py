@@ -292,10 +292,29 @@ def guard_policies(netns: str) -> list[xfrm.XfrmPolicy]:
     return [p for p in xfrm.dump_policies(netns) if p.is_socket and p.templates]
 
 
+def trap_policies(netns: str) -> list[xfrm.XfrmPolicy]:
+    """The SPD out policies btns_vici.acquire keys to a trapped socket's mark."""
+    from btns_vici.acquire import MARK_BIT
+
+    return [
+        p
+        for p in xfrm.dump_policies(netns)
+        if not p.is_socket and p.mark is not None and p.mark.value & MARK_BIT and p.mark.mask == 0xFFFFFFFF
+    ]
+
+
 def assert_guarded(netns: str) -> None:
+    """The guard of issue 16: a per-socket in policy requiring ESP, and out a trap (SPD policy on
+    the socket's own mark) requiring ESP with the library's reqid (the kernel matches it exactly)."""
     pols = guard_policies(netns)
-    assert {p.direction for p in pols} == {"in", "out"}, pols
-    for p in pols:  # the library's reqid: the kernel matches a template's reqid exactly
+    assert {p.direction for p in pols} == {"in"}, pols
+    for p in pols:
+        assert p.action == 0 and [(t.proto, t.mode, t.optional) for t in p.templates] == [
+            (xfrm.IPPROTO_ESP, xfrm.MODES["transport"], False)
+        ]
+    traps = trap_policies(netns)
+    assert traps and all(p.direction == "out" for p in traps), traps
+    for p in traps:
         assert p.action == 0 and [(t.proto, t.mode, t.optional, t.reqid) for t in p.templates] == [
             (xfrm.IPPROTO_ESP, xfrm.MODES["transport"], False, XFRM_REQID)
         ]
@@ -401,14 +420,24 @@ def test_guard_fails_closed_when_no_sa_is_possible(sides: tuple[Side, Side]) -> 
             btns_vici.set_socket_ptoken(raw, transport_demand(), a.backend)
             with pytest.raises(OSError) as exc2:
                 raw.connect((str(B), port))
-            assert exc2.value.errno in (errno.EAGAIN, errno.ETIMEDOUT, errno.EHOSTUNREACH), exc2.value
+            # (issue 16: the kernel's ACQUIRE is answered, the negotiation fails, the socket is destroyed)
+            assert exc2.value.errno in (errno.ECONNABORTED, errno.ETIMEDOUT), exc2.value
             with pytest.raises(TimeoutError):
                 srv.accept()  # the listener receives nothing
         assert took < 25
         assert not any(len(f) > 20 and f[9] in (TCP, ESP) for f in frames), "a segment reached B"
         # No SA exists (the kernel's ACQUIRE may have left a larval entry, SPI 0, without keys).
         assert [s for s in xfrm.dump_states(a.host_ns.netns) if s.proto == xfrm.IPPROTO_ESP and s.spi] == []
-        assert len(guard_policies(a.host_ns.netns)) == 4  # both sockets still guarded (in + out each)
+        assert len(guard_policies(a.host_ns.netns)) == 2  # both sockets still guarded (in each)
+        # Out: the socket that never connected keeps its trap; the destroyed one lost it (sock_diag no
+        # longer lists it) and only the backstop (block, any trap mark) stands behind a reconnect.
+        marks = {s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) & 0xFFFFFFFF for s in (guarded, raw)}
+        assert {p.mark.value for p in trap_policies(a.host_ns.netns)} < marks
+        assert [
+            p.action
+            for p in xfrm.dump_policies(a.host_ns.netns)
+            if p.mark is not None and (p.mark.value, p.mark.mask) == (0x80000000, 0x80000000) and p.direction == "out"
+        ] == [1, 1]  # the backstop (IPv4 and IPv6): block
 
         # Control: the same connect without the guard does reach the listener, in clear.
         srv.settimeout(10)

@@ -576,7 +576,16 @@ class Server:
         be = self.backend_for(ns)
         if be is None:
             raise BtnsError("btnsd has no backend for this socket's network namespace", errno.EOPNOTSUPP)
-        how = be.enforce(fd, demand)
+        from .. import acquire
+
+        def admit(flow: Flow) -> None:  # a plain connect's ACQUIRE: the same policy as prepare_connect
+            why = self.config.allows(c.uid, c.gids, None, flow.remote_addr)
+            if why:
+                raise BtnsError(why, errno.EACCES)
+
+        # kernel XFRM: the trap's socket lives in the client; what its ACQUIREs negotiate is the client's.
+        with acquire.owned_by(acquire.Owner(c.pid, admit, lambda name: self._own(c, be, name))):
+            how = be.enforce(fd, demand)
         key = inspect(fd)[0]
         with self._lock:
             self.demands[key] = (c.ident, demand.copy())

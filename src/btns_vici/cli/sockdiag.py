@@ -1,7 +1,7 @@
 """Every TCP and UDP socket of a network namespace, from the kernel's sock_diag (like ``ss``).
 
 The netlink socket is opened inside the namespace (setns in the calling thread);
-it keeps that namespace, so the dumps answer for it. The dump is :mod:`._inetdiag`
+it keeps that namespace, so the dumps answer for it. The dump is :mod:`btns_vici.inetdiag`
 (struct-unpacked, stdlib only: pyroute2's decoder cost 75 µs a socket). Protocols,
 families and states may be selected in the kernel (``list_sockets(..., states=...)``),
 as ``ss`` does.
@@ -16,8 +16,8 @@ from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import Any
 
+from .. import inetdiag as _inetdiag
 from ..core.selectors import Flow, IPAddress
-from . import _inetdiag
 
 #: TCP states (include/net/tcp_states.h) as ``ss`` names them; UDP uses ESTAB (connected) and UNCONN.
 STATES = {

@@ -121,7 +121,7 @@ def conn_name(
 
 def conn_config(
     name: str,
-    local_addr: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    local_addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
     remote_addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
     host: HostIdentity,
     keys: list[bytes],
@@ -130,7 +130,7 @@ def conn_config(
 ) -> dict[str, Any]:
     """The VICI load-conn message: initiator when ``remote_addr`` is given, else responder for any peer."""
     child: dict[str, Any] = {
-        "local_ts": [_host_ts(local_addr)],
+        "local_ts": [_host_ts(local_addr)] if local_addr is not None else ["dynamic"],
         "remote_ts": [_host_ts(remote_addr)] if remote_addr is not None else ["dynamic"],
         "mode": child_mode(demand, dataplane),
         "esp_proposals": esp_proposals(demand),
@@ -144,7 +144,7 @@ def conn_config(
     return {
         name: {
             "version": "2",
-            "local_addrs": [str(local_addr)],
+            "local_addrs": [str(local_addr) if local_addr is not None else "%any"],
             "remote_addrs": [str(remote_addr) if remote_addr is not None else "%any"],
             "proposals": ["default"],
             "unique": "never",

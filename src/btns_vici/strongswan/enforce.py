@@ -218,12 +218,15 @@ def serve(
     session: Any,
     dataplane: str,
     options: Mapping[str, str],
-    local_addr: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    local_addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
     demand: PToken,
 ) -> str:
-    """Load a responder connection for ``local_addr`` accepting peers that meet ``demand``; its name."""
+    """Load a responder connection for ``local_addr`` (None: any of ours, a wildcard-bound
+    listener) accepting peers that meet ``demand``; its name."""
 
     check_supported(demand, dataplane)
+    if local_addr is not None and local_addr.is_unspecified:
+        local_addr = None  # bound to 0.0.0.0 / ::: any of our addresses
     if is_no_demand(demand) or operator_policy(demand) is not None:
         return ""  # nothing to load: the system default, or the operator's own connection answers
     if is_opportunistic(demand):
@@ -236,7 +239,7 @@ def serve(
         raise NotSupportedError("the library builds raw-key responder connections only")
     host = local_identity(demand, options)
     keys = peer_keys(demand, options)
-    name = conn_name("resp", str(local_addr), "%any", demand, keys, dataplane, _alt(host, options))
+    name = conn_name("resp", str(local_addr or "%any"), "%any", demand, keys, dataplane, _alt(host, options))
     _load_host_key(session, host)
     session.request("load-conn", conn_config(name, local_addr, None, host, keys, demand, dataplane))
     return name
@@ -283,8 +286,39 @@ class EnforceHooks:
         reqid = XFRM_REQID
         if op is not None and dataplane == XFRM:
             reqid = operator_reqid(ctx.session, op) or XFRM_REQID
+        if dataplane == XFRM and options.get("acquire", "yes") != "no":
+            # A plain connect(2) negotiates through the kernel's ACQUIRE (btns_vici.acquire).
+            return Enforcement(
+                connection="(negotiated on the kernel's ACQUIRE)",
+                dataplane_guard=self._trap(options, sock, ptoken, reqid),
+            )
         how = guard.apply(sock, dataplane, reqid=reqid if dataplane == XFRM else 0)
         return Enforcement(connection="(established on connect/listen)", dataplane_guard=how)
+
+    def _trap(self, options: Mapping[str, str], sock: Any, ptoken: PToken, reqid: int) -> str:
+        from .. import acquire
+        from ..backend import Backend
+        from ..plugins import get_plugin_manager
+
+        def negotiate(flow: Any, demand: PToken) -> str:
+            ctx = self.context(options)
+            return establish(
+                ctx.session, XFRM, options, flow.local_addr, flow.remote_addr, demand, acquire.NEGOTIATION_MS
+            )
+
+        def backend() -> Backend:
+            return Backend(get_plugin_manager(), "strongswan", options)
+
+        how = acquire.arm(sock, ptoken, reqid, options, backend, negotiate)
+        # A socket already bound to an address (a server, before its plain listen(2)): peers may
+        # negotiate with us from now on (the wrapper's listen() does the same).
+        from ..sockets import borrowed_socket, endpoint
+
+        with borrowed_socket(sock) as s:
+            addr, port = endpoint(s.getsockname())
+        if port and not is_opportunistic(ptoken):
+            serve(self.context(options).session, XFRM, options, addr, ptoken)
+        return how
 
     @hookimpl
     def btns_establish(self, options: Mapping[str, str], flow: Any, ptoken: PToken) -> str:

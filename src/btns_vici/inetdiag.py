@@ -82,8 +82,23 @@ def attributes(msg: dict[str, Any]) -> dict[int, bytes]:
     return out
 
 
-def request(family: int, protocol: int, states: int = ALL_STATES, ext: int = 0, seq: int = 1) -> bytes:
+INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_BC_MARK_COND = 10
+
+
+def mark_filter(mark: int, mask: int) -> bytes:
+    """inet_diag bytecode keeping only sockets whose ``SO_MARK & mask == mark`` (needs CAP_NET_ADMIN)."""
+    # struct inet_diag_bc_op {code, yes, no} + struct inet_diag_markcond {mark, mask}: yes jumps to
+    # the end (accept), no jumps past it (reject).
+    return struct.pack("=BBHII", INET_DIAG_BC_MARK_COND, 12, 16, mark, mask)
+
+
+def request(
+    family: int, protocol: int, states: int = ALL_STATES, ext: int = 0, seq: int = 1, bytecode: bytes = b""
+) -> bytes:
     body = _REQ.pack(family, protocol, ext, states)
+    if bytecode:
+        body += _RTA.pack(4 + len(bytecode), INET_DIAG_REQ_BYTECODE) + bytecode + b"\0" * (-len(bytecode) % 4)
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
 
@@ -100,10 +115,10 @@ def open_socket() -> socket.socket:
 
 
 def _replies(
-    sock: socket.socket, family: int, protocol: int, states: int, seq: int
+    sock: socket.socket, family: int, protocol: int, states: int, seq: int, bytecode: bytes = b""
 ) -> Iterator[tuple[bytearray, int, int]]:
     """Send the dump request; (buffer, body offset, end offset) of every SOCK_DIAG_BY_FAMILY reply."""
-    sock.send(request(family, protocol, states, seq=seq))
+    sock.send(request(family, protocol, states, seq=seq, bytecode=bytecode))
     unpack_hdr = _NLMSGHDR.unpack_from
     hdr = _NLMSGHDR.size
     buf = bytearray(1 << 18)
@@ -129,14 +144,15 @@ def _replies(
 
 
 def dump(
-    sock: socket.socket, family: int, protocol: int, states: int = ALL_STATES, seq: int = 1
+    sock: socket.socket, family: int, protocol: int, states: int = ALL_STATES, seq: int = 1, bytecode: bytes = b""
 ) -> list[dict[str, Any]]:
-    """Every socket of ``family``/``protocol`` in ``states`` (a bit mask of TCP states)."""
+    """Every socket of ``family``/``protocol`` in ``states`` (a bit mask of TCP states) that
+    ``bytecode`` (a filter the kernel runs, e.g. :func:`mark_filter`) accepts."""
     out: list[dict[str, Any]] = []
     addr_len = 4 if family == socket.AF_INET else 16
     ntop = socket.inet_ntop
     unpack_msg = _MSG.unpack_from
-    for buf, body, end in _replies(sock, family, protocol, states, seq):
+    for buf, body, end in _replies(sock, family, protocol, states, seq, bytecode):
         (
             fam,
             state,
@@ -147,7 +163,7 @@ def dump(
             src,
             dst,
             ifindex,
-            _cookie,
+            cookie,
             _expires,
             _rq,
             _wq,
@@ -166,6 +182,7 @@ def dump(
                 "src_addr": _addr(src),
                 "dst_addr": _addr(dst),
                 "idiag_if": ifindex,
+                "idiag_cookie": int.from_bytes(cookie[:4], "little") | int.from_bytes(cookie[4:], "little") << 32,
                 "idiag_uid": uid,
                 "idiag_inode": inode,
                 "attrs_raw": bytes(buf[body + _MSG.size : end]),

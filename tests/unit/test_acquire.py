@@ -12,7 +12,9 @@ from btns_vici import acquire
 from btns_vici import inetdiag as _inetdiag
 from btns_vici.strongswan.enforce import XFRM_REQID
 from btns_vici.xfrm import _wire as wire
-from btns_vici.xfrm._records import XfrmPolicy
+from btns_vici.xfrm._records import EVENT_KINDS, XfrmPolicy
+
+NEW_POLICY = next(num for num, kind in EVENT_KINDS.items() if kind == "new-policy")
 
 
 def _decode(msg: bytes) -> XfrmPolicy:
@@ -20,7 +22,7 @@ def _decode(msg: bytes) -> XfrmPolicy:
     assert kind in (acquire.XFRM_MSG_NEWPOLICY, acquire.XFRM_MSG_UPDPOLICY)
     assert length == len(msg) and flags == acquire.NLM_F_REQUEST | acquire.NLM_F_ACK
     # Decoded as the kernel's own notification of the same policy would be.
-    as_notification = struct.pack("=IHHII", length, wire.XFRM_MSG["new-policy"], 0, 0, 0) + msg[16:]
+    as_notification = struct.pack("=IHHII", length, NEW_POLICY, 0, 0, 0) + msg[16:]
     pol = wire.decode_message(as_notification)
     assert isinstance(pol, XfrmPolicy)
     return pol

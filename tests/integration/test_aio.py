@@ -66,6 +66,13 @@ class Ticker:
     def worst_ms(self) -> float:
         return max(self.gaps) * 1000 if self.gaps else float("inf")
 
+    def kept_ticking(self, floor_ms: float = 10.0) -> bool:
+        """The loop ran on while the awaited work went on: many ticks, and no single gap holding
+        half the time (a blocking call would be one gap as long as the work itself). A property of
+        the code, not of the machine's speed: a loaded CI host stretches gaps, not their share."""
+        total = sum(self.gaps) * 1000
+        return len(self.gaps) >= 5 and self.worst_ms < max(floor_ms, total / 2)
+
 
 async def echo_server(b: Side, port: int, demand, **kw):
     lsock = b.socket()
@@ -154,7 +161,7 @@ def test_aio_queries_inside_a_running_loop(sa_exact, pair_factory, backend_a):
         assert not clear.protected
         # 200 lookups in flight keep 4 pool threads busy in Python: the loop then waits for the GIL
         # (5 ms switch interval) now and then. Bounded, but looser than during a negotiation.
-        assert t.worst_ms < 50, t.gaps
+        assert t.kept_ticking(floor_ms=50), t.gaps
 
     run(main())
 
@@ -188,7 +195,7 @@ def test_open_connection_and_start_server_negotiate_verify_and_expose_the_ptoken
                 reader, writer = await aio.open_connection(
                     str(b.peer.v4), 26101, sock=a.socket(), ptoken=btns_demand(), backend=a.backend
                 )
-            assert t.worst_ms < 10, f"loop stalled {t.worst_ms:.1f} ms during negotiation"
+            assert t.kept_ticking(), f"loop stalled {t.worst_ms:.1f} ms during negotiation ({len(t.gaps)} ticks)"
             writer.write(b"hello")
             await writer.drain()
             assert await reader.readexactly(5) == b"HELLO"
@@ -218,7 +225,7 @@ def test_open_connection_pinned_to_the_wrong_key_is_refused(tb, sides, tmp_path)
             with Ticker() as t, pytest.raises(OSError) as e:
                 await aio.open_connection(str(b.peer.v4), 26102, sock=a.socket(), ptoken=wrong, backend=a.backend)
             assert e.value.errno == errno.EHOSTUNREACH
-            assert t.worst_ms < 10
+            assert t.kept_ticking(), t.gaps
             assert not [s for s in seen if isinstance(s, aio.BtnsStreamWriter)]
 
     run(main())
@@ -339,7 +346,7 @@ def test_aio_connect_and_listen_on_plain_sockets(tb, sides):
             accepting = loop.create_task(loop.sock_accept(srv))
             tok = await aio.connect(cli, (str(b.peer.v4), 26106), a.backend)
             conn, _ = await accepting
-        assert t.worst_ms < 10
+        assert t.kept_ticking(), t.gaps
         assert tok.protected and tok.itoken.pub_key_id == b.host.public_der
         assert (await aio.get_socket_ptoken(conn, b.backend)).protected
         for s in (cli, conn, srv):

@@ -434,6 +434,17 @@ def test_a_client_killed_mid_request_does_not_disturb_the_broker(tb, broker, unp
     finally:
         proc.wait(10)
     assert broker.client().hello()["server"] == "btnsd"
+    # Nothing left behind: the negotiation the client started fails (nobody answers) and its
+    # connection is unloaded, half-open IKE_SA included, once the initiate's deadline passes.
+    deadline = time.monotonic() + 20
+    while _left_in(tb.a) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _left_in(tb.a) == [], "a negotiation for a vanished client left its connection in charon"
+
+
+def _left_in(peer) -> list[str]:
+    sas = [n for e in peer.ctl.list_sas() for n in e if n.startswith("btns-init-")]
+    return sas + [n for c in peer.ctl.list_conns() for n in c if n.startswith("btns-init-")]
 
 
 def test_systemd_socket_activation_and_unit_files(tb, testbed, tmp_path):

@@ -165,8 +165,40 @@ def establish(
     name = conn_name("init", str(local_addr), str(remote_addr), demand, keys, dataplane, _alt(host, options))
     _load_host_key(session, host)
     session.request("load-conn", conn_config(name, local_addr, remote_addr, host, keys, demand, dataplane))
-    _initiate(session, name, name, timeout_ms, f"no SA meeting the pToken could be negotiated with {remote_addr}")
+    try:
+        _initiate(session, name, name, timeout_ms, f"no SA meeting the pToken could be negotiated with {remote_addr}")
+    except BtnsError:
+        _unload_if_idle(session, name)
+        raise
     return name
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _unload_if_idle(session: Any, name: str) -> None:
+    """A failed negotiation leaves nothing behind: charon would go on retransmitting for its IKE_SA
+    after the initiate's timeout, so the half-open IKE_SAs of ``name`` are terminated, and the
+    connection goes unless an established IKE_SA (another socket's, same demand) still uses it.
+    Best effort: the error that matters is the caller's."""
+    try:
+        established = False
+        for entry in session.list_sas(ike=name):
+            for sa in entry.values():
+                if not isinstance(sa, dict):
+                    continue
+                state, ike_id = (
+                    v.decode() if isinstance(v, bytes) else str(v) for v in (sa.get("state"), sa.get("uniqueid"))
+                )
+                if state == "ESTABLISHED":
+                    established = True
+                elif ike_id.isdigit():
+                    session.streamed("terminate", "control-log", {"ike-id": ike_id, "force": "yes", "timeout": "-1"})
+        if not established:
+            session.request("unload-conn", {"name": name})
+    except OSError:
+        pass
 
 
 def _initiate(session: Any, ike: str, child: str, timeout_ms: int, failure: str) -> None:

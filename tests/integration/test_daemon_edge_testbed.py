@@ -331,3 +331,32 @@ def test_background_warming_completes_small_ike_sas_without_touching_the_answer_
     finally:
         plugin.forget(opts)
         tb.unload_conn(name)
+
+
+def test_an_accepted_connection_stays_protected_after_background_warming(tb, owned):
+    """A fresh process's responder side: accept() verified the connection from the lazily filled
+    index; once the background warming (1 s after the first answer) has run, the same socket must
+    still be reported protected (found on the compose testbed: bob reported his accepted
+    connection clear a moment after accept had verified it)."""
+    from btns_vici import get_socket_ptoken
+
+    from .acceptor import wait_accept
+
+    srv, got = _serve(tb, owned[tb.b.name], 25104)
+    child = None
+    try:
+        child = _run_child(tb, owned[tb.a.name], 25104, "kill")
+        assert child.stdout.readline().strip() == "connected", child.stderr.read()
+        conn, _ = wait_accept(got)
+        be = get_backend("strongswan", owned[tb.b.name])
+        first = get_socket_ptoken(conn, be)
+        assert first.protected, first.information_string
+        time.sleep(2.5)  # past the background warming
+        later = get_socket_ptoken(conn, be)
+        assert later.protected, later.information_string
+        conn.close()
+    finally:
+        if child is not None:
+            child.kill()
+            child.wait(10)
+        srv.close()

@@ -22,6 +22,19 @@ from ..demo import btns_demand
 from .settings import EXCHANGE, KEY_DIR, MESSAGE, PEERS, PORT, DemoError
 from .tokens_json import ptoken_to_json
 
+#: What the server sends once it has reported its tokens (the client waits for it before closing).
+REPORTED = b"."
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
 
 def _emit(**record: Any) -> None:
     print(json.dumps(record), flush=True)
@@ -81,6 +94,9 @@ def peer_main(role: str, name: str, peer: str, timeout: float) -> int:
                     received = conn.recv(64)
                     conn.sendall(received[::-1])
                     _emit_tokens(role, name, host.public_der, conn, received, be)
+                    # Reported: now the client may close. Its process then unloads what it loaded
+                    # (the library's lifecycle), which takes the SA down: not before this end's report.
+                    conn.sendall(REPORTED)
                     conn.recv(1)  # until the client closes
         else:
             _await(theirs / "listening", timeout, f"{peer}'s listening socket")
@@ -89,8 +105,10 @@ def peer_main(role: str, name: str, peer: str, timeout: float) -> int:
                 set_socket_ptoken(cli, btns_demand(), be)
                 connect(cli, (peer_addr, PORT), be, latch_=False)
                 cli.sendall(MESSAGE)
-                echo = cli.recv(64)
+                echo = _recv_exactly(cli, len(MESSAGE))
                 _emit_tokens(role, name, host.public_der, cli, echo, be)
+                if _recv_exactly(cli, len(REPORTED)) != REPORTED:  # the server has reported its end
+                    raise DemoError("the server closed before reporting its tokens")
     except (OSError, DemoError) as exc:
         _emit(event="error", error=f"{type(exc).__name__}: {exc}")
         return 1

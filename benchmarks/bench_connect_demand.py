@@ -21,6 +21,7 @@ Cold rounds terminate every IKE_SA first. Usage: ``python benchmarks/bench_conne
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import statistics
 import sys
@@ -31,12 +32,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import btns_vici
-from btns_vici import AuthMethod, IToken, PToken, Setting
+from btns_vici import AuthMethod, IToken, PToken, Setting, lifecycle
 from btns_vici.api import connect
+from btns_vici.core.records import Protection
 from btns_vici.core.selectors import Flow
 from btns_vici.hostkey import load_or_create
-from btns_vici.latch import unlatch
+from btns_vici.latch import latch, unlatch
 from btns_vici.plugins import get_backend
+from btns_vici.protection import require
+from btns_vici.sockets import source_address, view_of
 
 
 def demand(transport: bool = False) -> PToken:
@@ -84,7 +88,7 @@ def acceptor(srv: socket.socket) -> None:
 def terminate_all(session_of: Callable[[], object]) -> None:
     ses = session_of()
     for name in [n for c in ses.list_conns() for n in c if n.startswith("btns-")]:  # type: ignore[attr-defined]
-        for _ in ses.terminate({"ike": name, "timeout": "3000", "force": "yes"}):  # type: ignore[attr-defined]
+        for _ in ses.terminate({"ike": name, "timeout": "3000"}):  # type: ignore[attr-defined]
             pass
     time.sleep(0.05)
 
@@ -216,7 +220,22 @@ def main_testbed(rounds: int) -> None:
         def session():  # type: ignore[no-untyped-def]
             return tb.a.ctl
 
-        raw, cold, warm, plain = [], [], [], []
+        def previous_path(s: socket.socket, address: tuple[str, int]) -> None:
+            """The warm wrapper as it was before issue 16 item 7, from public pieces: the source
+            address probed by a thread in the socket's namespace, the socket's keys read twice
+            before connecting, and the latch verifying the socket a third time."""
+            btns_vici.set_socket_ptoken(s, demand(), be_a)
+            remote = ipaddress.ip_address(address[0])
+            local = source_address(s, remote)
+            prospective = Flow(6, local, 0, remote, address[1])
+            existing = be_a.protect(view_of(s, prospective))
+            assert isinstance(existing, Protection)
+            lifecycle.own(be_a, existing.ike_sa.name, s)
+            s.connect(address)
+            require(demand(), view_of(s), be_a)
+            latch(s, be_a, shutdown=True)
+
+        raw, cold, warm, before, plain = [], [], [], [], []
         for _ in range(rounds):
             terminate_all(session)
             t0 = time.perf_counter()
@@ -245,6 +264,12 @@ def main_testbed(rounds: int) -> None:
             unlatch(s)
             s.close()
             s = sock()
+            t0 = time.perf_counter()
+            previous_path(s, (str(tb.b.v4), port))
+            before.append(time.perf_counter() - t0)
+            unlatch(s)
+            s.close()
+            s = sock()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"ipsec0")
             t0 = time.perf_counter()
             s.connect((str(tb.b.v4), port))
@@ -256,6 +281,7 @@ def main_testbed(rounds: int) -> None:
                 ("kernel-libipsec: raw VICI load-conn+initiate, then connect", raw),
                 ("kernel-libipsec: wrapper, cold (set+connect+verify+latch)", cold),
                 ("kernel-libipsec: wrapper, warm (SA up)", warm),
+                ("kernel-libipsec: wrapper, warm, the previous path (naive)", before),
                 ("kernel-libipsec: plain connect over the SA", plain),
             ]
         )

@@ -9,12 +9,14 @@ carries it. Anything less yields a pToken with privacy and integrity DISABLE.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import ipaddress
 import socket
 import threading
 from typing import Any
 
-from . import guard, lifecycle
+from . import guard, lifecycle, rtnl
 from .authority import Authority, BackendLike
 from .authority import resolve_backend as resolve_backend  # the public path: btns_vici.api
 from .authority import set_default_backend as set_default_backend
@@ -22,7 +24,7 @@ from .backend import Backend
 from .broker.client import BrokerClient
 from .core.derive import ptoken_for
 from .core.errors import BackendError, BtnsError, RequirementNotMetError
-from .core.records import Protection
+from .core.records import Protection, SocketView
 from .core.requirements import is_no_demand, is_opportunistic, operator_policy, satisfies
 from .core.selectors import Flow
 from .core.tokens import PToken
@@ -166,10 +168,9 @@ def prepare_connect(sock: socket.socket, address: tuple[Any, ...], backend: Back
         be.prepare_connect(sock, (str(remote), rport))
         return True
     remote, rport = endpoint(address)
-    local = source_address(sock, remote)
-    proto = socket.IPPROTO_TCP if sock.type == socket.SOCK_STREAM else socket.IPPROTO_UDP
-    prospective = Flow(proto, local, 0, remote, rport)
-    existing = be.protect(view_of(sock, prospective))  # this socket's device, mark, policies
+    view = _prospective_view(sock, remote, rport, be)  # this socket's device, mark, namespace
+    prospective = view.flow
+    existing = be.protect(view)
     if isinstance(existing, Protection) and satisfies(demand, ptoken_for(existing)):
         if existing.proof.dataplane == guard.XFRM:
             # The kernel matches a socket policy's reqid exactly: name the SA that will carry us.
@@ -188,6 +189,35 @@ def prepare_connect(sock: socket.socket, address: tuple[Any, ...], backend: Back
     return True
 
 
+def _prospective_view(
+    sock: socket.socket, remote: ipaddress.IPv4Address | ipaddress.IPv6Address, rport: int, be: Backend
+) -> SocketView:
+    """The view of ``sock`` for the flow its connect to (``remote``, ``rport``) will have.
+
+    One read of the socket's keys (device, mark, uid, TOS, namespace). Its source address: the
+    bound one, else the kernel's choice for exactly those keys, asked through the backend's
+    event-fed routing view (rtnl: one netlink round trip, none while routing has not changed)
+    when the socket lives in the backend's namespace; else :func:`sockets.source_address`
+    (a probe from the socket's own namespace).
+    """
+    proto = socket.IPPROTO_TCP if sock.type == socket.SOCK_STREAM else socket.IPPROTO_UDP
+    bound = endpoint(sock.getsockname())[0]
+    unspecified = ipaddress.ip_address("::" if remote.version == 6 else "0.0.0.0")
+    view = view_of(sock, Flow(proto, bound if not bound.is_unspecified else unspecified, 0, remote, rport))
+    if not bound.is_unspecified:
+        return view
+    local: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    if view.netns is not None and not view.unknown and view.netns == be.netns_id and not view.dontroute:
+        rt = rtnl.routing(be.options.get("netns") or None)
+        if rt.netns_id == view.netns:
+            ans = rt.lookup(remote, oif=view.oif, mark=view.mark, uid=view.uid, tos=view.tos, proto=proto, dport=rport)
+            if ans.error == 0 and ans.prefsrc:
+                local = ipaddress.ip_address(ans.prefsrc)
+    if local is None:
+        local = source_address(sock, remote)
+    return dataclasses.replace(view, flow=Flow(proto, local, 0, remote, rport))
+
+
 def finish_connect(sock: socket.socket, backend: BackendLike = None, latch_: bool = True) -> PToken | None:
     """After connecting: verify the connection meets the socket's pToken (EACCES and shut down if not), latch it."""
     demand = _demand_or_none(sock)
@@ -196,7 +226,7 @@ def finish_connect(sock: socket.socket, backend: BackendLike = None, latch_: boo
     be = resolve_backend(backend)
     actual = _verify_or_abort(sock, demand, be)
     if latch_ and actual.protected:  # a demand met in clear (all ANY, "btns:use") has nothing to latch
-        latch(sock, be, shutdown=True)
+        latch(sock, be, shutdown=True, verified=actual)  # just verified for this socket: not read again
     return actual
 
 
@@ -225,7 +255,7 @@ def accept(
     try:
         actual = admit(conn, demand, be)  # adopts the responder connection it came in by (lifecycle)
         if latch_ and actual.protected:
-            latch(conn, be, shutdown=True)
+            latch(conn, be, shutdown=True, verified=actual)
     except BtnsError:
         conn.close()  # also when the latch failed (the SA went meanwhile): never leak the connection
         raise

@@ -61,6 +61,7 @@ class Latch:
         backend: Authority,
         on_break: Callable[[LatchBroken], None] | None = None,
         shutdown: bool = False,
+        verified: PToken | None = None,
     ) -> None:
         self.fd = resolve_fd(sock)
         self.key = socket_key(sock)
@@ -68,7 +69,13 @@ class Latch:
         self.backend = backend
         self.on_break = on_break
         self.shutdown = shutdown
-        self.latched = _ptoken_now(sock, backend)
+        # ``verified``: the pToken this very socket was just verified with (finish_connect, accept),
+        # not read a second time. Only a local backend's: btnsd must record the latch itself.
+        self.latched = (
+            verified.copy()
+            if verified is not None and not isinstance(backend, BrokerClient)
+            else _ptoken_now(sock, backend)
+        )
         if not self.latched.protected:
             raise BtnsError(f"cannot latch {self.flow}: it is not protected", errno.EACCES)
         self.broken: LatchBroken | None = None
@@ -183,10 +190,15 @@ def latch(
     backend: BackendLike = None,
     on_break: Callable[[LatchBroken], None] | None = None,
     shutdown: bool = False,
+    verified: PToken | None = None,
 ) -> Latch:
-    """Latch a connected, protected socket; see the module docstring."""
+    """Latch a connected, protected socket; see the module docstring.
+
+    ``verified``: the pToken :func:`btns_vici.protection.require` has just given for this very
+    connected socket (the wrappers' check after connect/accept), latched as is instead of being
+    verified a second time (ignored for btnsd, which records the latch itself)."""
     be = resolve_backend(backend)
-    lt = Latch(sock, be, on_break, shutdown)
+    lt = Latch(sock, be, on_break, shutdown, verified)
     with _reg_lock:
         watcher = _watchers.get(id(be))
         if watcher is None:

@@ -6,8 +6,12 @@ N CHILD_SAs on the host testbed in connections of at most 2,500 per-port childre
 refuses a load-conn of about 2,700), each connection its own IKE_SA: child i protects TCP to
 B's port 20000+i. Then:
 
-* ``first query``: a new Python process answers ``find_sa`` for one flow (the last child's;
-  time of that call alone, median of 3 processes; whatever index it needs is built in it);
+* ``first query, cold``: a new Python process answers ``find_sa`` for one flow (the last child's;
+  time of that call alone, median of 3 processes, the shared coverage cache removed before each:
+  whatever index it needs is built in it, and it writes the cache);
+* ``first query, cached``: the same with the coverage cache a previous process wrote
+  (:mod:`btns_vici.strongswan.coverage`; median of 3 processes, each asking another child's flow
+  than the one that wrote it: the candidates come from the cache, the answer from charon);
 * ``naive``: the same with ``index=list`` (one unfiltered list-sas + list-conns + list-certs,
   what every query cost before the index; above ~1,950 children per IKE_SA charon drops
   the message and the flow is NOT FOUND);
@@ -25,10 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,11 +63,23 @@ print(json.dumps([(time.perf_counter() - t) * 1000, found is not None]))
 """
 
 
-def first_query(tb: Testbed, port: int, mode: str = "events") -> tuple[float, bool]:
+def first_query(
+    tb: Testbed, port: int, mode: str = "events", cache: str | None = None, ports: list[int] | None = None
+) -> tuple[float, bool]:
+    """Median ms of 3 fresh processes; with ``cache`` (a directory) that cache is kept between
+    them, else a fresh empty one each time. ``ports``: a flow per process (default ``port``)."""
     runs = []
-    for _ in range(3):
-        arg = json.dumps([tb.a.options, str(tb.a.v4), str(tb.b.v4), port, mode])
-        out = subprocess.run([sys.executable, "-c", FRESH, arg], capture_output=True, text=True)
+    for i in range(3):
+        scratch = None
+        if cache is None:
+            scratch = cache_dir = tempfile.mkdtemp(prefix="btns-bench-cache-")
+        else:
+            cache_dir = cache
+        env = {**os.environ, "BTNS_CACHE_DIR": cache_dir}
+        arg = json.dumps([tb.a.options, str(tb.a.v4), str(tb.b.v4), ports[i] if ports else port, mode])
+        out = subprocess.run([sys.executable, "-c", FRESH, arg], capture_output=True, text=True, env=env)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         if out.returncode != 0:
             runs.append([float("nan"), False])
             continue
@@ -158,23 +177,32 @@ def main() -> None:
             print(f"# {n}: up in {setup:.1f} s", flush=True)
             port = BASE_PORT + n - 1
             fq, ok = first_query(tb, port)
+            cache = tempfile.mkdtemp(prefix="btns-bench-cache-")
+            try:
+                first_query(tb, BASE_PORT, cache=cache)  # writes the cache (one more cold process)
+                others = [BASE_PORT + max(0, n - 1 - k * max(1, n // 3)) for k in range(3)]
+                cq, cok = first_query(tb, port, cache=cache, ports=others)
+            finally:
+                shutil.rmtree(cache, ignore_errors=True)
             naive, nok = first_query(tb, port, "list")
             floor, configs = floor_and_configs(tb, n, tag)
             downs = down_detection(tb, n, tag, min(args.downs, n))
-            rows.append((n, fq, ok, naive, nok, floor, configs, statistics.median(downs), max(downs)))
+            rows.append((n, fq, ok, cq, cok, naive, nok, floor, configs, statistics.median(downs), max(downs)))
             print(f"# {n}: {rows[-1]}", flush=True)
             get_plugin_manager().get_plugin("strongswan").forget({**tb.a.options, "timeout": "30"})
             for name, _, _ in conn_names(n, tag):
                 tb.unload_conn(name)
     print(
-        "| CHILD_SAs (IKE_SAs) | first query, fresh process (ms) | naive: index=list (ms) | floor: skeleton + "
-        "that child (ms) | list-conns of every connection (ms) | down detection p50 (ms) | max (ms) |"
+        "| CHILD_SAs (IKE_SAs) | first query, fresh process, cold (ms) | first query, coverage cache (ms) "
+        "| naive: index=list (ms) | floor: skeleton + that child (ms) | list-conns of every connection (ms) "
+        "| down detection p50 (ms) | max (ms) |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for n, fq, ok, naive, nok, floor, configs, p50, mx in rows:
+    print("|---|---|---|---|---|---|---|---|")
+    for n, fq, ok, cq, cok, naive, nok, floor, configs, p50, mx in rows:
         ikes = len(conn_names(n, "x"))
         print(
-            f"| {n:,} ({ikes}) | {fq:.1f}{'' if ok else ' (NOT FOUND)'} | {naive:.1f}{'' if nok else ' (NOT FOUND)'} "
+            f"| {n:,} ({ikes}) | {fq:.1f}{'' if ok else ' (NOT FOUND)'} | {cq:.1f}{'' if cok else ' (NOT FOUND)'} "
+            f"| {naive:.1f}{'' if nok else ' (NOT FOUND)'} "
             f"| {floor:.1f} | {configs:.1f} | {p50:.2f} | {mx:.2f} |"
         )
 

@@ -360,3 +360,95 @@ def test_an_accepted_connection_stays_protected_after_background_warming(tb, own
             child.kill()
             child.wait(10)
         srv.close()
+
+
+# -- the coverage cache shared between processes (strongswan.coverage) ------------------------------
+
+
+def _cov_children(tb, base: int) -> dict[str, tuple[list[str], list[str]]]:
+    return {f"x{i}": ([f"{tb.a.v4}/32[tcp]"], [f"{tb.b.v4}/32[tcp/{base + i}]"]) for i in range(3)}
+
+
+def test_a_fresh_process_answers_through_the_coverage_cache_and_the_wire_shows_esp(tb, tmp_path, monkeypatch):
+    """One index fetches the configuration and writes the cache; a fresh one then lists only the
+    cached candidate from charon (no list-conns) and the pToken says protected; the capture
+    shows the socket's bytes left as ESP-in-UDP, never in clear. A crafted stale cache naming a
+    child whose live SA does not cover the flow, a garbage one and a restarted-charon rule
+    (a connection reloaded: a newer IKE_SA) never change the answer."""
+    import btns_vici
+    from btns_lab.testbed import connected_pair
+    from btns_vici.strongswan import coverage
+    from btns_vici.strongswan.index import SAIndex
+
+    from .wire import capture, esp_in_udp, seen
+
+    monkeypatch.setenv("BTNS_CACHE_DIR", str(tmp_path / "cache"))
+    name, base = "cov", 32000
+    tb.load_conn(name, "psk", 4, children=_cov_children(tb, base))
+    for i in range(3):
+        tb.initiate(name, f"x{i}")
+    opts = {**tb.a.options, "timeout": "10"}
+    plugin = get_plugin_manager().get_plugin("strongswan")
+
+    def flow(port: int) -> Flow:
+        return Flow(socket.IPPROTO_TCP, tb.a.v4, 40000, tb.b.v4, port)
+
+    try:
+        writer = SAIndex(tb.a.vici_path, shared_cache=True)
+        assert writer.find(flow(base)) is not None and writer.cache_hits == 0
+        writer.close()
+        assert coverage.read(tb.a.vici_path) is not None
+        fresh = SAIndex(tb.a.vici_path)
+        found = fresh.find(flow(base + 1))
+        assert found is not None and found[1].name == "x1" and fresh.cache_hits == 1
+        assert name not in fresh._conns  # no list-conns: candidates and auth rounds from the cache
+        assert found[0].local.auth_class == "pre-shared key"
+        fresh.close()
+
+        be = get_backend("strongswan", opts)  # the library's path, a fresh context
+        cli, srv = connected_pair(tb, socket.IPPROTO_TCP, 4, port=base + 2)
+        with cli, srv:
+            with capture(tb.b.netns, tb.b.link) as frames:
+                cli.sendall(b"COVERAGE-CACHE-MARKER")
+                assert srv.recv(64) == b"COVERAGE-CACHE-MARKER"
+            tok = btns_vici.get_socket_ptoken(cli, be)
+        assert plugin.context(opts).index.cache_hits >= 1
+        assert tok.protected, tok.information_string
+        assert not seen(frames, b"COVERAGE-CACHE-MARKER") and esp_in_udp(frames) > 0
+
+        # hostile: a cache claiming x0 covers x2's flow, valid for every IKE_SA: the live SA refutes it
+        crafted = dict(coverage.read(tb.a.vici_path).conns)
+        sel = (
+            ((4, int(tb.a.v4), int(tb.a.v4), 6, 0, 65535),),
+            ((4, int(tb.b.v4), int(tb.b.v4), 6, base + 2, base + 2),),
+        )
+        e = crafted[name]
+        assert coverage.write(tb.a.vici_path, {name: coverage.ConnConfig(10**9, e.local, e.remote, {"x0": sel})})
+        stale = SAIndex(tb.a.vici_path)
+        found = stale.find(flow(base + 2))
+        assert found is not None and found[1].name == "x2" and stale.cache_hits == 0  # from the live path
+        assert name in stale._conns
+        stale.close()
+
+        # hostile: garbage in the cache file
+        coverage.cache_file(tb.a.vici_path).write_bytes(b"\x00garbage\n" * 100)
+        junk = SAIndex(tb.a.vici_path)
+        found = junk.find(flow(base + 1))
+        assert found is not None and found[1].name == "x1" and junk.cache_hits == 0
+        junk.close()
+
+        # the connection reloaded under the same name with other selectors (a newer IKE_SA)
+        w = SAIndex(tb.a.vici_path)
+        assert w.find(flow(base)) is not None
+        w.close()
+        tb.unload_conn(name)
+        tb.load_conn(name, "psk", 4, children=_cov_children(tb, base + 500))
+        tb.initiate(name, "x1")
+        again = SAIndex(tb.a.vici_path)
+        assert again.find(flow(base + 1)) is None
+        found = again.find(flow(base + 501))
+        assert found is not None and found[1].name == "x1" and again.cache_hits == 0
+        again.close()
+    finally:
+        plugin.forget(opts)
+        tb.unload_conn(name)

@@ -30,6 +30,7 @@ from btns_vici.core.errors import (
 )
 from btns_vici.core.selectors import Flow
 from btns_vici.plugins import get_backend
+from btns_vici.strongswan import coverage
 from btns_vici.strongswan import session as vs
 from btns_vici.strongswan.events import EventStream
 from btns_vici.strongswan.index import SAIndex
@@ -617,3 +618,108 @@ def test_the_fast_selector_compiler_agrees_with_parse_ts():
         same(spec)
 
     check()
+
+
+# -- the coverage cache shared between processes (strongswan.coverage): hints, never answers ------
+
+_A, _B = int(ipaddress.ip_address("10.0.0.1")), int(ipaddress.ip_address("10.0.0.2"))
+
+
+def _cov_conns(n: int = 3) -> dict[str, coverage.ConnConfig]:
+    children = {f"c{i}": (((4, _A, _A, 6, 0, 65535),), ((4, _B, _B, 6, 20000 + i, 20000 + i),)) for i in range(n)}
+    children["wide"] = (((4, 0, 2**32 - 1, 0, 0, 65535),), ((4, _B, _B + 255, 17, 0, 65535),))
+    auth = {"class": b"pre-shared key", "certs": [b"x\xff"]}
+    return {"edge": coverage.ConnConfig(7, auth, {"class": b"public key"}, children)}
+
+
+@pytest.fixture
+def cov(tmp_path, monkeypatch):
+    monkeypatch.setenv("BTNS_CACHE_DIR", str(tmp_path / "cache"))
+    vici = tmp_path / "charon.vici"
+    vici.touch()
+    return str(vici)
+
+
+def test_coverage_round_trip_private_and_looked_up_by_flow(cov):
+    assert coverage.write(cov, _cov_conns())
+    path = coverage.cache_file(cov)
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    got = coverage.read(cov)
+    assert got is not None and got.conns["edge"].max_ike == 7
+    assert got.conns["edge"].local == {"class": b"pre-shared key", "certs": [b"x\xff"]}
+    assert got.candidates(4, _A, 40000, _B, 20001, 6) == {"edge": {"c1"}}
+    assert got.candidates(4, _A, 40000, _B + 3, 53, 17) == {"edge": {"wide"}}
+    assert got.candidates(4, _A, 40000, _B, 29999, 6) == {}
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+
+
+def test_coverage_of_another_or_restarted_charon_is_ignored(cov):
+    assert coverage.write(cov, _cov_conns())
+    os.unlink(cov)
+    Path(cov).touch()  # charon restarted: a new socket
+    assert coverage.read(cov) is None
+    os.unlink(cov)
+    assert coverage.read(cov) is None and not coverage.write(cov, _cov_conns())
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["garbage", "truncated", "empty", "bad-header", "bad-selector", "nested", "binary"],
+)
+def test_a_corrupted_coverage_file_is_ignored_never_raised(cov, damage):
+    assert coverage.write(cov, _cov_conns())
+    path = coverage.cache_file(cov)
+    raw = path.read_bytes()
+    head, _, rest = raw.partition(b"\n")
+    bad = {
+        "garbage": os.urandom(5000),
+        "truncated": raw[: len(raw) - 7],
+        "empty": b"",
+        "bad-header": b'{"version": 1, "charon": 5}\n' + rest,
+        "bad-selector": head + b'\nR 4 %d 6 20001\t["edge","c1",[[4,1]],[]]\n' % _B,
+        "nested": head.replace(b'"class":"public key"', b'"class":' + b"[" * 50 + b"]" * 50),
+        "binary": head + b"\n\xff\xfe\n",
+    }[damage]
+    path.write_bytes(bad)
+    got = coverage.read(cov)
+    if got is not None:  # only per-line damage survives the header check: then the lookup refuses it
+        with pytest.raises(coverage.Invalid):
+            got.candidates(4, _A, 40000, _B, 20001, 6)
+
+
+def test_an_oversized_coverage_file_is_neither_read_nor_written(cov, monkeypatch):
+    assert coverage.write(cov, _cov_conns())
+    path = coverage.cache_file(cov)
+    with path.open("ab") as f:
+        f.truncate(coverage.MAX_BYTES + 1)
+    assert coverage.read(cov) is None
+    monkeypatch.setattr(coverage, "MAX_BYTES", 2000)
+    assert coverage.render(cov, _cov_conns(100)) is None and not coverage.write(cov, _cov_conns(100))
+
+
+def test_a_coverage_file_of_another_uid_or_not_private_is_ignored(cov):
+    assert coverage.write(cov, _cov_conns())
+    path = coverage.cache_file(cov)
+    path.chmod(0o644)
+    assert coverage.read(cov) is None
+    path.chmod(0o600)
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)
+        assert coverage.read(cov) is None
+        os.chown(path, 0, 0)
+    assert coverage.read(cov) is not None
+    link = path.with_name("elsewhere")
+    path.rename(link)
+    path.symlink_to(link)
+    assert coverage.read(cov) is None  # O_NOFOLLOW
+
+
+def test_coverage_rewrite_keeps_the_other_connections_lines(cov):
+    assert coverage.write(cov, _cov_conns())
+    old = coverage.read(cov)
+    other = {"other": coverage.ConnConfig(9, None, None, {"o": (((4, _A, _A, 6, 1, 1),), ((4, _B, _B, 6, 5, 5),))})}
+    assert coverage.write(cov, other, keep=old)
+    got = coverage.read(cov)
+    assert got is not None and set(got.conns) == {"edge", "other"}
+    assert got.candidates(4, _A, 40000, _B, 20002, 6) == {"edge": {"c2"}}
+    assert got.candidates(4, _A, 1, _B, 5, 6) == {"other": {"o"}}

@@ -50,7 +50,8 @@ from typing import Any
 from ..core.errors import BackendError, ProtocolError
 from ..core.records import ChildSA, Identity, IkeSA
 from ..core.selectors import PROTO_ANY, Flow, IPAddress, TrafficSelector, normalize_address
-from . import parse
+from . import coverage, parse
+from .coverage import match as _match
 from .events import EventStream
 from .session import ViciSession
 
@@ -161,6 +162,7 @@ class SAIndex:
         strict: bool = False,
         timeout: float | None = None,
         background: bool = False,
+        shared_cache: bool = True,
     ) -> None:
         self.path = path
         self.session = session or ViciSession(path)
@@ -181,6 +183,15 @@ class SAIndex:
         self._conn_epoch = 0  # bumped whenever a cached configuration is forgotten
         self._warmer: threading.Thread | None = None
         self._warm_due = False
+        # the coverage cache shared between processes (:mod:`.coverage`): hints only
+        self.shared_cache = shared_cache
+        self._coverage: coverage.Coverage | None = None
+        self._coverage_read = False
+        self._cov_flow: tuple[Flow, dict[str, set[str]]] | None = None
+        self._cov_used = False
+        self._conn_max_ike: dict[str, int] = {}  # newest IKE_SA uniqueid known when a config was fetched
+        self._cache_dirty = False
+        self.cache_hits = 0  # answers found through the shared coverage cache
 
     # -- life cycle ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -198,6 +209,8 @@ class SAIndex:
         self._certs = None
         self._tables = _Tables()
         self._checked.clear()
+        self._coverage, self._coverage_read, self._cov_flow = None, False, None
+        self._conn_max_ike.clear()
         self._changed()
 
     def _changed(self) -> None:
@@ -265,6 +278,7 @@ class SAIndex:
                 with self._lock:
                     if epoch == self._conn_epoch and name not in self._conns:
                         self._conns[name] = conn
+                        self._conn_max_ike[name] = self._max_ike()
                         fetched += 1
             with self._lock:
                 small = [
@@ -291,6 +305,10 @@ class SAIndex:
         finally:
             if own:
                 bg.close()
+        if fetched:
+            with self._lock:
+                self._cache_dirty = True
+            self.save_coverage()
         return fetched
 
     def sync(self, barrier: bool = False) -> None:
@@ -412,6 +430,7 @@ class SAIndex:
         self._conn_epoch += 1
         self._conns.pop(name, None)
         self._cfg_sel.pop(name, None)
+        self._conn_max_ike.pop(name, None)
         self._checked.clear()
 
     def _conn(self, name: str) -> Mapping[str, Any] | None:
@@ -421,7 +440,75 @@ class SAIndex:
             if conn is not None and not isinstance(conn, Mapping):
                 raise ProtocolError(f"list-conns entry {name!r} is not a section")
             self._conns[name] = conn
+            self._conn_max_ike[name] = self._max_ike()
+            self._cache_dirty = True
         return self._conns[name]
+
+    def _max_ike(self) -> int:
+        return max((int(u) for u in self._ikes if u.isdigit()), default=0)
+
+    # -- the coverage cache shared between processes (hints, never answers) --------------------
+    def _cached(self, ike: _Ike) -> coverage.ConnEntry | None:
+        """The shared cache's entry for ``ike``'s connection when it may be used for this IKE_SA:
+        no live configuration fetched, the same charon, and the IKE_SA not newer than the fetch."""
+        if not self.shared_cache or ike.name in self._conns:
+            return None
+        if not self._coverage_read:
+            self._coverage_read = True
+            self._coverage = coverage.read(self.path)
+        if self._coverage is None:
+            return None
+        entry = self._coverage.conns.get(ike.name)
+        uid = self._uid_of(ike)
+        if entry is None or not uid.isdigit() or int(uid) > entry.max_ike:
+            return None
+        return entry
+
+    def _cached_candidates(self, ike: _Ike, flow: Flow) -> set[str] | None:
+        if self._cached(ike) is None or self._coverage is None:
+            return None
+        if self._cov_flow is None or self._cov_flow[0] != flow:
+            la, ra = normalize_address(flow.local_addr), normalize_address(flow.remote_addr)
+            try:
+                found = self._coverage.candidates(
+                    la.version, int(la), flow.local_port, int(ra), flow.remote_port, flow.proto
+                )
+            except coverage.Invalid as exc:
+                log.warning("ignoring the coverage cache: %s", exc)
+                self._drop_coverage()
+                return None
+            self._cov_flow = (flow, found)
+        self._cov_used = True
+        return set(self._cov_flow[1].get(ike.name, ()))
+
+    def _drop_coverage(self) -> None:
+        """Stop using the shared cache in this process (it misled once, or is malformed)."""
+        self.shared_cache = False
+        self._coverage, self._cov_flow = None, None
+        self._checked.clear()
+        for ike in self._ikes.values():
+            ike.record = None  # identities may have come from it
+
+    def save_coverage(self) -> bool:
+        """Write the configurations this process fetched live to the shared cache (if any new)."""
+        with self._lock:
+            if not self._cache_dirty or self._stream is None:
+                return False
+            self._cache_dirty = False
+            conns: dict[str, coverage.ConnConfig] = {}
+            for name, conn in self._conns.items():
+                if conn is None or LIBRARY_CONN.fullmatch(name):
+                    continue
+                try:
+                    sel = self._child_configs(name)
+                except ProtocolError:
+                    continue
+                if sel is None:
+                    continue
+                local, remote = parse.conn_auth(conn, "local"), parse.conn_auth(conn, "remote")
+                conns[name] = coverage.ConnConfig(self._conn_max_ike.get(name, 0), local, remote, sel)
+            keep = self._coverage if self.shared_cache else None  # entries this process still trusts
+        return coverage.write(self.path, conns, keep) if conns else False
 
     def _child_configs(self, name: str) -> dict[str, tuple[Compiled, Compiled]] | None:
         """{child config name: (local, remote) configured selectors} of connection ``name``."""
@@ -510,7 +597,9 @@ class SAIndex:
         for uid, ike in list(self._ikes.items()):
             if ike.complete:
                 continue
-            names = self._candidates(ike, flow)
+            names = self._cached_candidates(ike, flow)
+            if names is None:
+                names = self._candidates(ike, flow)
             if names is None:
                 self._list_whole(uid)
                 did = True
@@ -540,8 +629,13 @@ class SAIndex:
 
     # -- queries -------------------------------------------------------------------------------
     def _identities(self, ike: _Ike) -> tuple[Identity, Identity]:
-        conn = self._conn(ike.name)
-        auth = (None, None) if conn is None else (parse.conn_auth(conn, "local"), parse.conn_auth(conn, "remote"))
+        cached = self._cached(ike)
+        auth: tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]
+        if cached is not None:
+            auth = (cached.local, cached.remote)
+        else:
+            conn = self._conn(ike.name)
+            auth = (None, None) if conn is None else (parse.conn_auth(conn, "local"), parse.conn_auth(conn, "remote"))
         if self._certs is None:
             self._certs = parse.CertStore.from_vici(self.session.list_certs())
         sec = ike.section
@@ -578,6 +672,15 @@ class SAIndex:
                 found = self._find(flow)
             if found is None and self._refresh_pending(flow):
                 found = self._find(flow)
+            if found is None and self._cov_used:  # never a negative answer from the shared cache
+                self._drop_coverage()
+                self._fill(flow)
+                found = self._find(flow)
+            elif found is not None and self._cov_used:
+                self.cache_hits += 1
+            self._cov_used = False
+            if self._cache_dirty:
+                self.save_coverage()
             if self._warm_due:
                 self._warm_due = False
                 self._start_warmer()
@@ -652,15 +755,6 @@ Compiled = tuple[tuple[int, int, int, int, int, int], ...]
 def _compiled(ts: tuple[TrafficSelector, ...]) -> Compiled:
     """Selectors as (version, first, last, proto, port_lo, port_hi) integers for :func:`_match`."""
     return tuple((t.version, int(t.start), int(t.end), t.proto, t.port_lo, t.port_hi) for t in ts)
-
-
-def _match(sel: Compiled, addr: tuple[int, int], proto: int, port: int) -> bool:
-    """TrafficSelector.covers over compiled selectors (same semantics, no objects on the hot path)."""
-    version, value = addr
-    for v, first, last, p, lo, hi in sel:
-        if v == version and first <= value <= last and (p == PROTO_ANY or (p == proto and lo <= port <= hi)):
-            return True
-    return False
 
 
 def _child_count(conn: Mapping[str, Any] | None) -> int:

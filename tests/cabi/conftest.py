@@ -93,6 +93,8 @@ def pkg_config(prefix: Path, *args: str) -> list[str]:
 def run_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """A minimal environment: the program must find its library and Python by itself."""
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    # The test session's private state directories (btns_lab's pytest plugin): nothing under /run.
+    env.update({k: os.environ[k] for k in ("BTNS_CACHE_DIR", "BTNS_STATE_DIR") if k in os.environ})
     env.update(extra or {})
     return env
 

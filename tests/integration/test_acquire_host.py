@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -186,6 +187,7 @@ def test_c_program_plain_connect_fails_closed(lab: dict, tmp_path) -> None:
         "BTNS_VICI_SOCKET": opts["vici_socket"],
         "BTNS_KEY_DIR": opts["key_dir"],
         "BTNS_PEER_KEYS": opts["peer_keys"],
+        **{k: os.environ[k] for k in ("BTNS_CACHE_DIR", "BTNS_STATE_DIR") if k in os.environ},
     }
     try:
         with sniffer(lab["b"]) as frames:

@@ -41,6 +41,20 @@ def _forget(p: Peer) -> None:
     dataplane.forget(p.netns)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_run_state() -> Iterator[None]:
+    """The library's shared state under /run/btns-vici (the coverage cache, the lifecycle's owner
+    records) goes to a directory of this test session, removed afterwards: a test run leaves
+    nothing on the host and never reads another run's state. Subprocesses inherit it."""
+    d = tempfile.mkdtemp(prefix="btns-run-")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BTNS_CACHE_DIR", str(Path(d) / "cache"))
+    mp.setenv("BTNS_STATE_DIR", str(Path(d) / "owned"))
+    yield
+    mp.undo()
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def testbed() -> Iterator[Testbed]:
     """Two charons in btns-tb-* namespaces for the whole session (raises when a prerequisite is missing)."""

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 from . import forksafe
 from . import netns as _netns
-from .core.selectors import IPAddress
+from .core.records import SocketView
+from .core.selectors import IPAddress, normalize_address
 
 NETLINK_ROUTE = 0
 RTM_NEWLINK, RTM_GETLINK, RTM_NEWROUTE, RTM_GETROUTE = 16, 18, 24, 26
@@ -273,6 +274,22 @@ class RoutingView:
             return RouteAnswer(error=errno.ETIMEDOUT)
         except OSError as exc:
             return RouteAnswer(error=exc.errno or errno.EIO)
+
+    def route_of(self, view: SocketView) -> RouteAnswer:
+        """The kernel's route for what the socket ``view`` sends: every routing key it has (source,
+        bound device, mark, uid, TOS, protocol and ports), as the kernel will look it up."""
+        flow = view.flow
+        return self.lookup(
+            normalize_address(flow.remote_addr),
+            normalize_address(flow.local_addr),
+            oif=view.oif,
+            mark=view.mark,
+            uid=view.uid,
+            tos=view.tos,
+            proto=flow.proto,
+            sport=flow.local_port,
+            dport=flow.remote_port,
+        )
 
     def lookup(
         self,

@@ -49,8 +49,6 @@ def _prove_libipsec(rt: rtnl.RoutingView, view: SocketView, child: ChildSA) -> V
     tun = rt.ifindex(LIBIPSEC_DEVICE)
     if tun is None:
         return NotCarried(f"no {LIBIPSEC_DEVICE} device in the data plane's namespace")
-    flow = view.flow
-    local, remote = normalize_address(flow.local_addr), normalize_address(flow.remote_addr)
     facts = view.facts()
     route_text = ""
     if view.direction != IN:
@@ -59,17 +57,7 @@ def _prove_libipsec(rt: rtnl.RoutingView, view: SocketView, child: ChildSA) -> V
                 "SO_DONTROUTE is set: its packets skip the gateway routes, charon's table "
                 f"{LIBIPSEC_TABLE} included, and may leave in clear ({facts})"
             )
-        ans = rt.lookup(
-            remote,
-            local,
-            oif=view.oif,
-            mark=view.mark,
-            uid=view.uid,
-            tos=view.tos,
-            proto=flow.proto,
-            sport=flow.local_port,
-            dport=flow.remote_port,
-        )
+        ans = rt.route_of(view)
         if ans.error:
             return NotCarried(f"the kernel has no route for this socket's packets ({_err(ans.error)}; {facts})")
         if ans.oif != tun:

@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from .. import forksafe
 from .. import netns as _netns
 from ..core.records import IN, OUT, XFRM, ChildSA, DataplaneProof, IkeSA, NotCarried, SocketView
-from ..core.selectors import Flow, IPAddress, normalize_address
+from ..core.selectors import Flow, IPAddress
 from . import _socket
 from . import _wire as wire
 from ._monitor import GROUPS, XfrmMonitor, watch
@@ -419,17 +419,7 @@ def prove_socket(view: SocketView, ike: IkeSA, child: ChildSA, netns: str | None
     rt = rtnl.routing(netns)
     out_text = ""
     if view.direction != IN:
-        ans = rt.lookup(
-            normalize_address(flow.remote_addr),
-            normalize_address(flow.local_addr),
-            oif=view.oif,
-            mark=view.mark,
-            uid=view.uid,
-            tos=view.tos,
-            proto=flow.proto,
-            sport=flow.local_port,
-            dport=flow.remote_port,
-        )
+        ans = rt.route_of(view)
         if ans.error:
             return NotCarried(f"the kernel has no route for this socket's packets (errno {ans.error}; {facts})")
         if not _mark_matches(out_sa.mark, view.mark):

@@ -108,6 +108,77 @@ def test_one_ike_sa_over_charons_message_limit_from_a_fresh_index(tb):
         tb.unload_conn(name)
 
 
+# -- charon's selectors under concurrent listings of another process --------------------------------
+
+_HAMMER = r"""
+import sys, time
+from btns_vici.strongswan.session import ViciSession
+s, end = ViciSession(sys.argv[1], timeout=10), time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    s.list_conns()
+    s.list_sas(ike=sys.argv[3])
+"""
+
+
+SECONDS = 10.0
+
+
+def test_answers_stay_true_while_another_process_lists(tb):
+    """charon formats selectors with getprotobynumber (not reentrant): while another process lists,
+    a listing may say udp for tcp. 60 TCP and 60 UDP children on the same ports; fresh indexes answer
+    flows of both protocols while a second process lists without pause: every answer names the child
+    of the flow's own protocol (each positive answer rests on two listings that agree)."""
+    import subprocess
+    import sys
+
+    name, n = "garble", 60
+    a, b = tb.a.v4, tb.b.v4
+    children = {}
+    for i in range(n):
+        children[f"t{i}"] = ([f"{a}/32[tcp]"], [f"{b}/32[tcp/{BASE_PORT + i}]"])
+        children[f"u{i}"] = ([f"{a}/32[udp]"], [f"{b}/32[udp/{BASE_PORT + i}]"])
+    tb.load_conn(name, "psk", 4, children=children)
+    tb.initiate(name, "t0")
+    for c in children:
+        for _ in tb.a.ctl.initiate({"ike": name, "child": c, "timeout": "-1"}):
+            pass
+    s = ViciSession(tb.a.vici_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # every child installed before the clock starts
+        got = s.list_sas(ike=name)
+        up = {
+            c.get("name") for e in got for c in e[name].get("child-sas", {}).values() if c.get("state") == b"INSTALLED"
+        }
+        if len(up) == 2 * n:
+            break
+        time.sleep(0.2)
+    s.close()
+    hammer = subprocess.Popen([sys.executable, "-c", _HAMMER, tb.a.vici_path, str(SECONDS + 5), name])
+    plugin = get_plugin_manager().get_plugin("strongswan")
+    wrong, answered, rnd = [], 0, 0
+    end = time.monotonic() + SECONDS
+    try:
+        while time.monotonic() < end:
+            rnd += 1
+            opts = {**tb.a.options, "timeout": "10", "round": str(rnd)}
+            be = get_backend("strongswan", opts)
+            try:
+                for i in range(n):
+                    for proto, prefix in ((socket.IPPROTO_TCP, "t"), (socket.IPPROTO_UDP, "u")):
+                        found = be.find_sa(Flow(proto, a, 40000 + i, b, BASE_PORT + i))
+                        answered += 1
+                        if found is None or found[1].name != f"{prefix}{i}":
+                            wrong.append((rnd, proto, i, found[1].name if found else None))
+            finally:
+                plugin.forget(opts)
+    finally:
+        hammer.kill()
+        hammer.wait()
+        tb.unload_conn(name)
+    print(f"{answered} answers in {rnd} fresh indexes while another process listed")
+    assert answered >= 2 * n and not wrong, wrong
+
+
 # -- lifecycle (issue 13 item 5): what api.connect/listen load is unloaded after use ---------------
 
 _CHILD = r"""

@@ -15,8 +15,10 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -199,6 +201,7 @@ def _unprivileged_tree(tmp_path: Path) -> Path:
     (pkg / "core" / "__init__.py").write_text("")
     shutil.copy(src / "core" / "errors.py", pkg / "core" / "errors.py")
     shutil.copy(src / "strongswan" / "session.py", pkg / "strongswan" / "session.py")
+    shutil.copy(src / "forksafe.py", pkg / "forksafe.py")
     shutil.copytree(Path(vici.__file__).parent, root / "vici")
     (root / "probe.py").write_text(UNPRIVILEGED)
     for p in [tmp_path, *tmp_path.parents]:
@@ -723,3 +726,168 @@ def test_coverage_rewrite_keeps_the_other_connections_lines(cov):
     assert got is not None and set(got.conns) == {"edge", "other"}
     assert got.candidates(4, _A, 40000, _B, 20002, 6) == {"edge": {"c2"}}
     assert got.candidates(4, _A, 1, _B, 5, 6) == {"other": {"o"}}
+
+
+# -- one listing at a time per charon in a process (charon's selector formatting is not reentrant)
+
+
+def _listing_charon(inflight: list[int], peak: list[int], hold: float):
+    lock = threading.Lock()
+
+    def handler(conn: socket.socket) -> None:
+        while (req := read_request(conn)) is not None:
+            if req[0] in (3, 4):  # a streamed listing's event (un)registration
+                conn.sendall(packet(5))
+                continue
+            if req[1].startswith("list-"):
+                with lock:
+                    inflight[0] += 1
+                    peak[0] = max(peak[0], inflight[0])
+                time.sleep(hold)
+                with lock:
+                    inflight[0] -= 1
+            conn.sendall(response())
+
+    return handler
+
+
+def test_listings_of_one_process_never_overlap_in_charon(sock_path):
+    """Two sessions (the index's and its warmer's) listing at once: charon sees one at a time."""
+    inflight, peak = [0], [0]
+    with FakeVici(sock_path, _listing_charon(inflight, peak, 0.2)):
+        sessions = [ViciSession(sock_path, timeout=DEADLINE) for _ in range(3)]
+        threads = [threading.Thread(target=s.list_conns if i % 2 else s.list_sas) for i, s in enumerate(sessions)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for s in sessions:
+            s.close()
+    assert peak[0] == 1
+
+
+def test_waiting_for_another_listing_counts_against_the_deadline(sock_path):
+    inflight, peak = [0], [0]
+    with FakeVici(sock_path, _listing_charon(inflight, peak, 5.0)):
+        slow = ViciSession(sock_path, timeout=10)
+        t = threading.Thread(target=slow.list_sas)
+        t.start()
+        time.sleep(0.2)
+        err, took = timed(ViciSession(sock_path, timeout=0.5, list_timeout=0.5).list_conns)
+        t.join()
+        slow.close()
+    assert isinstance(err, DaemonTimeoutError) and err.errno == errno.ETIMEDOUT
+    assert "another listing" in str(err) and took < 1.5
+
+
+# -- charon's selectors are confirmed by a second listing before they make an answer positive -------
+# (charon formats them with the non-reentrant getprotobynumber/getservbyport: concurrent listings
+# of other processes can turn tcp into udp; README "Backends", strongSwan)
+
+
+def _psk4(remote_ts: bytes) -> dict:
+    msg = decode_bytes((DATA / "list-sas-psk4.vici").read_bytes())
+    for child in msg["psk4"]["child-sas"].values():
+        child["remote-ts"] = [remote_ts]
+    return msg
+
+
+def _charon_listing(answer) -> Callable:
+    """A charon whose list-sas reply is ``answer(filters, nth)`` (filters: the request's message)."""
+    from .fake_vici import _read
+
+    calls = [0]
+
+    def handler(conn: socket.socket) -> None:
+        while True:
+            head = _read(conn, 4)
+            if head is None:
+                return
+            body = _read(conn, struct.unpack("!I", head)[0])
+            if body is None:
+                return
+            kind, name = body[0], body[2 : 2 + body[1]].decode()
+            if kind in (3, 4):
+                conn.sendall(packet(5))
+            elif name == "list-sas":
+                filters = decode_bytes(body[2 + body[1] :]) if len(body) > 2 + body[1] else {}
+                calls[0] += 1
+                msg = answer(filters, calls[0])
+                if filters.get("child") == b"#btns-vici:no-child#":
+                    msg = copy.deepcopy(msg)
+                    for sec in msg.values():
+                        sec["child-sas"] = {}
+                conn.sendall(event("list-sa", msg))
+                conn.sendall(response())
+            elif name == "version":
+                conn.sendall(response({"daemon": "charon", "version": "5.9.8"}))
+            elif name.startswith("list-"):
+                conn.sendall(response())
+            else:
+                conn.sendall(packet(2))
+
+    return handler
+
+
+def _index(sock_path):
+    return SAIndex(sock_path, ViciSession(sock_path, timeout=2), timeout=2, shared_cache=False)
+
+
+def test_a_garbled_selector_never_makes_an_answer_positive(sock_path):
+    """The index's listing says tcp (garbled), a second listing says udp (true): a TCP flow is not covered."""
+    honest, garbled = _psk4(b"10.231.0.2/32[udp]"), _psk4(b"10.231.0.2/32[tcp]")
+    with FakeVici(sock_path, _charon_listing(lambda f, n: honest if "child-id" in f else garbled)):
+        index = _index(sock_path)
+        try:
+            assert index.find(FLOW) is None
+            udp = Flow(socket.IPPROTO_UDP, FLOW.local_addr, 5000, FLOW.remote_addr, 53)
+            found = index.find(udp)
+            assert found is not None and found[1].remote_ts[0].proto == socket.IPPROTO_UDP
+        finally:
+            index.close()
+
+
+def test_agreeing_listings_confirm_once(sock_path):
+    honest = _psk4(b"10.231.0.2/32[tcp]")
+    seen: list[dict] = []
+
+    def answer(filters, n):
+        seen.append(filters)
+        return honest
+
+    with FakeVici(sock_path, _charon_listing(answer)):
+        index = _index(sock_path)
+        try:
+            assert index.find(FLOW) is not None
+            confirms = sum(1 for f in seen if "child-id" in f)
+            for _ in range(5):
+                assert index.find(FLOW) is not None
+            assert confirms == 1 and sum(1 for f in seen if "child-id" in f) == 1  # later answers: no re-read
+        finally:
+            index.close()
+
+
+def test_selectors_that_never_agree_are_eproto(sock_path):
+    flip = [_psk4(b"10.231.0.2/32[tcp]"), _psk4(b"10.231.0.2/32[tcp/80]"), _psk4(b"10.231.0.2/32[tcp/1-1000]")]
+    with FakeVici(sock_path, _charon_listing(lambda f, n: flip[n % 3])):
+        index = _index(sock_path)
+        try:
+            with pytest.raises(ProtocolError) as exc:
+                index.find(FLOW)
+            assert exc.value.errno == errno.EPROTO and "different traffic selectors" in str(exc.value)
+        finally:
+            index.close()
+
+
+def test_a_garbled_selector_never_makes_an_answer_negative(sock_path):
+    """The index's listing says tcp (garbled), a second listing says udp (true): the UDP flow is covered."""
+    honest, garbled = _psk4(b"10.231.0.2/32[udp]"), _psk4(b"10.231.0.2/32[tcp]")
+    udp = Flow(socket.IPPROTO_UDP, FLOW.local_addr, 5000, FLOW.remote_addr, 53)
+    with FakeVici(sock_path, _charon_listing(lambda f, n: honest if "child-id" in f else garbled)):
+        index = _index(sock_path)
+        try:
+            found = index.find(udp)
+            assert found is not None and found[1].remote_ts[0].proto == socket.IPPROTO_UDP
+            assert index.find(FLOW) is None
+        finally:
+            index.close()

@@ -16,7 +16,7 @@ from . import exits
 from .context import BUILTIN, list_sas, open_backend
 from .describe import PROTO_NAMES, entry_view, protection_cells, protection_dict, ptoken_dict
 from .output import table
-from .sockdiag import SocketEntry, list_sockets, socket_holders
+from .sockdiag import HoldersSoon, SocketEntry, list_sockets
 from .ssfilter import LISTENING, FilterError, Selection, parse
 
 if TYPE_CHECKING:
@@ -476,13 +476,14 @@ def run(args: Any) -> int:
     if broker is not None:
         return run_via_broker(args, broker)
     sel, protocols, families = selection(args)
-    entries = list_sockets(args.netns, protocols=protocols, families=families, states=sel.states)
-    if sel.predicate is not None:
-        entries = [e for e in entries if sel.predicate(e)]
-    if args.connected:
-        entries = [e for e in entries if e.connected]
-    snapshot = _snapshot(args)
-    holders = socket_holders()
+    with HoldersSoon() as holders_of:  # the /proc walk for PROCESS, on the other core meanwhile
+        entries = list_sockets(args.netns, protocols=protocols, families=families, states=sel.states)
+        if sel.predicate is not None:
+            entries = [e for e in entries if sel.predicate(e)]
+        if args.connected:
+            entries = [e for e in entries if e.connected]
+        snapshot = _snapshot(args)
+        holders = holders_of.result()
     if args.json:
         emit_lines(list(map(_Lines(snapshot, holders), entries)))
     else:

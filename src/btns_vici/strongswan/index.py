@@ -38,14 +38,15 @@ cached per connection and refreshed whenever an IKE_SA of that connection comes 
 from __future__ import annotations
 
 import bisect
+import functools
 import ipaddress
 import logging
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ..core.errors import BackendError, ProtocolError
 from ..core.records import ChildSA, Identity, IkeSA
@@ -56,6 +57,7 @@ from .events import EventStream
 from .session import ViciSession
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Key = tuple[Any, int, int]
 #: The connections the library loads (enforce.conn_name): one child, named like the connection,
@@ -68,6 +70,10 @@ NO_CHILD = "#btns-vici:no-child#"
 BIG_CONN = 64
 #: Flows whose candidate child configs were already listed (cleared on any new IKE_SA or config).
 MAX_CHECKED = 1 << 16
+#: Reads of one CHILD_SA's selectors that may disagree before the answer is EPROTO (see SAIndex._confirm).
+CONFIRM_TRIES = 3
+#: CHILD_SAs whose selectors stay confirmed (cleared when full: they are then confirmed again).
+MAX_CONFIRMED = 1 << 16
 #: Seconds after the first answer before the background warming starts: a short-lived process
 #: (one CLI command) exits first and never makes charon build configurations it will not use.
 WARM_DELAY = 1.0
@@ -179,6 +185,7 @@ class SAIndex:
         self.generation = 0  # bumped on every applied change; callers may cache on it
         self.resyncs = 0
         self.lazy_listings = 0  # list-sas by child config (partial IKE_SAs, tasks in flight)
+        self.confirm_listings = 0  # second reads of selectors (_confirm, _confirm_config)
         self.background = background
         self._conn_epoch = 0  # bumped whenever a cached configuration is forgotten
         self._warmer: threading.Thread | None = None
@@ -192,6 +199,11 @@ class SAIndex:
         self._conn_max_ike: dict[str, int] = {}  # newest IKE_SA uniqueid known when a config was fetched
         self._cache_dirty = False
         self.cache_hits = 0  # answers found through the shared coverage cache
+        #: (IKE_SA, CHILD_SA uniqueid) -> the ChildSA record whose selectors a second listing confirmed
+        self._confirmed: dict[tuple[str, str], ChildSA] = {}
+        #: CHILD_SAs (IKE_SA, CHILD_SA uniqueid) and connections whose selectors were read only once
+        self._unconfirmed: set[tuple[str, str]] = set()
+        self._cfg_unconfirmed: set[str] = set()
 
     # -- life cycle ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -209,6 +221,9 @@ class SAIndex:
         self._certs = None
         self._tables = _Tables()
         self._checked.clear()
+        self._confirmed.clear()
+        self._unconfirmed.clear()
+        self._cfg_unconfirmed.clear()
         self._coverage, self._coverage_read, self._cov_flow = None, False, None
         self._conn_max_ike.clear()
         self._changed()
@@ -328,7 +343,13 @@ class SAIndex:
                 self._resync()
                 return
             for name, msg in events:
-                self.apply(name, msg)
+                try:
+                    self.apply(name, msg)
+                except parse.GarbledSelectorError as exc:  # charon's formatting race: rebuild from listings
+                    log.warning("VICI %s event with a garbled selector (%s): rebuilding the index", name, exc)
+                    self._reset()
+                    self._resync()
+                    return
 
     # -- state changes -------------------------------------------------------------------------
     def _upsert(self, name: str, sec: Mapping[str, Any]) -> _Ike:
@@ -348,13 +369,19 @@ class SAIndex:
 
     def _add_child(self, ike: _Ike, child: ChildSA) -> None:
         ike.children[child.uniqueid] = child
-        self._tables.add(self._uid_of(ike), child)
+        uid = self._uid_of(ike)
+        self._tables.add(uid, child)
+        if self._confirmed.get((uid, child.uniqueid)) is not child:
+            self._unconfirmed.add((uid, child.uniqueid))
         ike.record = None
         self._changed()
 
     def _remove_child(self, ike: _Ike, cid: str) -> None:
         if ike.children.pop(cid, None) is not None:
-            self._tables.remove(self._uid_of(ike), cid)
+            uid = self._uid_of(ike)
+            self._unconfirmed.discard((uid, cid))
+            self._confirmed.pop((uid, cid), None)
+            self._tables.remove(uid, cid)
             ike.record = None
             self._changed()
 
@@ -430,6 +457,7 @@ class SAIndex:
         self._conn_epoch += 1
         self._conns.pop(name, None)
         self._cfg_sel.pop(name, None)
+        self._cfg_unconfirmed.discard(name)
         self._conn_max_ike.pop(name, None)
         self._checked.clear()
 
@@ -440,6 +468,8 @@ class SAIndex:
             if conn is not None and not isinstance(conn, Mapping):
                 raise ProtocolError(f"list-conns entry {name!r} is not a section")
             self._conns[name] = conn
+            if conn is not None:
+                self._cfg_unconfirmed.add(name)
             self._conn_max_ike[name] = self._max_ike()
             self._cache_dirty = True
         return self._conns[name]
@@ -512,6 +542,17 @@ class SAIndex:
 
     def _child_configs(self, name: str) -> dict[str, tuple[Compiled, Compiled]] | None:
         """{child config name: (local, remote) configured selectors} of connection ``name``."""
+
+        def once() -> dict[str, tuple[Compiled, Compiled]] | None:
+            try:
+                return self._child_configs_once(name)
+            except parse.GarbledSelectorError:
+                self._forget_conn(name)  # fetched again by the next try
+                raise
+
+        return _read_again(once, f"connection {name}")
+
+    def _child_configs_once(self, name: str) -> dict[str, tuple[Compiled, Compiled]] | None:
         sel = self._cfg_sel.get(name)
         if sel is None:
             conn = self._conn(name)
@@ -554,6 +595,9 @@ class SAIndex:
 
     def _list_child(self, uid: str, cname: str) -> None:
         """Replace what the index holds of child config ``cname`` in IKE_SA ``uid`` by charon's view."""
+        _read_again(lambda: self._list_child_once(uid, cname), f"CHILD_SAs {cname} of IKE_SA {uid}")
+
+    def _list_child_once(self, uid: str, cname: str) -> None:
         self.lazy_listings += 1
         entries = self.session.list_sas(ike_id=uid, child=cname)
         ike = self._ikes.get(uid)
@@ -575,6 +619,9 @@ class SAIndex:
 
     def _list_whole(self, uid: str) -> None:
         """List IKE_SA ``uid`` with all its CHILD_SAs (no config to go by)."""
+        _read_again(lambda: self._list_whole_once(uid), f"IKE_SA {uid}")
+
+    def _list_whole_once(self, uid: str) -> None:
         self.lazy_listings += 1
         ike = self._ikes.get(uid)
         entries = self.session.list_sas(ike_id=uid)
@@ -679,6 +726,9 @@ class SAIndex:
             elif found is not None and self._cov_used:
                 self.cache_hits += 1
             self._cov_used = False
+            if found is None and self._confirm_negative(flow):  # a second read differed: answer again
+                self._fill(flow)
+                found = self._find(flow)
             if self._cache_dirty:
                 self.save_coverage()
             if self._warm_due:
@@ -725,9 +775,110 @@ class SAIndex:
             for uid, child, lsel, rsel, _ in bucket:
                 if _match(lsel, lkey, proto, lport) and _match(rsel, rkey, proto, rport):
                     ike = self._record(uid)
-                    if ike.is_established:
-                        return ike, child
+                    if not ike.is_established:
+                        continue
+                    if self._confirmed.get((uid, child.uniqueid)) is not child:
+                        self._confirm(uid, child)
+                        return self._find(flow)  # the index may have changed: match again
+                    return ike, child
         return None
+
+    def _confirm(self, uid: str, child: ChildSA) -> None:
+        """Read CHILD_SA ``child``'s selectors from charon again before they first cover a flow.
+
+        charon formats traffic selectors with getprotobynumber() and getservbyport(), which are
+        not reentrant: a listing or event built while another connection's listing is built
+        (another process, ``swanctl``) can name another protocol or port than the SA's, a valid
+        and wrong selector (measured: 9 of 24,000 selectors of two concurrent listings said udp
+        for tcp or back; README "strongSwan" under Backends). So the selectors a positive
+        answer rests on are those of two listings that agree: this one (``list-sas`` of that
+        child alone) and the one the index holds. If they differ, the fresh one replaces it and
+        must be confirmed in turn; after :data:`CONFIRM_TRIES` disagreeing reads, EPROTO.
+        """
+        for _ in range(CONFIRM_TRIES):
+            self.confirm_listings += 1
+            fresh = _read_again(functools.partial(self._read_child, uid, child.uniqueid), f"CHILD_SA {child.uniqueid}")
+            ike = self._ikes.get(uid)
+            if fresh is None or ike is None:  # gone meanwhile
+                if ike is not None:
+                    self._remove_child(ike, child.uniqueid)
+                return
+            if fresh.local_ts == child.local_ts and fresh.remote_ts == child.remote_ts:
+                if len(self._confirmed) >= MAX_CONFIRMED:
+                    self._confirmed.clear()
+                self._confirmed[(uid, child.uniqueid)] = child
+                self._unconfirmed.discard((uid, child.uniqueid))
+                return
+            log.warning(
+                "charon listed CHILD_SA %s with selectors %s === %s, then %s === %s: reading it again",
+                child.uniqueid,
+                child.local_ts,
+                child.remote_ts,
+                fresh.local_ts,
+                fresh.remote_ts,
+            )
+            self._add_child(ike, fresh)
+            child = fresh
+        raise ProtocolError(
+            f"charon listed CHILD_SA {child.uniqueid} with different traffic selectors {CONFIRM_TRIES} times "
+            "(concurrent VICI listings garble them: README, Backends, strongSwan)"
+        )
+
+    def _read_child(self, uid: str, cid: str) -> ChildSA | None:
+        """CHILD_SA ``cid`` of IKE_SA ``uid`` as charon lists it now (None: gone)."""
+        for entry in self.session.list_sas(ike_id=uid, child_id=cid):
+            _name, sec = parse.single_section(entry, "list-sas entry")
+            if parse.uniqueid(sec) == uid:
+                return parse.children_of(sec).get(cid)
+        return None
+
+    def _confirm_negative(self, flow: Flow) -> bool:
+        """Before a negative answer stands, read once more what it rests on (see :meth:`_confirm`):
+        the configurations that named the candidate child configs, and the CHILD_SAs read only once,
+        of every IKE_SA whose selectors' addresses cover the flow (charon garbles protocols and
+        ports, never addresses). True when a second read differed (the caller answers again)."""
+        la, ra = normalize_address(flow.local_addr), normalize_address(flow.remote_addr)
+        lkey, rkey = (la.version, int(la)), (ra.version, int(ra))
+        changed = False
+        for name in sorted(self._cfg_unconfirmed):
+            sel = self._cfg_sel.get(name)  # None: its selectors never named candidates (read for identities)
+            if sel is not None and any(_addr_in(ls, lkey) and _addr_in(rs, rkey) for ls, rs in sel.values()):
+                changed |= self._confirm_config(name)
+        for uid, cid in sorted(self._unconfirmed):
+            ike = self._ikes.get(uid)
+            child = ike.children.get(cid) if ike is not None else None
+            if ike is None or child is None:
+                self._unconfirmed.discard((uid, cid))
+                continue
+            if _addr_in(_compiled(child.local_ts), lkey) and _addr_in(_compiled(child.remote_ts), rkey):
+                self._confirm(uid, child)
+                changed |= self._ikes.get(uid) is not ike or ike.children.get(cid) is not child
+        if changed:
+            self._checked.clear()
+        return changed
+
+    def _confirm_config(self, name: str) -> bool:
+        """Read connection ``name``'s configured selectors a second time; True when they differed
+        (the second read replaces the first and is confirmed in turn). EPROTO after CONFIRM_TRIES."""
+        for attempt in range(CONFIRM_TRIES):
+            first = self._child_configs(name)
+            self.confirm_listings += 1
+            conns = self.session.list_conns(name)
+            conn = next((c[name] for c in conns if name in c), None)
+            if conn is not None and not isinstance(conn, Mapping):
+                raise ProtocolError(f"list-conns entry {name!r} is not a section")
+            self._cfg_sel.pop(name, None)
+            self._conns[name] = conn
+            self._cache_dirty = True
+            second = self._child_configs(name) if conn is not None else None
+            if first == second:
+                self._cfg_unconfirmed.discard(name)
+                return attempt > 0
+            log.warning("charon listed connection %s with other selectors on a second read: reading it again", name)
+        raise ProtocolError(
+            f"charon listed connection {name!r} with different traffic selectors {CONFIRM_TRIES} times "
+            "(concurrent VICI listings garble them: README, Backends, strongSwan)"
+        )
 
     def stamp(self) -> tuple[int, int]:
         """(resyncs, generation) after applying every event charon has sent so far: an answer
@@ -750,6 +901,24 @@ class SAIndex:
 
 
 Compiled = tuple[tuple[int, int, int, int, int, int], ...]
+
+
+def _read_again(read: Callable[[], T], what: str) -> T:
+    """``read()``, again (up to CONFIRM_TRIES times) while charon's listing has a garbled selector."""
+    for attempt in range(1, CONFIRM_TRIES + 1):
+        try:
+            return read()
+        except parse.GarbledSelectorError as exc:
+            if attempt == CONFIRM_TRIES:
+                raise
+            log.warning("charon listed %s with a garbled selector (%s): reading it again", what, exc)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _addr_in(sel: Compiled, key: tuple[int, int]) -> bool:
+    """Some selector of ``sel`` covers the address ``key`` (version, integer), whatever protocol and ports."""
+    version, addr = key
+    return any(s[0] == version and s[1] <= addr <= s[2] for s in sel)
 
 
 def _compiled(ts: tuple[TrafficSelector, ...]) -> Compiled:

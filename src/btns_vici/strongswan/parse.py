@@ -85,6 +85,14 @@ def _addr(v: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 # -- traffic selectors -------------------------------------------------------------------------
 
 
+class GarbledSelectorError(ProtocolError):
+    """A traffic selector naming a protocol or port no name lookup knows (EPROTO).
+
+    What charon sends when two of its threads format selectors at once (getprotobynumber and
+    getservbyport are not reentrant; README "Backends", strongSwan): the index reads such a
+    listing again instead of failing the answer."""
+
+
 def _proto(name: str) -> int:
     if name.isdigit():
         return int(name)
@@ -93,7 +101,7 @@ def _proto(name: str) -> int:
     try:
         return socket.getprotobyname(name)
     except OSError as exc:
-        raise ProtocolError(f"unknown protocol {name!r} in traffic selector") from exc
+        raise GarbledSelectorError(f"unknown protocol {name!r} in traffic selector") from exc
 
 
 def _port(name: str, proto: str) -> int:
@@ -102,7 +110,7 @@ def _port(name: str, proto: str) -> int:
     try:
         return socket.getservbyname(name, proto)
     except OSError as exc:
-        raise ProtocolError(f"unknown port {name!r} in traffic selector") from exc
+        raise GarbledSelectorError(f"unknown port {name!r} in traffic selector") from exc
 
 
 #: spec -> TrafficSelector and address part -> (start, end): a listing of 1,000 CHILD_SAs repeats

@@ -28,6 +28,7 @@ from typing import Any
 
 from vici.protocol import Message, Packet
 
+from .. import forksafe
 from ..core.errors import (
     BackendError,
     BtnsError,
@@ -368,6 +369,33 @@ def decode_packet(raw: bytes) -> tuple[int, str, dict[str, Any]]:
 EventSink = Callable[[dict[str, Any]], None]
 
 
+#: One listing at a time per charon in this process (every session to that socket path). charon
+#: formats traffic selectors with getprotobynumber() and getservbyport() (libstrongswan
+#: traffic_selector.c, the %R printf hook), which are not reentrant: two listings built at once in
+#: charon's worker threads garble each other's selectors (measured: ``list-sas`` beside
+#: ``list-conns`` on a second connection returned the protocol "tcp\t6\tTCP\t\t# transmission
+#: control protocol\n", a raw /etc/protocols line). README "Known limits of charon".
+#: (Reentrant: a sink that lists again from inside a listing waits for nobody.)
+_listings: dict[str, threading.RLock] = {}
+_listings_guard = threading.Lock()
+
+
+def _listing_lock(path: str) -> threading.RLock:
+    with _listings_guard:
+        lock = _listings.get(path)
+        if lock is None:
+            lock = _listings[path] = threading.RLock()
+        return lock
+
+
+@forksafe.in_child
+def _forget_listing_locks() -> None:
+    """In a forked child: another thread of the parent may have held one at the fork."""
+    global _listings_guard
+    _listings.clear()
+    _listings_guard = threading.Lock()
+
+
 class ViciSession:
     """Commands to one charon; reconnects once when charon restarted in between.
 
@@ -436,18 +464,30 @@ class ViciSession:
         if timeout is None:
             timeout = self.list_timeout if stream_event else self.timeout
         deadline = Deadline(timeout, self.path)
-        with self._lock:
-            for attempt in (0, 1):
-                fresh = self._sock is None
-                try:
-                    return self._exchange(packet, stream_event, sink, deadline)
-                except BackendError:
-                    self._drop()  # the connection is mid-reply or out of step: never reuse it
-                    raise
-                except OSError as exc:
-                    self._drop()
-                    if attempt or fresh:
-                        raise DaemonDownError(f"VICI connection to {self.path} failed: {exc.strerror or exc}") from None
+        serial = _listing_lock(self.path) if stream_event else None
+        if serial is not None and not serial.acquire(timeout=deadline.remaining("start the listing")):
+            raise deadline.expired(f"start {command} (another listing of this process was in progress)")
+        try:
+            with self._lock:
+                return self._call(packet, stream_event, sink, deadline)
+        finally:
+            if serial is not None:
+                serial.release()
+
+    def _call(
+        self, packet: bytes, stream_event: str | None, sink: EventSink | None, deadline: Deadline
+    ) -> dict[str, Any]:
+        for attempt in (0, 1):
+            fresh = self._sock is None
+            try:
+                return self._exchange(packet, stream_event, sink, deadline)
+            except BackendError:
+                self._drop()  # the connection is mid-reply or out of step: never reuse it
+                raise
+            except OSError as exc:
+                self._drop()
+                if attempt or fresh:
+                    raise DaemonDownError(f"VICI connection to {self.path} failed: {exc.strerror or exc}") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod

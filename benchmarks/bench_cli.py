@@ -32,6 +32,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +43,10 @@ from bench_socket_ptoken import BASE_PORT, bring_up
 from btns_lab.testbed import Testbed
 
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+#: the shared coverage cache (btns sas reads the connections' auth rounds there once one run wrote
+#: them: what an operator's second command gets) lives in a directory removed afterwards
+_CACHE = tempfile.TemporaryDirectory(prefix="btns-bench-cache-")
+ENV["BTNS_CACHE_DIR"] = _CACHE.name
 
 
 def timed(cmd: list[str], runs: int, any_exit: bool = False) -> tuple[float, float] | None:

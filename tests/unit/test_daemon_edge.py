@@ -563,12 +563,13 @@ def test_lifecycle_reaps_connections_whose_sockets_closed(tmp_path, monkeypatch)
 
 
 def test_the_fast_selector_compiler_agrees_with_parse_ts():
-    """index.spec_compiled's fast IPv4 path must mean exactly what parse.parse_ts means."""
+    """compiled.spec_compiled's fast IPv4 path must mean exactly what parse.parse_ts means."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
     from btns_vici.strongswan import parse
-    from btns_vici.strongswan.index import _compiled, _fast_v4, spec_compiled
+    from btns_vici.strongswan.compiled import _fast_v4, spec_compiled
+    from btns_vici.strongswan.compiled import compiled as _compiled
 
     fixed = [
         "10.231.0.1/32",
@@ -891,3 +892,36 @@ def test_a_garbled_selector_never_makes_an_answer_negative(sock_path):
             assert index.find(FLOW) is None
         finally:
             index.close()
+
+
+# -- btns sas: the auth rounds from the coverage cache once a listing wrote them --------------------
+
+
+def test_listing_takes_auth_rounds_from_the_coverage_cache(sock_path, tmp_path, monkeypatch):
+    from btns_vici.strongswan.listing import list_records
+
+    monkeypatch.setenv("BTNS_CACHE_DIR", str(tmp_path / "cache"))
+    sas = decode_bytes((DATA / "list-sas-psk4.vici").read_bytes())
+    conns = decode_bytes((DATA / "list-conns-psk4.vici").read_bytes())
+    seen: list[str] = []
+
+    def listing(command):
+        seen.append(command)
+        return {"list-sas": [event("list-sa", sas)], "list-conns": [event("list-conn", conns)]}.get(command, [])
+
+    with FakeVici(sock_path, scripted(listing)):
+        session = ViciSession(sock_path, timeout=DEADLINE)
+        first = list_records(session)
+        assert seen.count("list-conns") == 1
+        second = list_records(session)
+        assert seen.count("list-conns") == 1  # the auth rounds came from the cache
+        assert [(i.name, i.local, i.remote) for i in second] == [(i.name, i.local, i.remote) for i in first]
+        assert first[0].remote.auth_method is not None
+        # an IKE_SA newer than the cached configuration: fetched live again
+        newer = copy.deepcopy(sas)
+        newer["psk4"]["uniqueid"] = b"99"
+        sas.clear()
+        sas.update(newer)
+        list_records(session)
+        assert seen.count("list-conns") == 2
+        session.close()

@@ -100,7 +100,8 @@ def list_sas(args: Any, **filters: str | None) -> tuple[list[IkeSA], Backend | N
                     exits.BACKEND, f"backend {BUILTIN!r} does not answer ({options_text(opts)})"
                 ) from None
             raise
-        return list_records(session, **filters), None
+        f = filters.get
+        return list_records(session, ike=f("ike"), ike_id=f("ike_id"), child=f("child"), child_id=f("child_id")), None
     finally:
         session.close()
 

@@ -32,16 +32,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
+import re
 import stat
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+
+class _Log:
+    """This module's logger, made on first use: importing :mod:`logging` costs ~8 ms, and
+    ``btns sas`` reads the cache on every run but logs only when a file is malformed."""
+
+    def __getattr__(self, name: str) -> Any:
+        import logging
+
+        return getattr(logging.getLogger(__name__), name)
+
+
+log = _Log()
 
 VERSION = 1
 #: Largest cache file read or written (the configurations of ~40,000 per-port child configs).
@@ -49,6 +59,10 @@ MAX_BYTES = 4 << 20
 #: Deepest nesting accepted in a cached auth section (charon's are two levels deep).
 MAX_DEPTH = 8
 DEFAULT_DIR = "/run/btns-vici/cache"
+#: The connections the library loads (enforce.conn_name): one child, named like the connection,
+#: protecting the two hosts of its IKE_SA (local_ts = local host, remote_ts = remote host or dynamic).
+LIBRARY_CONN = re.compile(r"btns-(init|resp)-[0-9a-f]{12}")
+#: (Never cached: their one child is found by name, between the IKE_SA's two hosts.)
 
 Sel = tuple[tuple[int, int, int, int, int, int], ...]
 
@@ -303,6 +317,8 @@ def write(vici_path: str, conns: Mapping[str, ConnConfig], keep: Coverage | None
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
             log.warning("coverage cache not written: %s is not a private directory", path.parent)
             return False
+        import tempfile
+
         fd, tmp = tempfile.mkstemp(prefix=".coverage-", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:  # mkstemp: mode 0600

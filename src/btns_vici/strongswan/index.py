@@ -41,7 +41,6 @@ import bisect
 import functools
 import ipaddress
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -52,6 +51,10 @@ from ..core.errors import BackendError, ProtocolError
 from ..core.records import ChildSA, Identity, IkeSA
 from ..core.selectors import PROTO_ANY, Flow, IPAddress, TrafficSelector, normalize_address
 from . import coverage, parse
+from .compiled import Compiled
+from .compiled import compiled as _compiled
+from .compiled import config_selectors as _cfg_compiled
+from .coverage import LIBRARY_CONN
 from .coverage import match as _match
 from .events import EventStream
 from .session import ViciSession
@@ -60,9 +63,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 Key = tuple[Any, int, int]
-#: The connections the library loads (enforce.conn_name): one child, named like the connection,
-#: protecting the two hosts of its IKE_SA (local_ts = local host, remote_ts = remote host or dynamic).
-LIBRARY_CONN = re.compile(r"btns-(init|resp)-[0-9a-f]{12}")
 #: A CHILD_SA name no configuration has: list-sas filtered by it lists every IKE_SA with no CHILD_SAs.
 NO_CHILD = "#btns-vici:no-child#"
 #: Connections with more child configs than this are listed lazily, per flow (their IKE_SAs may exceed
@@ -900,7 +900,9 @@ class SAIndex:
             return [self._record(uid) for uid in list(self._ikes)]
 
 
-Compiled = tuple[tuple[int, int, int, int, int, int], ...]
+def _child_count(conn: Mapping[str, Any] | None) -> int:
+    children = conn.get("children") if conn is not None else None
+    return len(children) if isinstance(children, Mapping) else 0
 
 
 def _read_again(read: Callable[[], T], what: str) -> T:
@@ -919,88 +921,6 @@ def _addr_in(sel: Compiled, key: tuple[int, int]) -> bool:
     """Some selector of ``sel`` covers the address ``key`` (version, integer), whatever protocol and ports."""
     version, addr = key
     return any(s[0] == version and s[1] <= addr <= s[2] for s in sel)
-
-
-def _compiled(ts: tuple[TrafficSelector, ...]) -> Compiled:
-    """Selectors as (version, first, last, proto, port_lo, port_hi) integers for :func:`_match`."""
-    return tuple((t.version, int(t.start), int(t.end), t.proto, t.port_lo, t.port_hi) for t in ts)
-
-
-def _child_count(conn: Mapping[str, Any] | None) -> int:
-    children = conn.get("children") if conn is not None else None
-    return len(children) if isinstance(children, Mapping) else 0
-
-
-def _cfg_compiled(cfg: Mapping[str, Any], key: str) -> Compiled:
-    """Configured selectors (list-conns) compiled for :func:`_match`; ``dynamic`` is any address."""
-    raw = cfg.get(key, [])
-    if not isinstance(raw, list):
-        raise ProtocolError(f"list-conns {key!r} is not a list")
-    out: list[tuple[int, int, int, int, int, int]] = []
-    for item in raw:
-        spec = parse.text(item, key)
-        addr, bracket, rest = spec.partition("[")
-        if addr.strip() == "dynamic":
-            for any_addr in ("0.0.0.0/0", "::/0"):
-                out.extend(spec_compiled(any_addr + bracket + rest))
-        else:
-            out.extend(spec_compiled(spec))
-    return tuple(out)
-
-
-#: ``a.b.c.d/n`` with an optional ``[tcp|udp|N]`` or ``[proto/port]`` / ``[proto/lo-hi]``: the
-#: forms charon prints for per-port children (thousands per connection), compiled without
-#: ipaddress objects; anything else goes through parse.parse_ts.
-_TS_V4 = re.compile(
-    r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})/(\d{1,2})(?:\[(tcp|udp|\d{1,3})(?:/(\d{1,5})(?:-(\d{1,5}))?)?\])?",
-    re.ASCII,
-)
-_PROTO_NUMBERS = {"tcp": 6, "udp": 17}
-_spec_cache: dict[str, Compiled] = {}
-
-
-def _fast_v4(spec: str) -> Compiled | None:
-    m = _TS_V4.fullmatch(spec)
-    if m is None:
-        return None
-    octets = m.group(1, 2, 3, 4)
-    if any(len(o) > 1 and o[0] == "0" for o in octets):
-        return None  # leading zeros: let the strict parser refuse them
-    value = 0
-    for o in octets:
-        n = int(o)
-        if n > 255:
-            return None
-        value = value << 8 | n
-    bits = int(m[5])
-    if bits > 32:
-        return None
-    host = (1 << (32 - bits)) - 1
-    first, last = value & ~host & 0xFFFFFFFF, value | host
-    pname, lo_s, hi_s = m[6], m[7], m[8]
-    proto = PROTO_ANY if pname is None else _PROTO_NUMBERS.get(pname, None)
-    if proto is None:
-        proto = int(pname)
-        if proto > 255:
-            return None
-    lo, hi = 0, 65535
-    if lo_s is not None:
-        lo = int(lo_s)
-        hi = int(hi_s) if hi_s is not None else lo
-        if hi > 65535 or lo > hi:
-            return None
-    return ((4, first, last, proto, lo, hi),)
-
-
-def spec_compiled(spec: str) -> Compiled:
-    """One configured selector string compiled (cached: a connection's children repeat them)."""
-    hit = _spec_cache.get(spec)
-    if hit is None:
-        hit = _fast_v4(spec.strip()) or _compiled((parse.parse_ts(spec),))
-        if len(_spec_cache) >= MAX_CHECKED:
-            _spec_cache.clear()
-        _spec_cache[spec] = hit
-    return hit
 
 
 def _breadth(child: ChildSA) -> int:

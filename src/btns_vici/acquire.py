@@ -18,6 +18,13 @@ wrapper runs. On kernel XFRM the demand is armed as a **trap** the kernel itself
   never leaves in clear. A negotiation that fails destroys the socket (``SOCK_DESTROY``): the
   ``connect`` fails with ECONNABORTED, nothing was sent.
 
+``btns:use`` ("IPsec if the peer can, else clear"): the trap's template is optional. The kernel
+still raises the ACQUIRE (``xfrm_state_find`` ignores ``optional``) but lets the packet go in
+clear (``xfrm_tmpl_resolve_one`` skips an optional template without a valid state); once the
+negotiated SA is up the trap is re-inserted with a required template (the insertion bumps the
+route generation, so the socket's next segment is routed through the SA). A failed attempt
+leaves the connection in clear, with the reason (:func:`clear_reason`). Not verified, not latched.
+
 Every sweep (:data:`SWEEP_SECONDS`) the responder lists its namespace's sockets (sock_diag)
 and, for the marks it armed: verifies a newly established connection against its demand (a
 shortfall destroys it), re-checks latched ones (also on every SA event of the backend and of

@@ -267,7 +267,10 @@ def test_c_program_latch_broken_by_a_key_swap(responders, tmp_path: Path) -> Non
     b2.trust(a)
     (a.peer_dir / "peer-new.pem").write_bytes(b2.host.public_pem)  # A's BTNS directory accepts both
     exe = compile_plain_connect(tmp_path)
-    srv, got = _plain_server(b, transport_demand())
+    # B: a plain listener (no pToken, so B latches nothing: its own latch would see its local key
+    # change and reset the connection first) and a responder connection for its current key.
+    srv, got = _plain_server(b)
+    b.backend.serve(ipaddress.ip_address(str(B)), transport_demand())
     env = {
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
         "BTNS_BACKEND": "strongswan",

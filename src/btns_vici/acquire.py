@@ -18,6 +18,13 @@ wrapper runs. On kernel XFRM the demand is armed as a **trap** the kernel itself
   never leaves in clear. A negotiation that fails destroys the socket (``SOCK_DESTROY``): the
   ``connect`` fails with ECONNABORTED, nothing was sent.
 
+``btns:use`` ("IPsec if the peer can, else clear"): the trap's template is optional. The kernel
+still raises the ACQUIRE (``xfrm_state_find`` ignores ``optional``) but lets the packet go in
+clear (``xfrm_tmpl_resolve_one`` skips an optional template without a valid state); once the
+negotiated SA is up the trap is re-inserted with a required template (the insertion bumps the
+route generation, so the socket's next segment is routed through the SA). A failed attempt
+leaves the connection in clear, with the reason (:func:`clear_reason`). Not verified, not latched.
+
 Every sweep (:data:`SWEEP_SECONDS`) the responder lists its namespace's sockets (sock_diag)
 and, for the marks it armed: verifies a newly established connection against its demand (a
 shortfall destroys it), re-checks latched ones (also on every SA event of the backend and of
@@ -74,6 +81,12 @@ OWNER_CHECK_SECONDS = 1.0
 #: How long a new connection may look unprotected to the backend before it is judged (its SA index is
 #: fed by events and can lag the kernel by a moment; the kernel holds the socket to ESP meanwhile).
 VERIFY_GRACE = 2.0
+#: How long a latched connection may look to have NO SA at all before its latch counts as broken:
+#: a reauthentication (make-before-break) or rekey replaces the SA, and the event-fed index can
+#: see the old one go before the new one comes. The kernel holds the socket to ESP meanwhile
+#: (required templates both ways), so nothing leaves or is accepted in clear. Any other shortfall
+#: (another peer identity, weaker algorithms) breaks the latch at once.
+LATCH_GRACE = 2.0
 #: TCP states with a peer that has been answered (not SYN-SENT, SYN-RECV, TIME-WAIT, CLOSE, LISTEN).
 CONNECTED_TCP_STATES = frozenset({1, 4, 5, 8, 9, 11})
 LARVAL_DROP = "/proc/sys/net/core/xfrm_larval_drop"
@@ -100,8 +113,11 @@ def _attr(kind: int, payload: bytes) -> bytes:
     return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
 
 
-def trap_message(kind: int, family: int, mark: int, reqid: int) -> bytes:
-    """XFRM_MSG_NEW/UPD/DELPOLICY for the out trap of ``mark`` (pure; see the module docstring)."""
+def trap_message(kind: int, family: int, mark: int, reqid: int, optional: bool = False) -> bytes:
+    """XFRM_MSG_NEW/UPD/DELPOLICY for the out trap of ``mark`` (pure; see the module docstring).
+
+    ``optional``: the template is optional (``btns:use``, :class:`Trapped`): with no SA the kernel
+    still raises the ACQUIRE but sends the packet in clear."""
     from .xfrm import _wire as wire
     from .xfrm._socket import socket_template
 
@@ -109,7 +125,7 @@ def trap_message(kind: int, family: int, mark: int, reqid: int) -> bytes:
     if kind == XFRM_MSG_DELPOLICY:  # xfrm_userpolicy_id: selector, index 0 (by selector), dir out
         body = wire.USERPOLICY_ID.pack(wire.encode_selector(family), 0, 1) + mark_attr
     else:
-        tmpl = socket_template("esp", reqid=reqid, family=family)
+        tmpl = socket_template("esp", reqid=reqid, family=family, level="use" if optional else "required")
         body = wire.encode_userpolicy_info(family, 1, priority=TRAP_PRIORITY) + _attr(
             XFRMA_TMPL, wire.encode_template(tmpl)
         )
@@ -166,12 +182,20 @@ class Trapped:
     checked: float = 0.0  # when its owner's descriptors were last looked at
     policy: Owner | None = None  # btnsd: the client's admission and ownership hooks
     listening: bool = False  # a listener (its accepted connections share the mark)
+    #: ``btns:use``: IPsec if the peer can, else clear. The trap's template is optional (the kernel
+    #: asks for an SA but sends in clear meanwhile) until an SA is negotiated, then required
+    #: (:attr:`optional` False): from the first ESP packet on, never clear again. Not verified, not
+    #: latched (README "Enforcement").
+    use: bool = False
+    optional: bool = False
+    clear: dict[str, str] = field(default_factory=dict)  # use: remote address -> why it stays clear
+    lost: dict[int, float] = field(default_factory=dict)  # latched cookie -> since when it looks SA-less
 
 
 class Responder:
     """The ACQUIRE responder and plain-socket latch of one network namespace and backend."""
 
-    def __init__(self, ns_fd: int, backend: Any, establish: Callable[[Flow, PToken], str]) -> None:
+    def __init__(self, ns_fd: int, backend: Any, establish: Callable[[Flow, PToken], tuple[str, int]]) -> None:
         self.ns_fd = ns_fd  # ours (a dup), kept open: the namespace stays reachable
         self.backend = backend
         self.establish = establish
@@ -182,6 +206,7 @@ class Responder:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._pending = False  # a client socket's connection is still to be verified: sweep fast
+        self._grace = False  # a latched connection looks SA-less (LATCH_GRACE): re-check every sweep
         self._larval_before: str | None = None
         from .xfrm._monitor import XfrmMonitor
 
@@ -235,12 +260,13 @@ class Responder:
 
     # -- arming ---------------------------------------------------------------------------------
 
-    def arm(self, sock: socket.socket, demand: PToken, reqid: int) -> int:
-        """Mark ``sock``, add its trap policy and register its demand; the mark."""
+    def arm(self, sock: socket.socket, demand: PToken, reqid: int, use: bool = False) -> int:
+        """Mark ``sock``, add its trap policy and register its demand; the mark. ``use``: the
+        demand is ``btns:use`` (optional template and in policy until an SA is negotiated)."""
         cookie = cookie_of(sock)
         mark = mark_for(cookie)
         proto = socket.IPPROTO_TCP if sock.type == socket.SOCK_STREAM else socket.IPPROTO_UDP
-        entry = Trapped(mark, cookie, sock.family, proto, demand.copy(), reqid)
+        entry = Trapped(mark, cookie, sock.family, proto, demand.copy(), reqid, use=use, optional=use)
         owner = _owner.get()
         entry.inode, entry.owner = os.fstat(sock.fileno()).st_ino, owner.pid if owner else os.getpid()
         entry.policy = owner
@@ -250,19 +276,19 @@ class Responder:
             self.sockets[mark] = entry
         if fresh:
             with self._nl_lock:
-                _xfrm_request(self._nl, trap_message(XFRM_MSG_NEWPOLICY, sock.family, mark, reqid))
+                _xfrm_request(self._nl, trap_message(XFRM_MSG_NEWPOLICY, sock.family, mark, reqid, use))
         else:  # set again on the same socket: the new reqid
             self.kick(entry)
         try:  # the trap is in place before the mark: a marked socket is never without it
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, struct.pack("=I", mark))
-            self._set_in_policy(sock)
+            self._set_in_policy(sock, "use" if use else "required")
         except BaseException:
             self._disarm(entry)
             raise
-        self._pending = True
+        self._pending = self._pending or not use
         return mark
 
-    def _set_in_policy(self, sock: socket.socket) -> None:
+    def _set_in_policy(self, sock: socket.socket, level: str = "required") -> None:
         """The socket's in policy (ESP required, reqid 0: any transport SA whose selector is this
         flow, an operator's too), its SPD index learnt as :func:`btns_vici.xfrm.set_socket_policy`
         does, from the socket policies before and after, but reading only the index of each entry
@@ -273,7 +299,7 @@ class Responder:
 
         with self._in_lock:
             before = self._known_in if self._known_in is not None else self._socket_in_indexes()
-            policy = _socket.set_socket_policy(sock, "in", ["esp"], level="required", reqid=0)
+            policy = _socket.set_socket_policy(sock, "in", ["esp"], level=level, reqid=0)
             after = self._socket_in_indexes()
             self._known_in = after  # the next socket's "before": one dump per socket, not two
         new = after - before
@@ -305,7 +331,9 @@ class Responder:
     def kick(self, entry: Trapped) -> None:
         """Re-insert the trap policy: the kernel re-sends what it queued on it (now through the SA)."""
         with self._nl_lock:
-            _xfrm_request(self._nl, trap_message(XFRM_MSG_UPDPOLICY, entry.family, entry.mark, entry.reqid))
+            _xfrm_request(
+                self._nl, trap_message(XFRM_MSG_UPDPOLICY, entry.family, entry.mark, entry.reqid, entry.optional)
+            )
 
     def _disarm(self, entry: Trapped) -> None:
         with self.lock:
@@ -329,11 +357,11 @@ class Responder:
                     self._wake.set()
             now = time.monotonic()
             if now >= next_sweep or self._wake.is_set():
-                latches = self._wake.is_set() or now >= next_latch
+                latches = self._wake.is_set() or now >= next_latch or self._grace
                 self._wake.clear()
                 # Fast while a client socket waits for its connection to be verified; a listener's
                 # accepted connections (and latches without events) are looked at every second.
-                next_sweep = now + (SWEEP_SECONDS if self._pending else IDLE_SWEEP_SECONDS)
+                next_sweep = now + (SWEEP_SECONDS if self._pending or self._grace else IDLE_SWEEP_SECONDS)
                 if latches:
                     next_latch = now + LATCH_SECONDS
                 try:
@@ -350,6 +378,10 @@ class Responder:
         remote = str(acq.sel.daddr if not acq.sel.daddr.is_unspecified else acq.daddr)
         if remote in entry.failed and entry.proto == socket.IPPROTO_TCP:
             return  # the socket is being destroyed
+        if entry.use and (remote in entry.clear or self._is_listener(entry)):
+            # "use": tried once per peer (its packets go out in clear); a listener's accepted
+            # connections use what the peer negotiates, they never initiate (no crossed IKE_SAs).
+            return
         key = (mark, remote)
         with self.lock:
             if key in self._inflight:
@@ -359,25 +391,40 @@ class Responder:
         flow = Flow(entry.proto, local, 0, ipaddress.ip_address(remote), acq.sel.dport)
         self._pool.submit(self._negotiate, entry, flow, key)
 
+    def _is_listener(self, entry: Trapped) -> bool:
+        """Whether ``entry`` is a listener's (its mark's sockets include one in LISTEN)."""
+        if not entry.listening:
+            entry.listening = any(m["idiag_state"] == 10 for m in self._dump().get(entry.mark, []))
+        return entry.listening
+
     def _negotiate(self, entry: Trapped, flow: Flow, key: tuple[int, str]) -> None:
         from .core.derive import ptoken_for
         from .core.requirements import satisfies
 
+        demand = without_policy(entry.demand) if entry.use else entry.demand
         try:
             if entry.policy is not None and entry.policy.admit is not None:
                 entry.policy.admit(flow)  # btnsd: the client may negotiate with this peer (EACCES, EDQUOT)
             existing = self.backend.find_protection(flow)
-            if existing is not None and satisfies(entry.demand, ptoken_for(existing)):
+            if existing is not None and satisfies(demand, ptoken_for(existing)):
                 # An SA that meets the demand is up (an operator's, with its own reqid): the trap names it.
                 entry.reqid, name = existing.child_sa.reqid, existing.ike_sa.name
             else:
-                name = self.establish(flow, entry.demand)
+                name, reqid = self.establish(flow, demand)
                 if name and entry.policy is not None and entry.policy.own is not None:
                     entry.policy.own(name)
-                if operator_policy(entry.demand) is not None:
-                    entry.reqid = self._reqid_of(flow, entry.reqid)  # the operator's SA: its own reqid
+                if operator_policy(demand) is not None:
+                    # The operator's SA has its own reqid: the one charon reports for it once the
+                    # initiate returned (authoritative), else the event-fed index's.
+                    entry.reqid = reqid or self._reqid_of(flow, entry.reqid)
+            if entry.use:
+                entry.optional = False  # an SA is up: from now on the kernel holds the socket to ESP
         except Exception as exc:
             why = getattr(exc, "strerror", None) or str(exc)
+            if entry.use and entry.optional:
+                entry.clear[str(flow.remote_addr)] = why
+                log.info("btns:use: no SA with %s (%s): the connection stays in clear", flow.remote_addr, why)
+                return
             log.warning("no SA meeting the pToken for %s: %s; the socket is destroyed", flow, why)
             entry.failed[str(flow.remote_addr)] = why
             self._destroy(entry, f"negotiation failed: {why}", remote=str(flow.remote_addr))
@@ -391,7 +438,7 @@ class Responder:
 
     def _reqid_of(self, flow: Flow, default: int) -> int:
         """The reqid of the SA now covering ``flow`` (the backend's index may lag the initiate a little)."""
-        deadline = time.monotonic() + 1.0
+        deadline = time.monotonic() + VERIFY_GRACE
         while True:
             found = self.backend.find_protection(flow)
             if found is not None:
@@ -444,6 +491,8 @@ class Responder:
                 continue
             entry.seen = True
             entry.listening = any(m["idiag_state"] == 10 for m in msgs)  # TCP_LISTEN
+            if entry.use:
+                continue  # "use": neither verified nor latched (the pToken read tells the truth)
             for msg in msgs:
                 cookie = msg["idiag_cookie"]
                 if cookie in entry.done:
@@ -461,11 +510,14 @@ class Responder:
             alive = {m["idiag_cookie"] for m in msgs}
             for cookie in [c for c in entry.verified if c not in alive]:
                 entry.verified.pop(cookie, None)
+                entry.lost.pop(cookie, None)
             entry.done &= alive
         with self.lock:
             self._pending = any(
-                not e.listening and not e.verified and not e.done and not e.failed for e in self.sockets.values()
+                not e.use and not e.listening and not e.verified and not e.done and not e.failed
+                for e in self.sockets.values()
             )
+            self._grace = any(e.lost for e in self.sockets.values())
 
     def _gone(self, entry: Trapped) -> bool:
         now = time.monotonic()
@@ -510,6 +562,12 @@ class Responder:
                 log.info("plain connection %s verified and latched (mark 0x%08x)", view.flow, entry.mark)
             return
         reasons = unmet(latched, actual, policy=False)
+        if reasons and not actual.protected:
+            since = entry.lost.setdefault(cookie, time.monotonic())
+            if time.monotonic() - since < LATCH_GRACE:
+                self._grace = True
+                return  # no SA at all for a moment (a reauthentication, a rekey): held to ESP meanwhile
+        entry.lost.pop(cookie, None)
         if reasons:
             entry.done.add(cookie)
             entry.broken[cookie] = "; ".join(reasons)
@@ -697,17 +755,48 @@ def arm(
     reqid: int,
     options: Any,
     backend_factory: Callable[[], Any],
-    establish: Callable[[Flow, PToken], str],
+    establish: Callable[[Flow, PToken], tuple[str, int]],
+    use: bool = False,
 ) -> str:
-    """Arm the trap for ``fd`` (see the module docstring); a description for Enforcement."""
+    """Arm the trap for ``fd`` (see the module docstring); a description for Enforcement.
+
+    ``establish(flow, demand)`` negotiates an SA meeting ``demand`` for ``flow``: the connection's
+    name and the reqid of its SA (0: unknown). ``use``: ``btns:use`` (optional until an SA is up)."""
     with borrowed_socket(fd) as sock:
         check_inet(sock)
         current = sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) & 0xFFFF_FFFF
         if current and not current & MARK_BIT:
             raise BtnsError(f"the socket already carries mark 0x{current:x}", errno.EBUSY)
         r = responder_for(sock, options, backend_factory, establish)
-        mark = r.arm(sock, demand, reqid)
+        mark = r.arm(sock, demand, reqid, use)
+    if use:
+        return (
+            f"trap: SO_MARK 0x{mark:08x}, SPD out policy (mark, ESP transport level use until an SA is up, "
+            f"then required, reqid {reqid}), socket in policy ESP level use (opportunistic)"
+        )
     return f"trap: SO_MARK 0x{mark:08x}, SPD out policy (mark, ESP transport, reqid {reqid}), socket in policy ESP"
+
+
+def without_policy(demand: PToken) -> PToken:
+    """``demand`` without its policyName (what a ``btns:use`` attempt negotiates)."""
+    from .core.constants import Attr
+
+    out = PToken()
+    for attr, value in demand.attributes().items():
+        if attr != Attr.policyName:
+            out.set_attr(attr, value)
+    return out
+
+
+def clear_reason(mark: int, remote: str) -> str | None:
+    """Why the ``btns:use`` socket of ``mark`` talks to ``remote`` in clear (None: not known so)."""
+    with _lock:
+        responders = list(_responders.values())
+    for r in responders:
+        entry = r.status(mark)
+        if entry is not None and entry.use:
+            return entry.clear.get(remote)
+    return None
 
 
 def trapped(fd: Any) -> Trapped | None:

@@ -17,8 +17,9 @@
 
 ``optional=True`` ("use IPsec if the peer can, else clear", policyName ``btns:use``): on
 kernel XFRM the socket policies' templates are ``level use`` (the kernel uses an SA when
-one exists, else sends clear); on kernel-libipsec the socket is left unbound (routing
-sends it into ``ipsec0`` exactly when an SA covers it).
+one exists, else sends clear; what strongSwan arms with ``options["acquire"] = "no"``, its
+default being an optional *trap*: :mod:`btns_vici.acquire`); on kernel-libipsec the socket
+is left unbound (routing sends it into ``ipsec0`` exactly when an SA covers it).
 """
 
 from __future__ import annotations

@@ -42,6 +42,30 @@ def test_trap_message_selects_exactly_the_mark_and_requires_esp_transport(family
     assert _decode(upd).templates[0].reqid == 7
 
 
+def test_use_trap_is_optional_until_its_sa_is_up_then_required() -> None:
+    """``btns:use``: the same trap, its template optional (the kernel raises the ACQUIRE but sends
+    in clear), re-inserted required once the SA is up (the same selector and mark: an update)."""
+    mark = acquire.mark_for(0x42)
+    opt = _decode(acquire.trap_message(acquire.XFRM_MSG_NEWPOLICY, socket.AF_INET, mark, XFRM_REQID, True))
+    (t,) = opt.templates
+    assert (t.proto, t.mode, t.reqid, t.optional) == (50, 0, XFRM_REQID, True)
+    req = _decode(acquire.trap_message(acquire.XFRM_MSG_UPDPOLICY, socket.AF_INET, mark, XFRM_REQID, False))
+    assert (req.sel, req.mark, req.priority) == (opt.sel, opt.mark, opt.priority)
+    assert req.templates[0].optional is False
+
+
+def test_use_attempt_negotiates_the_demand_without_its_keyword() -> None:
+    from btns_vici import PToken, Setting
+    from btns_vici.core.requirements import USE_POLICY, is_opportunistic
+
+    demand = PToken()
+    demand.policy_name = USE_POLICY
+    demand.privacy_protected = Setting.LEVEL_MEDIUM
+    plain = acquire.without_policy(demand)
+    assert not is_opportunistic(plain) and plain.policy_name is None
+    assert plain.privacy_protected == Setting.LEVEL_MEDIUM and demand.policy_name == USE_POLICY
+
+
 def test_delete_names_the_trap_by_selector_direction_and_mark() -> None:
     msg = acquire.trap_message(acquire.XFRM_MSG_DELPOLICY, socket.AF_INET, 0x8000_0001, 0)
     body = msg[16:]

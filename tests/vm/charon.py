@@ -27,6 +27,9 @@ charon {{
   install_virtual_ip = no
   retransmit_tries = 3
   retransmit_timeout = 1.0
+  # Reauthentication builds the new IKE_SA and its CHILD_SAs before deleting the old ones (the
+  # key-swap latch test needs the flow's SA never to be missing in between).
+  make_before_break = yes
   filelog {{
     log {{
       path = {log}

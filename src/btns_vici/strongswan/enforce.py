@@ -277,11 +277,14 @@ def serve(
     return name
 
 
-def operator_reqid(session: Any, op: tuple[str, str | None]) -> int:
-    """The reqid an operator connection's CHILD_SAs use: configured, or of one installed now (0: unknown)."""
+def operator_reqid(session: Any, op: tuple[str, str | None], remote: Any = None) -> int:
+    """The reqid an operator connection's CHILD_SAs use: of one installed now (to ``remote``, if
+    given), else configured (0: unknown)."""
     conn, child = op
     for entry in session.list_sas(ike=conn):
         for sec in entry.values():
+            if remote is not None and _text(sec.get("remote-host", b"")) != str(remote):
+                continue
             for c in (sec.get("child-sas") or {}).values():
                 name = c.get("name", b"").decode()
                 if (child is None or name == child) and c.get("state") == b"INSTALLED":
@@ -309,7 +312,13 @@ class EnforceHooks:
         check_supported(ptoken, dataplane)
         if is_no_demand(ptoken):
             return Enforcement(connection="(none: system default)", dataplane_guard="none (no demand)")
+        trap = dataplane == XFRM and options.get("acquire", "yes") != "no"
         if is_opportunistic(ptoken):
+            if trap:  # a plain connect(2)'s ACQUIRE attempts the SA; clear until (unless) it is up
+                return Enforcement(
+                    connection="(attempted on the kernel's ACQUIRE; clear if the peer cannot)",
+                    dataplane_guard=self._trap(options, sock, ptoken, XFRM_REQID, use=True),
+                )
             how = guard.apply(sock, dataplane, reqid=XFRM_REQID if dataplane == XFRM else 0, optional=True)
             return Enforcement(
                 connection="(attempted on connect/listen; clear if the peer cannot)", dataplane_guard=how
@@ -318,7 +327,7 @@ class EnforceHooks:
         reqid = XFRM_REQID
         if op is not None and dataplane == XFRM:
             reqid = operator_reqid(ctx.session, op) or XFRM_REQID
-        if dataplane == XFRM and options.get("acquire", "yes") != "no":
+        if trap:
             # A plain connect(2) negotiates through the kernel's ACQUIRE (btns_vici.acquire).
             return Enforcement(
                 connection="(negotiated on the kernel's ACQUIRE)",
@@ -327,28 +336,32 @@ class EnforceHooks:
         how = guard.apply(sock, dataplane, reqid=reqid if dataplane == XFRM else 0)
         return Enforcement(connection="(established on connect/listen)", dataplane_guard=how)
 
-    def _trap(self, options: Mapping[str, str], sock: Any, ptoken: PToken, reqid: int) -> str:
+    def _trap(self, options: Mapping[str, str], sock: Any, ptoken: PToken, reqid: int, use: bool = False) -> str:
         from .. import acquire
         from ..backend import Backend
         from ..plugins import get_plugin_manager
 
-        def negotiate(flow: Any, demand: PToken) -> str:
+        def negotiate(flow: Any, demand: PToken) -> tuple[str, int]:
+            """The connection negotiated for ``flow`` and, for an operator's, its SA's reqid (from
+            charon once the initiate returned: the event-fed index may not have seen it yet)."""
             ctx = self.context(options)
-            return establish(
+            name = establish(
                 ctx.session, XFRM, options, flow.local_addr, flow.remote_addr, demand, acquire.NEGOTIATION_MS
             )
+            op = operator_policy(demand)
+            return name, operator_reqid(ctx.session, op, flow.remote_addr) if op is not None else 0
 
         def backend() -> Backend:
             return Backend(get_plugin_manager(), "strongswan", options)
 
-        how = acquire.arm(sock, ptoken, reqid, options, backend, negotiate)
+        how = acquire.arm(sock, ptoken, reqid, options, backend, negotiate, use)
         # A socket already bound to an address (a server, before its plain listen(2)): peers may
         # negotiate with us from now on (the wrapper's listen() does the same).
         from ..sockets import borrowed_socket, endpoint
 
         with borrowed_socket(sock) as s:
             addr, port = endpoint(s.getsockname())
-        if port and not is_opportunistic(ptoken):
+        if port:  # ("btns:use": loaded when a peer key is known, else nothing: clear only)
             serve(self.context(options).session, XFRM, options, addr, ptoken)
         return how
 

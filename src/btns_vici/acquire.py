@@ -56,6 +56,7 @@ from .core.records import SocketView
 from .core.requirements import operator_policy, unmet
 from .core.selectors import Flow
 from .core.tokens import PToken
+from .protection import explains_clear
 from .sockets import SIOCGSKNS, borrowed_socket, check_inet
 from .xfrm._records import XfrmEvent
 
@@ -786,6 +787,17 @@ def without_policy(demand: PToken) -> PToken:
         if attr != Attr.policyName:
             out.set_attr(attr, value)
     return out
+
+
+@explains_clear
+def _use_reason(view: SocketView) -> str | None:
+    """protection.with_use_reason's answer for a "btns:use" socket whose attempt failed."""
+    if not view.mark or not view.mark & MARK_BIT:
+        return None
+    why = clear_reason(view.mark, str(view.flow.remote_addr))
+    if not why:
+        return None
+    return f"btns:use: no SA could be negotiated with {view.flow.remote_addr} ({why}), so it talks in clear"
 
 
 def clear_reason(mark: int, remote: str) -> str | None:

@@ -16,13 +16,13 @@ import socket
 import threading
 from typing import Any
 
-from . import acquire, guard, lifecycle, rtnl
+from . import guard, lifecycle, rtnl
 from .authority import Authority, BackendLike
 from .authority import resolve_backend as resolve_backend  # the public path: btns_vici.api
 from .authority import set_default_backend as set_default_backend
 from .backend import Backend
 from .broker.client import BrokerClient
-from .core.derive import ptoken_for, unprotected_ptoken
+from .core.derive import ptoken_for
 from .core.errors import BackendError, BtnsError, RequirementNotMetError
 from .core.records import Protection, SocketView
 from .core.requirements import is_no_demand, is_opportunistic, operator_policy, satisfies
@@ -108,15 +108,7 @@ def get_socket_ptoken(sock: FileDescriptorLike, backend: BackendLike = None) -> 
     be = resolve_backend(backend)
     if isinstance(be, BrokerClient):
         return be.get_socket_ptoken(sock)
-    tok = ptoken_of(view, be)
-    if not tok.protected and view.mark and view.mark & acquire.MARK_BIT:
-        # A "btns:use" socket whose attempt failed: the reason it talks in clear.
-        why = acquire.clear_reason(view.mark, str(view.flow.remote_addr))
-        if why:
-            reason = (tok.information_string or "").partition("NOT protected by IPsec: ")[2]
-            use = f"btns:use: no SA could be negotiated with {view.flow.remote_addr} ({why}), so it talks in clear"
-            return unprotected_ptoken(view.flow, f"{use}; {reason}" if reason else use)
-    return tok
+    return ptoken_of(view, be)  # (with a failed "btns:use" attempt's reason)
 
 
 def set_socket_ptoken(sock: FileDescriptorLike, ptoken: PToken, backend: BackendLike = None) -> None:

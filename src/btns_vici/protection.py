@@ -11,6 +11,8 @@ pToken here too (:func:`require`): what it does not meet is a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .backend import Backend
 from .core.derive import ptoken_for, unprotected_ptoken
 from .core.errors import RequirementNotMetError
@@ -45,7 +47,32 @@ def verify_flow(flow: Flow, backend: Backend) -> tuple[Protection | None, PToken
 
 def ptoken_of(view: SocketView, backend: Backend) -> PToken:
     """The pToken of the socket ``view``: protected only when verified for this very socket."""
-    return verify(view, backend)[1]
+    return with_use_reason(view, verify(view, backend)[1])
+
+
+#: Who can say why a clear socket talks in clear (acquire: a "btns:use" attempt that failed).
+#: Registered by those modules when they are imported: a process that never armed such a socket
+#: has none, and this module imports none of them.
+_CLEAR_REASONS: list[Callable[[SocketView], str | None]] = []
+
+
+def explains_clear(fn: Callable[[SocketView], str | None]) -> Callable[[SocketView], str | None]:
+    """Register ``fn(view)``: why the clear socket ``view`` talks in clear, or None (decorator)."""
+    _CLEAR_REASONS.append(fn)
+    return fn
+
+
+def with_use_reason(view: SocketView, tok: PToken) -> PToken:
+    """``tok``, or for a clear socket whose clear talk has a known reason (a ``btns:use`` socket
+    whose negotiation failed: README "Demand settings"), a clear pToken that also says why."""
+    if tok.protected or not _CLEAR_REASONS:
+        return tok
+    for explain in _CLEAR_REASONS:
+        why = explain(view)
+        if why:
+            reason = (tok.information_string or "").partition("NOT protected by IPsec: ")[2]
+            return unprotected_ptoken(view.flow, f"{why}; {reason}" if reason else why)
+    return tok
 
 
 def ptoken_of_flow(flow: Flow, backend: Backend) -> PToken:

@@ -276,3 +276,38 @@ def _selectors(draw):
 def test_compiled_match_equals_covers(sels, addr, proto, port):
     expected = any(t.covers(addr, proto, port) for t in sels)
     assert _match(_compiled(tuple(sels)), (addr.version, int(addr)), proto, port) == expected
+
+
+# -- port names charon prints (getservbyport): hyphens belong to the name, not a range ----------
+
+
+@pytest.mark.parametrize(
+    ("spec", "port"),
+    [
+        ("10.0.0.2/32[tcp/http-alt]", 8080),  # not "http" .. "alt"
+        ("10.0.0.2/32[tcp/zope-ftp]", 8021),  # not 9673 .. 21 (both halves are names)
+        ("10.0.0.2/32[tcp/x11-1]", 6001),  # not 6000 .. 1
+        ("10.0.0.2/32[udp/ipsec-nat-t]", 4500),
+        ("10.0.0.2/32[tcp/ms-sql-s]", 1433),
+    ],
+)
+def test_parse_ts_reads_a_hyphenated_port_name_as_one_port(spec, port):
+    ts = parse.parse_ts(spec)
+    assert (ts.port_lo, ts.port_hi) == (port, port)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "10.0.0.2/32[tcp/80-21]",  # charon prints ranges low-high: a reversed one is garbled, not OPAQUE
+        "10.0.0.2/32[tcp/http-ssh]",  # names never form a range
+        "10.0.0.2/32[tcp/\u00b2]",  # a digit Python's int() refuses
+        "10.0.0.2/32[\u00b9\u00b2/80]",
+        "10.0.0.2/32[tcp/1-\u00b2]",
+        "10.0.0.2/32[tcp/ht\x00tp]",  # a NUL: socket.getservbyname raises ValueError
+        "10.0.0.2/32[t\x00cp/80]",
+    ],
+)
+def test_parse_ts_refuses_what_charon_never_prints(bad):
+    with pytest.raises(ProtocolError):
+        parse.parse_ts(bad)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -93,23 +94,28 @@ class GarbledSelectorError(ProtocolError):
     listing again instead of failing the answer."""
 
 
+def _number(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also says yes to "\u00b2", which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def _proto(name: str) -> int:
-    if name.isdigit():
+    if _number(name):
         return int(name)
     if name in PROTO_NAMES:
         return PROTO_NAMES[name]
     try:
         return socket.getprotobyname(name)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # (ValueError: a NUL in the name)
         raise GarbledSelectorError(f"unknown protocol {name!r} in traffic selector") from exc
 
 
 def _port(name: str, proto: str) -> int:
-    if name.isdigit():
+    if _number(name):
         return int(name)
     try:
         return socket.getservbyname(name, proto)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # (ValueError: a NUL in the name)
         raise GarbledSelectorError(f"unknown port {name!r} in traffic selector") from exc
 
 
@@ -153,25 +159,40 @@ def _range(addr: str) -> tuple[Any, Any]:
 
 def _parse_ts(spec: str) -> TrafficSelector:
     addr, _, rest = spec.strip().partition("[")
-    proto, port_lo, port_hi = PROTO_ANY, 0, 65535
+    proto, port_lo, port_hi, opaque = PROTO_ANY, 0, 65535, False
     if rest:
         if not rest.endswith("]"):
             raise ProtocolError(f"bad traffic selector {spec!r}")
         pname, _, ports = rest[:-1].partition("/")
         proto = _proto(pname)
-        if ports and ports != "OPAQUE":
-            lo, _, hi = ports.partition("-")
-            port_lo = _port(lo, pname)
-            port_hi = _port(hi, pname) if hi else port_lo
-        elif ports == "OPAQUE":
-            port_lo, port_hi = 65535, 0  # RFC 4301 OPAQUE: matches no port; keep it impossible
+        if ports == "OPAQUE":  # RFC 4301 OPAQUE: matches no port
+            opaque = True
+        elif ports:
+            port_lo, port_hi = _ports(ports, pname)
     try:
         start, end = _range(addr)
-        if port_lo > port_hi:  # OPAQUE
+        if opaque:
             return TrafficSelector(start, end, proto, 0, 0)
         return TrafficSelector(start, end, proto, port_lo, port_hi)
     except ValueError as exc:
         raise ProtocolError(f"bad traffic selector {spec!r}: {exc}") from exc
+
+
+#: A port range as charon prints one (``%d-%d``, low first); a single port is a number or a name.
+_PORT_RANGE = re.compile(r"([0-9]{1,5})-([0-9]{1,5})")
+
+
+def _ports(text: str, proto: str) -> tuple[int, int]:
+    """The ports of a selector: ``lo-hi``, ``N`` or a service name (getservbyport's, e.g.
+    ``http-alt``: a hyphen inside a name is no range; charon prints ranges as numbers only)."""
+    m = _PORT_RANGE.fullmatch(text)
+    if m is not None:
+        lo, hi = int(m[1]), int(m[2])
+        if lo > hi:  # never printed so by charon: a garbled listing
+            raise GarbledSelectorError(f"reversed port range {text!r} in traffic selector")
+        return lo, hi
+    port = _port(text, proto)
+    return port, port
 
 
 def _ts_list(d: Section, key: str) -> tuple[TrafficSelector, ...]:

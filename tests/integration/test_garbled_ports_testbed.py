@@ -58,7 +58,8 @@ def _bring_up(tb, name: str) -> dict[str, tuple[int, int]]:
     try:
         while time.monotonic() < deadline:
             got = s.list_sas(ike=name)
-            up = {c.get("name") for e in got for c in e[name].get("child-sas", {}).values() if c.get("state") == b"INSTALLED"}
+            kids = [c for e in got for c in e[name].get("child-sas", {}).values()]
+            up = {c.get("name") for c in kids if c.get("state") == b"INSTALLED"}
             if len(up) == len(children):
                 return want
             time.sleep(0.2)
@@ -82,7 +83,7 @@ def hammered(tb):
 
 def test_list_index_answers_stay_true_while_another_process_lists(tb, hammered):
     """``index=list``: find_sa from a listing made for this query; every answer names the flow's child."""
-    name, want = hammered
+    _name, want = hammered
     a, b = tb.a.v4, tb.b.v4
     opts = {**tb.a.options, "timeout": "10", "index": "list"}
     plugin = get_plugin_manager().get_plugin("strongswan")

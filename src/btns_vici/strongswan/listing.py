@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..core.errors import ProtocolError
-from ..core.records import IkeSA
+from ..core.records import ChildSA, IkeSA
 from . import coverage, parse
 from .compiled import config_selectors
 from .session import DEFAULT_SOCKET, ViciSession
@@ -44,10 +44,7 @@ def list_records(
     and CHILD_SAs, so a filtered listing costs what it shows. charon reads a non-numeric id as no
     filter and keeps IKE_SAs left without children: callers that need exact selection still select.
     """
-    sas = [
-        parse.single_section(e, "list-sas entry")
-        for e in session.list_sas(ike_id=ike_id, child_id=child_id, ike=ike, child=child)
-    ]
+    sas, kids_of = confirmed_sas(session, ike_id=ike_id, child_id=child_id, ike=ike, child=child)
     auth = _cached_auth(session.path, sas) if cache else None
     if auth is None:
         conns: dict[str, Any] = {}
@@ -66,9 +63,82 @@ def list_records(
         lauth, rauth = auth.get(name, (None, None))
         local = parse.identity(parse.text(sec.get("local-id", b"")), lauth, store)
         remote = parse.identity(parse.text(sec.get("remote-id", b"")), rauth, store)
-        kids = sorted(parse.children_of(sec).values(), key=lambda c: int(c.uniqueid))
+        kids = sorted(kids_of[parse.uniqueid(sec)].values(), key=lambda c: int(c.uniqueid))
         out.append(parse.parse_ike(name, sec, local, remote, kids))
     return out
+
+
+#: Listings of the SAs after which a CHILD_SA whose selectors no two of them agree on is EPROTO.
+READ_TRIES = 4
+
+
+def confirmed_sas(
+    session: ViciSession, **filters: str | None
+) -> tuple[list[tuple[str, Any]], dict[str, dict[str, ChildSA]]]:
+    """list-sas (``filters`` as :meth:`.ViciSession.list_sas`) until every CHILD_SA of the last
+    listing has traffic selectors two listings agree on: ([(IKE_SA name, section)], {IKE_SA
+    uniqueid: {CHILD_SA uniqueid: ChildSA}}), the sections of the last listing.
+
+    charon formats selectors with getprotobynumber() and getservbyport(), which are not reentrant:
+    a listing built while another VICI connection's is (another process, ``swanctl``) can name
+    another valid protocol or port ("domain" for "http", udp for tcp) or a garbled one (README
+    "Backends", strongSwan). So, as in the SA index (:meth:`.index.SAIndex._confirm`), a CHILD_SA's
+    selectors are those two reads agree on (a garbled read counts as none); a listing without any
+    CHILD_SA is taken at once, one without contention costs two list-sas. EPROTO when a CHILD_SA
+    still lacks two agreeing reads after :data:`READ_TRIES` listings.
+    """
+    votes: dict[tuple[str, str], dict[Any, ChildSA]] = {}  # CHILD_SA -> {selectors: the latest read of them}
+    confirmed: dict[tuple[str, str], ChildSA] = {}
+    for _ in range(READ_TRIES):
+        sas = [parse.single_section(e, "list-sas entry") for e in session.list_sas(**filters)]
+        kids_of: dict[str, dict[str, ChildSA]] = {}
+        pending = 0
+        for _name, sec in sas:
+            uid = parse.uniqueid(sec)
+            kids = kids_of.setdefault(uid, {})
+            for cid, child in _children(sec).items():
+                key = (uid, cid)
+                if child is not None:
+                    sel = (child.local_ts, child.remote_ts)
+                    seen = votes.setdefault(key, {})
+                    if sel in seen:
+                        confirmed[key] = child
+                    seen[sel] = child
+                if key in confirmed:
+                    kids[cid] = confirmed[key]
+                else:
+                    pending += 1
+        if not pending and (votes or not any(kids_of.values())):
+            return sas, kids_of
+        if pending and votes:
+            _warn("charon listed %d CHILD_SAs' selectors without two agreeing reads: listing again", pending)
+    raise ProtocolError(
+        f"charon listed a CHILD_SA's traffic selectors differently {READ_TRIES} times "
+        "(concurrent VICI listings garble them: README, Backends, strongSwan)"
+    )
+
+
+def _children(sec: Any) -> dict[str, ChildSA | None]:
+    """An IKE section's CHILD_SAs by uniqueid (None: a garbled selector, read again)."""
+    kids = sec.get("child-sas", {})
+    if not isinstance(kids, Mapping):
+        raise ProtocolError("VICI child-sas is not a section")
+    out: dict[str, ChildSA | None] = {}
+    for c in kids.values():
+        if not isinstance(c, Mapping):
+            raise ProtocolError("VICI child-sas entry is not a section")
+        cid = parse.uniqueid(c, "CHILD_SA uniqueid")
+        try:
+            out[cid] = parse.parse_child(c)
+        except parse.GarbledSelectorError:
+            out[cid] = None
+    return out
+
+
+def _warn(msg: str, *args: Any) -> None:
+    import logging  # (on use: ``btns sas`` starts without it)
+
+    logging.getLogger(__name__).warning(msg, *args)
 
 
 def _cached_auth(path: str, sas: list[tuple[str, Any]]) -> dict[str, tuple[Any, Any]] | None:

@@ -134,3 +134,33 @@ def test_listing_selectors_stay_true_while_another_process_lists(tb, hammered):
         s.close()
     print(f"{rounds} listings, {len(wrong)} wrong selectors, {len(failed)} failed")
     assert rounds and not wrong and not failed, (wrong[:10], failed[:10])
+
+
+def test_children_on_ports_with_hyphenated_names_are_found(tb):
+    """charon names 8080 ``http-alt`` and 6001 ``x11-1`` (getservbyport): one port each, not the
+    ranges "http".."alt" (EPROTO) or "x11"..1 (reversed: port 0); both the event-fed index and
+    ``index=list`` find them, and a neighbouring port stays uncovered."""
+    name = "hyphen"
+    a, b = tb.a.v4, tb.b.v4
+    ports = {"alt": 8080, "x11": 6001, "zope": 8021, "plain": 31100}
+    children = {c: ([f"{a}/32[tcp]"], [f"{b}/32[tcp/{p}]"]) for c, p in ports.items()}
+    tb.load_conn(name, "psk", 4, children=children)
+    for c in children:
+        tb.initiate(name, c)
+    listed = ViciSession(tb.a.vici_path).list_sas(ike=name)
+    printed = {c["name"].decode(): c["remote-ts"][0].decode() for e in listed for c in e[name]["child-sas"].values()}
+    assert printed["alt"].endswith("[tcp/http-alt]") and printed["x11"].endswith("[tcp/x11-1]"), printed
+    plugin = get_plugin_manager().get_plugin("strongswan")
+    try:
+        for mode in ("events", "list"):
+            opts = {**tb.a.options, "index": mode}
+            be = get_backend("strongswan", opts)
+            try:
+                for cname, port in ports.items():
+                    found = be.find_sa(Flow(socket.IPPROTO_TCP, a, 40000, b, port))
+                    assert found is not None and found[1].name == cname, (mode, cname, found)
+                    assert be.find_sa(Flow(socket.IPPROTO_TCP, a, 40000, b, port + 1)) is None
+            finally:
+                plugin.forget(opts)
+    finally:
+        tb.unload_conn(name)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import marshal
 import os
+import select
 import signal
 import socket
+import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, fields
 from functools import cached_property
@@ -208,15 +210,22 @@ class HoldersSoon:
 
     ``btns sockets`` needs both the kernel's socket dump and the /proc walk for its PROCESS
     column (10,000 readlinks at 10,000 sockets: a sixth of the command); on two cores they
-    overlap. The helper sends the result back through a pipe (marshal: plain ints, strs and
-    tuples) and exits; anything that goes wrong there (no fork, a failed walk, a short or
-    malformed result) makes :meth:`result` walk /proc itself, so the answer is the same either
-    way. Use it as a context manager: leaving it without :meth:`result` stops and reaps the
-    helper (nothing is left behind in a long-lived caller).
+    overlap. The helper sends the result back through a pipe (its length, then marshal: plain
+    ints, strs and tuples) and exits; anything that goes wrong there (no fork, a failed walk, a
+    short or malformed result, no answer within ``wait`` seconds) makes :meth:`result` walk /proc
+    itself, so the answer is the same either way. The helper is signalled through a pidfd only
+    (never a pid the kernel may have reaped and reused: SIGCHLD may be ignored, a disposition
+    that survives exec) and reaped where it can be; the pipe is closed exactly once. Use it as a
+    context manager: leaving it without :meth:`result` (or with an exception raised while
+    :meth:`result` waits) stops and reaps the helper (nothing is left behind in a long-lived caller).
     """
 
-    def __init__(self) -> None:
-        self._pid, self._rfd = 0, -1
+    #: Seconds :meth:`result` waits for the helper before walking /proc itself.
+    WAIT = 10.0
+
+    def __init__(self, wait: float | None = None) -> None:
+        self.wait = self.WAIT if wait is None else wait
+        self._pid, self._rfd, self._pidfd = 0, -1, -1
         try:
             rfd, wfd = os.pipe()
         except OSError:
@@ -233,38 +242,76 @@ class HoldersSoon:
                 os.close(rfd)
                 data = marshal.dumps(socket_holders(skip=os.getpid()))
                 with open(wfd, "wb") as out:
-                    out.write(data)
+                    out.write(len(data).to_bytes(8, "big") + data)
                 code = 0
             finally:
                 os._exit(code)
         os.close(wfd)
         self._pid, self._rfd = pid, rfd
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except OSError:  # (gone and reaped already: nothing left to signal)
+            self._pidfd = -1
 
     def result(self) -> Holders:
+        data = self._collect()
         got: object = None
-        if self._pid:
-            with open(self._rfd, "rb") as inp:
-                data = inp.read()
-            _, status = os.waitpid(self._pid, 0)
-            self._pid = 0
-            if status == 0:
-                try:
-                    got = marshal.loads(data)
-                except (EOFError, ValueError, TypeError):
-                    got = None
+        if data is not None and len(data) >= 8 and int.from_bytes(data[:8], "big") == len(data) - 8:
+            try:
+                got = marshal.loads(data[8:])
+            except (EOFError, ValueError, TypeError):
+                got = None
         return got if isinstance(got, dict) else socket_holders()
+
+    def _collect(self) -> bytes | None:
+        """What the helper wrote until it closed the pipe (None: no helper, or no end within
+        :attr:`wait`); the helper is gone afterwards, whatever is raised meanwhile."""
+        if not self._pid:
+            return None
+        chunks, done = [], False
+        try:
+            waiting = select.poll()  # (select.select refuses descriptors over 1023)
+            waiting.register(self._rfd, select.POLLIN)
+            deadline = time.monotonic() + self.wait
+            while (left := deadline - time.monotonic()) > 0:
+                if not waiting.poll(max(1, int(left * 1000))):
+                    break
+                chunk = os.read(self._rfd, 1 << 20)
+                if not chunk:
+                    done = True
+                    break
+                chunks.append(chunk)
+        finally:
+            self._stop(kill=not done)
+        return b"".join(chunks) if done else None
+
+    def _stop(self, kill: bool = True) -> None:
+        """Kill (through the pidfd) and reap the helper, close the pipe and the pidfd; once."""
+        pid, rfd, pidfd = self._pid, self._rfd, self._pidfd
+        self._pid, self._rfd, self._pidfd = 0, -1, -1
+        try:
+            ended = not kill
+            if kill and pidfd >= 0:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    ended = True
+            elif kill and pid and signal.getsignal(signal.SIGCHLD) != signal.SIG_IGN:
+                with contextlib.suppress(OSError):  # (no pidfd: an unreaped child keeps its pid)
+                    os.kill(pid, signal.SIGKILL)
+                    ended = True
+            if pid:
+                with contextlib.suppress(ChildProcessError):  # SIGCHLD ignored: the kernel reaped it
+                    os.waitpid(pid, 0 if ended else os.WNOHANG)
+        finally:
+            for fd in (rfd, pidfd):
+                if fd >= 0:
+                    os.close(fd)
 
     def __enter__(self) -> HoldersSoon:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._pid:
-            with contextlib.suppress(OSError):
-                os.kill(self._pid, signal.SIGKILL)
-            with contextlib.suppress(OSError):
-                os.waitpid(self._pid, 0)
-            os.close(self._rfd)
-            self._pid = 0
+        self._stop()
 
 
 def socket_owners() -> dict[int, list[tuple[int, str]]]:

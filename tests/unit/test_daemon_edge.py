@@ -657,6 +657,33 @@ def test_coverage_round_trip_private_and_looked_up_by_flow(cov):
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
 
 
+def test_coverage_serves_only_ike_sas_established_when_fetched(cov):
+    """max_ike 7, IKE_SA 3 connecting then: 3 and 8 are not served, 2 and 7 are; a file of the
+    previous format (no ``pending``) is ignored."""
+    conns = _cov_conns()
+    e = conns["edge"]
+    assert coverage.write(cov, {"edge": coverage.ConnConfig(7, e.local, e.remote, e.children, frozenset({3}))})
+    got = coverage.read(cov)
+    assert got is not None
+    entry = got.conns["edge"]
+    assert [entry.serves(u) for u in ("2", "3", "7", "8", "x", "\u0663")] == [True, False, True, False, False, False]
+    path = coverage.cache_file(cov)
+    head, rest = path.read_text().split("\n", 1)
+    old = json.loads(head)
+    old["version"] = 1
+    for c in old["conns"].values():
+        del c["pending"]
+    path.write_text(json.dumps(old) + "\n" + rest)
+    assert coverage.read(cov) is None
+    assert coverage.known_ikes(
+        [
+            ("a", {"uniqueid": b"4", "state": b"ESTABLISHED"}),
+            ("(unnamed)", {"uniqueid": b"6", "state": b"CONNECTING"}),
+            ("b", {"uniqueid": b"5", "state": [b"x"]}),
+        ]
+    ) == (6, frozenset({5, 6}))
+
+
 def test_coverage_of_another_or_restarted_charon_is_ignored(cov):
     assert coverage.write(cov, _cov_conns())
     os.unlink(cov)
@@ -925,3 +952,40 @@ def test_listing_takes_auth_rounds_from_the_coverage_cache(sock_path, tmp_path, 
         list_records(session)
         assert seen.count("list-conns") == 2
         session.close()
+
+
+def test_a_configuration_cached_while_an_ike_sa_was_connecting_is_not_its_auth(sock_path, tmp_path, monkeypatch):
+    """A responder's IKE_SA has a uniqueid from IKE_SA_INIT on but picks its configuration at
+    IKE_AUTH: a listing that cached connection psk4's auth rounds (pre-shared key) while that IKE_SA
+    was CONNECTING must not serve it once established after psk4 was reloaded with EAP."""
+    from btns_vici.core.constants import AuthMethod
+    from btns_vici.strongswan.listing import list_records
+
+    monkeypatch.setenv("BTNS_CACHE_DIR", str(tmp_path / "cache"))
+    sas = decode_bytes((DATA / "list-sas-psk4.vici").read_bytes())
+    conns = decode_bytes((DATA / "list-conns-psk4.vici").read_bytes())
+    sas["psk4"].update(state=b"CONNECTING", initiator=b"no")
+    sas["psk4"].pop("child-sas", None)
+    sas["(unnamed)"] = sas.pop("psk4")  # (charon's name for an IKE_SA without a configuration yet)
+    seen: list[str] = []
+
+    def listing(command):
+        seen.append(command)
+        return {"list-sas": [event("list-sa", sas)], "list-conns": [event("list-conn", conns)]}.get(command, [])
+
+    with FakeVici(sock_path, scripted(listing)):
+        session = ViciSession(sock_path, timeout=DEADLINE)
+        try:
+            assert list_records(session)[0].remote.auth_method == AuthMethod.NONE  # psk4 written to the cache
+            assert seen.count("list-conns") == 1
+            reloaded = copy.deepcopy(conns)
+            reloaded["psk4"]["remote-1"]["class"] = b"EAP"
+            conns.clear()
+            conns.update(reloaded)
+            sas["psk4"] = sas.pop("(unnamed)")
+            sas["psk4"]["state"] = b"ESTABLISHED"  # authenticated under the reloaded configuration
+            again = list_records(session)
+            assert again[0].remote.auth_method == AuthMethod.EAP
+            assert seen.count("list-conns") == 2
+        finally:
+            session.close()

@@ -17,7 +17,9 @@ Safety:
   binds a new socket): another charon's or a previous charon's file is ignored;
 * per connection, valid only for IKE_SAs whose uniqueid is not newer than the newest IKE_SA
   the writer knew when it fetched that configuration (a connection reloaded and brought up
-  again is re-read, the same rule as the in-process configuration cache);
+  again is re-read, the same rule as the in-process configuration cache), and not for those
+  that were not established then (``pending``: a responder's IKE_SA has its uniqueid from
+  IKE_SA_INIT on but picks its configuration at IKE_AUTH, perhaps one reloaded meanwhile);
 * the directory is created 0700, the file written 0600 by an atomic rename; a file not owned
   by this effective uid, readable or writable by others, a symlink, over :data:`MAX_BYTES`
   or malformed in any way is ignored (logged), never raised.
@@ -53,7 +55,7 @@ class _Log:
 
 log = _Log()
 
-VERSION = 1
+VERSION = 2  # (2: per connection, the IKE_SAs not established when it was fetched)
 #: Largest cache file read or written (the configurations of ~40,000 per-port child configs).
 MAX_BYTES = 4 << 20
 #: Deepest nesting accepted in a cached auth section (charon's are two levels deep).
@@ -151,13 +153,27 @@ def match(sel: Sel, addr: tuple[int, int], proto: int, port: int) -> bool:
     return False
 
 
+#: IKE_SA states in which its configuration (and so its authentication) is settled.
+SETTLED = frozenset({b"ESTABLISHED", b"REKEYING"})
+
+
 @dataclass(frozen=True)
 class ConnEntry:
-    """One connection in the cache: its auth rounds and the newest IKE_SA uniqueid it is valid for."""
+    """One connection in the cache: its auth rounds, the newest IKE_SA uniqueid it is valid for
+    and the older ones it is not (not established when the configuration was fetched)."""
 
     max_ike: int
     local: Mapping[str, Any] | None
     remote: Mapping[str, Any] | None
+    pending: frozenset[int] = frozenset()
+
+    def serves(self, uniqueid: str) -> bool:
+        """This entry holds the configuration IKE_SA ``uniqueid`` was authenticated with (as far as
+        list-conns can tell): it was established when the configuration was fetched."""
+        if not (uniqueid.isascii() and uniqueid.isdigit()):
+            return False
+        uid = int(uniqueid)
+        return uid <= self.max_ike and uid not in self.pending
 
 
 @dataclass
@@ -235,11 +251,15 @@ def read(vici_path: str) -> Coverage | None:
         for name, c in conns_raw.items():
             if not isinstance(c, dict) or type(c.get("max_ike")) is not int:
                 raise Invalid(f"malformed connection {name!r}")
+            pending = c.get("pending")
+            if not isinstance(pending, list) or not all(type(u) is int for u in pending):
+                raise Invalid(f"malformed connection {name!r}")
             local, remote = c.get("local"), c.get("remote")
             conns[name] = ConnEntry(
                 c["max_ike"],
                 None if local is None else _dec(local),
                 None if remote is None else _dec(remote),
+                frozenset(pending),
             )
             if not all(x is None or isinstance(x, dict) for x in (conns[name].local, conns[name].remote)):
                 raise Invalid("auth round is not a section")
@@ -251,12 +271,30 @@ def read(vici_path: str) -> Coverage | None:
 
 @dataclass(frozen=True)
 class ConnConfig:
-    """What the writer knows of one connection: fetched live from charon."""
+    """What the writer knows of one connection: fetched live from charon (``pending``: the IKE_SAs
+    up to ``max_ike`` not established then, see :class:`ConnEntry`)."""
 
     max_ike: int
     local: Mapping[str, Any] | None
     remote: Mapping[str, Any] | None
     children: Mapping[str, tuple[Sel, Sel]]
+    pending: frozenset[int] = frozenset()
+
+
+def known_ikes(sas: Iterable[tuple[str, Mapping[str, Any]]]) -> tuple[int, frozenset[int]]:
+    """(newest uniqueid, those not established) of IKE_SA sections [(name, section)] listed before
+    a configuration was fetched: what a :class:`ConnConfig` of it is valid for."""
+    newest, pending = 0, set()
+    for _name, sec in sas:
+        raw = sec.get("uniqueid", b"")
+        uid = raw.decode("latin-1") if isinstance(raw, bytes) else str(raw)
+        if not (uid.isascii() and uid.isdigit()):
+            continue
+        newest = max(newest, int(uid))
+        state = sec.get("state")
+        if not isinstance(state, bytes) or state not in SETTLED:
+            pending.add(int(uid))
+    return newest, frozenset(pending)
 
 
 def render(vici_path: str, conns: Mapping[str, ConnConfig], keep: Coverage | None = None) -> bytes | None:
@@ -272,6 +310,7 @@ def render(vici_path: str, conns: Mapping[str, ConnConfig], keep: Coverage | Non
         "conns": {
             n: {
                 "max_ike": c.max_ike,
+                "pending": sorted(c.pending),
                 "local": None if c.local is None else _enc(c.local),
                 "remote": None if c.remote is None else _enc(c.remote),
             }
@@ -281,6 +320,7 @@ def render(vici_path: str, conns: Mapping[str, ConnConfig], keep: Coverage | Non
     for n, e in kept.items():
         hdr["conns"][n] = {  # type: ignore[index]
             "max_ike": e.max_ike,
+            "pending": sorted(e.pending),
             "local": None if e.local is None else _enc(e.local),
             "remote": None if e.remote is None else _enc(e.remote),
         }

@@ -196,7 +196,8 @@ class SAIndex:
         self._coverage_read = False
         self._cov_flow: tuple[Flow, dict[str, set[str]]] | None = None
         self._cov_used = False
-        self._conn_max_ike: dict[str, int] = {}  # newest IKE_SA uniqueid known when a config was fetched
+        #: (newest IKE_SA uniqueid, those not established) known when a config was fetched (coverage.known_ikes)
+        self._conn_max_ike: dict[str, tuple[int, frozenset[int]]] = {}
         self._cache_dirty = False
         self.cache_hits = 0  # answers found through the shared coverage cache
         #: (IKE_SA, CHILD_SA uniqueid) -> the ChildSA record whose selectors a second listing confirmed
@@ -474,8 +475,8 @@ class SAIndex:
             self._cache_dirty = True
         return self._conns[name]
 
-    def _max_ike(self) -> int:
-        return max((int(u) for u in self._ikes if u.isdigit()), default=0)
+    def _max_ike(self) -> tuple[int, frozenset[int]]:
+        return coverage.known_ikes((ike.name, ike.section) for ike in self._ikes.values())
 
     # -- the coverage cache shared between processes (hints, never answers) --------------------
     def _cached(self, ike: _Ike) -> coverage.ConnEntry | None:
@@ -489,8 +490,7 @@ class SAIndex:
         if self._coverage is None:
             return None
         entry = self._coverage.conns.get(ike.name)
-        uid = self._uid_of(ike)
-        if entry is None or not uid.isdigit() or int(uid) > entry.max_ike:
+        if entry is None or not entry.serves(self._uid_of(ike)):
             return None
         return entry
 
@@ -536,7 +536,8 @@ class SAIndex:
                 if sel is None:
                     continue
                 local, remote = parse.conn_auth(conn, "local"), parse.conn_auth(conn, "remote")
-                conns[name] = coverage.ConnConfig(self._conn_max_ike.get(name, 0), local, remote, sel)
+                newest, pending = self._conn_max_ike.get(name, (0, frozenset()))
+                conns[name] = coverage.ConnConfig(newest, local, remote, sel, pending)
             keep = self._coverage if self.shared_cache else None  # entries this process still trusts
         return coverage.write(self.path, conns, keep) if conns else False
 

@@ -151,8 +151,7 @@ def _cached_auth(path: str, sas: list[tuple[str, Any]]) -> dict[str, tuple[Any, 
     out = {}
     for name, sec in sas:
         entry = cov.conns.get(name)
-        uid = parse.uniqueid(sec)
-        if entry is None or not uid.isdigit() or int(uid) > entry.max_ike:
+        if entry is None or not entry.serves(parse.uniqueid(sec)):
             return None
         out[name] = (entry.local, entry.remote)
     return out
@@ -161,7 +160,7 @@ def _cached_auth(path: str, sas: list[tuple[str, Any]]) -> dict[str, tuple[Any, 
 def _remember(path: str, conns: Mapping[str, Any], sas: list[tuple[str, Any]]) -> None:
     """Write the connections just fetched to the coverage cache (selectors and auth rounds), as the
     SA index does (:meth:`.index.SAIndex.save_coverage`): valid for the IKE_SAs listed before."""
-    newest = max((int(u) for _, sec in sas if (u := parse.uniqueid(sec)).isdigit()), default=0)
+    newest, pending = coverage.known_ikes(sas)
     fresh: dict[str, coverage.ConnConfig] = {}
     for name, conn in conns.items():
         if not isinstance(conn, Mapping) or coverage.LIBRARY_CONN.fullmatch(name):
@@ -176,6 +175,7 @@ def _remember(path: str, conns: Mapping[str, Any], sas: list[tuple[str, Any]]) -
             }
         except ProtocolError:
             continue  # (a garbled selector: not cached; the index fetches it itself)
-        fresh[name] = coverage.ConnConfig(newest, parse.conn_auth(conn, "local"), parse.conn_auth(conn, "remote"), sel)
+        local, remote = parse.conn_auth(conn, "local"), parse.conn_auth(conn, "remote")
+        fresh[name] = coverage.ConnConfig(newest, local, remote, sel, pending)
     if fresh:
         coverage.write(path, fresh, coverage.read(path))

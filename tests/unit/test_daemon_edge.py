@@ -989,3 +989,51 @@ def test_a_configuration_cached_while_an_ike_sa_was_connecting_is_not_its_auth(s
             assert seen.count("list-conns") == 2
         finally:
             session.close()
+
+
+# -- listings (btns sas, btns sockets, index=list): each CHILD_SA's selectors on two agreeing reads --
+
+
+def test_a_listing_rests_on_two_agreeing_reads_and_reads_a_garbled_ip_again(sock_path):
+    """First read ``[ip]`` (charon's garbled protocol name for 0: any protocol, a widening), then
+    ``[tcp/http]`` twice: the listing says tcp port 80, after three list-sas."""
+    from btns_vici.strongswan.listing import confirmed_sas
+
+    reads = [b"10.231.0.2/32[ip]", b"10.231.0.2/32[tcp/http]", b"10.231.0.2/32[tcp/http]"]
+    with FakeVici(sock_path, _charon_listing(lambda f, n: _psk4(reads[min(n, 3) - 1]))):
+        session = ViciSession(sock_path, timeout=DEADLINE)
+        try:
+            _sas, kids = confirmed_sas(session)
+        finally:
+            session.close()
+    (child,) = kids["2"].values()
+    (ts,) = child.remote_ts
+    assert (ts.proto, ts.port_lo, ts.port_hi) == (socket.IPPROTO_TCP, 80, 80)
+
+
+def test_a_listing_that_never_agrees_is_eproto(sock_path):
+    from btns_vici.strongswan import listing
+
+    ports = iter(range(1000, 2000))
+    with FakeVici(sock_path, _charon_listing(lambda f, n: _psk4(b"10.231.0.2/32[tcp/%d]" % next(ports)))):
+        session = ViciSession(sock_path, timeout=DEADLINE)
+        try:
+            with pytest.raises(ProtocolError) as exc:
+                listing.confirmed_sas(session)
+            assert exc.value.errno == errno.EPROTO
+        finally:
+            session.close()
+
+
+def test_a_listing_of_bare_address_selectors_needs_one_read(sock_path):
+    """No protocol, so charon looked no name up: nothing to garble, nothing to read twice."""
+    from btns_vici.strongswan import listing
+
+    calls = []
+    with FakeVici(sock_path, _charon_listing(lambda f, n: calls.append(n) or _psk4(b"10.231.0.2/32"))):
+        session = ViciSession(sock_path, timeout=DEADLINE)
+        try:
+            _sas, kids = listing.confirmed_sas(session)
+        finally:
+            session.close()
+    assert calls == [1] and [c.remote_ts[0].proto for c in kids["2"].values()] == [0]

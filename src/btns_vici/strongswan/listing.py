@@ -83,22 +83,26 @@ def confirmed_sas(
     a listing built while another VICI connection's is (another process, ``swanctl``) can name
     another valid protocol or port ("domain" for "http", udp for tcp) or a garbled one (README
     "Backends", strongSwan). So, as in the SA index (:meth:`.index.SAIndex._confirm`), a CHILD_SA's
-    selectors are those two reads agree on (a garbled read counts as none); a listing without any
-    CHILD_SA is taken at once, one without contention costs two list-sas. EPROTO when a CHILD_SA
-    still lacks two agreeing reads after :data:`READ_TRIES` listings.
+    selectors are those two reads agree on (a garbled read counts as none), except for selectors
+    without a protocol (nothing looked up, nothing garbled: see :func:`_children`). A listing whose
+    CHILD_SAs all have such selectors (or none) is taken at once; otherwise, without contention,
+    it costs two list-sas. EPROTO when a CHILD_SA still lacks two agreeing reads after
+    :data:`READ_TRIES` listings.
     """
     votes: dict[tuple[str, str], dict[Any, ChildSA]] = {}  # CHILD_SA -> {selectors: the latest read of them}
     confirmed: dict[tuple[str, str], ChildSA] = {}
-    for _ in range(READ_TRIES):
+    for attempt in range(READ_TRIES):
         sas = [parse.single_section(e, "list-sas entry") for e in session.list_sas(**filters)]
         kids_of: dict[str, dict[str, ChildSA]] = {}
         pending = 0
         for _name, sec in sas:
             uid = parse.uniqueid(sec)
             kids = kids_of.setdefault(uid, {})
-            for cid, child in _children(sec).items():
+            for cid, (child, plain) in _children(sec).items():
                 key = (uid, cid)
-                if child is not None:
+                if child is not None and plain:
+                    confirmed[key] = child  # no protocol, so no name charon looked up: nothing to garble
+                elif child is not None:
                     sel = (child.local_ts, child.remote_ts)
                     seen = votes.setdefault(key, {})
                     if sel in seen:
@@ -108,9 +112,9 @@ def confirmed_sas(
                     kids[cid] = confirmed[key]
                 else:
                     pending += 1
-        if not pending and (votes or not any(kids_of.values())):
+        if not pending:
             return sas, kids_of
-        if pending and votes:
+        if attempt:
             _warn("charon listed %d CHILD_SAs' selectors without two agreeing reads: listing again", pending)
     raise ProtocolError(
         f"charon listed a CHILD_SA's traffic selectors differently {READ_TRIES} times "
@@ -118,20 +122,28 @@ def confirmed_sas(
     )
 
 
-def _children(sec: Any) -> dict[str, ChildSA | None]:
-    """An IKE section's CHILD_SAs by uniqueid (None: a garbled selector, read again)."""
+def _children(sec: Any) -> dict[str, tuple[ChildSA | None, bool]]:
+    """An IKE section's CHILD_SAs by uniqueid: (it, None when a selector is garbled; whether every
+    selector is a bare address range). charon looks names up only for a selector with a protocol
+    (``[tcp/http]``); one without (``10.0.0.2/32``, a host-to-host SA) cannot be garbled, but a
+    garbled one can read ``[ip]`` (protocol 0, any): hence the text, not the parsed protocol."""
     kids = sec.get("child-sas", {})
     if not isinstance(kids, Mapping):
         raise ProtocolError("VICI child-sas is not a section")
-    out: dict[str, ChildSA | None] = {}
+    out: dict[str, tuple[ChildSA | None, bool]] = {}
     for c in kids.values():
         if not isinstance(c, Mapping):
             raise ProtocolError("VICI child-sas entry is not a section")
         cid = parse.uniqueid(c, "CHILD_SA uniqueid")
         try:
-            out[cid] = parse.parse_child(c)
+            child: ChildSA | None = parse.parse_child(c)
         except parse.GarbledSelectorError:
-            out[cid] = None
+            child = None
+        plain = all(
+            isinstance(ts, list) and all(isinstance(t, bytes) and b"[" not in t for t in ts)
+            for ts in (c.get("local-ts", []), c.get("remote-ts", []))
+        )
+        out[cid] = (child, plain)
     return out
 
 

@@ -269,11 +269,18 @@ def facts(
     )
 
 
+def quoted(comm: str) -> str:
+    """A process name inside the PROCESS cell's quotes: ``"`` and ``\\`` escaped, so a name (any 15
+    bytes its owner chose) cannot close the quotes and forge another holder; control characters are
+    escaped by :func:`.output.table` for the whole line."""
+    return comm.replace("\\", "\\\\").replace('"', '\\"') if '"' in comm or "\\" in comm else comm
+
+
 def users(processes: list[dict[str, Any]]) -> str:
     """The PROCESS cell as ``ss -p`` prints it: users:(("name",pid=P,fd=N),...)."""
     if not processes:
         return ""
-    return "users:(" + ",".join(f'("{p["comm"]}",pid={p["pid"]},fd={p["fd"]})' for p in processes) + ")"
+    return "users:(" + ",".join(f'("{quoted(p["comm"])}",pid={p["pid"]},fd={p["fd"]})' for p in processes) + ")"
 
 
 def row(entry: SocketEntry, protection: Protection | None, d: dict[str, Any]) -> list[Any]:
@@ -309,7 +316,7 @@ class _Rows:
     def __call__(self, e: SocketEntry) -> list[str]:
         """The row's cells, each a non-empty str ("-" for none: ``table(..., cells_ready=True)``)."""
         held = self.holders.get(e.inode)
-        procs = "users:(" + ",".join(f'("{c}",pid={p},fd={fd})' for p, c, fd in held) + ")" if held else "-"
+        procs = "users:(" + ",".join(f'("{quoted(c)}",pid={p},fd={fd})' for p, c, fd in held) + ")" if held else "-"
         local = f"{self.host(e.local_addr)}:{e.local_port}"
         if not e.connected:
             return [PROTO_NAMES[e.proto], e.state, local, "*", procs, status_of(e, False)]

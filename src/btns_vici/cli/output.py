@@ -55,6 +55,13 @@ def emit_json(obj: Any, out: TextIO | None = None, *, line: bool = False) -> Non
     out.flush()
 
 
+def printable(text: str) -> str:
+    """``text`` with every character ``str.isprintable`` refuses (newline, ESC, ...) escaped as in a
+    Python literal: a cell's text (a process name, a peer's identity) can neither start a forged
+    row nor drive the terminal (hide the rest of its row)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def table(
     headers: Sequence[str], rows: Sequence[Sequence[Any]], out: TextIO | None = None, *, cells_ready: bool = False
 ) -> None:
@@ -85,6 +92,7 @@ def table(
         fmt = formats.get(n)
         if fmt is None:
             fmt = formats[n] = "".join(f"{{:<{w}}}  " for w in widths[: n - 1]) + "{}"
-        lines.append(fmt.format(*row).rstrip())
+        line = fmt.format(*row).rstrip()
+        lines.append(line if line.isprintable() else printable(line))
     out.write("\n".join(lines) + "\n")
     out.flush()

@@ -192,8 +192,9 @@ def socket_holders(skip: int | None = None) -> Holders:
                 if target.startswith("socket:["):
                     if comm is None:  # read once, for processes that hold a socket
                         try:
-                            with open(f"/proc/{name}/comm") as f:
-                                comm = f.read().strip()
+                            with open(f"/proc/{name}/comm", errors="surrogateescape") as f:
+                                comm = f.read()
+                            comm = comm[:-1] if comm.endswith("\n") else comm  # (the kernel's; the rest is the name)
                         except OSError:
                             break  # gone meanwhile: skipped, as ss does
                     holders.setdefault(int(target[8:-1]), []).append((pid, comm, int(fd)))

@@ -23,7 +23,7 @@ from btns_vici import inetdiag as _inetdiag
 from btns_vici.cli import sockdiag
 from btns_vici.cli.cmd_sockets import HEADERS, Snapshot, _Lines, _Reach, _Rows, describe, emit_array, emit_lines
 from btns_vici.cli.cmd_sockets import row as straight_row
-from btns_vici.cli.output import table
+from btns_vici.cli.output import printable, table
 from btns_vici.cli.sockdiag import SocketEntry, list_sockets, socket_holders
 from btns_vici.core.constants import AuthMethod
 from btns_vici.core.records import ChildSA, Identity, IkeSA
@@ -32,7 +32,8 @@ from btns_vici.strongswan import parse
 
 
 def reference_table(headers, rows) -> str:
-    """The table as output.table printed it before it was assembled in one piece."""
+    """The table as output.table printed it before it was assembled in one piece (each line's
+    control characters escaped: output.printable)."""
     out = io.StringIO()
     cells = [[("-" if c is None or c == "" else str(c)) for c in row] for row in rows]
     widths = [len(h) for h in headers]
@@ -41,7 +42,7 @@ def reference_table(headers, rows) -> str:
             widths[i] = max(widths[i], len(c))
     for row in [list(headers), *cells]:
         padded = [c.ljust(widths[i]) for i, c in enumerate(row[:-1])] + [row[-1]]
-        out.write("  ".join(padded).rstrip() + "\n")
+        out.write(printable("  ".join(padded).rstrip()) + "\n")
     return out.getvalue()
 
 

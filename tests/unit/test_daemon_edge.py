@@ -1037,3 +1037,18 @@ def test_a_listing_of_bare_address_selectors_needs_one_read(sock_path):
         finally:
             session.close()
     assert calls == [1] and [c.remote_ts[0].proto for c in kids["2"].values()] == [0]
+
+
+def test_the_second_read_that_finds_the_child_deleting_makes_no_positive_answer(sock_path):
+    """The index holds CHILD_SA 2 INSTALLED (its up event, or a listing); the confirming read (list-sas
+    ike-id child-id, newer) says DELETING with the same selectors: no positive answer from the older read."""
+    installed = _psk4(b"10.231.0.2/32[tcp]")
+    deleting = copy.deepcopy(installed)
+    for child in deleting["psk4"]["child-sas"].values():
+        child["state"] = b"DELETING"
+    with FakeVici(sock_path, _charon_listing(lambda f, n: deleting if "child-id" in f else installed)):
+        index = _index(sock_path)
+        try:
+            assert index.find(FLOW) is None
+        finally:
+            index.close()

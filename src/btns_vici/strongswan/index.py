@@ -794,7 +794,9 @@ class SAIndex:
         for tcp or back; README "strongSwan" under Backends). So the selectors a positive
         answer rests on are those of two listings that agree: this one (``list-sas`` of that
         child alone) and the one the index holds. If they differ, the fresh one replaces it and
-        must be confirmed in turn; after :data:`CONFIRM_TRIES` disagreeing reads, EPROTO.
+        must be confirmed in turn; after :data:`CONFIRM_TRIES` disagreeing reads, EPROTO. When they
+        agree but the second read is no longer INSTALLED (DELETING: its down event still to come),
+        the second read holds: no positive answer rests on the older state.
         """
         for _ in range(CONFIRM_TRIES):
             self.confirm_listings += 1
@@ -807,6 +809,9 @@ class SAIndex:
             if fresh.local_ts == child.local_ts and fresh.remote_ts == child.remote_ts:
                 if len(self._confirmed) >= MAX_CONFIRMED:
                     self._confirmed.clear()
+                if fresh.installed != child.installed:  # the newer read says it is going (or back): it holds
+                    self._add_child(ike, fresh)
+                    child = fresh
                 self._confirmed[(uid, child.uniqueid)] = child
                 self._unconfirmed.discard((uid, child.uniqueid))
                 return

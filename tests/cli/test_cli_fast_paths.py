@@ -53,7 +53,10 @@ def test_sockets_short_path_answers_what_the_library_answers(tb, conn, pair_fact
     protected, _ = pair_factory(socket.IPPROTO_TCP, 4)
     port = protected.getsockname()[1]
     snap, holders = Snapshot(_library(tb.a)), socket_holders()
-    full = [describe(e, snap, holders.get(e.inode, []))[1] for e in list_sockets(tb.a.netns) if e.connected]
+    try:
+        full = [describe(e, snap, holders.get(e.inode, []))[1] for e in list_sockets(tb.a.netns) if e.connected]
+    finally:
+        snap.close()  # (its descriptor-borrowing helper, reaped)
 
     def by_flow(entries: list[dict]) -> dict:
         return {(e["proto"], e["local_addr"], e["local_port"], e["remote_addr"], e["remote_port"]): e for e in entries}

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ..backend import Backend
     from ..core.records import IkeSA, Protection, SocketView
     from ..core.selectors import Flow, IPAddress
+    from .pidfd import SocketBorrower
 
 
 HEADERS = ("PROTO", "STATE", "LOCAL", "PEER", "PROCESS", "PROTECTION", "SPI-IN/OUT", "MODE", "ALG", "PEER-ID", "AUTH")
@@ -67,6 +68,7 @@ class Snapshot:
         self.name = name or (backend.name if backend is not None else "?")
         self._reach = _Reach(self.sas)
         self._clear_template: dict[str, Any] | None = None
+        self._borrower: SocketBorrower | None = None
         self._text: dict[int, tuple[Any, str]] = {}  # id(address) -> (it, str(it)): sockets share addresses
 
     def text(self, addr: Any) -> str:
@@ -95,6 +97,20 @@ class Snapshot:
         return self._backend
 
     @property
+    def borrower(self) -> SocketBorrower:
+        """The helper that borrows holders' sockets (started on first use; :meth:`close` stops it)."""
+        if self._borrower is None:
+            from .pidfd import SocketBorrower
+
+            self._borrower = SocketBorrower()
+        return self._borrower
+
+    def close(self) -> None:
+        if self._borrower is not None:
+            self._borrower.close()
+            self._borrower = None
+
+    @property
     def netns_id(self) -> tuple[int, int] | None:
         return self.backend.netns_id
 
@@ -109,7 +125,7 @@ class Snapshot:
         flow = entry.flow
         if flow is None or not self.covered(flow):
             return None, None
-        view = exact_view(entry, owners) or entry_view(entry, self.netns_id)
+        view = exact_view(entry, owners, self.borrower) or entry_view(entry, self.netns_id)
         if view is None:
             return None, None
         found = self.backend.protect(view)
@@ -180,18 +196,16 @@ class _Reach:
         return answer
 
 
-def exact_view(entry: SocketEntry, owners: list[tuple[int, str, int]]) -> SocketView | None:
-    """The socket read through one of its holders' descriptors (pidfd_getfd), None if none may be taken."""
-    from .pidfd import borrow_fd
-
+def exact_view(entry: SocketEntry, owners: list[tuple[int, str, int]], borrower: SocketBorrower) -> SocketView | None:
+    """The socket read through one of its holders' descriptors (pidfd_getfd, by ``borrower``: only
+    that very socket ever reaches this process, never whatever file its holder put at that number
+    meanwhile), None if none may be taken."""
     for pid, _comm, fd in owners:
         try:
-            num = borrow_fd(pid, fd)
+            num = borrower.borrow(pid, fd, entry.inode)
         except OSError:
             continue
         try:
-            if os.fstat(num).st_ino != entry.inode:
-                continue  # the descriptor was reused meanwhile
             from ..sockets import view_of
 
             return view_of(num)
@@ -491,8 +505,11 @@ def run(args: Any) -> int:
             entries = [e for e in entries if e.connected]
         snapshot = _snapshot(args)
         holders = holders_of.result()
-    if args.json:
-        emit_lines(list(map(_Lines(snapshot, holders), entries)))
-    else:
-        table(HEADERS, list(map(_Rows(snapshot, holders), entries)), cells_ready=True)
+    try:
+        if args.json:
+            emit_lines(list(map(_Lines(snapshot, holders), entries)))
+        else:
+            table(HEADERS, list(map(_Rows(snapshot, holders), entries)), cells_ready=True)
+    finally:
+        snapshot.close()
     return exits.OK

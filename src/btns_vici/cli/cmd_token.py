@@ -21,7 +21,7 @@ from . import exits
 from .context import open_backend
 from .describe import describe_ptoken, flow_dict, protection_dict, ptoken_dict, verify_view
 from .output import emit_json
-from .pidfd import borrow_fd
+from .pidfd import borrow_socket
 
 NETNS_DIR = "/run/netns"  # where `ip netns add` names namespaces
 
@@ -29,8 +29,12 @@ NETNS_DIR = "/run/netns"  # where `ip netns add` names namespaces
 def borrow(pid: int, fd: int) -> socket.socket:
     """Process ``pid``'s descriptor ``fd`` as a socket object of ours, or CliError."""
     try:
-        num = borrow_fd(pid, fd)
+        num = borrow_socket(pid, fd)  # (through a helper: never a descriptor whose close may hang: pidfd.py)
     except OSError as exc:
+        if exc.errno == errno.ENOTSOCK:
+            raise exits.CliError(
+                exits.NOT_FOUND, f"file descriptor {fd} of process {pid} is not a socket ({_describe_fd(pid, fd)})"
+            ) from None
         if exc.errno == errno.ESRCH:
             raise exits.CliError(exits.NOT_FOUND, f"no process {pid}") from None
         if exc.errno == errno.EBADF:

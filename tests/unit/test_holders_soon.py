@@ -4,6 +4,8 @@ when the caller fails midway or SIGCHLD is ignored; no hang when the helper neve
 
 from __future__ import annotations
 
+import errno
+import gc
 import os
 import signal
 import socket
@@ -117,3 +119,27 @@ def test_the_fallback_walk_matches():
     with socket.socket() as s:
         inode = os.fstat(s.fileno()).st_ino
         assert [(p, fd) for p, _c, fd in socket_holders()[inode]] == [(os.getpid(), s.fileno())]
+
+
+# -- the descriptor-borrowing helper (cli/pidfd.SocketBorrower) ---------------------------------------
+
+
+def test_the_borrower_hands_back_that_socket_only_and_a_dropped_one_is_reaped():
+    from btns_vici.cli.pidfd import SocketBorrower
+
+    before = _fds()
+    with socket.socket() as s, open("/proc/self/stat", "rb") as f:
+        inode = os.fstat(s.fileno()).st_ino
+        borrower = SocketBorrower()
+        got = borrower.borrow(os.getpid(), s.fileno(), inode)
+        assert os.readlink(f"/proc/self/fd/{got}") == f"socket:[{inode}]"
+        os.close(got)
+        for fd, want in ((f.fileno(), errno.ENOTSOCK), (s.fileno(), errno.ENOTSOCK), (10**6, errno.EBADF)):
+            with pytest.raises(OSError) as exc:
+                borrower.borrow(os.getpid(), fd, inode + 1 if fd == s.fileno() else inode)
+            assert exc.value.errno == want
+        helper = borrower._pid
+        del borrower, exc  # dropped without close (as btnsd drops a Snapshot): stopped and reaped all the same
+        gc.collect()  # (the tracebacks held it in a cycle)
+    assert _gone(helper)
+    assert _fds() == before

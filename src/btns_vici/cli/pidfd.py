@@ -15,6 +15,8 @@ import signal
 import socket
 import struct
 import time
+import weakref
+from typing import Any
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -69,6 +71,7 @@ class SocketBorrower:
         self._sock: socket.socket | None = None
         self._pid, self._pidfd = 0, -1
         self._broken = False
+        self._finalizer: weakref.finalize[Any, Any] | None = None
 
     def _start(self) -> socket.socket:
         if self._sock is not None:
@@ -92,6 +95,8 @@ class SocketBorrower:
             self._pidfd = os.pidfd_open(pid)
         except OSError:
             self._pidfd = -1
+        # (a borrower dropped without close, e.g. a Snapshot btnsd lets go: stopped and reaped all the same)
+        self._finalizer = weakref.finalize(self, _stop, ours, pid, self._pidfd)
         return ours
 
     def _serve(self, conn: socket.socket) -> None:
@@ -142,36 +147,41 @@ class SocketBorrower:
         return fds[0]
 
     def close(self) -> None:
-        sock, pid, pidfd = self._sock, self._pid, self._pidfd
+        finalizer, self._finalizer = self._finalizer, None
         self._sock, self._pid, self._pidfd = None, 0, -1
-        if sock is not None:
-            sock.close()  # EOF: the helper exits by itself
-        try:
-            if pid:
-                deadline = time.monotonic() + 0.5
-                while True:
-                    try:
-                        if os.waitpid(pid, os.WNOHANG)[0]:
-                            break
-                    except ChildProcessError:
-                        break
-                    if time.monotonic() > deadline:
-                        if pidfd >= 0:
-                            with contextlib.suppress(OSError):
-                                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                        with contextlib.suppress(ChildProcessError):
-                            os.waitpid(pid, os.WNOHANG)
-                        break
-                    time.sleep(0.005)
-        finally:
-            if pidfd >= 0:
-                os.close(pidfd)
+        if finalizer is not None:
+            finalizer()
 
     def __enter__(self) -> SocketBorrower:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _stop(sock: socket.socket, pid: int, pidfd: int) -> None:
+    """End a SocketBorrower's helper: EOF, then reaped (killed after 0.5 s; a helper that keeps a
+    hostile file open may hang in its exit, uninterruptibly: it is not waited for)."""
+    sock.close()  # EOF: the helper exits by itself
+    try:
+        deadline = time.monotonic() + 0.5
+        while True:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    return
+            except ChildProcessError:
+                return
+            if time.monotonic() > deadline:
+                if pidfd >= 0:
+                    with contextlib.suppress(OSError):
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+                return
+            time.sleep(0.002)
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
 
 
 def borrow_socket(pid: int, fd: int, inode: int = 0, wait: float | None = None) -> int:

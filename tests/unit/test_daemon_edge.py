@@ -1052,3 +1052,35 @@ def test_the_second_read_that_finds_the_child_deleting_makes_no_positive_answer(
             assert index.find(FLOW) is None
         finally:
             index.close()
+
+
+def test_a_listing_whose_children_come_and_go_between_reads_is_not_eproto(sock_path):
+    """Every whole listing shows a CHILD_SA that the one before did not (rekeyed, or just up): those
+    few are read alone (list-sas ike-id child-id) instead of failing the listing."""
+    from btns_vici.strongswan.listing import confirmed_sas
+
+    def listing(filters, n):
+        msg = _psk4(b"10.231.0.2/32[tcp/http]")
+        kids = msg["psk4"]["child-sas"]
+        (stable,) = kids.values()
+        fresh = copy.deepcopy(stable)
+        fresh["uniqueid"] = b"%d" % (100 + n)
+        if "child-id" in filters:
+            cid = filters["child-id"]
+            kids.clear()
+            if cid == b"2":
+                kids["host-2"] = stable
+            elif int(cid) >= 100:
+                fresh["uniqueid"] = cid
+                kids[f"host-{cid.decode()}"] = fresh
+        else:
+            kids[f"host-{100 + n}"] = fresh
+        return msg
+
+    with FakeVici(sock_path, _charon_listing(listing)):
+        session = ViciSession(sock_path, timeout=DEADLINE)
+        try:
+            _sas, kids = confirmed_sas(session)
+        finally:
+            session.close()
+    assert "2" in kids["2"] and len(kids["2"]) == 2

@@ -94,7 +94,7 @@ def confirmed_sas(
     for attempt in range(READ_TRIES):
         sas = [parse.single_section(e, "list-sas entry") for e in session.list_sas(**filters)]
         kids_of: dict[str, dict[str, ChildSA]] = {}
-        pending = 0
+        pending: list[tuple[str, str]] = []
         for _name, sec in sas:
             uid = parse.uniqueid(sec)
             kids = kids_of.setdefault(uid, {})
@@ -111,15 +111,49 @@ def confirmed_sas(
                 if key in confirmed:
                     kids[cid] = confirmed[key]
                 else:
-                    pending += 1
+                    pending.append(key)
         if not pending:
             return sas, kids_of
         if attempt:
-            _warn("charon listed %d CHILD_SAs' selectors without two agreeing reads: listing again", pending)
+            _warn("charon listed %d CHILD_SAs' selectors without two agreeing reads: listing again", len(pending))
+        if attempt == READ_TRIES - 2 and len(pending) <= LATE_CHILDREN:  # the last read: those few alone
+            for uid, cid in pending:
+                child, gone = _confirm_alone(session, uid, cid, votes.setdefault((uid, cid), {}))
+                if child is not None:
+                    confirmed[(uid, cid)] = kids_of[uid][cid] = child
+                elif not gone:
+                    break
+            else:
+                return sas, kids_of  # (a CHILD_SA gone meanwhile is not listed)
     raise ProtocolError(
         f"charon listed a CHILD_SA's traffic selectors differently {READ_TRIES} times "
         "(concurrent VICI listings garble them: README, Backends, strongSwan)"
     )
+
+
+#: CHILD_SAs still without two agreeing reads that are read alone (list-sas ike-id child-id) rather
+#: than in one more whole listing (CHILD_SAs that came up or were rekeyed between the listings).
+LATE_CHILDREN = 16
+
+
+def _confirm_alone(session: ViciSession, uid: str, cid: str, seen: dict[Any, ChildSA]) -> tuple[ChildSA | None, bool]:
+    """(CHILD_SA ``cid`` once two reads of it agree, None if two more reads of it alone do not;
+    whether it is gone)."""
+    for _ in range(2):
+        found = None
+        for entry in session.list_sas(ike_id=uid, child_id=cid):
+            _name, sec = parse.single_section(entry, "list-sas entry")
+            if parse.uniqueid(sec) == uid:
+                found = _children(sec).get(cid)
+        if found is None:
+            return None, True
+        child = found[0]
+        if child is not None:
+            sel = (child.local_ts, child.remote_ts)
+            if sel in seen:
+                return child, False
+            seen[sel] = child
+    return None, False
 
 
 def _children(sec: Any) -> dict[str, tuple[ChildSA | None, bool]]:

@@ -35,6 +35,22 @@ def _after_fork_in_child() -> None:
             pass
 
 
+def keep_only(*fds: int) -> None:
+    """In a forked helper process: close every inherited descriptor but ``fds`` (0-2 point to
+    /dev/null). A helper that kept the parent's copies would hold the parent's pipes and sockets
+    open: a peer waiting for their EOF (a pipe's reader, a connection's other end) would wait for
+    the helper too (found: the stdin pipe of a process the parent started)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for std in (0, 1, 2):
+        if std not in fds:
+            os.dup2(null, std)
+    lo = 3
+    for fd in sorted(f for f in fds if f >= 3):
+        os.closerange(lo, fd)
+        lo = fd + 1
+    os.closerange(lo, 1 << 20)  # close_range(2): one call whatever the limit
+
+
 def close_quietly(*socks: object) -> None:
     for s in socks:
         close = getattr(s, "close", None)

@@ -143,3 +143,30 @@ def test_the_borrower_hands_back_that_socket_only_and_a_dropped_one_is_reaped():
         gc.collect()  # (the tracebacks held it in a cycle)
     assert _gone(helper)
     assert _fds() == before
+
+
+def test_a_forked_helper_holds_none_of_the_parent_s_descriptors():
+    """forksafe.keep_only: a pipe the parent closes reaches EOF although the helper still lives."""
+    import select
+
+    from btns_vici import forksafe
+
+    r, w = os.pipe()
+    keep_r, keep_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            forksafe.keep_only(keep_r)
+            os.read(keep_r, 1)  # lives until the parent says so
+        finally:
+            os._exit(0)
+    try:
+        os.close(w)
+        ready, _, _ = select.select([r], [], [], 5)
+        assert ready and os.read(r, 1) == b""  # EOF: the helper did not keep the write end
+    finally:
+        os.close(r)
+        os.write(keep_w, b"x")
+        os.waitpid(pid, 0)
+        os.close(keep_r)
+        os.close(keep_w)

@@ -18,6 +18,8 @@ import time
 import weakref
 from typing import Any
 
+from .. import forksafe
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 #: pidfd_getfd: 438 on every architecture (syscalls from 424 on share one number; alpha aside).
@@ -85,7 +87,7 @@ class SocketBorrower:
             raise
         if pid == 0:  # the helper: never returns into the caller's code
             try:
-                ours.close()
+                forksafe.keep_only(theirs.fileno())
                 self._serve(theirs)
             finally:
                 os._exit(0)

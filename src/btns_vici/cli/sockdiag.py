@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import Any
 
+from .. import forksafe
 from .. import inetdiag as _inetdiag
 from ..core.selectors import Flow, IPAddress
 
@@ -240,7 +241,7 @@ class HoldersSoon:
         if pid == 0:  # the helper: walk, write, exit (never returns into the caller's code)
             code = 1
             try:
-                os.close(rfd)
+                forksafe.keep_only(wfd)
                 data = marshal.dumps(socket_holders(skip=os.getpid()))
                 with open(wfd, "wb") as out:
                     out.write(len(data).to_bytes(8, "big") + data)

@@ -1084,3 +1084,55 @@ def test_a_listing_whose_children_come_and_go_between_reads_is_not_eproto(sock_p
         finally:
             session.close()
     assert "2" in kids["2"] and len(kids["2"]) == 2
+
+
+def _psk4_conn(remote_ts: bytes) -> dict:
+    conn = decode_bytes((DATA / "list-conns-psk4.vici").read_bytes())
+    (name,) = conn
+    conn[name]["children"] = {
+        "host": {"mode": b"TUNNEL", "local-ts": [b"10.231.0.1/32"], "remote-ts": [remote_ts]},
+    }
+    return conn
+
+
+def _charon_with_config(sas: dict, conn: dict, seen: list[str]):
+    """list-sas answers ``sas``, list-conns ``conn``; every request's name goes to ``seen``."""
+
+    def listing(command):
+        seen.append(command)
+        if command == "list-sas":
+            return [event("list-sa", sas)]
+        if command == "list-conns":
+            return [event("list-conn", conn)]
+        return []
+
+    return scripted(listing)
+
+
+@pytest.mark.parametrize(
+    ("configured", "list_sas_calls"),
+    [(b"10.231.0.2/32[tcp/http]", 1), (b"10.231.0.2/32[tcp/https]", 2), (b"dynamic", 2)],
+    ids=["config-agrees", "config-differs", "config-dynamic"],
+)
+def test_a_listing_agreeing_with_the_configuration_needs_one_read(sock_path, tmp_path, monkeypatch, configured,
+                                                                   list_sas_calls):  # fmt: skip
+    """list-conns is a second, independent read of a per-port child's selectors: when its child
+    config says what list-sas said, no second list-sas; otherwise one (and the listing still says
+    what two list-sas agree on)."""
+    from btns_vici.strongswan.listing import list_records
+
+    monkeypatch.setenv("BTNS_CACHE_DIR", str(tmp_path / "cache"))
+    seen: list[str] = []
+    sas = _psk4(b"10.231.0.2/32[tcp/http]")
+    with FakeVici(sock_path, _charon_with_config(sas, _psk4_conn(configured), seen)):
+        session = ViciSession(sock_path, timeout=DEADLINE)
+        try:
+            (ike,) = list_records(session)
+            assert seen.count("list-sas") == list_sas_calls
+            (ts,) = ike.children[0].remote_ts
+            assert (ts.proto, ts.port_lo) == (socket.IPPROTO_TCP, 80)
+            seen.clear()
+            list_records(session)  # the configuration from the coverage cache now: the same rule
+            assert seen.count("list-conns") == 0 and seen.count("list-sas") == list_sas_calls
+        finally:
+            session.close()

@@ -183,6 +183,25 @@ class Coverage:
     conns: dict[str, ConnEntry]
     text: str
 
+    def children_of(self, conn: str) -> dict[str, tuple[Sel, Sel]]:
+        """{child config name: (local, remote) configured selectors} cached for connection ``conn``."""
+        out: dict[str, tuple[Sel, Sel]] = {}
+        needle = "\t" + json.dumps([conn])[:-1] + ","
+        at = self.text.find(needle)
+        while at >= 0:
+            end = self.text.find("\n", at)
+            if end < 0:
+                raise Invalid("truncated line")
+            try:
+                name, child, lraw, rraw = json.loads(self.text[at + 1 : end])
+            except (ValueError, TypeError) as exc:
+                raise Invalid(f"malformed line: {exc}") from None
+            if name != conn or not isinstance(child, str):
+                raise Invalid("malformed line")
+            out[child] = (_sel(lraw), _sel(rraw))
+            at = self.text.find(needle, end)
+        return out
+
     def candidates(
         self, version: int, laddr: int, lport: int, raddr: int, rport: int, proto: int
     ) -> dict[str, set[str]]:

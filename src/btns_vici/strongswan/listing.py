@@ -7,14 +7,15 @@ enforcement, event and data-plane modules the plugin imports.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..core.errors import ProtocolError
 from ..core.records import ChildSA, IkeSA
 from . import coverage, parse
-from .compiled import config_selectors
+from .compiled import compiled, config_selectors
 from .session import DEFAULT_SOCKET, ViciSession
 
 
@@ -44,19 +45,23 @@ def list_records(
     and CHILD_SAs, so a filtered listing costs what it shows. charon reads a non-numeric id as no
     filter and keeps IKE_SAs left without children: callers that need exact selection still select.
     """
-    sas, kids_of = confirmed_sas(session, ike_id=ike_id, child_id=child_id, ike=ike, child=child)
-    auth = _cached_auth(session.path, sas) if cache else None
-    if auth is None:
+    filters = {"ike_id": ike_id, "child_id": child_id, "ike": ike, "child": child}
+    first = [parse.single_section(e, "list-sas entry") for e in session.list_sas(**filters)]
+    got = _cached_configs(session.path, first) if cache else None
+    if got is None:
         conns: dict[str, Any] = {}
         for c in session.list_conns(ike):
             conns.update(c)
-        auth = {
-            n: (parse.conn_auth(c, "local"), parse.conn_auth(c, "remote"))
-            for n, c in conns.items()
-            if isinstance(c, Mapping)
-        }
+        got = _fetched_configs(conns)
         if cache:
-            _remember(session.path, conns, sas)
+            _remember(session.path, conns, first)
+    auth, configured = got
+
+    def agrees(name: str, kid: ChildSA) -> bool:  # a second, independent read of its selectors
+        want = configured.get(name, {}).get(kid.name)
+        return want is not None and want == (compiled(kid.local_ts), compiled(kid.remote_ts))
+
+    sas, kids_of = confirmed_sas(session, first=first, agrees=agrees, **filters)
     store = parse.CertStore.from_vici(session.list_certs())
     out = []
     for name, sec in sas:
@@ -73,7 +78,10 @@ READ_TRIES = 4
 
 
 def confirmed_sas(
-    session: ViciSession, **filters: str | None
+    session: ViciSession,
+    first: list[tuple[str, Any]] | None = None,
+    agrees: Callable[[str, ChildSA], bool] | None = None,
+    **filters: str | None,
 ) -> tuple[list[tuple[str, Any]], dict[str, dict[str, ChildSA]]]:
     """list-sas (``filters`` as :meth:`.ViciSession.list_sas`) until every CHILD_SA of the last
     listing has traffic selectors two listings agree on: ([(IKE_SA name, section)], {IKE_SA
@@ -88,20 +96,30 @@ def confirmed_sas(
     CHILD_SAs all have such selectors (or none) is taken at once; otherwise, without contention,
     it costs two list-sas. EPROTO when a CHILD_SA still lacks two agreeing reads after
     :data:`READ_TRIES` listings.
+
+    ``first``: a listing already made (the first read); ``agrees(IKE_SA name, child)``: True when
+    another read of charon's agrees with the child's selectors (its child config's configured
+    selectors, read by list-conns, equal its negotiated ones: what most per-port children have),
+    which confirms it without a second list-sas.
     """
     votes: dict[tuple[str, str], dict[Any, ChildSA]] = {}  # CHILD_SA -> {selectors: the latest read of them}
     confirmed: dict[tuple[str, str], ChildSA] = {}
     for attempt in range(READ_TRIES):
-        sas = [parse.single_section(e, "list-sas entry") for e in session.list_sas(**filters)]
+        if attempt == 0 and first is not None:
+            sas = first
+        else:
+            sas = [parse.single_section(e, "list-sas entry") for e in session.list_sas(**filters)]
         kids_of: dict[str, dict[str, ChildSA]] = {}
         pending: list[tuple[str, str]] = []
-        for _name, sec in sas:
+        for name, sec in sas:
             uid = parse.uniqueid(sec)
             kids = kids_of.setdefault(uid, {})
             for cid, (child, plain) in _children(sec).items():
                 key = (uid, cid)
                 if child is not None and plain:
                     confirmed[key] = child  # no protocol, so no name charon looked up: nothing to garble
+                elif child is not None and key not in confirmed and agrees is not None and agrees(name, child):
+                    confirmed[key] = child  # its configuration, read separately, says the same
                 elif child is not None:
                     sel = (child.local_ts, child.remote_ts)
                     seen = votes.setdefault(key, {})
@@ -187,20 +205,48 @@ def _warn(msg: str, *args: Any) -> None:
     logging.getLogger(__name__).warning(msg, *args)
 
 
-def _cached_auth(path: str, sas: list[tuple[str, Any]]) -> dict[str, tuple[Any, Any]] | None:
-    """{connection: (local, remote) auth round} from the coverage cache, if it serves every IKE_SA."""
+Configs = tuple[dict[str, tuple[Any, Any]], dict[str, dict[str, tuple[Any, Any]]]]
+
+
+def _cached_configs(path: str, sas: list[tuple[str, Any]]) -> Configs | None:
+    """({connection: (local, remote) auth round}, {connection: {child config: (local, remote)
+    configured selectors}}) from the coverage cache, if it serves every listed IKE_SA."""
     if not sas:
         return None
     cov = coverage.read(path)
     if cov is None:
         return None
-    out = {}
-    for name, sec in sas:
-        entry = cov.conns.get(name)
-        if entry is None or not entry.serves(parse.uniqueid(sec)):
-            return None
-        out[name] = (entry.local, entry.remote)
-    return out
+    auth: dict[str, tuple[Any, Any]] = {}
+    configured: dict[str, dict[str, tuple[Any, Any]]] = {}
+    try:
+        for name, sec in sas:
+            entry = cov.conns.get(name)
+            if entry is None or not entry.serves(parse.uniqueid(sec)):
+                return None
+            auth[name] = (entry.local, entry.remote)
+            if name not in configured:
+                configured[name] = cov.children_of(name)
+    except coverage.Invalid:
+        return None
+    return auth, configured
+
+
+def _fetched_configs(conns: Mapping[str, Any]) -> Configs:
+    """The same from a list-conns just made (a child config with a garbled selector: none)."""
+    auth: dict[str, tuple[Any, Any]] = {}
+    configured: dict[str, dict[str, tuple[Any, Any]]] = {}
+    for n, c in conns.items():
+        if not isinstance(c, Mapping):
+            continue
+        auth[n] = (parse.conn_auth(c, "local"), parse.conn_auth(c, "remote"))
+        kids = c.get("children") or {}
+        sel = configured[n] = {}
+        if isinstance(kids, Mapping):
+            for cname, cfg in kids.items():
+                if isinstance(cfg, Mapping):
+                    with contextlib.suppress(ProtocolError):
+                        sel[cname] = (config_selectors(cfg, "local-ts"), config_selectors(cfg, "remote-ts"))
+    return auth, configured
 
 
 def _remember(path: str, conns: Mapping[str, Any], sas: list[tuple[str, Any]]) -> None:

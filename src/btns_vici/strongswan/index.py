@@ -294,8 +294,11 @@ class SAIndex:
                 with self._lock:
                     if epoch == self._conn_epoch and name not in self._conns:
                         self._conns[name] = conn
+                        if conn is not None:
+                            self._cfg_unconfirmed.add(name)  # one read: confirmed below or when needed
                         self._conn_max_ike[name] = self._max_ike()
                         fetched += 1
+            self._confirm_configs_in(bg)
             with self._lock:
                 small = [
                     uid
@@ -326,6 +329,35 @@ class SAIndex:
                 self._cache_dirty = True
             self.save_coverage()
         return fetched
+
+    def _confirm_configs_in(self, bg: ViciSession) -> None:
+        """The warmer's second read of every configuration read once (see :meth:`_confirm_config`),
+        off the answer path: a later negative answer then re-reads nothing. A read that differs is
+        left to the answer path (which reads until two agree)."""
+        with self._lock:
+            names = sorted(self._cfg_unconfirmed)
+        for name in names:
+            with self._lock:
+                epoch = self._conn_epoch
+                held = self._conns.get(name)
+            if held is None:
+                continue
+            conn = next((c[name] for c in bg.list_conns(name) if name in c), None)
+            if not isinstance(conn, Mapping):
+                continue
+            try:
+                again = _conn_selectors(conn)
+            except ProtocolError:
+                continue
+            with self._lock:
+                if epoch != self._conn_epoch or self._conns.get(name) is not held:
+                    continue  # forgotten or refetched meanwhile
+                try:
+                    first = self._child_configs(name)
+                except ProtocolError:
+                    continue
+                if first == again:
+                    self._cfg_unconfirmed.discard(name)
 
     def sync(self, barrier: bool = False) -> None:
         """Apply every event charon has sent so far; reconnect and re-list after a restart.
@@ -559,15 +591,7 @@ class SAIndex:
             conn = self._conn(name)
             if conn is None:
                 return None
-            children = conn.get("children") or {}
-            if not isinstance(children, Mapping):
-                raise ProtocolError("list-conns children is not a section")
-            sel = {}
-            for cname, cfg in children.items():
-                if not isinstance(cfg, Mapping):
-                    raise ProtocolError("list-conns child is not a section")
-                sel[cname] = (_cfg_compiled(cfg, "local-ts"), _cfg_compiled(cfg, "remote-ts"))
-            self._cfg_sel[name] = sel
+            sel = self._cfg_sel[name] = _conn_selectors(conn)
         return sel
 
     def _candidates(self, ike: _Ike, flow: Flow) -> set[str] | None:
@@ -909,6 +933,19 @@ class SAIndex:
 def _child_count(conn: Mapping[str, Any] | None) -> int:
     children = conn.get("children") if conn is not None else None
     return len(children) if isinstance(children, Mapping) else 0
+
+
+def _conn_selectors(conn: Mapping[str, Any]) -> dict[str, tuple[Compiled, Compiled]]:
+    """{child config name: (local, remote) configured selectors} of one list-conns section."""
+    children = conn.get("children") or {}
+    if not isinstance(children, Mapping):
+        raise ProtocolError("list-conns children is not a section")
+    sel = {}
+    for cname, cfg in children.items():
+        if not isinstance(cfg, Mapping):
+            raise ProtocolError("list-conns child is not a section")
+        sel[cname] = (_cfg_compiled(cfg, "local-ts"), _cfg_compiled(cfg, "remote-ts"))
+    return sel
 
 
 def _read_again(read: Callable[[], T], what: str) -> T:

@@ -271,6 +271,18 @@ class SAIndex:
         self._warmer = threading.Thread(target=later, name="btns-index-warm", daemon=True)
         self._warmer.start()
 
+    def warmed(self, timeout: float) -> bool:
+        """Wait until the background warming started after the first answer has finished (True),
+        or ``timeout`` seconds (False). For benchmarks and tests of a warm index."""
+        end = time.monotonic() + timeout
+        while self._warm_due and time.monotonic() < end:
+            time.sleep(0.01)
+        warmer = self._warmer
+        if warmer is not None:
+            warmer.join(max(0.0, end - time.monotonic()))
+            return not warmer.is_alive()
+        return not self._warm_due
+
     def warm(self, session: ViciSession | None = None) -> int:
         """Fetch, outside the index lock, the configuration of every connection with an IKE_SA
         (a later flow then needs no list-conns), and list the IKE_SAs of small connections

@@ -223,8 +223,9 @@ def main() -> None:
                 qps: dict[tuple[str, int], float] = {}
                 cpu = (0.0, 0.0)
                 client_cpu: dict[str, float] = {}
-                for kind in ("py", "c"):
+                for kind in ("c", "py"):  # C first: 256 Python processes leave the machine loaded for a while
                     for k in (1, 16, 256):
+                        time.sleep(1.0)
                         c0, r0 = cpu_split(pids), children_cpu()
                         if kind == "py":
                             total = python_load(cli.fileno(), path, k, args.seconds)

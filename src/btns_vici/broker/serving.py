@@ -15,6 +15,7 @@ import errno
 import os
 import selectors
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from .policy import Config
 _HOT_HEAD = protocol.HEADER.pack(protocol.MAGIC, protocol.VERSION, protocol.REQUEST, 0, 0)[:4]
 _HOT_TAIL = len(protocol.HOT_BODY).to_bytes(4, "big") + protocol.HOT_BODY
 TRUNC = socket.MSG_CTRUNC | socket.MSG_TRUNC
+_FD = struct.Struct("i")
 
 
 @dataclass
@@ -130,11 +132,14 @@ class Serving:
         except OSError:
             self._drop(c)
             return
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-                fds.extend(arr)
+        if len(anc) == 1 and anc[0][0] == socket.SOL_SOCKET and anc[0][1] == socket.SCM_RIGHTS and len(anc[0][2]) == 4:
+            fds.append(_FD.unpack(anc[0][2])[0])  # the usual case: one descriptor
+        else:
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                    fds.extend(arr)
         if not data and not anc:
             self._drop(c)  # the client went away
             return
@@ -178,8 +183,10 @@ class Serving:
             answer = "EINVAL"
             frame = protocol.error(ident, BtnsError(f"malformed get_socket_ptoken arguments: {exc}", errno.EINVAL))
         finally:
-            with contextlib.suppress(OSError):
+            try:
                 os.close(fd)
+            except OSError:
+                pass
         if not frame:
             return  # handed on: the process that answers counts it
         if self.metrics.enabled:

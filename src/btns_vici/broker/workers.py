@@ -201,6 +201,7 @@ def _zygote_main(ctl: socket.socket, config: Config, metrics: bool, parent: int)
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:
             os._exit(0)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the main process's to handle
         while True:
             _reap(children, block=False)
             if not select.select([ctl], [], [], 1.0)[0]:

@@ -97,3 +97,43 @@ def test_workers_in_btnsd_toml():
             parse({"broker": {"workers": bad}})
         assert e.value.errno == errno.EINVAL
     assert 1 <= default_count() <= 4
+
+
+def test_a_worker_whose_channel_is_full_answers_eagain_and_never_blocks():
+    """The main process does not read: the worker's forwards fill the channel, then each further
+    request is answered EAGAIN at once; what was forwarded is intact, in order."""
+    import time
+
+    from btns_vici.broker import protocol
+    from btns_vici.broker.policy import Config, Quota
+    from btns_vici.broker.serving import Client
+    from btns_vici.broker.workers import Worker
+
+    main, theirs = channel.pair()
+    worker = Worker(Config(backends=(), quota=Quota(requests_per_second=1e9, burst=10**9)), theirs, Tally(False))
+    app, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    c = Client(ours, os.getpid(), os.getuid(), os.getgid(), frozenset(), 1, tokens=1e9)
+    worker.clients[1] = c
+    refused, t0 = [], time.monotonic()
+    with main, theirs, app, ours:
+        for i in range(1, 400):
+            app.send(protocol.request("hello", i, pad="x" * 60_000))  # not the hot request: forwarded
+            worker._readable(c)
+            try:
+                ident, payload = protocol.decode(app.recv(protocol.MAX_FRAME, socket.MSG_DONTWAIT), protocol.RESPONSE)
+            except BlockingIOError:
+                continue
+            assert payload["errno"] == errno.EAGAIN and ident == i, payload
+            refused.append(i)
+        assert time.monotonic() - t0 < 10  # never waited for the main process
+        assert refused and refused == list(range(refused[0], 400)), refused[:5]
+        forwarded = []
+        while True:
+            try:
+                kind, _flags, ident, frame, fd = channel.receive(main)
+            except BlockingIOError:
+                break
+            assert kind == channel.FORWARD and ident == 1 and fd == -1
+            forwarded.append(protocol.decode(frame, protocol.REQUEST)[0])
+        assert forwarded == list(range(1, refused[0]))

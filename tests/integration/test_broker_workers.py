@@ -277,3 +277,24 @@ def _alive(pid: int) -> bool:
         return _ppid_comm(pid)[2] != "Z"
     except (OSError, IndexError, ValueError):
         return False
+
+
+def test_workers_1_is_one_process_doing_everything(tb, testbed, tmp_path: Path):
+    """``--workers 1``: no zygote, no worker; the main process reads and answers every client."""
+    for side in ("a", "b"):
+        (tmp_path / f"peers-{side}").mkdir()
+    b = start_broker(testbed, tmp_path, args=("--workers", "1"))
+    try:
+        tb.up("brkw7", "rawkey", 4)
+        cli, srv = connected_pair(tb, socket.IPPROTO_TCP, 4, port=28107)
+        c = b.client()
+        with cli, srv, socket.socket() as unconnected:
+            assert c.get_socket_ptoken(cli).protected
+            with pytest.raises(OSError) as e:
+                c.get_socket_ptoken(unconnected)
+            assert e.value.errno == errno.ENOTCONN
+        assert c.hello()["server"] == "btnsd"
+        assert descendants(b.proc.pid) == {}
+        c.close()
+    finally:
+        stop_broker(b)

@@ -18,7 +18,8 @@ Side by side in one run, for each ``btnsd --workers N`` (1: one process, as befo
                    /proc/PID/stat) per query while 16 C clients ran, split into user and kernel:
                    what the machine's load cannot inflate, unlike the rates; and the clients' CPU
                    per query (getrusage of the finished client processes) for both kinds;
-* RSS              btnsd's resident memory (all its processes) per CHILD_SA and per connected client.
+* memory           btnsd's proportional set size (PSS, all its processes) per CHILD_SA and per
+                   connected client.
 
 CHILD_SAs are per-port children of connections of at most 2,500 each (bench_daemon_edge.py's
 bring-up), the measured socket is the first child's.
@@ -87,10 +88,12 @@ def children_cpu() -> float:
 
 
 def rss_kib(pids: list[int]) -> int:
+    """The proportional set size (PSS: shared pages split between the processes sharing them, so
+    the zygote's and the workers' copy-on-write pages are not counted once per process) of ``pids``."""
     total = 0
     for pid in pids:
-        with open(f"/proc/{pid}/status") as f:
-            total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
     return total
 
 
@@ -261,7 +264,7 @@ def main() -> None:
     print(
         "| workers | CHILD_SAs | in-process p50 µs | broker p50 µs | ratio | fresh client via broker ms | fresh "
         "process own index ms | q/s Python 1 / 16 / 256 clients | q/s C 1 / 16 / 256 clients | btnsd CPU "
-        "µs/query user+kernel (16 C clients) | client CPU µs/query Python / C (16) | btnsd RSS KiB | load |"
+        "µs/query user+kernel (16 C clients) | client CPU µs/query Python / C (16) | btnsd PSS KiB | load |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for w, n, a, b, fb, fo, q, cpu, ccpu, rss, load in rows:
@@ -273,7 +276,7 @@ def main() -> None:
             f"{load:.1f} |"
         )
     for w, (empty, each) in per_client.items():
-        print(f"btnsd --workers {w} RSS: {empty:,} KiB at start (all processes); {each:.1f} KiB per connected client")
+        print(f"btnsd --workers {w} PSS: {empty:,} KiB at start (all processes); {each:.1f} KiB per connected client")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 Side by side in one run, for each ``btnsd --workers N`` (1: one process, as before workers):
 
 * ``in-process``   get_socket_ptoken with the backend in this process (the floor the broker adds to);
-* ``broker``       the same socket through btnsd (one client, warm);
+* ``broker``       the same socket through btnsd (one client, warm), in slices alternating with
+                   the in-process ones (both meet the same moments of the shared machine);
 * ``fresh client`` a new process's first answer through btnsd (the broker's index is already warm:
                    the point of one index per host), vs a fresh process building its own index
                    (modules imported before the clock starts);
@@ -19,6 +20,9 @@ Side by side in one run, for each ``btnsd --workers N`` (1: one process, as befo
                    /proc/PID/stat) per query while 16 C clients ran, split into user and kernel:
                    less inflated by other users' load than the rates; and the clients' CPU
                    per query (getrusage of the finished client processes) for both kinds;
+* interleaved      q/s from 16 C clients for every --workers value with all brokers up at once, in
+                   --rounds rounds that visit each in turn (so each meets the same moments of a
+                   shared machine): the fairest comparison of the worker counts;
 * memory           btnsd's proportional set size (PSS, all its processes) per CHILD_SA and per
                    connected client.
 
@@ -188,6 +192,26 @@ def start_broker(path: str, conf: Path, workers: int) -> subprocess.Popen[bytes]
     return brk
 
 
+def interleave(
+    conf: Path, work: str, binary: str, cli: socket.socket, counts: list[int], args: argparse.Namespace
+) -> dict[int, list[float]]:
+    """q/s from 16 C clients for every --workers value, in rounds that visit each broker in turn."""
+    brokers = {w: start_broker(str(Path(work) / f"i{w}.sock"), conf, w) for w in counts}
+    runs: dict[int, list[float]] = {w: [] for w in counts}
+    try:
+        for w in counts:
+            BrokerClient(str(Path(work) / f"i{w}.sock")).get_socket_ptoken(cli)  # warm
+        for _ in range(args.rounds):
+            for w in counts:
+                time.sleep(0.5)
+                runs[w].append(c_load(binary, cli.fileno(), str(Path(work) / f"i{w}.sock"), 16, 2.0) / 2.0)
+    finally:
+        for brk in brokers.values():
+            brk.terminate()
+            brk.wait()
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,1000")
@@ -195,9 +219,11 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--repeat", type=int, default=3, help="runs per C-client measurement (the median is printed)")
+    ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds comparing the --workers values (0: none)")
     args = ap.parse_args()
     rows = []
     per_client = {}
+    interleaved: dict[int, list[float]] = {}
     with Testbed(loglevel=-1) as tb, tempfile.TemporaryDirectory(prefix="btns-bench-") as work:
         conf = Path(work) / "btnsd.toml"
         conf.write_text(
@@ -211,14 +237,18 @@ def main() -> None:
             print(f"# {n}: up in {bring_up_conns(tb, n, 'bb'):.1f} s", flush=True)
             cli, srv = connected_pair(tb, socket.IPPROTO_TCP, 4, port=20000)
             get_socket_ptoken(cli, be)
-            inproc = timed(lambda s=cli: get_socket_ptoken(s, be), args.queries)
             for w in (int(x) for x in args.workers.split(",")):
                 brk = start_broker(path, conf, w)
                 pids = family(brk.pid)
                 rss_empty = rss_kib(pids)
                 client = BrokerClient(path)
                 client.get_socket_ptoken(cli)
-                brok = timed(lambda s=cli, c=client: c.get_socket_ptoken(s), args.queries)
+                # in-process and through btnsd in alternating slices: the same moments of the machine
+                inproc: list[float] = []
+                brok: list[float] = []
+                for _ in range(10):
+                    inproc += timed(lambda s=cli: get_socket_ptoken(s, be), args.queries // 10)
+                    brok += timed(lambda s=cli, c=client: c.get_socket_ptoken(s), args.queries // 10)
                 f_broker = statistics.median(
                     fresh(cli.fileno(), f"os.environ['BTNS_BROKER'] = {path!r}", "") for _ in range(5)
                 )
@@ -267,6 +297,8 @@ def main() -> None:
                 client.close()
                 brk.terminate()
                 brk.wait()
+            if n == int(args.sizes.split(",")[-1]) and args.rounds:
+                interleaved = interleave(conf, work, binary, cli, [int(x) for x in args.workers.split(",")], args)
             cli.close()
             srv.close()
             for name, _, _ in conn_names(n, "bb"):
@@ -286,6 +318,14 @@ def main() -> None:
             f"{cpu[0] + cpu[1]:.0f} = {cpu[0]:.0f} + {cpu[1]:.0f} | {ccpu['py']:.0f} / {ccpu['c']:.0f} | {rss:,} | "
             f"{load:.1f} |"
         )
+    if args.rounds:
+        print(
+            f"\nInterleaved (all brokers up at once, {args.rounds} rounds, each round every broker in turn: "
+            f"the same moments of the shared machine): q/s from 16 C clients, {args.sizes.split(',')[-1]} CHILD_SAs"
+        )
+        for w, runs in interleaved.items():
+            each = ", ".join(f"{r:,.0f}" for r in runs)
+            print(f"btnsd --workers {w}: median {statistics.median(runs):,.0f} (runs: {each})")
     for w, (empty, each) in per_client.items():
         print(f"btnsd --workers {w} PSS: {empty:,} KiB at start (all processes); {each:.1f} KiB per connected client")
 

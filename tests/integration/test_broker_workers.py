@@ -298,3 +298,48 @@ def test_workers_1_is_one_process_doing_everything(tb, testbed, tmp_path: Path):
         c.close()
     finally:
         stop_broker(b)
+
+
+def test_the_main_process_s_metrics_count_what_the_workers_answered(tb, testbed, tmp_path: Path):
+    """Workers tally their answers and send them to the main process every second: the scrape
+    counts every hot query the workers answered, with its latency histogram."""
+    import re
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for side in ("a", "b"):
+        (tmp_path / f"peers-{side}").mkdir()
+    b = start_broker(testbed, tmp_path, args=("--workers", "2", "--metrics", f"127.0.0.1:{port}"))
+    try:
+        tb.up("brkw8", "rawkey", 4)
+        cli, srv = connected_pair(tb, socket.IPPROTO_TCP, 4, port=28108)
+        clients = [b.client() for _ in range(4)]  # on both workers
+        with cli, srv:
+            for c in clients:
+                for _ in range(50):
+                    assert c.get_socket_ptoken(cli).protected
+        assert len(workers_of(b)) == 2
+
+        def scraped() -> dict[str, float]:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            return {
+                name: float(v)
+                for name, v in re.findall(r'^(btnsd_\w+(?:\{[^}]*op="get_socket_ptoken"[^}]*\})?) (\S+)$', text, re.M)
+            }
+
+        def counted() -> dict[str, float] | None:
+            got = scraped()
+            ok = got.get('btnsd_queries_total{answer="ok",op="get_socket_ptoken"}', 0)
+            return got if ok >= 200 else None
+
+        got = wait_for(counted, timeout=5, step=0.2)
+        assert got, scraped()
+        assert got['btnsd_queries_total{answer="ok",op="get_socket_ptoken"}'] == 200
+        assert got['btnsd_request_seconds_count{op="get_socket_ptoken"}'] == 200
+        assert got["btnsd_workers"] == 2
+        for c in clients:
+            c.close()
+    finally:
+        stop_broker(b)

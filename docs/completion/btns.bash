@@ -14,7 +14,7 @@ _btns() {
         --backend) COMPREPLY=($(compgen -W "strongswan libreswan" -- "$cur")); return ;;
         --state|--vici-socket) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --netns) COMPREPLY=($(compgen -W "$(_btns_netns)" -- "$cur")); return ;;
-        --child|--child-id|--config|--count|--fd|--ike|--ike-id|--key|--key-dir|--leap-of-faith|--metrics|--pid|--socket|--timeout) COMPREPLY=(); return ;;
+        --child|--child-id|--config|--count|--fd|--ike|--ike-id|--key|--key-dir|--leap-of-faith|--metrics|--pid|--socket|--timeout|--workers) COMPREPLY=(); return ;;
     esac
     case "$cmd" in
         "") COMPREPLY=($(compgen -W "sockets sas watch token daemon man completion peers testbed demo -h --help --backend --vici-socket --netns --json -V --version" -- "$cur")) ;;
@@ -22,7 +22,7 @@ _btns() {
         sas) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --ike --ike-id --child --child-id" -- "$cur")) ;;
         watch) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --count --timeout --sa-only" -- "$cur")) ;;
         token) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --pid --fd" -- "$cur")) ;;
-        daemon) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --socket --config --metrics --keep-privileges --leap-of-faith -v --verbose" -- "$cur")) ;;
+        daemon) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --socket --config --metrics --workers --keep-privileges --leap-of-faith -v --verbose" -- "$cur")) ;;
         man) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json" -- "$cur")) ;;
         completion) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json bash zsh" -- "$cur")) ;;
         peers) COMPREPLY=($(compgen -W "-h --help --backend --vici-socket --netns --json --key --key-dir list forget pin" -- "$cur")) ;;

@@ -49,7 +49,7 @@ class Broker:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
 
-def start_broker(tb: Testbed, workdir: Path, extra: str = "") -> Broker:
+def start_broker(tb: Testbed, workdir: Path, extra: str = "", args: tuple[str, ...] = ()) -> Broker:
     conf = workdir / "btnsd.toml"
     keys = workdir / "keys"
     conf.write_text(
@@ -75,7 +75,7 @@ def start_broker(tb: Testbed, workdir: Path, extra: str = "") -> Broker:
     log = workdir / "btnsd.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "btns_vici.broker", "--socket", path, "--config", str(conf), "-v"],
+            [sys.executable, "-m", "btns_vici.broker", "--socket", path, "--config", str(conf), "-v", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
         )

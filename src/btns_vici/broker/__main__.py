@@ -31,6 +31,13 @@ def parser() -> argparse.ArgumentParser:
         "(default [::]:5386) for every strongSwan backend, and learn the keys of peers nobody "
         "configured when connecting (backend option leap_of_faith)",
     )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes reading the clients (default: the config's [broker] workers, else the "
+        "number of CPUs up to 4; 1: none, one process does everything)",
+    )
     ap.add_argument("--keep-privileges", action="store_true", help="do not drop capabilities after start")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
@@ -47,7 +54,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load(args.config)
-        run(config, args.socket, args.metrics, drop=not args.keep_privileges, leap=args.leap_of_faith)
+        run(
+            config,
+            args.socket,
+            args.metrics,
+            drop=not args.keep_privileges,
+            leap=args.leap_of_faith,
+            workers=args.workers,
+        )
     except OSError as exc:
         print(f"btnsd: {exc.strerror or exc}", file=sys.stderr)
         return 4 if exc.errno in (1, 13) else 3

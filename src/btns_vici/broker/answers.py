@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..backend import Backend
-from ..core.records import SocketView
+from ..core.records import LIBIPSEC, SocketView
+from ..rtnl import routing
 
 #: Prefix of our entries in the routing view's memo (which the data-plane proofs share).
 TAG = "btnsd-answer"
@@ -54,12 +55,11 @@ class AnswerCache:
         Brings the index and the routing view up to date first (two non-blocking reads), so a
         hit is as fresh as a full answer would be.
         """
-        ctx = self._context(be)
+        ctx = self._ctx.get(id(be))
+        if ctx is None:
+            ctx = self._context(be)
         if not ctx:
             return None
-        from ..dataplane import LIBIPSEC
-        from ..rtnl import routing
-
         if ctx.dataplane() != LIBIPSEC:
             return None
         gen = ctx.index.stamp()

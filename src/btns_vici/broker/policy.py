@@ -57,6 +57,8 @@ class Config:
     max_clients_per_uid: int = 1024
     idle_timeout: float = 600.0
     request_timeout: float = 60.0
+    #: worker processes reading clients (``[broker] workers``; None: os.cpu_count() capped at 4; 1: none)
+    workers: int | None = None
     backends: tuple[Mapping[str, str], ...] = ({"name": ""},)
     rules: tuple[Rule, ...] = (Rule(),)
     quota: Quota = field(default_factory=Quota)
@@ -127,12 +129,21 @@ def parse(data: Mapping[str, Any]) -> Config:
             max_clients_per_uid=int(b.get("max_clients_per_uid", 1024)),
             idle_timeout=float(b.get("idle_timeout", 600)),
             request_timeout=float(b.get("request_timeout", 60)),
+            workers=_workers(b.get("workers")),
             backends=backends,
             rules=tuple(rules),
             quota=quota,
         )
     except (TypeError, ValueError, AttributeError) as exc:
         raise BtnsError(f"btnsd.toml: {exc}", errno.EINVAL) from None
+
+
+def _workers(v: Any) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 64:
+        raise BtnsError(f"btnsd.toml: [broker] workers must be an integer from 1 to 64, got {v!r}", errno.EINVAL)
+    return v
 
 
 def load(path: str | None) -> Config:

@@ -6,9 +6,10 @@ socket-exact proof (:mod:`btns_vici.protection`) for sockets it RECEIVED over SC
 possession of a socket is the authority to ask about it or demand protection for it;
 SO_PEERCRED names the caller for policy, quotas and logs.
 
-I/O: one thread runs a selector over the listening socket and every client (unix
+I/O: one thread runs a selector over the listening socket and every client it reads (unix
 SOCK_SEQPACKET: a request arrives whole or not at all, so a slow client cannot hold a
-half-read request); answers that need no negotiation are made inline, negotiations
+half-read request; with ``--workers`` the worker processes read the clients and this process
+reads what they forward, :mod:`.workers`); answers that need no negotiation are made inline, negotiations
 (set_socket_ptoken, prepare_connect, prepare_listen) in a bounded thread pool. Every
 descriptor received is closed when its request is done; excess descriptors are discarded by
 the kernel (the ancillary buffer holds one). Bad input gets an error frame with its errno, or
@@ -17,7 +18,6 @@ the connection is closed; nobody else is disturbed.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import dataclasses
 import errno
@@ -28,57 +28,32 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from .. import guard, lifecycle
 from ..backend import Backend
-from ..core.derive import ptoken_for, unprotected_ptoken
+from ..core.derive import ptoken_for
 from ..core.errors import BtnsError, RequirementNotMetError
-from ..core.records import IN, NotCarried, Protection, SocketView
+from ..core.records import IN, Protection, SocketView
 from ..core.requirements import satisfies
 from ..core.selectors import Flow
 from ..core.tokens import PToken
 from ..msg import send_view
-from ..plugins import get_backend
 from ..protection import CONNECTION_REFUSAL, DATAGRAM_REFUSAL, ptoken_of, require, shortfall
 from ..sockets import endpoint, inspect, is_connected, netns_of, resolve_fd, source_address, view_of
-from . import protocol
-from .answers import AnswerCache
+from . import channel, protocol
 from .latches import Latches
+from .metrics import Metrics
 from .policy import Config
+from .serving import TRUNC, Client, Serving
+from .workers import Handle, WorkerPool
 
 log = logging.getLogger("btnsd")
 SO_PEERCRED = 17
 _CRED = struct.Struct("=iII")
-#: The hot request's frame around its id (magic, version 1, kind request | id | length + payload).
-_HOT_HEAD = protocol.HEADER.pack(protocol.MAGIC, protocol.VERSION, protocol.REQUEST, 0, 0)[:4]
-_HOT_TAIL = len(protocol.HOT_BODY).to_bytes(4, "big") + protocol.HOT_BODY
-_TRUNC = socket.MSG_CTRUNC | socket.MSG_TRUNC
 #: ops run in the pool, not the loop: negotiations, and listings that wait on the daemon's command session
 SLOW_OPS = {"set_socket_ptoken", "prepare_connect", "prepare_listen", "sockets"}
-
-
-@dataclass
-class Client:
-    sock: socket.socket
-    pid: int
-    uid: int
-    gid: int
-    gids: frozenset[int]
-    ident: int
-    last: float = field(default_factory=time.monotonic)
-    tokens: float = 0.0
-    refill: float = field(default_factory=time.monotonic)
-    inflight: int = 0
-    watching: Callable[[], None] | None = None
-    send_lock: threading.Lock = field(default_factory=threading.Lock)
-    closed: bool = False
-
-    def label(self) -> str:
-        return f"pid {self.pid} uid {self.uid}"
 
 
 def _groups(pid: int, gid: int) -> frozenset[int]:
@@ -92,97 +67,25 @@ def _groups(pid: int, gid: int) -> frozenset[int]:
     return frozenset({gid})
 
 
-class Metrics:
-    """Prometheus metrics when prometheus_client is installed and --metrics given; no-ops otherwise."""
+class Server(Serving):
+    """The main process: accepts, answers every request, holds policy, quotas, demands, loaded
+    connections and latches. With ``--workers`` it hands each accepted client to a worker
+    process (:mod:`.workers`) that reads it and answers the hot request itself; what the worker
+    forwards is answered here, on this process's copy of the client's connection."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = False
-        if not enabled:
-            return
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry()
-        self.queries = Counter(
-            "btnsd_queries_total", "Requests by op and answer", ["op", "answer"], registry=self.registry
-        )
-        self.latency = Histogram(
-            "btnsd_request_seconds",
-            "Request latency",
-            ["op"],
-            registry=self.registry,
-            buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 1, 10),
-        )
-        self.clients = Gauge("btnsd_clients", "Connected clients", registry=self.registry)
-        self.errors = Counter(
-            "btnsd_broker_errors_total", "Malformed or refused client input", ["kind"], registry=self.registry
-        )
-        self.latch_breaks = Counter(
-            "btnsd_latch_breaks_total", "Latched connections whose protection broke", registry=self.registry
-        )
-        self.sas = Gauge(
-            "btnsd_sas", "Installed CHILD_SAs the backend's index holds", ["backend"], registry=self.registry
-        )
-        self.enabled = True
-
-    def serve(self, where: str) -> None:
-        from prometheus_client import start_http_server
-
-        host, _, port = where.rpartition(":")
-        start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
-
-    def query(self, op: str, answer: str, seconds: float) -> None:
-        if self.enabled:
-            self.queries.labels(op, answer).inc()
-            self.latency.labels(op).observe(seconds)
-
-    def error(self, kind: str) -> None:
-        if self.enabled:
-            self.errors.labels(kind).inc()
-
-    def latch_break(self) -> None:
-        if self.enabled:
-            self.latch_breaks.inc()
-
-    def sas_of(self, backends: list[Backend]) -> None:
-        """Set btnsd_sas per backend (label: name@netns) from the indexes (no daemon call)."""
-        if not self.enabled:
-            return
-        from ..plugins import get_plugin_manager
-
-        for be in backends:
-            plugin = get_plugin_manager().get_plugin(be.name)
-            index = (
-                getattr(plugin.context(be.options), "index", None)
-                if plugin is not None and hasattr(plugin, "context")
-                else None
-            )
-            if index is not None:
-                n = sum(len(kids) for kids in index.child_ids().values())
-                self.sas.labels(f"{be.name}@{be.options.get('netns') or 'own netns'}").set(n)
-
-
-class Server:
     def __init__(
         self,
         config: Config,
         listener: socket.socket,
         metrics: Metrics | None = None,
         backends: list[Backend] | None = None,
+        workers: WorkerPool | None = None,
     ) -> None:
-        self.config = config
         self.listener = listener
         self.listener.setblocking(False)
-        self.metrics = metrics or Metrics(False)
-        self.backends = (
-            backends
-            if backends is not None
-            else [
-                get_backend(o.get("name") or None, {k: v for k, v in o.items() if k != "name"}) for o in config.backends
-            ]
-        )
-        self.sel = selectors.DefaultSelector()
+        super().__init__(config, metrics or Metrics(False), backends)
+        self.metrics: Metrics
         self.sel.register(listener, selectors.EVENT_READ, None)
-        self.clients: dict[int, Client] = {}
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="btnsd-slow")
         self._ids = 0
         self._lock = threading.Lock()
@@ -193,29 +96,13 @@ class Server:
         self._stop = threading.Event()
         #: client ident -> (netns, when, rows): a `btns sockets` listing served page by page
         self._listings: dict[int, tuple[tuple[int, int] | None, float, list[dict[str, Any]]]] = {}
-        #: (id(verdict), flow, facts) -> (verdict, encoded answer); the verdict reference keeps ids unique
-        self._answers: dict[tuple[Any, ...], tuple[Any, bytes]] = {}
-        #: protected answers by socket view, valid until an SA or route event (broker/answers.py)
-        self.answers = AnswerCache()
         #: latched views and watching connections: pushed latch-broken notifications (broker/latches.py)
         self.latches = Latches(self._notify, self.pool.submit, on_break=self.metrics.latch_break)
-
-    # ---- backends ------------------------------------------------------------------------------
-    def backend_for(self, ns: tuple[int, int] | None) -> Backend | None:
-        """The backend that speaks for the namespace ``ns`` (None: no backend does)."""
-        if ns is None:
-            return None
-        for be in self.backends:
-            if be.netns_id == ns:
-                return be
-        return None
-
-    def _backend_or_unprotected(self, view: SocketView) -> Backend | PToken:
-        be = self.backend_for(view.netns)
-        if be is None:
-            where = f"net:[{view.netns[1]}]" if view.netns else "an unreadable namespace"
-            return unprotected_ptoken(view.flow, f"btnsd has no backend for the socket's namespace {where}")
-        return be
+        #: the worker processes reading clients (None or empty: this process reads them all)
+        self.workers = workers
+        if workers is not None:
+            for w in workers.alive():
+                self.sel.register(w.chan, selectors.EVENT_READ, w)
 
     # ---- the loop ----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -227,11 +114,18 @@ class Server:
             for key, _mask in self.sel.select(timeout=0.5):
                 if key.data is None:
                     self._accept()
-                else:
+                elif isinstance(key.data, Client):
                     self._readable(key.data)
+                else:
+                    self._from_worker(key.data)
             now = time.monotonic()
             if now - last_sweep > 1.0:
                 last_sweep = now
+                if self.workers is not None:
+                    for w in self.workers.respawn():
+                        self.sel.register(w.chan, selectors.EVENT_READ, w)
+                    if self.metrics.enabled:
+                        self.metrics.workers.set(len(self.workers.alive()))
                 for c in list(self.clients.values()):
                     if now - c.last > self.config.idle_timeout and c.inflight == 0 and c.watching is None:
                         log.info("closing idle client %s", c.label())
@@ -240,6 +134,8 @@ class Server:
                 if self.latches.count():  # a backend whose event stream ended (charon restarted): watch again
                     for be in self.backends:
                         self.latches.arm(be)
+        if self.workers is not None:
+            self.workers.stop()  # first: their copies of the clients close with them
         for c in list(self.clients.values()):
             self._drop(c)
         self.latches.close()
@@ -266,72 +162,67 @@ class Server:
             self._ids += 1
             c = Client(conn, pid, uid, gid, _groups(pid, gid), self._ids, tokens=float(self.config.quota.burst))
             self.clients[c.ident] = c
-            self.sel.register(conn, selectors.EVENT_READ, c)
+            w = self.workers.pick() if self.workers is not None else None
+            if w is not None and w.hand(c):
+                c.worker = w  # it reads the client; this process keeps its copy for writing
+            else:
+                self.sel.register(conn, selectors.EVENT_READ, c)
             if self.metrics.enabled:
                 self.metrics.clients.set(len(self.clients))
 
-    def _readable(self, c: Client) -> None:
-        fds: list[int] = []
-        try:
-            data, anc, flags, _ = c.sock.recvmsg(protocol.MAX_FRAME + 1, socket.CMSG_SPACE(4))
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._drop(c)
-            return
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-                fds.extend(arr)
-        if not data and not anc:
-            self._drop(c)  # the client went away
-            return
-        c.last = time.monotonic()
-        try:
-            if len(fds) == 1 and data[:4] == _HOT_HEAD and data[8:] == _HOT_TAIL and not flags & _TRUNC:
-                self._hot(c, int.from_bytes(data[4:8], "big"), fds[0])  # get_socket_ptoken, nothing else
-            else:
-                self._request(c, data, fds, flags)
-        except BaseException:
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            raise
-
-    def _hot(self, c: Client, ident: int, fd: int) -> None:
-        """The hot request (protocol.HOT_BODY with one descriptor: what _request and _run would do
-        for it, without their generic steps): rate limit, answer, frame, close, send."""
-        t0 = time.perf_counter()
-        answer = "ok"
-        try:
-            self._ratelimit(c)
-        except OSError as exc:  # as _request does
-            self.metrics.error("bad_request")
-            os.close(fd)
-            self._send(c, protocol.error(ident, exc))
-            return
-        try:
-            result = self.op_get_socket_ptoken(c, protocol.HOT_REQUEST, fd)
-            body = result if isinstance(result, bytes) else protocol.ok_body(result)
-            frame = protocol.frame(protocol.RESPONSE, ident, body)
-        except OSError as exc:
-            answer = errno.errorcode.get(exc.errno or 0, "error")
-            frame = protocol.error(ident, exc)
-        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:  # as _run does
-            answer = "EINVAL"
-            frame = protocol.error(ident, BtnsError(f"malformed get_socket_ptoken arguments: {exc}", errno.EINVAL))
-        finally:
-            with contextlib.suppress(OSError):
+    def _from_worker(self, w: Handle) -> None:
+        """What worker ``w`` sent: forwarded requests, clients gone, its tally; its EOF: it died."""
+        for _ in range(256):
+            try:
+                msg = channel.receive(w.chan)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                msg = None
+            if msg is None:
+                self._worker_died(w)
+                return
+            kind, flags, ident, payload, fd = msg
+            c = self.clients.get(ident)
+            if kind == channel.FORWARD and c is not None and c.worker is w:
+                c.last = time.monotonic()
+                self._request(c, payload, [fd] if fd >= 0 else [], TRUNC if flags & channel.TRUNCATED else 0, True)
+                continue
+            if fd >= 0:  # a client this process dropped meanwhile, or nonsense
                 os.close(fd)
-        if self.metrics.enabled:
-            self.metrics.query("get_socket_ptoken", answer, time.perf_counter() - t0)
-        self._send(c, frame)
+            if kind == channel.GONE and c is not None and c.worker is w:
+                self._drop(c, told=True)
+            elif kind == channel.STATS:
+                tally, active = channel.parse_stats(payload)
+                self.metrics.merge(tally)
+                now = time.monotonic()
+                for i in active:
+                    got = self.clients.get(i)
+                    if got is not None:
+                        got.last = now
 
-    def _request(self, c: Client, data: bytes, fds: list[int], flags: int) -> None:
+    def _worker_died(self, w: Handle) -> None:
+        """This process reads ``w``'s clients from now on; a new worker comes with the next sweep."""
+        assert self.workers is not None
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(w.chan)
+        self.workers.died(w)
+        taken = 0
+        for c in list(self.clients.values()):
+            if c.worker is w:
+                c.worker = None
+                if not c.closed:
+                    self.sel.register(c.sock, selectors.EVENT_READ, c)
+                    taken += 1
+        log.warning("worker %d died: this process reads its %d clients", w.pid, taken)
+        if self.metrics.enabled:
+            self.metrics.workers.set(len(self.workers.alive()))
+
+    def _request(self, c: Client, data: bytes, fds: list[int], flags: int, limited: bool = False) -> None:
+        """``limited``: a worker's forward, already rate-limited there."""
         ident = 0
         try:
-            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+            if flags & TRUNC:
                 raise protocol.FrameError(
                     f"request truncated: at most one descriptor and {protocol.MAX_FRAME} bytes per request",
                     errno.EMSGSIZE,
@@ -345,7 +236,8 @@ class Server:
                 raise BtnsError(f"{op} needs exactly one socket descriptor (SCM_RIGHTS), got {len(fds)}", errno.EBADF)
             if not protocol.OPS[op] and fds:
                 raise BtnsError(f"{op} takes no descriptor", errno.EINVAL)
-            self._ratelimit(c)
+            if not limited:
+                self._ratelimit(c)
         except OSError as exc:
             self.metrics.error("bad_request")
             for fd in fds:
@@ -372,15 +264,6 @@ class Server:
         else:
             self._run(c, ident, op, req, fd, False)
 
-    def _ratelimit(self, c: Client) -> None:
-        q = self.config.quota
-        now = time.monotonic()
-        c.tokens = min(float(q.burst), c.tokens + (now - c.refill) * q.requests_per_second)
-        c.refill = now
-        if c.tokens < 1.0:
-            raise BtnsError(f"request rate over {q.requests_per_second}/s for uid {c.uid}", errno.EAGAIN)
-        c.tokens -= 1.0
-
     def _run(self, c: Client, ident: int, op: str, req: dict[str, Any], fd: int, slow: bool) -> None:
         t0 = time.perf_counter()
         answer = "ok"
@@ -403,20 +286,8 @@ class Server:
         self.metrics.query(op, answer, time.perf_counter() - t0)
         self._send(c, frame)
 
-    def _send(self, c: Client, frame: bytes) -> None:
-        with c.send_lock:
-            if c.closed:
-                return
-            try:
-                c.sock.send(frame)
-                return
-            except BlockingIOError:
-                pass  # a client that does not read its answers is dropped below
-            except OSError:
-                pass
-        self._drop(c)
-
-    def _drop(self, c: Client) -> None:
+    def _drop(self, c: Client, told: bool = False) -> None:
+        """Close ``c`` and forget what it had; ``told``: its worker said it went away."""
         with c.send_lock:
             if c.closed:
                 return
@@ -424,6 +295,11 @@ class Server:
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(c.sock)
         c.sock.close()
+        if c.worker is not None:
+            if told:
+                c.worker.clients -= 1
+            else:
+                c.worker.drop(c.ident)  # its copy closes too: the client sees EOF
         self.clients.pop(c.ident, None)
         self._listings.pop(c.ident, None)
         if c.watching is not None:
@@ -490,39 +366,16 @@ class Server:
     def op_get_socket_ptoken(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any] | bytes:
         key, view = inspect(fd)
         if view is None:
-            demand = self._demand_of(key)
-            if demand is None:
-                raise BtnsError("socket is not connected and has no pToken attached", errno.ENOTCONN)
-            return {"ptoken": protocol.ptoken_to_wire(demand), "attached": True}
-        be = self._backend_or_unprotected(view)
-        if isinstance(be, PToken):
-            return {"ptoken": protocol.ptoken_to_wire(be)}
-        body, stamp = self.answers.get(be, view)  # the same view, no SA or route event since: the same answer
-        if body is not None:
-            return body
-        verdict = be.protect(view)
-        body = self._answer(view, verdict)
-        if isinstance(verdict, Protection):
-            self.answers.put(stamp, body)
-        return body
+            got = self._unconnected(c, key, b"", fd)
+            assert got is not None  # the main process answers it
+            return got
+        return self.socket_answer(view)
 
-    def _answer(self, view: SocketView, verdict: Protection | NotCarried) -> bytes:
-        """The encoded answer for ``view``: the same verdict objects (nothing changed) give the same bytes."""
-        # Protection objects are made per call; their parts are the backend's memoized records.
-        parts = (verdict.ike_sa, verdict.child_sa, verdict.proof) if isinstance(verdict, Protection) else (verdict,)
-        key = (*(id(p) for p in parts), view.flow, view.facts())
-        hit = self._answers.get(key)
-        if hit is not None and all(a is b for a, b in zip(hit[0], parts, strict=True)):
-            return hit[1]
-        if isinstance(verdict, NotCarried):
-            tok = unprotected_ptoken(view.flow, f"{verdict.reason} [socket {view.facts()}]")
-        else:
-            tok = ptoken_for(verdict)
-        body = protocol.ok_body({"ptoken": protocol.ptoken_to_wire(tok)})
-        if len(self._answers) >= 4096:
-            self._answers.clear()
-        self._answers[key] = (parts, body)
-        return body
+    def _unconnected(self, c: Client, key: tuple[int, int], data: bytes, fd: int) -> dict[str, Any] | None:
+        demand = self._demand_of(key)
+        if demand is None:
+            raise BtnsError("socket is not connected and has no pToken attached", errno.ENOTCONN)
+        return {"ptoken": protocol.ptoken_to_wire(demand), "attached": True}
 
     def op_watch(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any]:
         """This connection carries NOTIFY frames from now on (latch-broken, reset)."""
@@ -810,12 +663,18 @@ def run(
     metrics_at: str | None = None,
     drop: bool = True,
     leap: str | None = None,
+    workers: int | None = None,
 ) -> None:
     """Start serving (the body of ``btns daemon`` / ``btnsd``); ``leap``: "[HOST:]PORT" of the
-    leap-of-faith learner (README "Leap of faith"), None: off unless a backend's options turn it on."""
+    leap-of-faith learner (README "Leap of faith"), None: off unless a backend's options turn it on;
+    ``workers``: worker processes that read the clients (None: the config's, else
+    :func:`.workers.default_count`; 1: none, this process reads every client, as before workers)."""
+    from .workers import default_count
+
+    count = workers if workers is not None else config.workers if config.workers is not None else default_count()
+    if count < 1:
+        raise BtnsError(f"--workers must be at least 1, got {count}", errno.EINVAL)
     metrics = Metrics(metrics_at is not None)
-    if metrics_at:
-        metrics.serve(metrics_at)
     if leap is not None:
         config = dataclasses.replace(
             config,
@@ -824,17 +683,28 @@ def run(
             ),
         )
     listener = listen_socket(socket_path or config.socket)
-    server = Server(config, listener, metrics)
-    stale = lifecycle.sweep_stale()  # what a killed btnsd (or library process) left loaded
-    if stale:
-        log.info("unloaded stale connections of dead owners: %s", ", ".join(stale))
     if drop and os.geteuid() == 0:
         drop_privileges()
+    # Workers are forked now: after the listener and the drop (they inherit the reduced
+    # capabilities), before any thread or backend exists in this process.
+    pool = WorkerPool(count, config, metrics.enabled, listener) if count > 1 else None
+    try:
+        server = Server(config, listener, metrics, workers=pool)
+        if metrics_at:
+            metrics.serve(metrics_at)
+        stale = lifecycle.sweep_stale()  # what a killed btnsd (or library process) left loaded
+        if stale:
+            log.info("unloaded stale connections of dead owners: %s", ", ".join(stale))
+    except BaseException:
+        if pool is not None:
+            pool.stop()
+        raise
     learners = start_learners(server, leap)  # after the drop: threads inherit the reduced capabilities
     log.info(
-        "btnsd serving on %s with backends %s",
+        "btnsd serving on %s with backends %s, %d worker processes",
         socket_path or config.socket,
         ", ".join(f"{b.name}@{b.options.get('netns') or 'own netns'}" for b in server.backends),
+        len(pool.alive()) if pool is not None else 0,
     )
     notify_ready()
     import signal
@@ -843,6 +713,8 @@ def run(
     try:
         server.serve_forever()
     finally:
+        if pool is not None:
+            pool.stop()
         for learner in learners:
             learner.stop()
         listener.close()

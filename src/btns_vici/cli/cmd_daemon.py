@@ -13,6 +13,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag, None)
         if value:
             argv += [f"--{flag}", value]
+    if getattr(args, "workers", None) is not None:
+        argv += ["--workers", str(args.workers)]
     if args.keep_privileges:
         argv.append("--keep-privileges")
     if args.leap_of_faith:

@@ -184,6 +184,12 @@ def build() -> argparse.ArgumentParser:
     )
     d.add_argument("--config", metavar="PATH", help="btnsd.toml: backends, [[allow]] rules, [quota]")
     d.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics (prometheus_client)")
+    d.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes reading the clients (default: the config's, else CPUs up to 4; 1: none)",
+    )
     d.add_argument("--keep-privileges", action="store_true", help="do not drop capabilities after start")
     d.add_argument(
         "--leap-of-faith",

@@ -365,13 +365,15 @@ class Server(Serving):
 
     def op_get_socket_ptoken(self, c: Client, req: dict[str, Any], fd: int) -> dict[str, Any] | bytes:
         key, view = inspect(fd)
-        if view is None:
-            got = self._unconnected(c, key, b"", fd)
-            assert got is not None  # the main process answers it
-            return got
-        return self.socket_answer(view)
+        got = self._main_only(c, key, view, b"", fd)
+        assert got is not None  # the main process answers everything
+        return got
 
-    def _unconnected(self, c: Client, key: tuple[int, int], data: bytes, fd: int) -> dict[str, Any] | None:
+    def _main_only(
+        self, c: Client, key: tuple[int, int], view: SocketView | None, data: bytes, fd: int
+    ) -> dict[str, Any] | bytes | None:
+        if view is not None:
+            return self.socket_answer(view)
         demand = self._demand_of(key)
         if demand is None:
             raise BtnsError("socket is not connected and has no pToken attached", errno.ENOTCONN)

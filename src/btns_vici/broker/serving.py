@@ -22,12 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..acquire import MARK_BIT as TRAP_MARK_BIT
 from ..backend import Backend
 from ..core.derive import ptoken_for, unprotected_ptoken
 from ..core.errors import BtnsError
 from ..core.records import NotCarried, Protection, SocketView
 from ..core.tokens import PToken
 from ..plugins import get_backend
+from ..protection import with_use_reason
 from ..sockets import inspect
 from . import protocol
 from .answers import AnswerCache
@@ -97,9 +99,13 @@ class Serving:
         """Any request but the hot one (takes ownership of ``fds``)."""
         raise NotImplementedError
 
-    def _unconnected(self, c: Client, key: tuple[int, int], data: bytes, fd: int) -> dict[str, Any] | None:
-        """The hot request for an unconnected socket: its answer, or None when handed on (``fd``
-        stays the caller's to close)."""
+    def _main_only(
+        self, c: Client, key: tuple[int, int], view: SocketView | None, data: bytes, fd: int
+    ) -> dict[str, Any] | bytes | None:
+        """The hot request for a socket only the main process can answer (unconnected: its
+        attached demand; kernel-XFRM trap-marked: the ACQUIRE responder's state, e.g. why a
+        ``btns:use`` attempt left it clear): its answer, or None when handed on (``fd`` stays the
+        caller's to close)."""
         raise NotImplementedError
 
     def _drop(self, c: Client) -> None:
@@ -172,7 +178,10 @@ class Serving:
         frame = b""
         try:
             key, view = inspect(fd)
-            result = self.socket_answer(view) if view is not None else self._unconnected(c, key, data, fd)
+            if view is None or view.mark & TRAP_MARK_BIT:
+                result = self._main_only(c, key, view, data, fd)
+            else:
+                result = self.socket_answer(view)
             if result is not None:
                 body = result if isinstance(result, bytes) else protocol.ok_body(result)
                 frame = protocol.frame(protocol.RESPONSE, ident, body)
@@ -226,6 +235,8 @@ class Serving:
             return hit[1]
         if isinstance(verdict, NotCarried):
             tok = unprotected_ptoken(view.flow, f"{verdict.reason} [socket {view.facts()}]")
+            if view.mark & TRAP_MARK_BIT:  # (a reason that may come later: never cached)
+                return protocol.ok_body({"ptoken": protocol.ptoken_to_wire(with_use_reason(view, tok))})
         else:
             tok = ptoken_for(verdict)
         body = protocol.ok_body({"ptoken": protocol.ptoken_to_wire(tok)})

@@ -40,6 +40,7 @@ import time
 from typing import Any, NoReturn
 
 from ..core.errors import BtnsError
+from ..core.records import SocketView
 from . import channel, protocol
 from .metrics import Tally
 from .policy import Config
@@ -154,8 +155,10 @@ class Worker(Serving):
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
-    def _unconnected(self, c: Client, key: tuple[int, int], data: bytes, fd: int) -> dict[str, Any] | None:
-        self._forward(c, data, fd, 0)  # the attached demand lives in the main process
+    def _main_only(
+        self, c: Client, key: tuple[int, int], view: SocketView | None, data: bytes, fd: int
+    ) -> dict[str, Any] | bytes | None:
+        self._forward(c, data, fd, 0)  # the attached demand, the ACQUIRE responder: the main process's
         return None
 
     def _close(self, c: Client) -> None:

@@ -10,7 +10,8 @@ listings (:func:`~btns_vici.strongswan.listing.confirmed_sas`). Side by side, in
 
 * ``floor``: one list-sas (decoded only): what any listing of charon's SAs costs;
 * ``naive``: ``list_records`` with one list-sas, believed as read (what it did before);
-* ``confirmed``: ``list_records`` now (two list-sas when nothing contends);
+* ``confirmed``: ``list_records`` now (a CHILD_SA whose child config repeats its selectors is
+  confirmed by that read; the others by a second list-sas);
 * ``swanctl``: ``swanctl --list-sas`` (a whole process), the reference of ``btns sas``.
 
 Prints a table; asserts nothing about timings.
@@ -66,9 +67,13 @@ def _median_ms(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def _once(session: ViciSession, **filters: str | None) -> tuple[list[tuple[str, Any]], dict[str, dict[str, Any]]]:
-    """confirmed_sas as list_records read before: one list-sas, believed."""
-    sas = [parse.single_section(e, "list-sas entry") for e in session.list_sas(**filters)]
+def _once(
+    session: ViciSession, first: list[tuple[str, Any]] | None = None, agrees: Any = None, **filters: str | None
+) -> tuple[list[tuple[str, Any]], dict[str, dict[str, Any]]]:
+    """confirmed_sas as list_records read before: one list-sas (the one already made), believed."""
+    sas = (
+        first if first is not None else [parse.single_section(e, "list-sas entry") for e in session.list_sas(**filters)]
+    )
     return sas, {parse.uniqueid(sec): parse.children_of(sec) for _name, sec in sas}
 
 

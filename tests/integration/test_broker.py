@@ -942,3 +942,29 @@ def test_a_restarted_broker_is_told_the_latches_again(tb, testbed, tmp_path):
             stop_watch()
         c.close()
         stop_broker(b)
+
+
+def test_a_descriptor_of_a_hung_file_system_never_blocks_btnsd(tb, broker):
+    """A client sends a file of a FUSE file system whose server never answers (closing it waits
+    uninterruptibly, fstat too): btnsd answers ENOTSOCK at once and serves everyone else."""
+    from btns_vici.cli.pidfd import borrow_fd
+
+    from ..cli.test_cli_hostile_fuse import Hostile
+
+    h = Hostile()
+    hostile = -1
+    try:
+        hostile = borrow_fd(h.pid, h.filefd)  # ours: closed only after the server aborted (below)
+        s = _raw(broker.path)
+        with s:
+            for i, frame in enumerate((protocol.request("get_socket_ptoken", 1), protocol.request("verify", 2))):
+                t0 = time.monotonic()
+                got = _ask(s, frame, [hostile])
+                assert got["errno"] == errno.ENOTSOCK and time.monotonic() - t0 < 2, (i, got)
+            assert _ask(s, protocol.request("hello", 3))["ok"] is True
+        assert broker.client().hello()["server"] == "btnsd"  # another client: served too
+    finally:
+        h.stop()  # aborts its connection: the closes waiting on it return
+        if hostile >= 0:
+            with contextlib.suppress(OSError):  # (ENOTCONN: the aborted connection's FLUSH)
+                os.close(hostile)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import logging
 import os
 import selectors
 import socket
@@ -31,9 +32,11 @@ from ..core.tokens import PToken
 from ..plugins import get_backend
 from ..protection import with_use_reason
 from ..sockets import inspect
-from . import protocol
+from . import graveyard, protocol
 from .answers import AnswerCache
 from .policy import Config
+
+log = logging.getLogger("btnsd")
 
 #: The hot request's frame around its id (magic, version 1, kind request | id | length + payload).
 _HOT_HEAD = protocol.HEADER.pack(protocol.MAGIC, protocol.VERSION, protocol.REQUEST, 0, 0)[:4]
@@ -150,6 +153,9 @@ class Serving:
             self._drop(c)  # the client went away
             return
         c.last = time.monotonic()
+        if fds and not all(graveyard.is_socket(fd) for fd in fds):
+            self._not_sockets(c, data, fds, flags)
+            return
         try:
             if len(fds) == 1 and data[:4] == _HOT_HEAD and data[8:] == _HOT_TAIL and not flags & TRUNC:
                 self._hot(c, data, fds[0])  # get_socket_ptoken, nothing else
@@ -160,6 +166,34 @@ class Serving:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             raise
+
+    def _not_sockets(self, c: Client, data: bytes, fds: list[int], flags: int) -> None:
+        """A request that brought a descriptor that is not a socket: ENOTSOCK (EMSGSIZE when it was
+        truncated too), and that descriptor closed on the graveyard's thread, never here (a hung
+        file system's file would block the loop for good: graveyard); the client is dropped when
+        too many already wait there."""
+        others = [fd for fd in fds if not graveyard.is_socket(fd)]
+        for fd in fds:
+            if fd not in others:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.metrics.error("not_a_socket")
+        room = graveyard.bury(others)
+        try:
+            ident = protocol.split(data, protocol.REQUEST)[0]
+        except OSError:
+            ident = 0
+        if flags & TRUNC:
+            why = f"request truncated: at most one descriptor and {protocol.MAX_FRAME} bytes per request"
+            err = BtnsError(why, errno.EMSGSIZE)
+        else:
+            err = BtnsError("btnsd takes sockets only: a descriptor sent is not a socket", errno.ENOTSOCK)
+        self._send(c, protocol.error(ident, err))
+        if not room:
+            log.warning(
+                "dropping client %s: %d non-socket descriptors wait to be closed", c.label(), graveyard.pending()
+            )
+            self._drop(c)
 
     def _hot(self, c: Client, data: bytes, fd: int) -> None:
         """The hot request (protocol.HOT_BODY with one descriptor: what the main process's generic

@@ -15,9 +15,6 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
 from .core.constants import AuthMethod
 from .core.derive import itoken_for
 from .core.errors import BtnsError
@@ -36,6 +33,8 @@ class HostIdentity:
 
     @property
     def public_pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization  # (on use: ~20 ms to import)
+
         key = serialization.load_der_public_key(self.public_der)
         return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -56,6 +55,9 @@ def _check_private(path: Path) -> None:
 
 def load_or_create(directory: str | os.PathLike[str] | None = None) -> HostIdentity:
     """The host key pair, made on first use; never world-readable."""
+    from cryptography.hazmat.primitives import serialization  # (on use: ~20 ms to import)
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
     d = key_dir(directory)
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     _check_private(d)

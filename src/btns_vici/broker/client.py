@@ -272,11 +272,14 @@ class BrokerClient:
 
     def watch(self, callback: Callable[[Any], None]) -> Callable[[], None]:
         """btnsd's notifications, pushed on a connection of their own: ``latch-broken`` (with the
-        socket's key) and ``reset`` become SAEvents for the latches' re-check. When the
-        connection drops (btnsd restarted) a ``reset`` is delivered and it reconnects."""
+        socket's key) and ``reset`` become SAEvents for the latches' re-check. Returns once the
+        watch stands (at most the client's timeout). Each time it stands, the first time too, a
+        ``reset`` is delivered (a latch broken while nobody watched is found by its re-check);
+        when the connection drops (btnsd restarted) it reconnects."""
         from ..backend import SAEvent
 
         stop = threading.Event()
+        ready = threading.Event()  # the first watch stands (or could not be made in time)
         holder: list[socket.socket | None] = [None]
 
         def run() -> None:
@@ -296,6 +299,10 @@ class BrokerClient:
                     for _ in range(10):  # btnsd may still be starting: its backends, its index
                         if self._relatch() or stop.wait(0.2):
                             break
+                    ready.set()
+                    # A latch that broke before this watch stood was pushed to nobody (and _relatch
+                    # forgot it): every latch re-checks itself now, as after a reconnect.
+                    callback(SAEvent("reset"))
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 0, 0))  # wait forever
                     while not stop.is_set():
                         data = s.recv(protocol.MAX_FRAME + 1)
@@ -316,6 +323,7 @@ class BrokerClient:
 
         t = threading.Thread(target=run, name="btns-broker-watch", daemon=True)
         t.start()
+        ready.wait(self.timeout)  # watching from the return on (a later connect: the reset above)
 
         def stopper() -> None:
             stop.set()

@@ -73,6 +73,11 @@ def main() -> None:
     print("ready", os.getpid(), opened["dir"], opened["file"], sock.fileno(), ino, flush=True)
     sys.stdin.read()  # never answers again
     os.close(dev)  # the connection aborted: every request still waiting fails, ours at exit too
+    libc.umount2(mnt.encode(), 2)  # MNT_DETACH: the mount point is an empty directory of the shared /tmp
+    try:
+        os.rmdir(mnt)
+    except OSError:
+        pass
     os._exit(0)
 
 

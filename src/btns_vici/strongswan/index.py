@@ -299,10 +299,7 @@ class SAIndex:
                     continue
                 with self._lock:
                     epoch = self._conn_epoch
-                conns = bg.list_conns(name)
-                conn = next((c[name] for c in conns if name in c), None)
-                if conn is not None and not isinstance(conn, Mapping):
-                    raise ProtocolError(f"list-conns entry {name!r} is not a section")
+                conn = _fetch_conn(bg, name)
                 with self._lock:
                     if epoch == self._conn_epoch and name not in self._conns:
                         self._conns[name] = conn
@@ -354,8 +351,11 @@ class SAIndex:
                 held = self._conns.get(name)
             if held is None:
                 continue
-            conn = next((c[name] for c in bg.list_conns(name) if name in c), None)
-            if not isinstance(conn, Mapping):
+            try:
+                conn = _fetch_conn(bg, name)
+            except ProtocolError:
+                continue
+            if conn is None:
                 continue
             try:
                 again = _conn_selectors(conn)
@@ -508,10 +508,7 @@ class SAIndex:
 
     def _conn(self, name: str) -> Mapping[str, Any] | None:
         if name not in self._conns:
-            conns = self.session.list_conns(name)
-            conn = next((c[name] for c in conns if name in c), None)
-            if conn is not None and not isinstance(conn, Mapping):
-                raise ProtocolError(f"list-conns entry {name!r} is not a section")
+            conn = _fetch_conn(self.session, name)
             self._conns[name] = conn
             if conn is not None:
                 self._cfg_unconfirmed.add(name)
@@ -905,10 +902,7 @@ class SAIndex:
         for attempt in range(CONFIRM_TRIES):
             first = self._child_configs(name)
             self.confirm_listings += 1
-            conns = self.session.list_conns(name)
-            conn = next((c[name] for c in conns if name in c), None)
-            if conn is not None and not isinstance(conn, Mapping):
-                raise ProtocolError(f"list-conns entry {name!r} is not a section")
+            conn = _fetch_conn(self.session, name)
             self._cfg_sel.pop(name, None)
             self._conns[name] = conn
             self._cache_dirty = True
@@ -945,6 +939,14 @@ class SAIndex:
 def _child_count(conn: Mapping[str, Any] | None) -> int:
     children = conn.get("children") if conn is not None else None
     return len(children) if isinstance(children, Mapping) else 0
+
+
+def _fetch_conn(session: ViciSession, name: str) -> Mapping[str, Any] | None:
+    """Connection ``name``'s list-conns section (None: charon has no such connection)."""
+    conn = next((c[name] for c in session.list_conns(name) if name in c), None)
+    if conn is not None and not isinstance(conn, Mapping):
+        raise ProtocolError(f"list-conns entry {name!r} is not a section")
+    return conn
 
 
 def _conn_selectors(conn: Mapping[str, Any]) -> dict[str, tuple[Compiled, Compiled]]:

@@ -924,6 +924,20 @@ def test_a_garbled_selector_never_makes_an_answer_negative(sock_path):
 # -- btns sas: the auth rounds from the coverage cache once a listing wrote them --------------------
 
 
+def _charon_with_config(sas: dict, conn: dict, seen: list[str]):
+    """list-sas answers ``sas``, list-conns ``conn``; every request's name goes to ``seen``."""
+
+    def listing(command):
+        seen.append(command)
+        if command == "list-sas":
+            return [event("list-sa", sas)]
+        if command == "list-conns":
+            return [event("list-conn", conn)]
+        return []
+
+    return scripted(listing)
+
+
 def test_listing_takes_auth_rounds_from_the_coverage_cache(sock_path, tmp_path, monkeypatch):
     from btns_vici.strongswan.listing import list_records
 
@@ -931,12 +945,7 @@ def test_listing_takes_auth_rounds_from_the_coverage_cache(sock_path, tmp_path, 
     sas = decode_bytes((DATA / "list-sas-psk4.vici").read_bytes())
     conns = decode_bytes((DATA / "list-conns-psk4.vici").read_bytes())
     seen: list[str] = []
-
-    def listing(command):
-        seen.append(command)
-        return {"list-sas": [event("list-sa", sas)], "list-conns": [event("list-conn", conns)]}.get(command, [])
-
-    with FakeVici(sock_path, scripted(listing)):
+    with FakeVici(sock_path, _charon_with_config(sas, conns, seen)):
         session = ViciSession(sock_path, timeout=DEADLINE)
         first = list_records(session)
         assert seen.count("list-conns") == 1
@@ -968,12 +977,7 @@ def test_a_configuration_cached_while_an_ike_sa_was_connecting_is_not_its_auth(s
     sas["psk4"].pop("child-sas", None)
     sas["(unnamed)"] = sas.pop("psk4")  # (charon's name for an IKE_SA without a configuration yet)
     seen: list[str] = []
-
-    def listing(command):
-        seen.append(command)
-        return {"list-sas": [event("list-sa", sas)], "list-conns": [event("list-conn", conns)]}.get(command, [])
-
-    with FakeVici(sock_path, scripted(listing)):
+    with FakeVici(sock_path, _charon_with_config(sas, conns, seen)):
         session = ViciSession(sock_path, timeout=DEADLINE)
         try:
             assert list_records(session)[0].remote.auth_method == AuthMethod.NONE  # psk4 written to the cache
@@ -1093,20 +1097,6 @@ def _psk4_conn(remote_ts: bytes) -> dict:
         "host": {"mode": b"TUNNEL", "local-ts": [b"10.231.0.1/32"], "remote-ts": [remote_ts]},
     }
     return conn
-
-
-def _charon_with_config(sas: dict, conn: dict, seen: list[str]):
-    """list-sas answers ``sas``, list-conns ``conn``; every request's name goes to ``seen``."""
-
-    def listing(command):
-        seen.append(command)
-        if command == "list-sas":
-            return [event("list-sa", sas)]
-        if command == "list-conns":
-            return [event("list-conn", conn)]
-        return []
-
-    return scripted(listing)
 
 
 @pytest.mark.parametrize(
